@@ -1,0 +1,165 @@
+"""Build HL7 v2 acknowledgements (ACK) in original and enhanced mode."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from gateway.header import DEFAULT_SEPARATORS, ERROR_TEXT, MessageHeader
+
+#: Acceptance outcomes, named for what they mean.
+ACCEPTED = "accepted"  # stored: AA / CA
+ERROR = "error"  # could not be stored or processed: AE / CE
+REJECTED = "rejected"  # unreadable or refused: AR / CR
+
+_ORIGINAL = {ACCEPTED: "AA", ERROR: "AE", REJECTED: "AR"}
+_ENHANCED = {ACCEPTED: "CA", ERROR: "CE", REJECTED: "CR"}
+
+
+def ack_code(outcome: str, enhanced: bool) -> str:
+    """MSA-1 for ``outcome`` in original or enhanced mode."""
+    return (_ENHANCED if enhanced else _ORIGINAL)[outcome]
+
+
+def should_acknowledge(header: MessageHeader | None, outcome: str) -> bool:
+    """Whether MSH-15 asks for an accept acknowledgement in this case.
+
+    Original mode (MSH-15 empty) always gets one. In enhanced mode AL asks for
+    all, NE for none, ER only for errors and SU only for successes.
+    """
+    if header is None or not header.accept_ack_type:
+        return True
+    kind = header.accept_ack_type.upper()
+    if kind == "NE":
+        return False
+    if kind == "ER":
+        return outcome != ACCEPTED
+    if kind == "SU":
+        return outcome == ACCEPTED
+    return True
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AckBuilder:
+    """Makes ACK messages; the clock and control-id source are injected so tests can pin them."""
+
+    def __init__(
+        self,
+        application: str = "HERALD",
+        facility: str = "HERALD",
+        clock: Callable[[], datetime] = _utc_now,
+        next_control_id: Callable[[], str] | None = None,
+    ) -> None:
+        self.application = application
+        self.facility = facility
+        self.clock = clock
+        if next_control_id is None:
+            prefix = f"H{os.getpid() % 100000:05d}"
+            counter = itertools.count(1)
+            next_control_id = lambda: f"{prefix}{next(counter):011d}"  # noqa: E731
+        self.next_control_id = next_control_id
+
+    def build(
+        self,
+        header: MessageHeader | None,
+        outcome: str,
+        *,
+        control_id: str = "",
+        error_code: str = "",
+        error_location: str = "",
+        reason: str = "",
+    ) -> bytes:
+        """The ACK for a message with ``header`` (``None`` when it could not be read).
+
+        ``control_id`` is echoed in MSA-2 when the header is unreadable but the
+        id could still be found. An ERR segment is added whenever ``error_code``
+        is given.
+        """
+        if header is not None:
+            seps = header.separators
+            fs, comp, rep, esc, sub = seps[0], seps[1], seps[2], seps[3], seps[4]
+            enc = header.encoding_characters
+            echo_id = header.control_id
+            enhanced = header.enhanced_mode
+            receiver_app, receiver_fac = header.sending_application, header.sending_facility
+            processing = header.processing_id or "P"
+            version = header.version or "2.5.1"
+            event = header.trigger_event
+        else:
+            fs, comp, rep, esc, sub = DEFAULT_SEPARATORS
+            enc = DEFAULT_SEPARATORS[1:]
+            echo_id = control_id
+            enhanced = False
+            receiver_app = receiver_fac = ""
+            processing, version, event = "P", "2.5.1", ""
+        code = ack_code(outcome, enhanced)
+        stamp = self.clock().astimezone(UTC).strftime("%Y%m%d%H%M%S") + "+0000"
+        msg_type = f"ACK{comp}{event}{comp}ACK" if event else "ACK"
+        clean = _Escaper(fs, comp, rep, esc, sub)
+        msh = fs.join(
+            [
+                "MSH",
+                enc,
+                clean(self.application),
+                clean(self.facility),
+                clean(receiver_app),
+                clean(receiver_fac),
+                stamp,
+                "",
+                msg_type,
+                self.next_control_id(),
+                clean(processing),
+                clean(version),
+            ]
+        )
+        text = clean(reason)
+        segments = [msh, fs.join(["MSA", code, clean(echo_id), text[:80]])]
+        if error_code:
+            err_text = ERROR_TEXT.get(error_code, "")
+            location = error_location.replace("-", comp) if error_location else ""
+            loc_parts = location.split(comp) if location else []
+            # ERL: segment^sequence^field; e.g. MSH^1^10.
+            erl = comp.join([loc_parts[0], "1", loc_parts[1]]) if len(loc_parts) == 2 else location
+            # ERR-1 (pre-2.5 form) and ERR-2..8 (2.5+ form) together, so either reader finds it.
+            err1 = comp.join([*erl.split(comp), sub.join([error_code, err_text, "HL70357"])]) if erl else ""
+            segments.append(
+                fs.join(
+                    [
+                        "ERR",
+                        err1,
+                        erl,
+                        comp.join([error_code, err_text, "HL70357"]),
+                        "E",
+                        "",
+                        "",
+                        "",
+                        text,
+                    ]
+                )
+            )
+        return ("\r".join(segments) + "\r").encode("ascii", "replace")
+
+
+class _Escaper:
+    """Escape separator characters in a value per HL7 v2 escape sequences."""
+
+    def __init__(self, fs: str, comp: str, rep: str, esc: str, sub: str) -> None:
+        self.table = str.maketrans(
+            {
+                esc: f"{esc}E{esc}",
+                fs: f"{esc}F{esc}",
+                comp: f"{esc}S{esc}",
+                rep: f"{esc}R{esc}",
+                sub: f"{esc}T{esc}",
+                "\r": " ",
+                "\n": " ",
+            }
+        )
+
+    def __call__(self, value: str) -> str:
+        return value.translate(self.table)

@@ -1,0 +1,215 @@
+"""Delivery: send outbox notifications, retry with backoff, dead-letter at the limit.
+
+Channels:
+
+* ``file``: one JSON file per notification, ``<notification id>.json``, written
+  to a temporary name, fsynced and renamed, so a reader never sees half a file.
+* ``fhir``: ``POST [base]/$process-message`` with ``application/fhir+json``;
+  any 2xx answer is success.
+
+The notification id is the Bundle id and stays the same across retries, so a
+receiver can drop duplicates (delivery is at least once).
+"""
+
+from __future__ import annotations
+
+import os
+from io import BytesIO
+from pathlib import Path
+
+from twisted.application.service import Service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from gateway.store import DEAD, RETRYING, SENT, Notification, Store
+
+
+class DeliveryFailed(Exception):
+    """One attempt failed; the message is safe to show (no PHI)."""
+
+
+def write_file_atomically(directory: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``directory/name`` so that it appears whole or not at all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / name
+    tmp = directory / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): doubling, capped."""
+    return min(maximum, initial * (2 ** (attempt - 1)))
+
+
+class DeliveryWorker(Service):
+    """Polls the outbox and delivers due notifications, a bounded number at a time."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: Store,
+        reactor,
+        max_attempts: int = 8,
+        backoff_initial: float = 2.0,
+        backoff_max: float = 600.0,
+        timeout: float = 30.0,
+        concurrency: int = 16,
+        poll_interval: float = 1.0,
+        agent=None,
+    ) -> None:
+        self.store = store
+        self.reactor = reactor
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.agent = agent or Agent(reactor, connectTimeout=timeout)
+        self._inflight: set[str] = set()
+        self._call = None
+        self._polling = False
+        self._again = False
+        self.delivered = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self.wake()
+
+    def stopService(self):
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def wake(self) -> None:
+        """Look for due notifications now (called when the pipeline writes the outbox)."""
+        if not self.running:
+            return
+        if self._polling:
+            self._again = True
+            return
+        self._poll()
+
+    def _schedule(self, delay: float) -> None:
+        if not self.running:
+            return
+        if self._call is not None and self._call.active():
+            if self._call.getTime() <= self.reactor.seconds() + delay:
+                return
+            self._call.cancel()
+        self._call = self.reactor.callLater(delay, self._poll)
+
+    @defer.inlineCallbacks
+    def _poll(self):
+        if self._polling or not self.running:
+            return
+        self._polling = True
+        try:
+            while True:
+                self._again = False
+                room = self.concurrency - len(self._inflight)
+                if room <= 0:
+                    break
+                due = yield self.store.due_notifications(self.reactor.seconds(), room, self._inflight)
+                for n in due:
+                    self._inflight.add(n.id)
+                    self._attempt(n)
+                if not self._again and len(due) < room:
+                    break
+        except Exception:
+            self._log.failure("polling the outbox failed")
+        finally:
+            self._polling = False
+        self._schedule(self.poll_interval)
+
+    def _attempt(self, n: Notification) -> None:
+        d = defer.maybeDeferred(self._send, n)
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(n,), errbackArgs=(n,))
+        d.addErrback(lambda f: self._log.failure("recording a delivery attempt failed", f))
+        d.addBoth(lambda _: self._done(n))
+
+    def _done(self, n: Notification) -> None:
+        self._inflight.discard(n.id)
+        if self.running:
+            self._schedule(0)
+
+    def _succeeded(self, detail: str, n: Notification):
+        self.delivered += 1
+        return self.store.record_attempt(n.id, "ok", detail, SENT, 0.0)
+
+    def _failed(self, failure, n: Notification):
+        attempt = n.attempts + 1
+        reason = (
+            failure.getErrorMessage()
+            if failure.check(DeliveryFailed)
+            else (f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        )
+        if attempt >= self.max_attempts:
+            self._log.warn(
+                "notification {id} is dead after {attempts} attempts: {reason}",
+                id=n.id,
+                attempts=attempt,
+                reason=reason,
+            )
+            return self.store.record_attempt(n.id, "error", reason, DEAD, 0.0)
+        delay = backoff_delay(attempt, self.backoff_initial, self.backoff_max)
+        self._log.info(
+            "notification {id} attempt {attempt} failed ({reason}); retrying in {delay:.1f} s",
+            id=n.id,
+            attempt=attempt,
+            reason=reason,
+            delay=delay,
+        )
+        return self.store.record_attempt(n.id, "error", reason, RETRYING, self.reactor.seconds() + delay)
+
+    # -- channels -------------------------------------------------------------
+
+    def _send(self, n: Notification):
+        if n.channel == "file":
+            return threads.deferToThread(self._send_file, n)
+        if n.channel == "fhir":
+            return self._send_fhir(n)
+        raise DeliveryFailed(f"unknown channel {n.channel!r}")
+
+    @staticmethod
+    def _send_file(n: Notification) -> str:
+        path = write_file_atomically(Path(n.target), f"{n.id}.json", n.payload.encode("utf-8"))
+        return f"wrote {path.name}"
+
+    @defer.inlineCallbacks
+    def _send_fhir(self, n: Notification):
+        body = FileBodyProducer(BytesIO(n.payload.encode("utf-8")))
+        headers = Headers(
+            {
+                b"Content-Type": [b"application/fhir+json"],
+                b"Accept": [b"application/fhir+json"],
+                b"User-Agent": [b"Herald"],
+            }
+        )
+        d = self.agent.request(b"POST", n.target.encode("utf-8"), headers, body)
+        timer = self.reactor.callLater(self.timeout, d.cancel)
+        try:
+            response = yield d
+            yield readBody(response)
+        except defer.CancelledError:
+            raise DeliveryFailed(f"no answer within {self.timeout:g} s") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        if not 200 <= response.code < 300:
+            raise DeliveryFailed(f"HTTP {response.code}")
+        return f"HTTP {response.code}"

@@ -1,0 +1,48 @@
+"""Herald's one exception hierarchy."""
+
+from __future__ import annotations
+
+
+class HeraldError(Exception):
+    """Base of every error Herald raises on purpose."""
+
+
+class ConfigError(HeraldError):
+    """The configuration is unusable; ``key`` names the setting."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config: {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class MessageError(HeraldError):
+    """A message cannot be read or converted.
+
+    ``code`` is an HL7 table 0357 error code, ``location`` a field path such as
+    ``MSH-10`` or ``PID-7``, and the message text a plain-words reason with no
+    patient data in it.
+    """
+
+    def __init__(self, reason: str, code: str = "207", location: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.location = location
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.reason}" if self.location else self.reason
+
+
+class RosterError(HeraldError):
+    """A roster file has problems; ``problems`` lists (line, column, reason)."""
+
+    def __init__(self, problems: list[tuple[int, str, str]]) -> None:
+        self.problems = problems
+        first = "; ".join(f"line {ln}, column {col}: {why}" for ln, col, why in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        super().__init__(f"{len(problems)} problem(s) in roster: {first}{more}")
+
+
+class StoreError(HeraldError):
+    """The message store could not complete an operation."""

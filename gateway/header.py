@@ -1,0 +1,156 @@
+"""Read just the MSH segment of a raw message: what intake needs, nothing more.
+
+This is on the connection's path, so it splits one line on the separators the
+message declares and does no other parsing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.errors import MessageError
+
+#: HL7 table 0357 (message error condition codes) used by Herald.
+ERR_SEGMENT_SEQUENCE = "100"
+ERR_REQUIRED_FIELD_MISSING = "101"
+ERR_DATA_TYPE = "102"
+ERR_TABLE_VALUE = "103"
+ERR_VALUE_TOO_LONG = "104"
+ERR_UNSUPPORTED_MESSAGE_TYPE = "200"
+ERR_UNSUPPORTED_EVENT = "201"
+ERR_UNSUPPORTED_VERSION = "203"
+ERR_INTERNAL = "207"
+
+ERROR_TEXT = {
+    "100": "Segment sequence error",
+    "101": "Required field missing",
+    "102": "Data type error",
+    "103": "Table value not found",
+    "104": "Value too long",
+    "200": "Unsupported message type",
+    "201": "Unsupported event code",
+    "203": "Unsupported version id",
+    "207": "Application internal error",
+}
+
+DEFAULT_SEPARATORS = "|^~\\&"
+ENHANCED_ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})
+
+
+@dataclass(frozen=True, slots=True)
+class MessageHeader:
+    """The MSH fields Herald reads on intake."""
+
+    field_separator: str
+    encoding_characters: str
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+    message_time: str
+    message_type: str
+    trigger_event: str
+    message_structure: str
+    control_id: str
+    processing_id: str
+    version: str
+    accept_ack_type: str
+    application_ack_type: str
+    charset: str
+
+    @property
+    def enhanced_mode(self) -> bool:
+        """True when MSH-15 asks for enhanced-mode acknowledgements (CA/CE/CR)."""
+        return bool(self.accept_ack_type)
+
+    @property
+    def separators(self) -> str:
+        """MSH-1 followed by MSH-2, as written in the message."""
+        return self.field_separator + self.encoding_characters
+
+    @property
+    def sender(self) -> str:
+        """``application|facility`` from MSH-3 and MSH-4: the key for de-duplication."""
+        return f"{self.sending_application}|{self.sending_facility}"
+
+
+def first_segment(raw: bytes) -> bytes:
+    """The bytes of the first segment (up to CR or LF), a BOM removed."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for i, b in enumerate(raw):
+        if b == 13 or b == 10:
+            return raw[:i]
+    return raw
+
+
+def _first_component(value: str, component: str) -> str:
+    return value.split(component, 1)[0]
+
+
+def read_header(raw: bytes) -> MessageHeader:
+    """Read the MSH segment of ``raw``; raise :class:`MessageError` when it cannot be read."""
+    line = first_segment(raw.lstrip(b"\r\n \t"))
+    # Latin-1 maps every byte, so this never fails; MSH fields that matter are ASCII.
+    text = line.decode("latin-1")
+    if not text.startswith("MSH"):
+        raise MessageError(
+            "the message does not start with an MSH segment",
+            ERR_SEGMENT_SEQUENCE,
+            "MSH",
+        )
+    if len(text) < 8:
+        raise MessageError("the MSH segment is too short to hold its separators", ERR_DATA_TYPE, "MSH-2")
+    fs = text[3]
+    if fs.isalnum() or fs in " \r\n":
+        raise MessageError(f"MSH-1 field separator {fs!r} is not a valid separator", ERR_DATA_TYPE, "MSH-1")
+    fields = text.split(fs)
+    # fields[0] is "MSH", fields[1] is MSH-2; MSH-n is fields[n - 1].
+    enc = fields[1]
+    if len(enc) not in (4, 5) or len(set(enc)) != len(enc) or fs in enc or any(c.isalnum() or c == " " for c in enc):
+        raise MessageError(
+            "MSH-2 encoding characters must be four (or, from v2.7, five) distinct "
+            f"non-alphanumeric characters other than the field separator; got {len(enc)} character(s)",
+            ERR_DATA_TYPE,
+            "MSH-2",
+        )
+    comp = enc[0]
+
+    def get(n: int) -> str:
+        value = fields[n - 1] if len(fields) >= n else ""
+        return "" if value == '""' else value
+
+    msg_type = get(9).split(comp)
+    control_id = get(10)
+    if not control_id.strip():
+        raise MessageError("MSH-10 message control id is empty", ERR_REQUIRED_FIELD_MISSING, "MSH-10")
+    if not msg_type[0]:
+        raise MessageError("MSH-9 message type is empty", ERR_REQUIRED_FIELD_MISSING, "MSH-9")
+    return MessageHeader(
+        field_separator=fs,
+        encoding_characters=enc,
+        sending_application=_first_component(get(3), comp),
+        sending_facility=_first_component(get(4), comp),
+        receiving_application=_first_component(get(5), comp),
+        receiving_facility=_first_component(get(6), comp),
+        message_time=_first_component(get(7), comp),
+        message_type=msg_type[0],
+        trigger_event=msg_type[1] if len(msg_type) > 1 else "",
+        message_structure=msg_type[2] if len(msg_type) > 2 else "",
+        control_id=control_id,
+        processing_id=_first_component(get(11), comp),
+        version=_first_component(get(12), comp),
+        accept_ack_type=get(15),
+        application_ack_type=get(16),
+        charset=get(18).split(enc[1])[0] if len(enc) > 1 else get(18),
+    )
+
+
+def control_id_guess(raw: bytes) -> str:
+    """MSH-10 of a message whose header failed to read, if it can be found at all."""
+    line = first_segment(raw.lstrip(b"\r\n \t")).decode("latin-1")
+    if line.startswith("MSH") and len(line) > 3:
+        fields = line.split(line[3])
+        if len(fields) >= 10:
+            return fields[9]
+    return ""

@@ -1,0 +1,138 @@
+"""MLLP release 1 framing: ``<VT> message <FS><CR>``.
+
+:class:`MLLPReceiver` has the shape of Twisted's ``LineReceiver``: it buffers in
+``dataReceived``, calls :meth:`frameReceived` once per complete frame and
+:meth:`frameLengthExceeded` when a frame grows past ``MAX_LENGTH``. It knows
+nothing of HL7 beyond the framing bytes.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c"
+CARRIAGE_RETURN = b"\x0d"
+FRAME_END = END_BLOCK + CARRIAGE_RETURN
+
+#: Default largest frame accepted (1 MiB), not counting the framing bytes.
+DEFAULT_MAX_LENGTH = 1024 * 1024
+
+
+def frame(message: bytes) -> bytes:
+    """Wrap one message in MLLP framing bytes."""
+    return START_BLOCK + message + FRAME_END
+
+
+class MLLPReceiver(protocol.Protocol, TimeoutMixin):
+    """Split a byte stream into MLLP frames.
+
+    Bytes outside a frame (before ``<VT>``) are skipped and counted; a frame
+    longer than ``MAX_LENGTH`` ends the connection through
+    :meth:`frameLengthExceeded`; a connection that sends nothing for
+    ``idleTimeout`` seconds is closed (``None`` disables the timeout).
+    """
+
+    MAX_LENGTH = DEFAULT_MAX_LENGTH
+    #: How much of an oversized frame is handed to frameLengthExceeded, so the
+    #: receiver can still read its MSH and say which message it refused.
+    PREFIX_KEPT = 4096
+    idleTimeout: float | None = 300.0
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._inFrame = False
+        self._searchFrom = 0
+        self.skippedBytes = 0
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idleTimeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        buf = self._buffer
+        buf += data
+        while buf and not self.transport.disconnecting:
+            if not self._inFrame:
+                start = buf.find(START_BLOCK)
+                if start < 0:
+                    self._skip(len(buf))
+                    del buf[:]
+                    return
+                if start:
+                    self._skip(start)
+                del buf[: start + 1]
+                self._inFrame = True
+                self._searchFrom = 0
+            end = buf.find(FRAME_END, self._searchFrom)
+            if end < 0:
+                if len(buf) > self.MAX_LENGTH + 1:
+                    self._overflow()
+                    return
+                # The FS may be the last byte, with its CR still to come.
+                self._searchFrom = max(0, len(buf) - 1)
+                return
+            if end > self.MAX_LENGTH:
+                self._overflow()
+                return
+            message = bytes(buf[:end])
+            del buf[: end + 2]
+            self._inFrame = False
+            self.frameReceived(message)
+
+    def _skip(self, count: int) -> None:
+        self.skippedBytes += count
+        self._log.warn(
+            "skipped {count} bytes outside an MLLP frame from {peer}",
+            count=count,
+            peer=_peer(self.transport),
+        )
+
+    def _overflow(self) -> None:
+        prefix = bytes(self._buffer[: self.PREFIX_KEPT])
+        self._reset()
+        self.frameLengthExceeded(prefix)
+
+    def _reset(self) -> None:
+        del self._buffer[:]
+        self._inFrame = False
+        self._searchFrom = 0
+
+    @property
+    def partialFrameLength(self) -> int:
+        """Bytes of a frame begun but not ended (0 between frames)."""
+        return len(self._buffer) if self._inFrame else 0
+
+    def sendFrame(self, message: bytes) -> None:
+        """Send one message, framed."""
+        self.transport.write(frame(message))
+
+    def timeoutConnection(self) -> None:
+        self._log.info("closing idle MLLP connection from {peer}", peer=_peer(self.transport))
+        self.transport.loseConnection()
+
+    def frameReceived(self, message: bytes) -> None:
+        """Override: called with the bytes between ``<VT>`` and ``<FS><CR>``."""
+        raise NotImplementedError
+
+    def frameLengthExceeded(self, prefix: bytes) -> None:
+        """Called when a frame grows past ``MAX_LENGTH``; closes by default.
+
+        ``prefix`` is the start of the refused frame (at most ``PREFIX_KEPT``
+        bytes); the rest of the connection's input is discarded.
+        """
+        self.transport.loseConnection()
+
+
+def _peer(transport) -> str:
+    try:
+        peer = transport.getPeer()
+    except Exception:  # pragma: no cover - transports without a peer
+        return "?"
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    return f"{host}:{port}" if host is not None else str(peer)
