@@ -40,12 +40,22 @@ def _config(config_path, data_dir, listen=None):
 
 
 def _read_conn(cfg):
+    import sqlite3
+
     from gateway.store import StoreError, open_database
 
     try:
-        return open_database(cfg.database, readonly=True)
+        conn = open_database(cfg.database, readonly=True)
     except StoreError as e:
         raise click.ClickException(f"{e} (is --data or --config right?)") from None
+    except sqlite3.Error as e:
+        raise click.ClickException(f"{cfg.database} is not a Herald database ({e})") from None
+    try:
+        conn.execute("SELECT id FROM messages LIMIT 1").fetchall()
+    except sqlite3.Error as e:
+        conn.close()
+        raise click.ClickException(f"{cfg.database} is not a Herald database ({e})") from None
+    return conn
 
 
 @click.group()
@@ -254,6 +264,7 @@ def log_list(state, limit, config_path, data_dir):
 def log_show(message_id, config_path, data_dir):
     """Show one message: raw v2, FHIR, match, notifications, deliveries and audit events."""
     from gateway.store import message_detail
+    from gateway.v2 import declared_charset, decode
 
     cfg = _config(config_path, data_dir)
     conn = _read_conn(cfg)
@@ -269,7 +280,7 @@ def log_show(message_id, config_path, data_dir):
     if m["flag"]:
         click.echo(f"  flag: {m['flag']}")
     click.echo("\nRaw HL7 v2:")
-    raw = m["raw"].decode("utf-8", errors="replace")
+    raw, _ = decode(m["raw"], m["charset"] or declared_charset(m["raw"]))
     for seg in raw.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
         if seg:
             click.echo(f"  {seg}")
@@ -320,6 +331,26 @@ def demo(keep):
     except HeraldError as e:
         raise click.ClickException(str(e)) from None
     sys.exit(code)
+
+
+# -- certs -------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", default="certs", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--hostname", "hostnames", multiple=True, help="Name or IP for the server certificate (repeatable).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def certs(directory, hostnames, force):
+    """Make development TLS material (CA, server and client certificates) in DIRECTORY."""
+    from gateway.certs import FILES, make_dev_certs, server_endpoint
+
+    existing = [f for f in FILES if (directory / f).exists()]
+    if existing and not force:
+        raise click.ClickException(f"{directory} already holds {', '.join(existing)}; use --force to replace them")
+    written = make_dev_certs(directory, tuple(hostnames) or ("localhost", "127.0.0.1"))
+    click.echo(f"wrote {', '.join(p.name for p in written)} to {directory} (development only)")
+    click.echo(f"TLS listener: --listen '{server_endpoint(directory, 2576)}'")
+    click.echo(f"client side:  trust {directory / 'ca.pem'}; a client certificate is in client.pem / client-key.pem")
 
 
 if __name__ == "__main__":  # pragma: no cover

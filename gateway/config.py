@@ -48,7 +48,8 @@ class Config:
     application: str = "HERALD"
     facility: str = "HERALD"
     timezone: str = "UTC"
-    pipeline_batch: int = 256
+    pipeline_batch: int = 64
+    pipeline_workers: int = field(default_factory=lambda: _default_workers())
     delivery_max_attempts: int = 8
     delivery_backoff_initial: float = 2.0
     delivery_backoff_max: float = 600.0
@@ -81,7 +82,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "data_dir": ("data_dir", str),
     },
     "conversion": {"timezone": ("timezone", str)},
-    "pipeline": {"batch_size": ("pipeline_batch", int)},
+    "pipeline": {"batch_size": ("pipeline_batch", int), "workers": ("pipeline_workers", int)},
     "delivery": {
         "max_attempts": ("delivery_max_attempts", int),
         "backoff_initial": ("delivery_backoff_initial", (int, float)),
@@ -143,7 +144,10 @@ def load_config(
             raise ConfigError("server.listen", "must be a non-empty list of endpoint strings")
         values["listen"] = tuple(values["listen"])
     recipients = default_recipients(base)
-    for role, content in raw.get("recipients", {}).items():
+    configured = raw.get("recipients", {})
+    if not isinstance(configured, dict):
+        raise ConfigError("recipients", "must be a table")
+    for role, content in configured.items():
         recipients[role] = _recipient(role, content, base)
     cfg = Config(data_dir=base, recipients=recipients, **values)
     _check(cfg)
@@ -191,6 +195,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("conversion.timezone", f"{cfg.timezone!r} is not an IANA time zone name") from None
     if cfg.pipeline_batch < 1:
         raise ConfigError("pipeline.batch_size", "must be at least 1")
+    if cfg.pipeline_workers < 0:
+        raise ConfigError("pipeline.workers", "must be 0 (convert in the server process) or more")
     if cfg.delivery_max_attempts < 1:
         raise ConfigError("delivery.max_attempts", "must be at least 1")
     if cfg.delivery_backoff_initial <= 0 or cfg.delivery_backoff_max < cfg.delivery_backoff_initial:
@@ -212,6 +218,13 @@ def check_listen(endpoints: tuple[str, ...], reactor) -> None:
             serverFromString(reactor, spec)
         except Exception as e:
             raise ConfigError("server.listen", f"{spec!r} is not a valid endpoint: {e}") from None
+
+
+def _default_workers() -> int:
+    """One conversion process per core beyond the first (the server's), at least one."""
+    import os
+
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _type_name(types) -> str:

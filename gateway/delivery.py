@@ -80,6 +80,7 @@ class DeliveryWorker(Service):
         self.poll_interval = poll_interval
         self.agent = agent or Agent(reactor, connectTimeout=timeout)
         self._inflight: set[str] = set()
+        self._attempts: dict[str, defer.Deferred] = {}
         self._call = None
         self._polling = False
         self._again = False
@@ -90,10 +91,12 @@ class DeliveryWorker(Service):
         self.wake()
 
     def stopService(self):
+        """Stop polling and wait for attempts under way (each is bounded by its timeout)."""
         super().stopService()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        return defer.DeferredList(list(self._attempts.values()))
 
     def wake(self) -> None:
         """Look for due notifications now (called when the pipeline writes the outbox)."""
@@ -141,9 +144,12 @@ class DeliveryWorker(Service):
         d.addCallbacks(self._succeeded, self._failed, callbackArgs=(n,), errbackArgs=(n,))
         d.addErrback(lambda f: self._log.failure("recording a delivery attempt failed", f))
         d.addBoth(lambda _: self._done(n))
+        if not d.called:
+            self._attempts[n.id] = d
 
     def _done(self, n: Notification) -> None:
         self._inflight.discard(n.id)
+        self._attempts.pop(n.id, None)
         if self.running:
             self._schedule(0)
 

@@ -6,14 +6,12 @@ through this one function.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -22,25 +20,22 @@ from gateway.ack import AckBuilder
 from gateway.config import ROLES, Config
 from gateway.delivery import DeliveryWorker
 from gateway.intake import Intake
-from gateway.pipeline import MessageOutcome, RosterLookups, process_message
-from gateway.store import (
-    Store,
-    members_by_mbi,
-    members_by_mrn,
-    members_by_name_key,
-    open_database,
-)
+from gateway.pipeline import MessageOutcome
+from gateway.store import Store, open_database
 from gateway.vocabulary import Vocabulary, load_vocabulary
+from gateway.workers import make_pool, process_batch, process_batch_here
 from mllp import MLLPServerFactory
 
 
 class PipelineWorker(Service):
-    """Takes stored messages in batches and runs :func:`process_message` off the reactor thread.
+    """Takes stored messages in batches, processes them off the reactor, writes the outcomes back.
 
-    A batch is read from the store, processed on the pipeline thread (which
-    has its own read connection for roster lookups), and its outcomes written
-    back in one transaction. On start it picks up anything left ``received``
-    by an earlier run, so an acknowledged message is never forgotten.
+    With ``pipeline.workers`` > 0 a batch is split across that many worker
+    processes (see :mod:`gateway.workers`); with 0 it runs on one thread of
+    this process, which is simpler to debug but competes with intake for the
+    GIL. Outcomes of a batch are written in one transaction. On start it picks
+    up anything left ``received`` by an earlier run, so an acknowledged
+    message is never forgotten.
     """
 
     _log = Logger()
@@ -52,8 +47,10 @@ class PipelineWorker(Service):
         self.reactor = reactor
         self.on_routed = on_routed
         self.batch = config.pipeline_batch
-        self._pool = ThreadPool(1, 1, name="herald-pipeline")
-        self._local = threading.local()
+        self.workers = config.pipeline_workers
+        self._pool = None
+        self._thread = None
+        self._conn = None
         self._running_batch = False
         self._again = False
         self._last_id = 0
@@ -63,14 +60,26 @@ class PipelineWorker(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._pool.start()
+        if self.workers > 0:
+            self._pool = make_pool(self.store.path, self.config, self.workers)
+        else:
+            self._thread = ThreadPool(1, 1, name="herald-pipeline")
+            self._thread.start()
         self.wake()
 
+    @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        return threads.deferToThread(self._pool.stop)
+        while self._running_batch:
+            yield task.deferLater(self.reactor, 0.01, lambda: None)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            yield threads.deferToThread(pool.shutdown, True)
+        if self._thread is not None:
+            pool, self._thread = self._thread, None
+            yield threads.deferToThread(pool.stop)
 
     def wake(self) -> None:
         """New messages were stored: process them soon."""
@@ -87,12 +96,12 @@ class PipelineWorker(Service):
         try:
             while self.running:
                 self._again = False
-                pending = yield self.store.pending_messages(self._last_id, self.batch)
+                pending = yield self.store.pending_messages(self._last_id, self.batch * max(1, self.workers))
                 if not pending:
                     if not self._again:
                         break
                     continue
-                outcomes = yield threads.deferToThreadPool(self.reactor, self._pool, self._process, pending)
+                outcomes = yield self._process(pending)
                 yield self.store.record_outcomes(outcomes)
                 self._last_id = pending[-1].id
                 self.processed += len(outcomes)
@@ -100,30 +109,39 @@ class PipelineWorker(Service):
                     self.on_routed()
         except Exception:
             self._log.failure("pipeline batch failed; retrying in 5 s")
-            self._retry = self.reactor.callLater(5, self.wake)
+            if self.running:
+                self._retry = self.reactor.callLater(5, self.wake)
         finally:
             self._running_batch = False
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = open_database(self.store.path)
-            self._local.conn = conn
-        return conn
+    def _process(self, pending) -> defer.Deferred:
+        if self._pool is None:
+            return threads.deferToThreadPool(self.reactor, self._thread, self._process_here, pending)
+        size = max(1, -(-len(pending) // self.workers))
+        chunks = [pending[i : i + size] for i in range(0, len(pending), size)]
+        ds = [self._submit(chunk) for chunk in chunks]
+        d = defer.gatherResults(ds, consumeErrors=True)
+        d.addCallback(lambda parts: [o for part in parts for o in part])
+        return d
 
-    def _process(self, batch) -> list[MessageOutcome]:
-        conn = self._connection()
-        conn.execute("BEGIN")  # one consistent roster snapshot per batch
-        try:
-            lookups = RosterLookups(
-                by_mbi=lambda mbi: members_by_mbi(conn, mbi),
-                by_mrn=lambda mrn, authority: members_by_mrn(conn, mrn, authority),
-                by_name_key=lambda key: members_by_name_key(conn, key),
-            )
-            tz = self.config.tzinfo
-            return [process_message(p, self.vocab, tz, lookups, self.recipients) for p in batch]
-        finally:
-            conn.execute("COMMIT")
+    def _submit(self, chunk) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        future = self._pool.submit(process_batch, chunk)
+
+        def done(f):
+            error = f.exception()
+            if error is not None:
+                self.reactor.callFromThread(d.errback, error)
+            else:
+                self.reactor.callFromThread(d.callback, f.result())
+
+        future.add_done_callback(done)
+        return d
+
+    def _process_here(self, batch) -> list[MessageOutcome]:
+        if self._conn is None:
+            self._conn = open_database(self.store.path, readonly=True)
+        return process_batch_here(batch, self._conn, self.config, self.vocab, self.recipients, self.config.tzinfo)
 
 
 class Listener(Service):
@@ -159,11 +177,26 @@ class Listener(Service):
         return None
 
 
+class OrderedService(MultiService):
+    """A MultiService that stops its children one at a time, last started first.
+
+    Twisted's MultiService stops children all at once; Herald's must stop in
+    order: listeners before the pipeline, the pipeline before the store.
+    """
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            if child.running:
+                yield defer.maybeDeferred(child.stopService)
+
+
 @dataclass
 class Gateway:
     """The running pieces, for tests and the demo to reach into."""
 
-    service: MultiService
+    service: OrderedService
     store: Store
     intake: Intake
     pipeline: PipelineWorker
@@ -189,7 +222,7 @@ def make_service(
     vocab = load_vocabulary()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.database, reactor=reactor, **({"clock": clock} if clock else {}))
-    top = MultiService()
+    top = OrderedService()
 
     class _StoreService(Service):
         def startService(self) -> None:
@@ -220,12 +253,13 @@ def make_service(
         on_stored=pipeline.wake,
         max_length=config.max_frame_bytes,
     )
+    delivery.setServiceParent(top)
+    pipeline.setServiceParent(top)
+    # Listeners last: they start last and stop first.
     factory = MLLPServerFactory(intake, maxLength=config.max_frame_bytes, idleTimeout=config.idle_timeout)
     listeners = []
     for spec in config.listen:
         svc = Listener(spec, serverFromString(reactor, spec), factory)
         svc.setServiceParent(top)
         listeners.append(svc)
-    pipeline.setServiceParent(top)
-    delivery.setServiceParent(top)
     return Gateway(top, store, intake, pipeline, delivery, listeners)

@@ -309,6 +309,17 @@ class Store:
         def wait() -> None:
             self._thread.join()
             self._conn.close()
+            # Jobs that raced the stop are failed, not left hanging.
+            leftovers = []
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not _STOP:
+                    leftovers.append((job, False, StoreError("the store has stopped")))
+            if leftovers:
+                self._reactor.callFromThread(self._fire, leftovers)
 
         from twisted.internet import threads
 
@@ -319,12 +330,17 @@ class Store:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run ``fn(conn, *args)`` in the writer's next transaction; fire with its result."""
+        if not self._started:
+            return defer.fail(StoreError("the store is not running"))
         d: defer.Deferred = defer.Deferred()
         self._queue.put(_Job(fn, args, d))
         return d
 
     def submit_nowait(self, fn: Callable[..., Any], *args: Any) -> None:
         """Like :meth:`submit`, for writes nobody waits on (they ride the next commit)."""
+        if not self._started:
+            self._log.warn("store not running; dropped a background write")
+            return
         self._queue.put(_Job(fn, args, None))
 
     def _run(self) -> None:
@@ -345,7 +361,15 @@ class Store:
                     stop_after = True
                     break
                 batch.append(job)
-            results = self._run_batch(conn, batch)
+            try:
+                results = self._run_batch(conn, batch)
+            except Exception as e:  # the writer thread must outlive any failure
+                self._log.failure("store writer batch failed")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                results = [(job, False, StoreError(f"store failure: {e}")) for job in batch]
             self.commits += 1
             self.jobs += len(batch)
             self._reactor.callFromThread(self._fire, results)

@@ -1,0 +1,68 @@
+"""Pipeline work in separate processes.
+
+Conversion and validation are CPU-bound Python; run in the server process they
+hold the GIL for up to the interpreter's switch interval (5 ms) at a time and
+every ACK waits behind them. So the server hands batches to a pool of worker
+processes. Each worker loads the vocabulary once and keeps its own read-only
+connection to the database for roster lookups; it does no writes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from gateway.config import Config
+from gateway.pipeline import MessageOutcome, RosterLookups, process_message
+from gateway.store import PendingMessage, members_by_mbi, members_by_mrn, members_by_name_key, open_database
+from gateway.vocabulary import load_vocabulary
+
+_state: dict = {}
+
+
+def _init(database: str, config: Config) -> None:
+    _state["database"] = database
+    _state["config"] = config
+    _state["vocab"] = load_vocabulary()
+    _state["recipients"] = {role: config.recipient(role) for role in ("pcp", "care_team", "hie")}
+    _state["tz"] = config.tzinfo
+    # Import the FHIR models now, not on the first message.
+    from fhir.resources.R4B.bundle import Bundle  # noqa: F401
+
+
+def _connection() -> sqlite3.Connection:
+    conn = _state.get("conn")
+    if conn is None:
+        conn = open_database(_state["database"], readonly=True)
+        _state["conn"] = conn
+    return conn
+
+
+def process_batch_here(
+    batch: list[PendingMessage], conn: sqlite3.Connection, config: Config, vocab, recipients, tz
+) -> list[MessageOutcome]:
+    """Process a batch with roster lookups on ``conn``, in one read snapshot."""
+    conn.execute("BEGIN")
+    try:
+        lookups = RosterLookups(
+            by_mbi=lambda mbi: members_by_mbi(conn, mbi),
+            by_mrn=lambda mrn, authority: members_by_mrn(conn, mrn, authority),
+            by_name_key=lambda key: members_by_name_key(conn, key),
+        )
+        return [process_message(p, vocab, tz, lookups, recipients) for p in batch]
+    finally:
+        conn.execute("COMMIT")
+
+
+def process_batch(batch: list[PendingMessage]) -> list[MessageOutcome]:
+    """Entry point in a worker process."""
+    s = _state
+    return process_batch_here(batch, _connection(), s["config"], s["vocab"], s["recipients"], s["tz"])
+
+
+def make_pool(database: Path, config: Config, workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes, started with 'spawn' (the server has threads; fork is unsafe)."""
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init, initargs=(str(database), config))
