@@ -259,10 +259,12 @@ def log_list(state, limit, config_path, data_dir):
 
 @log.command("show")
 @click.argument("message_id", type=int)
+@click.option("--fields", is_flag=True, help="Also list every field with its HL7 name (per the message's version).")
 @config_option
 @data_option
-def log_show(message_id, config_path, data_dir):
+def log_show(message_id, fields, config_path, data_dir):
     """Show one message: raw v2, FHIR, match, notifications, deliveries and audit events."""
+    from gateway.fieldnames import describe_location
     from gateway.store import message_detail
     from gateway.v2 import declared_charset, decode
 
@@ -272,7 +274,12 @@ def log_show(message_id, config_path, data_dir):
     if detail is None:
         raise click.ClickException(f"no message with id {message_id}")
     m = detail["message"]
-    click.echo(f"Message {m['id']}  state: {m['state']}" + (f"  ({m['reason']})" if m["reason"] else ""))
+    reason = m["reason"] or ""
+    if reason and ": " in reason:
+        # "PID-7: not a valid date" -> "PID-7 (Date/time of birth): not a valid date"
+        where, _, why = reason.partition(": ")
+        reason = f"{describe_location(where, m['version'] or '')}: {why}"
+    click.echo(f"Message {m['id']}  state: {m['state']}" + (f"  ({reason})" if reason else ""))
     click.echo(
         f"  received {m['received_at']} from {m['peer']}; sender {m['sending_application']}|{m['sending_facility']}; "
         f"{m['message_type']}^{m['trigger_event']} v{m['version']}; control id {m['control_id']}; ACK {m['ack_code']}"
@@ -284,6 +291,10 @@ def log_show(message_id, config_path, data_dir):
     for seg in raw.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
         if seg:
             click.echo(f"  {seg}")
+    if fields:
+        click.echo("\nFields:")
+        for line in _field_lines(m["raw"], m["charset"] or "", m["version"] or ""):
+            click.echo(f"  {line}")
     click.echo("\nMatch:")
     match = detail["match"]
     if match is None:
@@ -315,6 +326,28 @@ def log_show(message_id, config_path, data_dir):
         click.echo(json.dumps(json.loads(m["fhir"]), indent=2, ensure_ascii=False))
     else:
         click.echo("  (not converted)")
+
+
+def _field_lines(raw: bytes, charset: str, version: str) -> list[str]:
+    """Each non-empty field as ``PID-5 Patient name: value`` (names from hl7apy)."""
+    from gateway.errors import MessageError
+    from gateway.fieldnames import field_info
+    from gateway.v2 import V2Message
+
+    try:
+        msg = V2Message(raw, charset)
+    except MessageError as e:
+        return [f"(cannot be split into fields: {e})"]
+    lines = []
+    for seg in msg.segments:
+        for n in range(1, len(seg.fields)):
+            value = seg.fields[n]
+            if not value:
+                continue
+            info = field_info(seg.name, n, version or "2.5.1")
+            name = f" {info[0]} ({info[1]})" if info else ""
+            lines.append(f"{seg.name}-{n}{name}: {value}")
+    return lines
 
 
 # -- demo --------------------------------------------------------------------

@@ -290,7 +290,10 @@ class _Converter:
 
         msg_time, _ = self.dtm(msh.get(7), "MSH-7")
         if not msg_time or "T" not in msg_time:
-            msg_time = (self.received_at or datetime.now(UTC)).isoformat(timespec="seconds")
+            received = self.received_at or datetime.now(UTC)
+            if received.tzinfo is None:  # Bundle.timestamp is an instant: it needs an offset
+                received = received.replace(tzinfo=UTC)
+            msg_time = received.isoformat(timespec="seconds")
 
         # Organization: the facility (PV1-3.4, else PV1-39, else MSH-4).
         facility = _hd_text(msg, pv1.comps(3)[3]) if len(pv1.comps(3)) > 3 else ""
@@ -305,7 +308,7 @@ class _Converter:
         patient["id"] = pat_id
 
         # Encounter.
-        patient_class = pv1.get(2).upper()
+        patient_class = pv1.get(2).strip().upper()
         encounter = self.encounter(pv1, evn, rule, trigger, patient_class, scope)
         visit = pv1.get(19)
         enc_id = (
@@ -423,7 +426,8 @@ class _Converter:
                 if ident is None:
                     continue
                 if ident["system"] == MBI_SYSTEM:
-                    mbi = mbi or ident["value"]
+                    # The roster keeps MBIs upper case without the dashes some senders print.
+                    mbi = mbi or ident["value"].replace("-", "").upper()
                 else:
                     authority = ident.get("assigner", {}).get("display", "")
                     mrns.append((ident["value"], authority))
@@ -506,13 +510,14 @@ class _Converter:
         if period:
             encounter["period"] = period
         hosp: dict = {}
-        if pv1.get(14):
+        admit_source, disposition = pv1.get(14).strip(), pv1.get(36).strip()
+        if admit_source:
             hosp["admitSource"] = {
-                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0023", "code": pv1.get(14)}]
+                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0023", "code": admit_source}]
             }
-        if pv1.get(36):
+        if disposition:
             hosp["dischargeDisposition"] = {
-                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0112", "code": pv1.get(36)}]
+                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0112", "code": disposition}]
             }
         if hosp:
             encounter["hospitalization"] = hosp

@@ -22,6 +22,9 @@ from gateway.store import FAILED, IGNORED, ROUTED, PendingMessage
 from gateway.v2 import V2Message
 from gateway.vocabulary import Vocabulary
 
+#: The patient is on the roster but no enabled recipient is to be told.
+MATCHED = "matched"
+#: The patient is not on the roster and no HIE is configured.
 UNMATCHED = "unmatched"
 
 
@@ -55,26 +58,37 @@ def process_message(
     recipients: Mapping[str, Recipient | None],
     validate: bool = True,
 ) -> MessageOutcome:
-    """Turn one stored message into its outcome (state, FHIR, match, notifications)."""
+    """Turn one stored message into its outcome (state, FHIR, match, notifications).
+
+    A problem with the message is a ``failed`` or ``ignored`` outcome with the
+    reason. Only the roster lookups' own errors (the database) propagate, so
+    the batch is tried again later.
+    """
     mid = pending.id
     try:
         msg = V2Message(pending.raw, pending.charset)
     except MessageError as e:
         return MessageOutcome(mid, FAILED, str(e), events=[("failed", {"stage": "parse", "reason": str(e)})])
+    except Exception as e:
+        return _internal_error(mid, "parse", e, [])
     events: list[tuple[str, dict]] = [("parsed", {"segments": len(msg.segments), "charset": msg.codec})]
     message_type, trigger = msg.msh.get(9, 1), msg.msh.get(9, 2)
+    evn = msg.segment("EVN")
+    if not trigger and evn is not None:
+        trigger = evn.get(1)  # as convert() does: older senders put the event in EVN-1 only
     if message_type != "ADT" or trigger not in vocab.events:
         reason = f"{message_type or '?'}^{trigger or '?'} is not a notification event (ADT A01, A03, A04)"
         events.append(("ignored", {"reason": reason}))
         return MessageOutcome(mid, IGNORED, reason, events=events)
     try:
-        received = datetime.fromisoformat(pending.received_at)
-        conversion = convert(msg, vocab, default_tz, received)
+        conversion = convert(msg, vocab, default_tz, _received_at(pending.received_at))
         if validate:
             validate_bundle(conversion.bundle)
     except MessageError as e:
         events.append(("failed", {"stage": "convert", "code": e.code, "location": e.location, "reason": e.reason}))
         return MessageOutcome(mid, FAILED, str(e), events=events)
+    except Exception as e:
+        return _internal_error(mid, "convert", e, events)
     events.append(
         (
             "converted",
@@ -94,8 +108,14 @@ def process_message(
         )
     else:
         events.append(("unmatched", {"method": match.method, **match.detail}))
-    notifications = route(conversion, match, recipients, mid)
-    state = ROUTED if notifications else UNMATCHED
+    try:
+        notifications = route(conversion, match, recipients, mid)
+    except Exception as e:
+        return _internal_error(mid, "route", e, events)
+    if notifications:
+        state = ROUTED
+    else:
+        state = MATCHED if match.matched else UNMATCHED
     return MessageOutcome(
         mid,
         state,
@@ -105,3 +125,19 @@ def process_message(
         notifications,
         events,
     )
+
+
+def _received_at(value: str) -> datetime | None:
+    """The stored receipt time (the Bundle's timestamp when MSH-7 has none); None if unreadable."""
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _internal_error(mid: int, stage: str, error: Exception, events: list[tuple[str, dict]]) -> MessageOutcome:
+    # A bug must fail this one message, not stall every batch behind it in a
+    # retry loop. Only the exception's type is kept: its text may quote PHI.
+    reason = f"internal error in stage {stage} ({type(error).__name__})"
+    events.append(("failed", {"stage": stage, "reason": reason}))
+    return MessageOutcome(mid, FAILED, reason, events=events)

@@ -127,6 +127,8 @@ def read_roster(text: str, source: str = "roster") -> RosterFile:
         for col in missing:
             result.problems.append((1, col, "required column is missing from the header"))
         return result
+    lines: dict[tuple[str, str], list[int]] = {}  # (ACO, member id) -> lines of its good rows
+    good: list[tuple[int, RosterMember]] = []
     for row in reader:
         line = reader.line_num
         if not any(cell.strip() for cell in row):
@@ -134,6 +136,9 @@ def read_roster(text: str, source: str = "roster") -> RosterFile:
         result.rows += 1
 
         problems: list[tuple[int, str, str]] = []
+        if any(cell.strip() for cell in row[len(header) :]):
+            # Usually an unquoted comma in a name: every later cell has moved one column.
+            problems.append((line, "-", f"the row has {len(row)} cells but the header has {len(header)}"))
         values: dict[str, str] = {c: _cell(row, index.get(c)) for c in COLUMNS}
         for col in REQUIRED:
             if not values[col]:
@@ -169,14 +174,21 @@ def read_roster(text: str, source: str = "roster") -> RosterFile:
         if problems:
             result.problems.extend(problems)
             continue
-        result.members.append(RosterMember(**values))
-    seen: dict[tuple[str, str], int] = {}
-    for m in result.members:
-        key = (m.aco_id, m.member_id)
-        seen[key] = seen.get(key, 0) + 1
-    for key, count in seen.items():
-        if count > 1:
-            result.problems.append((0, "member_id", f"member {key[1]} of ACO {key[0]} appears {count} times"))
+        member = RosterMember(**values)
+        lines.setdefault((member.aco_id, member.member_id), []).append(line)
+        good.append((line, member))
+    # A member listed twice cannot be trusted either way: every copy is a problem row.
+    repeated = {key: found for key, found in lines.items() if len(found) > 1}
+    for line, member in good:
+        found = repeated.get((member.aco_id, member.member_id))
+        if found is None:
+            result.members.append(member)
+            continue
+        where = ", ".join(str(n) for n in found)
+        result.problems.append(
+            (line, "member_id", f"member {member.member_id} of ACO {member.aco_id} appears on lines {where}")
+        )
+    result.problems.sort(key=lambda p: p[0])
     return result
 
 

@@ -15,15 +15,23 @@ from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from gateway.errors import MessageError
 from gateway.header import ERR_DATA_TYPE, ERR_SEGMENT_SEQUENCE
 
-#: MSH-18 values and the Python codecs that read them.
+#: MSH-18 values (HL7 table 0211, and spellings seen in the wild) and the
+#: Python codecs that read them.
 CHARSETS = {
     "ASCII": "ascii",
     "8859/1": "latin-1",
     "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
     "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
     "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
     "8859/9": "iso8859-9",
     "8859/15": "iso8859-15",
+    "GB 18030-2000": "gb18030",
+    "KS X 1001": "euc_kr",
+    "BIG-5": "big5",
     "UNICODE": "utf-8",
     "UNICODE UTF-8": "utf-8",
     "UTF-8": "utf-8",
@@ -35,16 +43,34 @@ _SEGMENT_END = re.compile(r"\r\n|\r|\n")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 
 
+def declared_charset(raw: bytes) -> str:
+    """MSH-18 (its first repetition) read from the raw bytes; "" when absent or unreadable.
+
+    The MSH segment is ASCII in every charset HL7 allows over MLLP, so it can
+    be read before the message is decoded.
+    """
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    line = raw.lstrip(b"\r\n \t").split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
+    if not line.startswith("MSH") or len(line) < 8:
+        return ""
+    fields = line.split(line[3])
+    # fields[0] is "MSH" and fields[1] is MSH-2, so MSH-n is fields[n - 1].
+    if len(fields) < 18 or len(fields[1]) < 2:
+        return ""
+    return fields[17].split(fields[1][1])[0].strip()
+
+
 def decode(raw: bytes, charset: str = "") -> tuple[str, str]:
     """Decode ``raw`` per MSH-18; return (text, codec used).
 
     With no charset (or ASCII that is not ASCII) UTF-8 is tried, then
-    windows-1252, which is what senders that declare nothing mostly send.
+    windows-1252, which is what senders that declare nothing mostly send. A
+    UTF-8 byte order mark outweighs the declaration.
     """
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
-        if not charset:
-            charset = "UNICODE UTF-8"
+        charset = "UNICODE UTF-8"
     codec = CHARSETS.get(charset.strip().upper(), "")
     if codec and codec != "ascii":
         try:
@@ -72,11 +98,17 @@ class Segment:
         f = self.fields
         return f[n] if n < len(f) else ""
 
+    def _separators(self, n: int) -> bool:
+        # MSH-1 and MSH-2 hold the separators themselves: never split or unescaped.
+        return n <= 2 and self.name == "MSH"
+
     def reps(self, n: int) -> list[str]:
         """The repetitions of field ``n`` (empty list when empty or ``""``)."""
         value = self.raw(n)
         if not value or value == '""':
             return []
+        if self._separators(n):
+            return [value]
         return [r for r in value.split(self.msg.rep) if r and r != '""']
 
     def comps(self, n: int, rep: int = 0) -> list[str]:
@@ -84,6 +116,8 @@ class Segment:
         reps = self.reps(n)
         if rep >= len(reps):
             return []
+        if self._separators(n):
+            return [reps[rep]]
         return self.msg.components(reps[rep])
 
     def get(self, n: int, comp: int = 1, rep: int = 0) -> str:
@@ -99,7 +133,8 @@ class V2Message:
     """A decoded HL7 v2 message split into segments."""
 
     def __init__(self, raw: bytes, charset: str = "") -> None:
-        text, self.codec = decode(raw, charset)
+        """Decode ``raw`` with ``charset`` (an MSH-18 value), else with the MSH-18 it declares."""
+        text, self.codec = decode(raw, charset or declared_charset(raw))
         text = text.lstrip("\r\n \t")
         if not text.startswith("MSH") or len(text) < 8:
             raise MessageError("the message does not start with an MSH segment", ERR_SEGMENT_SEQUENCE, "MSH")
@@ -215,6 +250,8 @@ def parse_dtm(value: str, location: str, default_tz: tzinfo | None = None) -> tu
     if not m:
         raise MessageError("not a valid HL7 date/time", ERR_DATA_TYPE, location)
     year, month, day, hour, minute, second, frac, offset = m.groups()
+    if frac and second is None:  # a fraction belongs to the seconds
+        raise MessageError("not a valid HL7 date/time", ERR_DATA_TYPE, location)
     try:
         if hour is None:
             if day is not None:

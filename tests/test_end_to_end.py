@@ -7,7 +7,9 @@ whole service from ``make_service``; the only fakes are injected failures.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +32,18 @@ ED_VISIT = "epic-v251-a04-ed-registration.hl7"
 ADMIT = "epic-v251-a01-admit-from-ed.hl7"
 DISCHARGE = "epic-v251-a03-ed-discharge-utf8.hl7"
 UNMATCHED = "meditech-v24-a04-outpatient-unmatched.hl7"
+
+
+def temporary_folder(case: unittest.TestCase) -> Path:
+    """A fresh folder outside the work tree, removed after the test.
+
+    Trial runs cleanups *before* tearDown, so a test whose tearDown still
+    uses the folder removes it there instead (see GatewayTestCase).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="herald-test-"))
+    if not isinstance(case, GatewayTestCase):
+        case.addCleanup(shutil.rmtree, folder, True)
+    return folder
 
 
 def sample(name: str) -> bytes:
@@ -65,8 +79,7 @@ class GatewayTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.data = Path(self.mktemp()).resolve()
-        self.data.mkdir(parents=True)
+        self.data = temporary_folder(self)
         self.receiver = FhirReceiver(self.hie_status)
         self.http = reactor.listenTCP(0, Site(self.receiver), interface="127.0.0.1")
         http_port = self.http.getHost().port
@@ -111,6 +124,7 @@ directory = "drop/care-team"
         yield self.http.stopListening()
         # Let closed connections finish closing so the reactor is clean.
         yield task.deferLater(reactor, 0.05, lambda: None)
+        shutil.rmtree(self.data, True)
 
     @defer.inlineCallbacks
     def client(self):
@@ -414,3 +428,32 @@ class RestartTests(GatewayTestCase):
         self.assertEqual(conn.execute("SELECT state FROM messages").fetchone()[0], "routed")
         self.assertEqual(conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0], 3)
         conn.close()
+
+
+class TlsTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_tls_listener_accepts_a_verified_client(self):
+        """A TLS listener made from `herald certs` material ACKs a message from a client that checks its certificate."""
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+
+        from gateway.certs import make_dev_certs, server_endpoint
+
+        data = temporary_folder(self)
+        certs = data / "certs"
+        make_dev_certs(certs)
+        config = load_config(None, data_dir=data, listen=[server_endpoint(certs, 0)])
+        gw = make_service(config, reactor)
+        gw.service.startService()
+        try:
+            yield defer.gatherResults([lst.ready for lst in gw.listeners])
+            port = gw.listening_ports()[0]
+            authority = ssl.Certificate.loadPEM((certs / "ca.pem").read_bytes())
+            options = ssl.optionsForClientTLS("localhost", trustRoot=authority)
+            client = yield connect(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options), reactor)
+            ack = yield client.send(sample(ADMIT), timeout=10)
+            self.assertEqual(read_ack(ack)[:2], ("CA", "LSR8841200377"))
+            client.transport.loseConnection()
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        finally:
+            yield gw.service.stopService()

@@ -1,0 +1,133 @@
+"""`herald serve`, `herald send` and `herald log` as separate processes, the way an analyst runs them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HERALD = [sys.executable, "-m", "gateway.cli"]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A `herald serve` process on a free loopback port; stopped with SIGTERM afterwards."""
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*HERALD, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--data", str(data)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    port = None
+    deadline = time.monotonic() + 30
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"\(ports \[(\d+)\]\)", line)
+        if m:
+            port = int(m.group(1))
+            break
+    if port is None:
+        proc.kill()
+        pytest.fail("herald serve did not start:\n" + "".join(lines))
+    yield port, data, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc.stderr.close()
+
+
+def herald(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*HERALD, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_send_replays_samples_and_log_lists_them(server, tmp_path):
+    """`herald send` replays a folder and exits 0; `herald log list` on the running server's data shows them."""
+    port, data, proc = server
+    roster = herald("roster", "import", "sample_messages/roster.csv", "--data", str(data))
+    assert roster.returncode == 0, roster.stderr
+    sent = herald("send", f"127.0.0.1:{port}", "sample_messages/", "--quiet")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "sent 9, accepted 9, not accepted 0" in sent.stdout
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        listing = herald("log", "list", "--data", str(data))
+        if listing.stdout.count("routed") == 9:
+            break
+        time.sleep(0.2)
+    assert listing.stdout.count("routed") == 9, listing.stdout
+    shown = herald("log", "show", "1", "--data", str(data))
+    assert shown.returncode == 0, shown.stderr
+    assert "ack-sent" in shown.stdout and "delivered" in shown.stdout
+    # Stopping is clean: SIGTERM ends the process with status 0.
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_send_exits_1_when_a_message_is_rejected(server, tmp_path):
+    """`herald send` exits 1 and names the file and reason when a message is not accepted."""
+    port, data, proc = server
+    bad = tmp_path / "bad.hl7"
+    bad.write_bytes(b"MSH|^~\\&|EHR|FAC|||20260101||ADT^A01||P|2.5\rPID|1||1^^^F^MR\r")
+    good = ROOT / "sample_messages" / "cerner-v23-a01-admit.hl7"
+    result = herald("send", f"127.0.0.1:{port}", str(good), str(bad), "--quiet")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "bad.hl7: AR" in result.stderr and "MSH-10" in result.stderr
+    assert "sent 2, accepted 1, not accepted 1" in result.stdout
+
+
+def test_send_to_a_closed_port_fails_cleanly(tmp_path):
+    """`herald send` to a port nobody listens on exits 1 with a connection error, not a traceback."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    result = herald("send", f"127.0.0.1:{port}", "sample_messages/cerner-v23-a01-admit.hl7", "--quiet")
+    assert result.returncode == 1
+    assert "cannot connect" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_bad_config_fails_at_start_naming_the_key(tmp_path):
+    """A config with a wrong type stops `herald serve` before it listens, naming the key."""
+    cfg = tmp_path / "herald.toml"
+    cfg.write_text('[delivery]\nmax_attempts = "three"\n')
+    result = herald("serve", "--config", str(cfg), "--data", str(tmp_path / "d"))
+    assert result.returncode != 0
+    assert "delivery.max_attempts" in result.stderr
+
+
+def test_serve_with_bad_endpoint_fails_at_start(tmp_path):
+    """A listen string Twisted cannot parse stops `herald serve` with the endpoint named."""
+    result = herald("serve", "--listen", "tcp:notaport", "--data", str(tmp_path / "d"))
+    assert result.returncode != 0
+    assert "server.listen" in result.stderr and "tcp:notaport" in result.stderr
+
+
+def test_serve_port_in_use_fails_cleanly(server, tmp_path):
+    """A second server on a port already taken exits non-zero with a clear message."""
+    port, data, proc = server
+    result = herald("serve", "--listen", f"tcp:{port}:interface=127.0.0.1", "--data", str(tmp_path / "d2"))
+    assert result.returncode != 0
+    assert "could not listen" in result.stderr
+
+
+if os.name != "posix":  # pragma: no cover
+    pytestmark = pytest.mark.skip("signals as on POSIX")
