@@ -84,6 +84,7 @@ class AckBuilder:
             seps = header.separators
             fs, comp, rep, esc, sub = seps[0], seps[1], seps[2], seps[3], seps[4]
             enc = header.encoding_characters
+            trunc = enc[4] if len(enc) > 4 else ""
             echo_id = header.control_id
             enhanced = header.enhanced_mode
             receiver_app, receiver_fac = header.sending_application, header.sending_facility
@@ -93,73 +94,81 @@ class AckBuilder:
         else:
             fs, comp, rep, esc, sub = DEFAULT_SEPARATORS
             enc = DEFAULT_SEPARATORS[1:]
-            echo_id = control_id
+            trunc = ""
+            # A guess read with separators the ACK does not share: escape it.
+            echo_id = _Escaper(fs, comp, rep, esc, sub)(control_id)
             enhanced = False
             receiver_app = receiver_fac = ""
             processing, version, event = "P", "2.5.1", ""
         code = ack_code(outcome, enhanced)
         stamp = self.clock().astimezone(UTC).strftime("%Y%m%d%H%M%S") + "+0000"
         msg_type = f"ACK{comp}{event}{comp}ACK" if event else "ACK"
-        clean = _Escaper(fs, comp, rep, esc, sub)
+        clean = _Escaper(fs, comp, rep, esc, sub, trunc)
+        # Values taken from the message's MSH are already encoded with the
+        # separators this ACK uses: they are echoed as sent (MSA-2 must match
+        # MSH-10 exactly), only Herald's own text is escaped.
         msh = fs.join(
             [
                 "MSH",
                 enc,
                 clean(self.application),
                 clean(self.facility),
-                clean(receiver_app),
-                clean(receiver_fac),
+                receiver_app,
+                receiver_fac,
                 stamp,
                 "",
                 msg_type,
                 self.next_control_id(),
-                clean(processing),
-                clean(version),
+                processing,
+                version,
             ]
         )
         text = clean(reason)
-        segments = [msh, fs.join(["MSA", code, clean(echo_id), text[:80]])]
+        segments = [msh, fs.join(["MSA", code, echo_id, _truncate(text, MSA_TEXT_LENGTH, esc)])]
         if error_code:
             err_text = ERROR_TEXT.get(error_code, "")
-            location = error_location.replace("-", comp) if error_location else ""
-            loc_parts = location.split(comp) if location else []
+            segment, _, field = error_location.partition("-")
             # ERL: segment^sequence^field; e.g. MSH^1^10.
-            erl = comp.join([loc_parts[0], "1", loc_parts[1]]) if len(loc_parts) == 2 else location
-            # ERR-1 (pre-2.5 form) and ERR-2..8 (2.5+ form) together, so either reader finds it.
-            err1 = comp.join([*erl.split(comp), sub.join([error_code, err_text, "HL70357"])]) if erl else ""
-            segments.append(
-                fs.join(
-                    [
-                        "ERR",
-                        err1,
-                        erl,
-                        comp.join([error_code, err_text, "HL70357"]),
-                        "E",
-                        "",
-                        "",
-                        "",
-                        text,
-                    ]
-                )
-            )
+            erl = comp.join([segment, "1", field] if field else [segment, "1"]) if segment else ""
+            code_ce = comp.join([error_code, err_text, "HL70357"])
+            # ERR-1 (pre-2.5 form: segment^sequence^field^code) and ERR-2..8
+            # (2.5+ form) together, so either reader finds the code.
+            err1 = comp.join([segment, "1" if segment else "", field, sub.join([error_code, err_text, "HL70357"])])
+            segments.append(fs.join(["ERR", err1, erl, code_ce, "E", "", "", "", text]))
         return ("\r".join(segments) + "\r").encode("ascii", "replace")
+
+
+#: MSA-3 (text message) is 80 characters long.
+MSA_TEXT_LENGTH = 80
+
+
+def _truncate(text: str, limit: int, esc: str) -> str:
+    """Cut escaped ``text`` to ``limit`` characters without splitting an escape sequence."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    # Escape sequences come in pairs of escape characters: an odd count means one is cut open.
+    if cut.count(esc) % 2:
+        cut = cut[: cut.rindex(esc)]
+    return cut
 
 
 class _Escaper:
     """Escape separator characters in a value per HL7 v2 escape sequences."""
 
-    def __init__(self, fs: str, comp: str, rep: str, esc: str, sub: str) -> None:
-        self.table = str.maketrans(
-            {
-                esc: f"{esc}E{esc}",
-                fs: f"{esc}F{esc}",
-                comp: f"{esc}S{esc}",
-                rep: f"{esc}R{esc}",
-                sub: f"{esc}T{esc}",
-                "\r": " ",
-                "\n": " ",
-            }
-        )
+    def __init__(self, fs: str, comp: str, rep: str, esc: str, sub: str, trunc: str = "") -> None:
+        table = {
+            esc: f"{esc}E{esc}",
+            fs: f"{esc}F{esc}",
+            comp: f"{esc}S{esc}",
+            rep: f"{esc}R{esc}",
+            sub: f"{esc}T{esc}",
+            "\r": " ",
+            "\n": " ",
+        }
+        if trunc:  # v2.7's fifth encoding character
+            table[trunc] = f"{esc}P{esc}"
+        self.table = str.maketrans(table)
 
     def __call__(self, value: str) -> str:
         return value.translate(self.table)

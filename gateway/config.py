@@ -49,6 +49,7 @@ class Config:
     facility: str = "HERALD"
     timezone: str = "UTC"
     pipeline_batch: int = 64
+    pipeline_enabled: bool = True
     pipeline_workers: int = field(default_factory=lambda: _default_workers())
     delivery_max_attempts: int = 8
     delivery_backoff_initial: float = 2.0
@@ -82,7 +83,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "data_dir": ("data_dir", str),
     },
     "conversion": {"timezone": ("timezone", str)},
-    "pipeline": {"batch_size": ("pipeline_batch", int), "workers": ("pipeline_workers", int)},
+    "pipeline": {
+        "batch_size": ("pipeline_batch", int),
+        "workers": ("pipeline_workers", int),
+        "enabled": ("pipeline_enabled", bool),
+    },
     "delivery": {
         "max_attempts": ("delivery_max_attempts", int),
         "backoff_initial": ("delivery_backoff_initial", (int, float)),
@@ -131,7 +136,7 @@ def load_config(
             if key not in keys:
                 raise ConfigError(f"{section}.{key}", f"unknown setting (known: {', '.join(keys)})")
             attr, types = keys[key]
-            if isinstance(value, bool) or not isinstance(value, types):
+            if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
                 raise ConfigError(f"{section}.{key}", f"expected {_type_name(types)}, got {type(value).__name__}")
             values[attr] = value
     if data_dir is not None:

@@ -78,10 +78,9 @@ def first_segment(raw: bytes) -> bytes:
     """The bytes of the first segment (up to CR or LF), a BOM removed."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
-    for i, b in enumerate(raw):
-        if b == 13 or b == 10:
-            return raw[:i]
-    return raw
+    cr, lf = raw.find(b"\r"), raw.find(b"\n")
+    end = min(cr, lf) if cr >= 0 and lf >= 0 else max(cr, lf)
+    return raw if end < 0 else raw[:end]
 
 
 def _first_component(value: str, component: str) -> str:
@@ -90,6 +89,27 @@ def _first_component(value: str, component: str) -> str:
 
 def read_header(raw: bytes) -> MessageHeader:
     """Read the MSH segment of ``raw``; raise :class:`MessageError` when it cannot be read."""
+    header = _read_msh(raw)
+    if not header.control_id.strip():
+        raise MessageError("MSH-10 message control id is empty", ERR_REQUIRED_FIELD_MISSING, "MSH-10")
+    if not header.message_type:
+        raise MessageError("MSH-9 message type is empty", ERR_REQUIRED_FIELD_MISSING, "MSH-9")
+    return header
+
+
+def read_header_leniently(raw: bytes) -> MessageHeader | None:
+    """The MSH of ``raw`` even when required fields are missing; ``None`` when unreadable.
+
+    For answering a rejected message: with its separators and MSH-15 known, the
+    refusal can be addressed to the sender in the mode it asked for.
+    """
+    try:
+        return _read_msh(raw)
+    except MessageError:
+        return None
+
+
+def _read_msh(raw: bytes) -> MessageHeader:
     line = first_segment(raw.lstrip(b"\r\n \t"))
     # Latin-1 maps every byte, so this never fails; MSH fields that matter are ASCII.
     text = line.decode("latin-1")
@@ -122,10 +142,6 @@ def read_header(raw: bytes) -> MessageHeader:
 
     msg_type = get(9).split(comp)
     control_id = get(10)
-    if not control_id.strip():
-        raise MessageError("MSH-10 message control id is empty", ERR_REQUIRED_FIELD_MISSING, "MSH-10")
-    if not msg_type[0]:
-        raise MessageError("MSH-9 message type is empty", ERR_REQUIRED_FIELD_MISSING, "MSH-9")
     return MessageHeader(
         field_separator=fs,
         encoding_characters=enc,

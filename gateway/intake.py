@@ -14,7 +14,14 @@ from twisted.logger import Logger
 
 from gateway.ack import ACCEPTED, ERROR, REJECTED, AckBuilder, ack_code, should_acknowledge
 from gateway.errors import MessageError
-from gateway.header import ERR_INTERNAL, ERR_VALUE_TOO_LONG, MessageHeader, control_id_guess, read_header
+from gateway.header import (
+    ERR_INTERNAL,
+    ERR_VALUE_TOO_LONG,
+    MessageHeader,
+    control_id_guess,
+    read_header,
+    read_header_leniently,
+)
 from gateway.store import RECEIVED, IntakeRecord, IntakeResult, Store
 from gateway.store import REJECTED as STATE_REJECTED
 
@@ -65,7 +72,11 @@ class Intake:
 
     def _stored(self, result: IntakeResult, header: MessageHeader) -> bytes | None:
         if result.duplicate_of is None:
-            self.on_stored()
+            try:
+                self.on_stored()
+            except Exception:
+                # The message is committed: it must still be acknowledged.
+                self._log.failure("on_stored hook failed after message {id} was stored", id=result.message_id)
         if not should_acknowledge(header, ACCEPTED):
             return None
         self.store.record_ack_sent(result.message_id, ack_code(ACCEPTED, header.enhanced_mode))
@@ -88,7 +99,11 @@ class Intake:
         )
 
     def _reject(self, message: bytes, peer: str, error: MessageError) -> defer.Deferred[bytes]:
-        guess = control_id_guess(message)
+        # When only a required field is missing, the separators and MSH-15 can
+        # still be read: answer in the sender's separators and mode (CR in
+        # enhanced mode), and keep who sent it in the log.
+        header = read_header_leniently(message)
+        guess = header.control_id if header else control_id_guess(message)
         self._log.warn(
             "rejected a frame from {peer}: {location} {reason}",
             peer=peer,
@@ -96,7 +111,7 @@ class Intake:
             reason=error.reason,
         )
         nak = self.acks.build(
-            None,
+            header,
             REJECTED,
             control_id=guess,
             error_code=error.code,
@@ -107,8 +122,12 @@ class Intake:
             raw=message,
             peer=peer,
             state=STATE_REJECTED,
-            ack_code="AR",
+            ack_code=ack_code(REJECTED, header.enhanced_mode if header else False),
             control_id=guess,
+            sending_application=header.sending_application if header else "",
+            sending_facility=header.sending_facility if header else "",
+            message_type=header.message_type if header else "",
+            trigger_event=header.trigger_event if header else "",
             reason=str(error),
         )
         d = self.store.record_frame(record)
@@ -120,10 +139,7 @@ class Intake:
     def frameTooLong(self, prefix: bytes, peer: str) -> defer.Deferred[bytes | None]:
         """Refuse an oversized frame: log its start and answer AR/CR naming the limit."""
         reason = f"the frame exceeds the {self.max_length}-byte limit; it was not accepted"
-        try:
-            header: MessageHeader | None = read_header(prefix)
-        except MessageError:
-            header = None
+        header = read_header_leniently(prefix)
         nak = self.acks.build(
             header,
             REJECTED,

@@ -254,9 +254,12 @@ def make_service(
         max_length=config.max_frame_bytes,
     )
     delivery.setServiceParent(top)
-    pipeline.setServiceParent(top)
+    if config.pipeline_enabled:
+        pipeline.setServiceParent(top)
     # Listeners last: they start last and stop first.
-    factory = MLLPServerFactory(intake, maxLength=config.max_frame_bytes, idleTimeout=config.idle_timeout)
+    factory = MLLPServerFactory(
+        intake, maxLength=config.max_frame_bytes, idleTimeout=config.idle_timeout, reactor=reactor
+    )
     listeners = []
     for spec in config.listen:
         svc = Listener(spec, serverFromString(reactor, spec), factory)

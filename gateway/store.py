@@ -12,6 +12,7 @@ Reads from other threads (the pipeline, the CLI) open their own connections.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import queue
@@ -273,6 +274,8 @@ class Store:
 
     #: Largest number of queued jobs committed together.
     MAX_GROUP = 512
+    #: Background writes wait at most this long for a commit to ride with.
+    IDLE_FLUSH_SECONDS = 0.5
 
     def __init__(self, path: Path | str, reactor=None, clock: Callable[[], datetime] = _utc_now) -> None:
         if reactor is None:
@@ -283,6 +286,7 @@ class Store:
         self._reactor = reactor
         self.clock = clock
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._riders: collections.deque = collections.deque()
         self._conn = open_database(self.path)
         migrate(self._conn, clock())
         self._thread = threading.Thread(target=self._run, name="herald-store-writer", daemon=True)
@@ -341,40 +345,57 @@ class Store:
         if not self._started:
             self._log.warn("store not running; dropped a background write")
             return
-        self._queue.put(_Job(fn, args, None))
+        # Not queued: it must not wake the writer for a commit (an fsync) of
+        # its own. It rides with the next real job, or the idle flush.
+        self._riders.append(_Job(fn, args, None))
+
+    def _take_riders(self, batch: list) -> None:
+        riders = self._riders
+        while riders:
+            batch.append(riders.popleft())
 
     def _run(self) -> None:
         conn = self._conn
         q = self._queue
         while True:
-            first = q.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            stop_after = False
-            while len(batch) < self.MAX_GROUP:
-                try:
-                    job = q.get_nowait()
-                except queue.Empty:
-                    break
-                if job is _STOP:
-                    stop_after = True
-                    break
-                batch.append(job)
             try:
-                results = self._run_batch(conn, batch)
-            except Exception as e:  # the writer thread must outlive any failure
-                self._log.failure("store writer batch failed")
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                results = [(job, False, StoreError(f"store failure: {e}")) for job in batch]
-            self.commits += 1
-            self.jobs += len(batch)
-            self._reactor.callFromThread(self._fire, results)
+                first = q.get(timeout=self.IDLE_FLUSH_SECONDS)
+            except queue.Empty:
+                if not self._riders:
+                    continue
+                first = None  # idle: flush the background writes
+            batch: list[_Job] = []
+            stop_after = first is _STOP
+            if first is not None and not stop_after:
+                batch.append(first)
+                while len(batch) < self.MAX_GROUP:
+                    try:
+                        job = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is _STOP:
+                        stop_after = True
+                        break
+                    batch.append(job)
+            self._take_riders(batch)
+            if batch:
+                self._commit_group(conn, batch)
             if stop_after:
                 return
+
+    def _commit_group(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        try:
+            results = self._run_batch(conn, batch)
+        except Exception as e:  # the writer thread must outlive any failure
+            self._log.failure("store writer batch failed")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(job, False, StoreError(f"store failure: {e}")) for job in batch]
+        self.commits += 1
+        self.jobs += len(batch)
+        self._reactor.callFromThread(self._fire, results)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> list:
         results = []
@@ -433,8 +454,8 @@ class Store:
         if r.control_id and state == RECEIVED:
             earlier = conn.execute(
                 "SELECT id, sha256 FROM messages WHERE sending_facility = ? AND sending_application = ? "
-                "AND control_id = ? ORDER BY id",
-                (r.sending_facility, r.sending_application, r.control_id),
+                "AND control_id = ? AND state != ? ORDER BY id",
+                (r.sending_facility, r.sending_application, r.control_id, REJECTED),
             ).fetchall()
             for row in earlier:
                 if row["sha256"] == digest:
@@ -702,7 +723,9 @@ def members_by_mbi(conn, mbi: str) -> list[sqlite3.Row]:
 
 def members_by_mrn(conn, mrn: str, authority: str) -> list[sqlite3.Row]:
     """Roster rows with this MRN and assigning authority."""
-    return conn.execute("SELECT * FROM roster_members WHERE mrn = ? AND mrn_authority = ?", (mrn, authority)).fetchall()
+    return conn.execute(
+        "SELECT * FROM roster_members WHERE mrn = ? AND mrn_authority = ? COLLATE NOCASE", (mrn, authority)
+    ).fetchall()
 
 
 def members_by_name_key(conn, name_key: str) -> list[sqlite3.Row]:

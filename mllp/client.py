@@ -60,6 +60,7 @@ class MLLPClientProtocol(MLLPReceiver):
         d.callback(message)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        super().connectionLost(reason)
         self._closed = True
         while self._waiting:
             d, call = self._waiting.popleft()

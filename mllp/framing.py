@@ -47,6 +47,9 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         self._buffer = bytearray()
         self._inFrame = False
         self._searchFrom = 0
+        # Set once a frame overflowed: the rest of that frame (and anything
+        # after it) must not be read as new frames while the refusal goes out.
+        self._discarding = False
         self.skippedBytes = 0
 
     def connectionMade(self) -> None:
@@ -54,6 +57,8 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        if self._discarding:
+            return
         buf = self._buffer
         buf += data
         while buf and not self.transport.disconnecting:
@@ -77,7 +82,7 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
                 self._searchFrom = max(0, len(buf) - 1)
                 return
             if end > self.MAX_LENGTH:
-                self._overflow()
+                self._overflow(end)
                 return
             message = bytes(buf[:end])
             del buf[: end + 2]
@@ -92,9 +97,12 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
             peer=_peer(self.transport),
         )
 
-    def _overflow(self) -> None:
-        prefix = bytes(self._buffer[: self.PREFIX_KEPT])
+    def _overflow(self, end: int | None = None) -> None:
+        # Never past the frame's end: what follows is framing or another message.
+        keep = self.PREFIX_KEPT if end is None else min(end, self.PREFIX_KEPT)
+        prefix = bytes(self._buffer[:keep])
         self._reset()
+        self._discarding = True
         self.frameLengthExceeded(prefix)
 
     def _reset(self) -> None:
@@ -110,6 +118,10 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
     def sendFrame(self, message: bytes) -> None:
         """Send one message, framed."""
         self.transport.write(frame(message))
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        # A pending idle timer would otherwise outlive the connection.
+        self.setTimeout(None)
 
     def timeoutConnection(self) -> None:
         self._log.info("closing idle MLLP connection from {peer}", peer=_peer(self.transport))

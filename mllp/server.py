@@ -31,6 +31,15 @@ class FrameReceiver(TypingProtocol):
         """The connection closed in the middle of a frame."""
 
 
+class _Oversized:
+    """Stands in the answer queue for a frame refused for its size."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+
+
 class MLLPServerProtocol(MLLPReceiver):
     """One MLLP connection on the listening side."""
 
@@ -42,8 +51,9 @@ class MLLPServerProtocol(MLLPReceiver):
     def __init__(self, receiver: FrameReceiver) -> None:
         super().__init__()
         self.receiver = receiver
-        self._pending: deque[bytes] = deque()
+        self._pending: deque[bytes | _Oversized] = deque()
         self._busy = False
+        self._running = False
         self._paused = False
         self._peer = "?"
 
@@ -56,25 +66,34 @@ class MLLPServerProtocol(MLLPReceiver):
         if len(self._pending) >= self.MAX_PENDING and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        if not self._busy:
-            self._next()
+        self._next()
 
     def _next(self) -> None:
-        while self._pending and not self.transport.disconnecting:
-            message = self._pending.popleft()
-            try:
-                result = self.receiver.frameReceived(message, self._peer)
-            except Exception:
-                self._log.failure("MLLP receiver raised; closing connection")
-                self.transport.loseConnection()
-                return
-            if isinstance(result, defer.Deferred):
-                self._busy = True
-                result.addCallbacks(self._answer, self._failed)
-                return
-            self._write(result)
-        self._busy = False
-        if self._paused and not self.transport.disconnecting:
+        # A loop, not recursion: a receiver whose Deferreds have already fired
+        # answers inside addCallbacks, which calls back into _next.
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self._pending and not self._busy and not self.transport.disconnecting:
+                item = self._pending.popleft()
+                if isinstance(item, _Oversized):
+                    self._refuse(item.prefix)
+                    return
+                try:
+                    result = self.receiver.frameReceived(item, self._peer)
+                except Exception:
+                    self._log.failure("MLLP receiver raised; closing connection")
+                    self.transport.loseConnection()
+                    return
+                if isinstance(result, defer.Deferred):
+                    self._busy = True
+                    result.addCallbacks(self._answer, self._failed)
+                else:
+                    self._write(result)
+        finally:
+            self._running = False
+        if not self._pending and self._paused and not self.transport.disconnecting:
             self._paused = False
             self.transport.resumeProducing()
 
@@ -98,21 +117,29 @@ class MLLPServerProtocol(MLLPReceiver):
             peer=self._peer,
             limit=self.MAX_LENGTH,
         )
-        # Stop reading the rest of the oversized frame; answer, then close.
+        # Stop reading the rest of the oversized frame. The refusal waits its
+        # turn behind the frames before it, so their ACKs still go out first.
         self.transport.pauseProducing()
+        self._pending.append(_Oversized(prefix))
+        self._next()
+
+    def _refuse(self, prefix: bytes) -> None:
+        self._busy = True
         d = defer.maybeDeferred(self.receiver.frameTooLong, prefix, self._peer)
 
         def close(nak: bytes | None) -> None:
-            if nak is not None:
-                self.sendFrame(nak)
+            self._write(nak)
             self.transport.loseConnection()
 
-        d.addCallbacks(close, lambda f: self.transport.loseConnection())
+        def failed(failure) -> None:
+            self._log.failure("refusing an oversized frame failed; closing connection", failure)
+            self.transport.loseConnection()
+
+        d.addCallbacks(close, failed)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self.setTimeout(None)
-        partial = self.partialFrameLength
-        if partial:
+        super().connectionLost(reason)
+        if self.partialFrameLength:
             try:
                 self.receiver.frameIncomplete(bytes(self._buffer), self._peer)
             except Exception:

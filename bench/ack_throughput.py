@@ -1,0 +1,526 @@
+"""ACK throughput and latency of a running Herald, measured over real MLLP sockets.
+
+What is measured: for each connection count (1 and 8 by default) a fresh
+``herald serve`` is started on a free loopback port with an empty data folder,
+and the shared yardstick ``mllp-load`` (../shared/tools/mllp-load) sends
+synthetic ADT messages, one in flight per connection, waiting for each ACK.
+An ACK means the raw message was committed to SQLite (WAL, synchronous=FULL),
+so this is the durable-intake rate a sending EHR sees: messages answered per
+second and the ACK round-trip latency (p50, p99, max) at the client.
+
+By default the server runs as deployed: its pipeline converts, matches, routes
+and delivers (file drops, fsynced) the same messages in the background while
+the load runs, on the same two cores and the same single SQLite writer.
+``--pipeline off`` measures the intake path alone (see below).
+
+Servers:
+
+* ``--server herald`` (default): ``herald serve`` exactly as an operator runs it.
+  It does not expose its commit counter, so "commits" shows n/a.
+* ``--server instrumented``: the same ``make_service(config)`` in a small
+  process of this script, which also reports ``Store.commits`` (SQLite
+  transactions the writer thread committed) on SIGUSR1.
+* ``--pipeline off`` implies ``instrumented`` and disconnects intake from the
+  pipeline (``intake.on_stored`` does nothing), so messages stay ``received``.
+  ``herald serve`` had no such switch when this was written.
+* ``--config FILE`` gives either server a Herald TOML config (recipients
+  disabled, ``[pipeline] workers``, ...) to see what each part costs.
+
+Every run is bounded (``--max-seconds`` is always passed to mllp-load), every
+wait has a deadline, and the server is stopped by its pid (SIGTERM, then
+SIGKILL) and its temporary folder deleted, whatever happens.
+
+Run from the repository root::
+
+    .venv/bin/python bench/ack_throughput.py
+    .venv/bin/python bench/ack_throughput.py --pipeline off -n1 5000 -n8 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MLLP_LOAD = ROOT.parent / "shared" / "tools" / "mllp-load"
+STATS_FILE = "bench-stats.json"
+
+
+# -- the server under test ---------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def herald_command() -> list[str]:
+    """The ``herald`` console script next to this Python (the venv's), else on PATH."""
+    beside = Path(sys.executable).parent / "herald"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("herald")
+    if found is None:
+        raise SystemExit("bench: no herald console script next to this Python or on PATH")
+    return [found]
+
+
+@dataclass
+class Server:
+    """A Herald server process started for one benchmark run."""
+
+    kind: str  # "herald" or "instrumented"
+    pipeline: bool
+    data_dir: Path
+    port: int
+    switch_interval: float | None = None  # instrumented only: sys.setswitchinterval in the server
+    config: Path | None = None  # a Herald TOML config (--config)
+    proc: subprocess.Popen | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir.parent / f"server-{self.port}.log"
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "herald.db"
+
+    def command(self) -> list[str]:
+        listen = f"tcp:{self.port}:interface=127.0.0.1"
+        if self.kind == "herald":
+            cmd = [*herald_command(), "serve", "--listen", listen, "--data", str(self.data_dir)]
+            return cmd if self.config is None else [*cmd, "--config", str(self.config)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_serve", "--data", str(self.data_dir)]
+        cmd += ["--listen", listen]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        if self.switch_interval is not None:
+            cmd += ["--switch-interval", str(self.switch_interval)]
+        return cmd if self.pipeline else [*cmd, "--no-pipeline"]
+
+    def start(self, ready_seconds: float = 30.0) -> None:
+        """Start the process and wait (bounded) until its port accepts connections."""
+        with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.command(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_seconds
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the server did not accept connections within {ready_seconds:g} s:\n{self.log_tail()}")
+
+    def stop(self, grace_seconds: float = 15.0) -> int | None:
+        """SIGTERM by pid, SIGKILL if it has not exited after ``grace_seconds``; return its status.
+
+        Processes the server started (pipeline workers, multiprocessing's
+        resource tracker) are noted first and stopped the same way if they
+        outlive it: a killed server leaves them orphaned otherwise.
+        """
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return None if proc is None else proc.returncode
+        children = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            status = proc.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            print(
+                f"bench: the server (pid {proc.pid}) did not exit within {grace_seconds:g} s of SIGTERM; SIGKILL",
+                file=sys.stderr,
+            )
+            os.kill(proc.pid, signal.SIGKILL)
+            status = proc.wait(timeout=10)
+        stop_leftovers(children)
+        return status
+
+    def stats(self, wait_seconds: float = 10.0) -> dict | None:
+        """Ask an instrumented server for its counters (SIGUSR1); None for ``herald serve``."""
+        if self.kind != "instrumented" or self.proc is None or self.proc.poll() is not None:
+            return None
+        path = self.data_dir / STATS_FILE
+        path.unlink(missing_ok=True)
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            if path.exists():
+                return json.loads(path.read_text())
+            time.sleep(0.05)
+        return None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a live process from /proc; None when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else (int(fields[1]), fields[19])
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return []
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _stat(int(entry))) is not None:
+            children.setdefault(st[0], []).append((int(entry), st[1]))
+    found: list[tuple[int, str]] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def stop_leftovers(processes: list[tuple[int, str]], grace_seconds: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, each listed process still alive (same pid and start time)."""
+
+    def alive() -> list[int]:
+        return [pid for pid, start in processes if (st := _stat(pid)) is not None and st[1] == start]
+
+    for pid in alive():
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive():
+        print(f"bench: pid {pid}, started by the server, outlived it; SIGKILL", file=sys.stderr)
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_server(
+    kind: str = "herald", pipeline: bool = True, keep: bool = False, switch_interval=None, config: Path | None = None
+):
+    """Start a server in a fresh temporary folder; always stop it and delete the folder.
+
+    ``pipeline=False`` and ``switch_interval`` need the instrumented server.
+    """
+    if not pipeline or switch_interval is not None:
+        kind = "instrumented"
+    tmp = Path(tempfile.mkdtemp(prefix="herald-bench-"))
+    server = Server(kind, pipeline, tmp / "data", free_port(), switch_interval, config)
+    try:
+        server.data_dir.mkdir()
+        server.start()
+        yield server
+    finally:
+        status = server.stop()
+        if status not in (None, 0, -signal.SIGTERM):
+            print(f"bench: the server exited with status {status}; log tail:\n{server.log_tail(8)}", file=sys.stderr)
+        if keep:
+            print(f"bench: kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the load ----------------------------------------------------------------
+
+
+def run_mllp_load(port: int, n: int, connections: int, max_seconds: float, extra: list[str] | None = None) -> dict:
+    """Run mllp-load once and return its JSON result (bounded by --max-seconds, plus a margin)."""
+    if not MLLP_LOAD.exists():
+        raise SystemExit(f"bench: the yardstick {MLLP_LOAD} is missing")
+    cmd = [sys.executable, str(MLLP_LOAD), "--port", str(port), "-n", str(n), "-c", str(connections)]
+    cmd += ["--max-seconds", str(max_seconds), "--json", *(extra or [])]
+    # mllp-load stops taking messages at --max-seconds; each in-flight one may wait up to --timeout (10 s).
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=max_seconds + 60)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"mllp-load printed no result (status {done.returncode}): {done.stderr.strip()}")
+    return json.loads(lines[-1])
+
+
+def state_counts(database: Path) -> dict[str, int]:
+    """Messages per state, read through a read-only connection (empty if unreadable)."""
+    from gateway.store import count_by_state, open_database
+
+    try:
+        conn = open_database(database, readonly=True)
+    except Exception:
+        return {}
+    try:
+        return count_by_state(conn)
+    except sqlite3.Error:
+        return {}
+    finally:
+        conn.close()
+
+
+def durability_note(database: Path) -> str:
+    """Say how commits are made durable: journal mode read from the file, synchronous from the code.
+
+    ``PRAGMA synchronous`` is a per-connection setting, so reading it from
+    another connection would say nothing about the server's; the setting is
+    taken from the source of ``gateway.store.open_database`` instead.
+    """
+    from gateway import store
+
+    source = inspect.getsource(store.open_database)
+    sync = "FULL" if "synchronous=FULL" in source else "not FULL (check gateway/store.py open_database)"
+    journal = "?"
+    with contextlib.suppress(Exception):
+        conn = store.open_database(database, readonly=True)
+        journal = conn.execute("PRAGMA journal_mode").fetchone()[0].upper()
+        conn.close()
+    return f"SQLite journal_mode={journal} (read from the file), synchronous={sync} (per connection, open_database)"
+
+
+def code_under_test() -> str:
+    """Which Herald code the servers run: the gateway package's folder and its git state."""
+    import gateway
+
+    folder = Path(gateway.__file__).resolve().parent.parent
+    where = f"Herald code from {folder}"
+    with contextlib.suppress(Exception):
+        head = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--", "gateway", "mllp", "mappings"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        if head:
+            where += f" (git {head}{', with uncommitted changes in gateway/ mllp/ mappings/' if dirty else ''})"
+    return where
+
+
+# -- one measurement ---------------------------------------------------------
+
+
+def measure(connections: int, n: int, args) -> dict:
+    """Start a fresh server, drive it with mllp-load, collect the figures, stop it."""
+    with running_server(args.server, args.pipeline == "on", args.keep, args.switch_interval, args.config) as server:
+        load = run_mllp_load(server.port, n, connections, args.max_seconds)
+        stats = server.stats()
+        states = state_counts(server.database)
+        note = durability_note(server.database)
+    answered = load["answered"]
+    row = {
+        "connections": connections,
+        "requested": n,
+        "answered": answered,
+        "ok": load["ok"],
+        "not_ok": load["nack"] + load["mismatch"] + load["garbled"],
+        "timeouts": load["timeout"] + load["conn_error"],
+        "msgs_per_s": load["msgs_per_s"],
+        "ack_ms_p50": load["ack_ms_p50"],
+        "ack_ms_p95": load["ack_ms_p95"],
+        "ack_ms_p99": load["ack_ms_p99"],
+        "ack_ms_max": load["ack_ms_max"],
+        "elapsed_s": load["elapsed_s"],
+        "stopped_at_max_seconds": answered < n and load["elapsed_s"] >= 0.99 * args.max_seconds,
+        "commits": stats["commits"] if stats else None,
+        "store_jobs": stats["jobs"] if stats else None,
+        "still_received": states.get("received", 0),
+        "states": states,
+        "durability": note,
+    }
+    return row
+
+
+def print_table(rows: list[dict], args) -> None:
+    pipeline = (
+        "ON: the server converts, matches, routes and delivers in the background during the load (realistic)"
+        if args.pipeline == "on"
+        else "OFF: intake only (instrumented server; intake.on_stored disconnected; messages stay 'received')"
+    )
+    instrumented = args.server == "instrumented" or args.pipeline == "off" or args.switch_interval is not None
+    server = "instrumented (same make_service as herald serve)" if instrumented else "herald serve"
+    if args.switch_interval is not None:
+        server += f", sys.setswitchinterval({args.switch_interval:g}) [experiment]"
+    if args.config is not None:
+        server += f", --config {args.config}"
+    print(f"server: {server}, fresh data folder per row; pipeline {pipeline}")
+    print(code_under_test())
+    if rows:
+        print(rows[0]["durability"])
+    print(f"client: {MLLP_LOAD.name}, synthetic ADT mix, one message in flight per connection\n")
+    head = (
+        f"{'conns':>5} {'messages':>9} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'nacks':>6} {'errors':>6} {'commits':>8} {'msgs/commit':>11} {'unconverted':>11}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        commits = r["commits"]
+        per = f"{r['answered'] / commits:.2f}" if commits else "n/a"
+        print(
+            f"{r['connections']:>5} {r['answered']:>9} {r['msgs_per_s']:>9.1f} {_ms(r['ack_ms_p50'])} "
+            f"{_ms(r['ack_ms_p99'])} {_ms(r['ack_ms_max'])} {r['not_ok']:>6} {r['timeouts']:>6} "
+            f"{commits if commits is not None else 'n/a':>8} {per:>11} {r['still_received']:>11}"
+        )
+    print()
+    print("msgs/s and latencies are mllp-load's (client side). nacks: AE/AR/CE/CR, mismatched or garbled ACKs;")
+    print("errors: ACK timeouts and failed connections. commits: SQLite transactions committed by the store's")
+    print("writer thread during the run (all work: intake, ack-sent events, pipeline, delivery), instrumented")
+    print("server only. unconverted: messages still 'received' when the load ended (pipeline backlog).")
+    for r in rows:
+        if r["stopped_at_max_seconds"]:
+            print(f"note: the c={r['connections']} run stopped at --max-seconds after {r['answered']} messages.")
+
+
+def _ms(value) -> str:
+    return f"{value:>8.2f}" if value is not None else f"{'n/a':>8}"
+
+
+# -- the instrumented server (run by this script as a child process) -----------
+
+
+def serve_instrumented(argv: list[str]) -> None:
+    """Run Herald as ``herald serve`` does, plus: SIGUSR1 writes the store's counters to a file.
+
+    With ``--no-pipeline`` intake no longer wakes the pipeline, so the ACK
+    path is measured alone (the pipeline still starts; it finds nothing).
+    """
+    ap = argparse.ArgumentParser(prog="ack_throughput.py _serve")
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--listen", required=True)
+    ap.add_argument("--no-pipeline", action="store_true")
+    ap.add_argument("--switch-interval", type=float, default=None)
+    ap.add_argument("--config", type=Path, default=None)
+    opts = ap.parse_args(argv)
+    if opts.switch_interval is not None:
+        sys.setswitchinterval(opts.switch_interval)
+
+    from twisted.internet import defer, task
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from gateway.config import load_config
+    from gateway.service import make_service
+
+    cfg = load_config(opts.config, data_dir=opts.data, listen=[opts.listen])
+
+    def run(reactor):
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+        gw = make_service(cfg, reactor)
+        if opts.no_pipeline:
+            gw.intake.on_stored = lambda: None
+
+        def dump() -> None:
+            # getattr: counters an older or newer revision may not have are reported as null.
+            counters = {
+                "commits": getattr(gw.store, "commits", None),
+                "jobs": getattr(gw.store, "jobs", None),
+                "pipeline_processed": getattr(gw.pipeline, "processed", None),
+                "delivered": getattr(gw.delivery, "delivered", None),
+            }
+            tmp = cfg.data_dir / (STATS_FILE + ".tmp")
+            tmp.write_text(json.dumps(counters))
+            os.replace(tmp, cfg.data_dir / STATS_FILE)
+
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump))
+        gw.service.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", gw.service.stopService)
+        return defer.Deferred()  # until SIGTERM
+
+    task.react(run)
+
+
+# -- command line --------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="See bench/README.md for what each figure means.",
+    )
+    ap.add_argument("-n1", type=int, default=20000, help="messages for the 1-connection run (default 20000)")
+    ap.add_argument("-n8", type=int, default=40000, help="messages for the 8-connection run (default 40000)")
+    ap.add_argument(
+        "--connections",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="connection counts to run (default 1 8); counts other than 1 and 8 send -n8 messages",
+    )
+    ap.add_argument(
+        "--max-seconds", type=float, default=120.0, help="bound on each mllp-load run (default 120; always passed)"
+    )
+    ap.add_argument(
+        "--pipeline",
+        choices=["on", "off"],
+        default="on",
+        help="on (default): the server processes messages in the background, as deployed; "
+        "off: intake only (implies --server instrumented)",
+    )
+    ap.add_argument(
+        "--server",
+        choices=["herald", "instrumented"],
+        default="herald",
+        help="herald: `herald serve` (default); instrumented: the same service in a child of this script, "
+        "which can report SQLite commits",
+    )
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="experiment: set sys.setswitchinterval(S) in the server (implies --server instrumented; "
+        "Python's default is 0.005)",
+    )
+    ap.add_argument(
+        "--config", type=Path, default=None, help="a Herald TOML config for the server (default: none, the defaults)"
+    )
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data folders (prints their paths)")
+    args = ap.parse_args(argv)
+    if args.n1 < 1 or args.n8 < 1 or any(c < 1 for c in args.connections):
+        ap.error("message and connection counts must be at least 1")
+    if args.max_seconds <= 0:
+        ap.error("--max-seconds must be positive")
+    if args.config is not None:
+        args.config = args.config.resolve()  # the server runs in the repository root
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_serve"]:
+        serve_instrumented(argv[1:])
+        return 0
+    args = parse_args(argv)
+    rows = []
+    for c in args.connections:
+        n = args.n1 if c == 1 else args.n8
+        if not args.json:
+            print(f"running c={c}, n={n} ...", file=sys.stderr)
+        rows.append(measure(c, n, args))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows, args)
+    return 0 if all(r["not_ok"] == 0 and r["timeouts"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.ack import AckBuilder
+
+#: The moment every pinned ACK is stamped with (MSH-7 ``20260301120000+0000``).
+ACK_TIME = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def pinned_acks() -> AckBuilder:
+    """An AckBuilder with a fixed clock and control ids ACK0001, ACK0002, ... so ACKs compare byte for byte."""
+    counter = itertools.count(1)
+    return AckBuilder("HERALD", "HIE", clock=lambda: ACK_TIME, next_control_id=lambda: f"ACK{next(counter):04d}")
