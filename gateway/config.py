@@ -226,10 +226,10 @@ def check_listen(endpoints: tuple[str, ...], reactor) -> None:
 
 
 def _default_workers() -> int:
-    """One conversion process per core beyond the first (the server's), at least one."""
+    """One conversion process per core (they run at a lower priority than the server)."""
     import os
 
-    return max(1, (os.cpu_count() or 2) - 1)
+    return max(1, os.cpu_count() or 1)
 
 
 def _type_name(types) -> str:

@@ -30,22 +30,72 @@ class DeliveryFailed(Exception):
     """One attempt failed; the message is safe to show (no PHI)."""
 
 
-def write_file_atomically(directory: Path, name: str, data: bytes) -> Path:
-    """Write ``data`` to ``directory/name`` so that it appears whole or not at all."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / name
-    tmp = directory / f".{name}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return final
+def write_files_atomically(items: list[tuple[Path, str, bytes]]) -> list[BaseException | None]:
+    """Write several files atomically, syncing each folder once for the lot.
+
+    Each file is written under a temporary name, fsynced and renamed; then
+    each folder that received a file is fsynced once, which makes the renames
+    durable. Returns, per item, None or the error that stopped it.
+    """
+    results: list[BaseException | None] = []
+    folders: dict[Path, list[int]] = {}
+    for i, (directory, name, data) in enumerate(items):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f".{name}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, directory / name)
+            folders.setdefault(directory, []).append(i)
+            results.append(None)
+        except OSError as e:
+            results.append(e)
+    for directory, members in folders.items():
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            for i in members:
+                results[i] = e
+    return results
+
+
+class _FileDropBatch:
+    """Gathers the file-drop sends of one reactor turn into one thread job."""
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+        self.waiting: list[tuple[Notification, defer.Deferred]] = []
+
+    def send(self, n: Notification) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        if not self.waiting:
+            self.reactor.callLater(0, self._flush)
+        self.waiting.append((n, d))
+        return d
+
+    def _flush(self) -> None:
+        batch, self.waiting = self.waiting, []
+        items = [(Path(n.target), f"{n.id}.json", n.payload.encode("utf-8")) for n, _ in batch]
+        job = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write_files_atomically, items)
+
+        def fire(results):
+            for (n, d), error in zip(batch, results, strict=True):
+                if error is None:
+                    d.callback(f"wrote {n.id}.json")
+                else:
+                    d.errback(DeliveryFailed(f"cannot write the file: {error.strerror or error}"))
+
+        def failed(f):
+            for _, d in batch:
+                d.errback(f)
+
+        job.addCallbacks(fire, failed)
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
@@ -81,6 +131,7 @@ class DeliveryWorker(Service):
         self.agent = agent or Agent(reactor, connectTimeout=timeout)
         self._inflight: set[str] = set()
         self._attempts: dict[str, defer.Deferred] = {}
+        self._files = _FileDropBatch(reactor)
         self._call = None
         self._polling = False
         self._again = False
@@ -186,15 +237,10 @@ class DeliveryWorker(Service):
 
     def _send(self, n: Notification):
         if n.channel == "file":
-            return threads.deferToThread(self._send_file, n)
+            return self._files.send(n)
         if n.channel == "fhir":
             return self._send_fhir(n)
         raise DeliveryFailed(f"unknown channel {n.channel!r}")
-
-    @staticmethod
-    def _send_file(n: Notification) -> str:
-        path = write_file_atomically(Path(n.target), f"{n.id}.json", n.payload.encode("utf-8"))
-        return f"wrote {path.name}"
 
     @defer.inlineCallbacks
     def _send_fhir(self, n: Notification):

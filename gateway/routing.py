@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
 
@@ -54,12 +53,16 @@ def route(
     for role, who in wanted:
         recipient = recipients[role]
         assert recipient is not None
-        nid = resource_id("Notification", base["id"], role)
+        # The stored message's row id makes the notification unique even when a
+        # sender reuses an MSH-10 for a different message, and keeps it stable
+        # across delivery retries and reprocessing.
+        nid = resource_id("Notification", base["id"], role, str(message_id))
         bundle = dict(base)
         entries = list(base["entry"])
-        header = copy.deepcopy(entries[0])
         endpoint = recipient.target if recipient.channel == "fhir" else f"file://{recipient.target}"
-        header["resource"]["destination"] = [{"name": who, "endpoint": endpoint}]
+        # Only the MessageHeader differs per recipient: copy it, share the rest.
+        header = dict(entries[0])
+        header["resource"] = {**header["resource"], "destination": [{"name": who, "endpoint": endpoint}]}
         entries[0] = header
         bundle["id"] = nid
         bundle["entry"] = entries

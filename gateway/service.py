@@ -6,6 +6,7 @@ through this one function.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,9 @@ class PipelineWorker(Service):
     """
 
     _log = Logger()
+
+    #: Batches converting or being written at once.
+    DEPTH = 2
 
     def __init__(self, store: Store, config: Config, vocab: Vocabulary, reactor, on_routed: Callable[[], None]) -> None:
         self.store = store
@@ -92,16 +96,26 @@ class PipelineWorker(Service):
 
     @defer.inlineCallbacks
     def _drain(self):
+        # Up to DEPTH batches are in flight: while one batch's outcomes are
+        # written, the next is already being converted.
         self._running_batch = True
+        inflight: deque[tuple[list, defer.Deferred]] = deque()
+        fetched = self._last_id
         try:
-            while self.running:
+            while self.running or inflight:
                 self._again = False
-                pending = yield self.store.pending_messages(self._last_id, self.batch * max(1, self.workers))
-                if not pending:
-                    if not self._again:
+                while self.running and len(inflight) < self.DEPTH:
+                    pending = yield self.store.pending_messages(fetched, self.batch * max(1, self.workers))
+                    if not pending:
                         break
-                    continue
-                outcomes = yield self._process(pending)
+                    fetched = pending[-1].id
+                    inflight.append((pending, self._process(pending)))
+                if not inflight:
+                    if self._again and self.running:
+                        continue
+                    break
+                pending, d = inflight.popleft()
+                outcomes = yield d
                 yield self.store.record_outcomes(outcomes)
                 self._last_id = pending[-1].id
                 self.processed += len(outcomes)
@@ -109,6 +123,10 @@ class PipelineWorker(Service):
                     self.on_routed()
         except Exception:
             self._log.failure("pipeline batch failed; retrying in 5 s")
+            # Batches still converting are dropped; their messages are still
+            # 'received' and are fetched again on the retry.
+            for _, d in inflight:
+                d.addBoth(lambda _: None)
             if self.running:
                 self._retry = self.reactor.callLater(5, self.wake)
         finally:

@@ -543,57 +543,74 @@ class Store:
         """
         return self.submit(self._record_outcomes, list(outcomes), iso(self.clock()), self._reactor.seconds())
 
-    @staticmethod
-    def _record_outcomes(conn, outcomes: list, now: str, now_seconds: float) -> int:
+    @classmethod
+    def _record_outcomes(cls, conn, outcomes: list, now: str, now_seconds: float) -> int:
         applied = 0
         for o in outcomes:
-            cur = conn.execute(
-                "UPDATE messages SET state = ?, reason = ?, fhir = ?, updated_at = ? WHERE id = ? AND state = ?",
-                (o.state, o.reason, o.fhir_json, now, o.message_id, RECEIVED),
-            )
-            if cur.rowcount != 1:
-                continue
-            applied += 1
-            for kind, detail in o.events:
-                _event(conn, now, o.message_id, None, "pipeline", kind, detail)
-            if o.match is not None:
-                m = o.match
+            conn.execute("SAVEPOINT outcome")
+            try:
+                applied += cls._record_outcome(conn, o, now, now_seconds)
+                conn.execute("RELEASE outcome")
+            except sqlite3.IntegrityError as e:
+                # One message's conflict must not hold up the rest of the batch.
+                conn.execute("ROLLBACK TO outcome")
+                conn.execute("RELEASE outcome")
+                reason = f"its outcome could not be stored: {e}"
                 conn.execute(
-                    "INSERT OR REPLACE INTO matches (message_id, aco_id, member_id, method, grade, detail) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (o.message_id, m.aco_id, m.member_id, m.method, m.grade, json.dumps(m.detail)),
+                    "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = ?",
+                    (FAILED, reason, now, o.message_id, RECEIVED),
                 )
-            for n in o.notifications:
-                conn.execute(
-                    "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, "
-                    "event_code, summary, payload, state, attempts, next_attempt_at, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
-                    (
-                        n.id,
-                        n.message_id,
-                        n.recipient_role,
-                        n.recipient,
-                        n.channel,
-                        n.target,
-                        n.event_code,
-                        n.summary,
-                        n.payload,
-                        PENDING,
-                        now_seconds,
-                        now,
-                        now,
-                    ),
-                )
-                _event(
-                    conn,
-                    now,
-                    o.message_id,
-                    n.id,
-                    "router",
-                    "routed",
-                    {"role": n.recipient_role, "channel": n.channel, "target": n.target},
-                )
+                _event(conn, now, o.message_id, None, "pipeline", "failed", {"stage": "store", "reason": reason})
         return applied
+
+    @staticmethod
+    def _record_outcome(conn, o, now: str, now_seconds: float) -> int:
+        cur = conn.execute(
+            "UPDATE messages SET state = ?, reason = ?, fhir = ?, updated_at = ? WHERE id = ? AND state = ?",
+            (o.state, o.reason, o.fhir_json, now, o.message_id, RECEIVED),
+        )
+        if cur.rowcount != 1:
+            return 0
+        for kind, detail in o.events:
+            _event(conn, now, o.message_id, None, "pipeline", kind, detail)
+        if o.match is not None:
+            m = o.match
+            conn.execute(
+                "INSERT OR REPLACE INTO matches (message_id, aco_id, member_id, method, grade, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (o.message_id, m.aco_id, m.member_id, m.method, m.grade, json.dumps(m.detail)),
+            )
+        for n in o.notifications:
+            conn.execute(
+                "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, "
+                "event_code, summary, payload, state, attempts, next_attempt_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                (
+                    n.id,
+                    n.message_id,
+                    n.recipient_role,
+                    n.recipient,
+                    n.channel,
+                    n.target,
+                    n.event_code,
+                    n.summary,
+                    n.payload,
+                    PENDING,
+                    now_seconds,
+                    now,
+                    now,
+                ),
+            )
+            _event(
+                conn,
+                now,
+                o.message_id,
+                n.id,
+                "router",
+                "routed",
+                {"role": n.recipient_role, "channel": n.channel, "target": n.target},
+            )
+        return 1
 
     # -- delivery ----------------------------------------------------------
 

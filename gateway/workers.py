@@ -10,7 +10,10 @@ connection to the database for roster lookups; it does no writes.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import sqlite3
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -21,8 +24,31 @@ from gateway.vocabulary import load_vocabulary
 
 _state: dict = {}
 
+#: Scheduling priority of worker processes, below the server's.
+WORKER_NICENESS = 10
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to end this worker when the server process dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
 
 def _init(database: str, config: Config) -> None:
+    _die_with_parent()
+    # Conversion soaks up idle CPU; the server's intake (the ACK path) comes first.
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # pragma: no cover - not permitted
+        pass
     _state["database"] = database
     _state["config"] = config
     _state["vocab"] = load_vocabulary()

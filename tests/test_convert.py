@@ -512,3 +512,30 @@ def test_validate_bundle_rejects_an_invalid_bundle(bundle, element):
         validate_bundle(bundle)
     assert caught.value.location == "FHIR"
     assert element in caught.value.reason
+
+
+def test_validate_bundle_names_the_invalid_entry():
+    """A resource that breaks its FHIR model is reported with its entry path, not accepted."""
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "message",
+        "entry": [
+            {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Patient", "id": "1"}},
+            {"fullUrl": "urn:uuid:2", "resource": {"resourceType": "Encounter", "id": "2", "status": "in-progress"}},
+        ],
+    }
+    with pytest.raises(MessageError) as caught:
+        validate_bundle(bundle)
+    assert "entry.1.resource.class" in caught.value.reason
+
+
+def test_validate_bundle_checks_the_bundle_itself():
+    """A Bundle without its required type, or with an unknown resource type, is refused."""
+    with pytest.raises(MessageError) as caught:
+        validate_bundle({"resourceType": "Bundle", "entry": []})
+    assert "type" in caught.value.reason
+    with pytest.raises(MessageError) as caught:
+        validate_bundle(
+            {"resourceType": "Bundle", "type": "message", "entry": [{"resource": {"resourceType": "Nope"}}]}
+        )
+    assert "Nope" in caught.value.reason

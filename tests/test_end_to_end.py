@@ -253,9 +253,12 @@ class EndToEndTests(GatewayTestCase):
         changed = raw.replace(b"CARD^4104^A", b"CARD^4105^A")
         ack = yield c.send(changed, timeout=10)
         self.assertEqual(read_ack(ack)[0], "CA")
+        yield self.settled()
         conn = self.db()
-        flags = [r[0] for r in conn.execute("SELECT flag FROM messages ORDER BY id")]
-        self.assertEqual(flags, [None, "control-id-reused"])
+        rows = conn.execute("SELECT flag, state FROM messages ORDER BY id").fetchall()
+        self.assertEqual([tuple(r) for r in rows], [(None, "routed"), ("control-id-reused", "routed")])
+        ids = [r[0] for r in conn.execute("SELECT id FROM notifications")]
+        self.assertEqual(len(set(ids)), 6, "each stored message gets its own notification ids")
         conn.close()
 
     @defer.inlineCallbacks

@@ -1,0 +1,96 @@
+"""The store's SQL on a real SQLite file (the writer thread is not needed for these)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from gateway.pipeline import MessageOutcome
+from gateway.store import RECEIVED, IntakeRecord, Notification, Store
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
+STAMP = NOW.isoformat(timespec="milliseconds")
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A Store on a fresh file, never started: its job functions are called directly."""
+    s = Store(tmp_path / "herald.db", reactor=object(), clock=lambda: NOW)
+    yield s
+    s._conn.close()
+
+
+def stored(store: Store, control_id: str) -> int:
+    record = IntakeRecord(
+        raw=f"MSH|^~\\&|EHR|FAC|||20261120||ADT^A01|{control_id}|P|2.5.1\r".encode(),
+        peer="test",
+        state=RECEIVED,
+        ack_code="AA",
+        sending_application="EHR",
+        sending_facility="FAC",
+        message_type="ADT",
+        trigger_event="A01",
+        control_id=control_id,
+    )
+    return store._record_frame(store._conn, record, STAMP).message_id
+
+
+def outcome(message_id: int, notification_id: str) -> MessageOutcome:
+    note = Notification(
+        id=notification_id,
+        message_id=message_id,
+        recipient_role="hie",
+        recipient="HIE",
+        channel="file",
+        target="/tmp/x",
+        event_code="notification-admit",
+        summary="{}",
+        payload="{}",
+    )
+    return MessageOutcome(message_id, "routed", None, "{}", None, [note], [("converted", {})])
+
+
+def test_one_conflicting_outcome_fails_alone(store):
+    """An outcome that cannot be stored marks its own message failed; the rest of the batch is applied."""
+    first, second, third = stored(store, "C1"), stored(store, "C2"), stored(store, "C3")
+    conn = store._conn
+    applied = Store._record_outcomes(
+        conn, [outcome(first, "n-1"), outcome(second, "n-1"), outcome(third, "n-3")], STAMP, 0.0
+    )
+    assert applied == 2
+    states = dict(conn.execute("SELECT id, state FROM messages").fetchall())
+    assert states == {first: "routed", second: "failed", third: "routed"}
+    reason = conn.execute("SELECT reason FROM messages WHERE id = ?", (second,)).fetchone()[0]
+    assert "could not be stored" in reason
+    assert conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0] == 2
+    kinds = [r[0] for r in conn.execute("SELECT kind FROM events WHERE message_id = ? ORDER BY id", (second,))]
+    assert kinds == ["received", "failed"]
+
+
+def test_outcome_applies_only_once(store):
+    """A message already past 'received' is not turned into notifications a second time."""
+    mid = stored(store, "C1")
+    conn = store._conn
+    assert Store._record_outcomes(conn, [outcome(mid, "n-1")], STAMP, 0.0) == 1
+    assert Store._record_outcomes(conn, [outcome(mid, "n-2")], STAMP, 0.0) == 0
+    assert conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0] == 1
+
+
+def test_retransmission_after_a_rejection_is_not_flagged(store):
+    """A sender that fixes a rejected message and resends it under the same MSH-10 is not flagged."""
+    conn = store._conn
+    rejected = IntakeRecord(
+        raw=b"MSH|^~\\&|EHR|FAC|||x||ADT^A01|C9|P|2.5.1\r",
+        peer="test",
+        state="rejected",
+        ack_code="AR",
+        sending_application="EHR",
+        sending_facility="FAC",
+        control_id="C9",
+        reason="bad",
+    )
+    store._record_frame(conn, rejected, STAMP)
+    mid = stored(store, "C9")
+    flag = conn.execute("SELECT flag FROM messages WHERE id = ?", (mid,)).fetchone()[0]
+    assert flag is None
