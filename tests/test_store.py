@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from gateway.pipeline import MessageOutcome
 from gateway.store import RECEIVED, IntakeRecord, Notification, Store
 
-NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 STAMP = NOW.isoformat(timespec="milliseconds")
 
 
