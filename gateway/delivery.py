@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from gateway.store import DEAD, RETRYING, SENT, Notification, Store
+from gateway.store import DEAD, RETRYING, SENT, DeliveryAttempt, Notification, Store
 
 
 class DeliveryFailed(Exception):
@@ -184,6 +184,7 @@ class DeliveryWorker(Service):
         self._inflight: set[str] = set()
         self._attempts: dict[str, defer.Deferred] = {}
         self._files = _FileDropBatch(reactor)
+        self._records: list[tuple[DeliveryAttempt, defer.Deferred]] = []
         self._call = None
         self._polling = False
         self._again = False
@@ -256,9 +257,32 @@ class DeliveryWorker(Service):
         if self.running:
             self._schedule(0)
 
+    def _record(self, n: Notification, outcome: str, detail: str, state: str, next_at: float) -> defer.Deferred:
+        """Queue an attempt's record; the attempts of one reactor turn are written in one store job."""
+        d: defer.Deferred = defer.Deferred()
+        if not self._records:
+            self.reactor.callLater(0, self._flush_records)
+        attempt = DeliveryAttempt(n.id, n.message_id, n.attempts + 1, outcome, detail, state, next_at)
+        self._records.append((attempt, d))
+        return d
+
+    def _flush_records(self) -> None:
+        batch, self._records = self._records, []
+        job = self.store.record_attempts([a for a, _ in batch])
+
+        def fire(result):
+            for _, d in batch:
+                d.callback(None)
+
+        def failed(f):
+            for _, d in batch:
+                d.errback(f)
+
+        job.addCallbacks(fire, failed)
+
     def _succeeded(self, detail: str, n: Notification):
         self.delivered += 1
-        return self.store.record_attempt(n.id, "ok", detail, SENT, 0.0)
+        return self._record(n, "ok", detail, SENT, 0.0)
 
     def _failed(self, failure, n: Notification):
         attempt = n.attempts + 1
@@ -274,7 +298,7 @@ class DeliveryWorker(Service):
                 attempts=attempt,
                 reason=reason,
             )
-            return self.store.record_attempt(n.id, "error", reason, DEAD, 0.0)
+            return self._record(n, "error", reason, DEAD, 0.0)
         delay = backoff_delay(attempt, self.backoff_initial, self.backoff_max)
         self._log.info(
             "notification {id} attempt {attempt} failed ({reason}); retrying in {delay:.1f} s",
@@ -283,7 +307,7 @@ class DeliveryWorker(Service):
             reason=reason,
             delay=delay,
         )
-        return self.store.record_attempt(n.id, "error", reason, RETRYING, self.reactor.seconds() + delay)
+        return self._record(n, "error", reason, RETRYING, self.reactor.seconds() + delay)
 
     # -- channels -------------------------------------------------------------
 

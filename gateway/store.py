@@ -197,6 +197,19 @@ class PendingMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryAttempt:
+    """One try at delivering a notification, and the state it leaves the notification in."""
+
+    notification_id: str
+    message_id: int
+    attempt: int  # 1-based
+    outcome: str  # ok / error
+    detail: str
+    state: str  # sent / retrying / dead
+    next_attempt_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Notification:
     """One outbox row: a Bundle for one recipient over one channel."""
 
@@ -639,29 +652,40 @@ class Store:
         ).fetchone()
         return row[0]
 
-    def record_attempt(
-        self, notification_id: str, outcome: str, detail: str, state: str, next_attempt_at: float
-    ) -> defer.Deferred:
-        """Record one delivery attempt and the notification's new state."""
-        return self.submit(
-            self._record_attempt, notification_id, outcome, detail, state, next_attempt_at, iso(self.clock())
-        )
+    def record_attempts(self, attempts: list[DeliveryAttempt]) -> defer.Deferred:
+        """Record delivery attempts and their notifications' new states, in one job."""
+        return self.submit(self._record_attempts, list(attempts), iso(self.clock()))
 
     @staticmethod
-    def _record_attempt(conn, nid, outcome, detail, state, next_at, now) -> int:
-        conn.execute(
-            "UPDATE notifications SET attempts = attempts + 1, state = ?, next_attempt_at = ?, last_error = ?, "
+    def _record_attempts(conn, attempts: list[DeliveryAttempt], now: str) -> int:
+        conn.executemany(
+            "UPDATE notifications SET attempts = ?, state = ?, next_attempt_at = ?, last_error = ?, "
             "updated_at = ? WHERE id = ?",
-            (state, next_at, None if outcome == "ok" else detail, now, nid),
+            [
+                (a.attempt, a.state, a.next_attempt_at, None if a.outcome == "ok" else a.detail, now, a.notification_id)
+                for a in attempts
+            ],
         )
-        row = conn.execute("SELECT attempts, message_id FROM notifications WHERE id = ?", (nid,)).fetchone()
-        conn.execute(
+        conn.executemany(
             "INSERT INTO delivery_attempts (notification_id, attempt, at, outcome, detail) VALUES (?, ?, ?, ?, ?)",
-            (nid, row["attempts"], now, outcome, detail),
+            [(a.notification_id, a.attempt, now, a.outcome, a.detail) for a in attempts],
         )
-        kind = {SENT: "delivered", DEAD: "dead-letter"}.get(state, "delivery-failed")
-        _event(conn, now, row["message_id"], nid, "delivery", kind, {"attempt": row["attempts"], "detail": detail})
-        return row["attempts"]
+        kinds = {SENT: "delivered", DEAD: "dead-letter"}
+        conn.executemany(
+            "INSERT INTO events (at, message_id, notification_id, actor, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    now,
+                    a.message_id,
+                    a.notification_id,
+                    "delivery",
+                    kinds.get(a.state, "delivery-failed"),
+                    json.dumps({"attempt": a.attempt, "detail": a.detail}),
+                )
+                for a in attempts
+            ],
+        )
+        return len(attempts)
 
     # -- roster ------------------------------------------------------------
 
