@@ -417,13 +417,25 @@ class Store:
         except sqlite3.Error as e:
             err = StoreError(f"could not begin a transaction: {e}")
             return [(job, False, err) for job in batch]
+        # With one job the transaction itself isolates it; savepoints only
+        # matter when jobs share a commit.
+        alone = len(batch) == 1
         for job in batch:
             try:
+                if alone:
+                    results.append((job, True, job.fn(conn, *job.args)))
+                    continue
                 conn.execute("SAVEPOINT job")
                 value = job.fn(conn, *job.args)
                 conn.execute("RELEASE job")
                 results.append((job, True, value))
             except Exception as e:  # each job fails alone
+                if alone:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    return [(job, False, e)]
                 try:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")

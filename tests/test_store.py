@@ -94,3 +94,37 @@ def test_retransmission_after_a_rejection_is_not_flagged(store):
     mid = stored(store, "C9")
     flag = conn.execute("SELECT flag FROM messages WHERE id = ?", (mid,)).fetchone()[0]
     assert flag is None
+
+
+def test_a_failing_job_alone_in_its_commit_leaves_nothing_behind(store):
+    """A job that writes and then fails, with no other job in the commit, is rolled back whole."""
+    conn = store._conn
+
+    def half_then_fail(c):
+        c.execute("INSERT INTO events (at, actor, kind) VALUES ('t', 'test', 'half')")
+        raise RuntimeError("boom")
+
+    from gateway.store import _Job
+
+    job = _Job(half_then_fail, (), None)
+    [(_, ok, error)] = store._run_batch(conn, [job])
+    assert not ok and isinstance(error, RuntimeError)
+    assert conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'half'").fetchone()[0] == 0
+
+
+def test_a_failing_job_among_others_fails_alone(store):
+    """In a group commit, one failing job is undone and the others are committed."""
+    conn = store._conn
+    from gateway.store import _Job
+
+    def good(c):
+        c.execute("INSERT INTO events (at, actor, kind) VALUES ('t', 'test', 'good')")
+
+    def bad(c):
+        c.execute("INSERT INTO events (at, actor, kind) VALUES ('t', 'test', 'bad')")
+        raise RuntimeError("boom")
+
+    results = store._run_batch(conn, [_Job(good, (), None), _Job(bad, (), None), _Job(good, (), None)])
+    assert [ok for _, ok, _ in results] == [True, False, True]
+    kinds = [r[0] for r in conn.execute("SELECT kind FROM events WHERE actor = 'test'")]
+    assert kinds == ["good", "good"]
