@@ -30,8 +30,6 @@ from twisted.logger import Logger
 
 from gateway.errors import StoreError
 
-SCHEMA_VERSION = 1
-
 # States of a message (see ARCHITECTURE.md).
 RECEIVED = "received"
 REJECTED = "rejected"
@@ -45,11 +43,15 @@ SENT = "sent"
 RETRYING = "retrying"
 DEAD = "dead"
 
-_SCHEMA = """
+_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS migrations (
     version INTEGER PRIMARY KEY,
     applied_at TEXT NOT NULL
-);
+)
+"""
+
+# Version 1: the first schema.
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,
     received_at TEXT NOT NULL,
@@ -244,19 +246,57 @@ def open_database(path: Path | str, *, readonly: bool = False) -> sqlite3.Connec
     return conn
 
 
+#: Schema migrations, applied in order; each runs once and is recorded in the
+#: ``migrations`` table. Append new versions here; never edit an applied one.
+#: A step is SQL text (statements separated by ``;``) or a function of the
+#: connection, run inside the migration's transaction.
+MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [
+    (1, _SCHEMA_V1),
+]
+
+#: The schema version this code writes.
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _run_sql(conn: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The newest migration applied to this database (0 for a new file)."""
+    if not sqlite_utils.Database(conn)["migrations"].exists():
+        return 0
+    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
+
+
 def migrate(conn: sqlite3.Connection, now: datetime | None = None) -> None:
-    """Create the schema and record its version (idempotent)."""
-    db = sqlite_utils.Database(conn)
+    """Bring the schema up to :data:`SCHEMA_VERSION`, one recorded migration at a time (idempotent).
+
+    Refuses a database written by a newer Herald rather than guess at it.
+    """
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {current}, newer than this Herald's {SCHEMA_VERSION}; upgrade Herald"
+        )
+    if current == SCHEMA_VERSION:
+        return
+    stamp = iso(now or _utc_now())
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        if not db["migrations"].count_where("version = ?", [SCHEMA_VERSION]):
-            conn.execute(
-                "INSERT INTO migrations (version, applied_at) VALUES (?, ?)",
-                (SCHEMA_VERSION, iso(now or _utc_now())),
-            )
+        _run_sql(conn, _MIGRATIONS_TABLE)
+        # Read again under the write lock: another process may have migrated meanwhile.
+        current = schema_version(conn)
+        for version, step in MIGRATIONS:
+            if version <= current:
+                continue
+            if callable(step):
+                step(conn)
+            else:
+                _run_sql(conn, step)
+            conn.execute("INSERT INTO migrations (version, applied_at) VALUES (?, ?)", (version, stamp))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

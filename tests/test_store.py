@@ -128,3 +128,28 @@ def test_a_failing_job_among_others_fails_alone(store):
     assert [ok for _, ok, _ in results] == [True, False, True]
     kinds = [r[0] for r in conn.execute("SELECT kind FROM events WHERE actor = 'test'")]
     assert kinds == ["good", "good"]
+
+
+def test_migrations_run_once_and_are_recorded(tmp_path):
+    """A new database gets every migration, each recorded once; migrating again changes nothing."""
+    from gateway.store import MIGRATIONS, SCHEMA_VERSION, migrate, open_database, schema_version
+
+    conn = open_database(tmp_path / "h.db")
+    assert schema_version(conn) == 0
+    migrate(conn)
+    migrate(conn)
+    rows = [r[0] for r in conn.execute("SELECT version FROM migrations ORDER BY version")]
+    assert rows == [v for v, _ in MIGRATIONS]
+    assert schema_version(conn) == SCHEMA_VERSION
+
+
+def test_a_database_from_a_newer_herald_is_refused(tmp_path):
+    """A schema version above this code's is a clear StoreError, not a guess."""
+    from gateway.errors import StoreError
+    from gateway.store import SCHEMA_VERSION, migrate, open_database
+
+    conn = open_database(tmp_path / "h.db")
+    migrate(conn)
+    conn.execute("INSERT INTO migrations (version, applied_at) VALUES (?, '2026-01-01')", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="newer than this Herald"):
+        migrate(conn)
