@@ -13,7 +13,7 @@ to propagate.
 
 from __future__ import annotations
 
-import fnmatch
+import re
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -146,6 +146,17 @@ def herald_outcome(raw: bytes | None) -> Outcome:
 # -- data tables -------------------------------------------------------------
 
 
+def matches(value: str, pattern: str | list[str]) -> bool:
+    """Shell-style match where only ``*`` and ``?`` are wildcards (``[`` is literal: element paths use it).
+
+    ``pattern`` may be a list of patterns: any of them matching is a match.
+    """
+    if isinstance(pattern, list):
+        return any(matches(value, p) for p in pattern)
+    regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+    return re.fullmatch(regex, value) is not None
+
+
 @cache
 def load_table(name: str) -> dict:
     """One TOML table beside this module."""
@@ -166,7 +177,7 @@ class Defect:
 
     def covers(self, case_id: str) -> bool:
         """True when ``case_id`` matches one of the defect's case patterns."""
-        return any(fnmatch.fnmatchcase(case_id, p) for p in self.cases)
+        return any(matches(case_id, p) for p in self.cases)
 
 
 @cache
@@ -203,9 +214,19 @@ def case_param(case_id: str, *values):
 def expectation(case_id: str) -> dict | None:
     """The decided outcome for a corpus case from ``corpus_expectations.toml`` (file rows cover all its messages)."""
     for row in load_table("corpus_expectations.toml").get("expect", []):
-        if fnmatch.fnmatchcase(case_id, row["case"]) or fnmatch.fnmatchcase(case_id, row["case"] + "#*"):
+        if expectation_covers(row, case_id):
             return row
     return None
+
+
+def expectation_covers(row: dict, case_id: str) -> bool:
+    """True when an expectation row's case pattern(s) name ``case_id`` (a file pattern covers each message of it)."""
+    patterns = _listed(row["case"])
+    return matches(case_id, patterns) or matches(case_id, [p + "#*" for p in patterns])
+
+
+def _listed(pattern: str | list[str]) -> list[str]:
+    return pattern if isinstance(pattern, list) else [pattern]
 
 
 def accepted_rejections() -> dict[str, str]:
