@@ -1,0 +1,880 @@
+"""Find a message's patient on the attribution roster.
+
+Deterministic first: the Medicare Beneficiary Identifier, then an MRN with its
+assigning authority (the roster's MRNs and the links a reviewer confirmed),
+each grade ``certain``. Otherwise probabilistic, Fellegi-Sunter style: the
+roster members that share a blocking key with the patient are compared field
+by field (given, family and middle name, birth date, sex, street, city, state,
+ZIP, phone); each field's agreement level adds its weight ``log2(m/u)`` and
+the total is graded ``certain`` / ``probable`` / ``possible`` / ``none`` (FHIR
+``$match``). Two members scoring too close to each other are never resolved by
+guessing: the result is ``possible`` with no member chosen (a reviewer picks).
+
+The weights, levels' similarity thresholds and grade thresholds are data in
+``mappings/matching.toml`` (with how they were obtained); given-name
+diminutives are in ``mappings/nicknames.csv``, street words in
+``mappings/street_abbreviations.csv``.
+
+Pure functions: no I/O except reading those mapping files once, no SQL. The
+store supplies roster rows through :class:`RosterLookups`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import re
+import tomllib
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import jellyfish
+from rapidfuzz import fuzz
+from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
+
+from gateway.errors import ConfigError
+
+MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
+MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
+
+#: Grades from strongest to weakest (FHIR ``$match`` match-grade, plus none).
+GRADES = ("certain", "probable", "possible", "none")
+#: Every field :func:`score` compares, in the order it reports them.
+FIELDS = ("given", "family", "middle", "birth_date", "sex", "street", "city", "state", "zip", "phone")
+#: The agreement levels each field can take (besides ``missing``: a side is empty, weight 0).
+LEVELS: dict[str, tuple[str, ...]] = {
+    "given": ("exact", "nickname", "compound", "close", "similar", "initial", "swapped", "disagree"),
+    "family": ("exact", "compound", "close", "similar", "swapped", "disagree"),
+    "middle": ("exact", "initial", "close", "disagree"),
+    "birth_date": ("exact", "transposed", "one_digit", "partial", "disagree"),
+    "sex": ("exact", "disagree"),
+    "street": ("exact", "close", "similar", "disagree"),
+    "city": ("exact", "close", "disagree"),
+    "state": ("exact", "disagree"),
+    "zip": ("exact", "one_digit", "disagree"),
+    "phone": ("exact", "one_digit", "disagree"),
+}
+#: Raised whenever the blocking keys' recipe changes: stored keys must then be recomputed.
+BLOCKING_RECIPE = "1"
+
+
+# -- people --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """One side of a comparison, already normalised (see :func:`make_person`)."""
+
+    given: str = ""  # upper case, accents folded, letters/space/hyphen only
+    family: str = ""
+    middle: str = ""
+    birth_date: str = ""  # YYYY-MM-DD or ""
+    sex: str = ""  # M F O U or ""
+    street: str = ""  # number + street, normalised
+    city: str = ""
+    state: str = ""
+    zip: str = ""  # first 5 digits
+    phone: str = ""  # digits, last 10
+
+
+def _fold(value: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", value or "")
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).upper()
+
+
+def normalise_name(value: str) -> str:
+    """Upper case, accents folded; apostrophes and dots dropped, other punctuation a space.
+
+    ``"o'Brien-Smith "`` -> ``"OBRIEN-SMITH"``, ``"Mary  Ann"`` -> ``"MARY ANN"``.
+    """
+    text = re.sub(r"['’.`]", "", _fold(value))
+    text = re.sub(r"[^A-Z\- ]", " ", text)
+    text = re.sub(r"\s*-\s*", "-", text)
+    return re.sub(r"\s+", " ", text).strip(" -")
+
+
+def normalise_street(value: str) -> str:
+    """Upper case, accents folded, letters/digits/spaces, street words abbreviated (USPS style)."""
+    words = re.sub(r"[^A-Z0-9 ]", " ", re.sub(r"['’.]", "", _fold(value))).split()
+    abbreviations = street_abbreviations()
+    return " ".join(abbreviations.get(w, w) for w in words)
+
+
+def normalise_date(value: str) -> str:
+    """``YYYY-MM-DD`` from ``YYYY-MM-DD[...]``, ``YYYYMMDD`` or ``MM/DD/YYYY``; "" unless a real date."""
+    value = (value or "").strip()
+    m = (
+        re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})(?:[T ].*)?", value)
+        or re.fullmatch(r"(\d{4})(\d{2})(\d{2})(?:\d*(?:[.+-]\d*)?)?", value)
+        or None
+    )
+    if m:
+        y, mo, d = m.groups()
+    else:
+        us = re.fullmatch(r"(\d{1,2})/(\d{1,2})/(\d{4})", value)
+        if not us:
+            return ""
+        mo, d, y = us.groups()
+    try:
+        return date(int(y), int(mo), int(d)).isoformat()
+    except ValueError:
+        return ""
+
+
+_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O", "U": "U", "UNKNOWN": "U"}
+
+
+def make_person(
+    *,
+    given: str = "",
+    family: str = "",
+    middle: str = "",
+    birth_date: str = "",
+    sex: str = "",
+    street: str = "",
+    city: str = "",
+    state: str = "",
+    zip: str = "",
+    phone: str = "",
+) -> Person:
+    """A :class:`Person` from raw strings, each normalised as its field requires."""
+    zip_digits = re.sub(r"\D", "", zip or "")
+    phone_digits = re.sub(r"\D", "", phone or "")
+    return Person(
+        given=normalise_name(given),
+        family=normalise_name(family),
+        middle=normalise_name(middle),
+        birth_date=normalise_date(birth_date),
+        sex=_SEX.get((sex or "").strip().upper(), ""),
+        street=normalise_street(street),
+        city=normalise_name(city),
+        state=normalise_name(state).replace(" ", ""),
+        zip=zip_digits[:5] if len(zip_digits) >= 3 else "",
+        phone=phone_digits[-10:] if len(phone_digits) >= 7 else "",
+    )
+
+
+_GENDER = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
+
+
+def _pick_name(names: list[dict]) -> dict:
+    for wanted in ("official", "usual"):
+        for n in names:
+            if n.get("use") == wanted:
+                return n
+    for n in names:
+        if n.get("use") not in ("old", "maiden", "nickname", "anonymous"):
+            return n
+    return names[0] if names else {}
+
+
+def _pick(entries: list[dict], good: Callable[[dict], bool]) -> dict:
+    for e in entries:
+        if good(e) and e.get("use") in (None, "home"):
+            return e
+    for e in entries:
+        if good(e) and e.get("use") != "old":
+            return e
+    return {}
+
+
+def person_from_patient(patient: dict) -> Person:
+    """The :class:`Person` of a FHIR Patient resource (as a dict): official name, home address and phone."""
+    name = _pick_name(patient.get("name") or [])
+    givens = name.get("given") or []
+    address = _pick(patient.get("address") or [], lambda a: bool(a.get("line") or a.get("postalCode")))
+    phone = _pick(patient.get("telecom") or [], lambda t: t.get("system") == "phone" and bool(t.get("value")))
+    return make_person(
+        given=givens[0] if givens else "",
+        family=name.get("family", ""),
+        middle=" ".join(givens[1:]),
+        birth_date=patient.get("birthDate", ""),
+        sex=_GENDER.get(patient.get("gender", ""), ""),
+        street=" ".join(address.get("line") or []),
+        city=address.get("city", ""),
+        state=address.get("state", ""),
+        zip=address.get("postalCode", ""),
+        phone=phone.get("value", ""),
+    )
+
+
+def _col(row: Mapping, key: str) -> str:
+    try:
+        value = row[key]
+    except (KeyError, IndexError):
+        return ""
+    return "" if value is None else str(value)
+
+
+def person_from_member(row: Mapping) -> Person:
+    """The :class:`Person` of a roster row (columns as the store returns them; missing ones read as "")."""
+    return make_person(
+        given=_col(row, "first_name"),
+        family=_col(row, "last_name"),
+        middle=_col(row, "middle_name"),
+        birth_date=_col(row, "birth_date"),
+        sex=_col(row, "sex"),
+        street=_col(row, "address_line"),
+        city=_col(row, "city"),
+        state=_col(row, "state"),
+        zip=_col(row, "zip"),
+        phone=_col(row, "phone"),
+    )
+
+
+# -- reference data --------------------------------------------------------------
+
+
+def _read_csv(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
+                raise ConfigError("matching", f"{path}: the header must have columns {', '.join(columns)}")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                a, b = ((row.get(c) or "").strip() for c in columns)
+                if not a or not b:
+                    raise ConfigError("matching", f"{path}: line {line}: {columns[0]} and {columns[1]} are required")
+                rows.append((a.upper(), b.upper()))
+            return rows
+    except FileNotFoundError:
+        raise ConfigError("matching", f"{path} not found") from None
+
+
+@cache
+def nickname_groups() -> dict[str, frozenset[str]]:
+    """Given name -> the formal names it may stand for (itself included), from ``nicknames.csv``."""
+    rows = _read_csv(MAPPINGS_DIR / "nicknames.csv", ("name", "variant"))
+    groups: dict[str, set[str]] = {formal: {formal} for formal, _ in rows}
+    for formal, variant in rows:
+        groups.setdefault(variant, set()).add(formal)
+    return {name: frozenset(formals) for name, formals in groups.items()}
+
+
+@cache
+def street_abbreviations() -> dict[str, str]:
+    """Street word -> its USPS abbreviation, from ``street_abbreviations.csv``."""
+    return dict(_read_csv(MAPPINGS_DIR / "street_abbreviations.csv", ("word", "abbreviation")))
+
+
+# -- blocking --------------------------------------------------------------------
+
+
+@lru_cache(maxsize=65536)
+def _compact(value: str) -> str:
+    return value.replace(" ", "").replace("-", "")
+
+
+@lru_cache(maxsize=65536)
+def _parts(value: str) -> tuple[str, ...]:
+    return tuple(p for p in re.split(r"[ \-]", value) if len(p) > 1)
+
+
+@lru_cache(maxsize=65536)
+def _formal(given: str) -> str:
+    """The one formal name a given name stands for, or the name itself (BILL -> WILLIAM; AL stays AL)."""
+    formals = nickname_groups().get(given)
+    if formals and len(formals) == 1:
+        return next(iter(formals))
+    return given
+
+
+@lru_cache(maxsize=65536)
+def _soundex(value: str) -> str:
+    return jellyfish.soundex(value) if value else ""
+
+
+def blocking_keys(p: Person) -> list[str]:
+    """The keys under which the roster stores ``p`` and a query looks it up; stable strings.
+
+    A true match almost always shares at least one key with the query: birth
+    date alone; the sounds of both names in either order; the family name's
+    sound with the ZIP or the birth year; the given name's sound with the birth
+    date without the year; the given name's sound with the ZIP; both initials
+    with the ZIP; the house number with the ZIP. Empty fields make no key.
+    Raise :data:`BLOCKING_RECIPE` when this changes: stored keys go stale. A compound family name
+    (``GARCIA-LOPEZ``) gives keys for each part as well.
+    """
+    given = _compact(_formal(_compact(p.given))) if p.given else ""
+    families = []
+    if p.family:
+        families.append(_soundex(_compact(p.family)))
+        families.extend(_soundex(part) for part in _parts(p.family)[:2])
+    families = list(dict.fromkeys(f for f in families if f))
+    g = _soundex(given)
+    dob = p.birth_date.replace("-", "")
+    keys: list[str] = []
+    if dob:
+        keys.append(f"d:{dob}")
+    for f in families:
+        if g:
+            keys.append("n:" + "|".join(sorted((f, g))))
+        if p.zip:
+            keys.append(f"fz:{f}|{p.zip}")
+        if dob:
+            keys.append(f"fy:{f}|{dob[:4]}")
+    if g and dob:
+        keys.append(f"gd:{g}|{dob[4:]}")
+    if g and p.zip:
+        keys.append(f"gz:{g}|{p.zip}")
+    if p.given and p.family and p.zip:
+        keys.append(f"iz:{_compact(p.given)[0]}{_compact(p.family)[0]}|{p.zip}")
+    number = re.match(r"\d+", p.street)
+    if number and p.zip:
+        keys.append(f"sz:{number.group()}|{p.zip}")
+    return list(dict.fromkeys(keys))
+
+
+# -- the model -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldModel:
+    """m and u probabilities of each agreement level of one field, and the weight log2(m/u)."""
+
+    name: str
+    m: Mapping[str, float]
+    u: Mapping[str, float]
+    weights: Mapping[str, float]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class MatchModel:
+    """Field weights, similarity cut-offs and grade thresholds (match weights, log2 units)."""
+
+    fields: Mapping[str, FieldModel]
+    certain: float
+    probable: float
+    possible: float
+    ambiguity_margin: float  # two candidates closer than this are ambiguous
+    max_candidates: int
+    identifier_conflict_grade: str  # best grade for a member whose MBI differs from the message's
+    similarity: Mapping[str, float]
+    # Best grades when surname and address (or phone) agree but the given name and birth date
+    # both disagree (a relative: spouse, sibling), or one of them does (twin, Jr/Sr).
+    household_both_differ: str = "none"
+    household_one_differs: str = "possible"
+    roster_size: int = 0  # the roster size the thresholds were computed for
+    on_roster_share: float = 0.0  # share of patients on the roster assumed in the thresholds
+    source: str = ""
+    fingerprint: str = ""  # sha256 of the TOML it came from, for the audit
+
+    def weight(self, field_name: str, level: str) -> float:
+        """The weight of ``level`` of ``field_name`` (0 for ``missing``)."""
+        if level == "missing":
+            return 0.0
+        return self.fields[field_name].weights[level]
+
+
+_SIMILARITY_DEFAULTS = {
+    "name_close": 0.92,
+    "name_similar": 0.85,
+    "street_close": 90.0,
+    "street_similar": 70.0,
+    "city_close": 0.90,
+}
+
+
+def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
+    """Read the matching model (default ``mappings/matching.toml``).
+
+    Thresholds are match weights (bits). Unless the file gives them outright,
+    each is computed from the roster size, the share of patients on the roster
+    and the posterior probability the grade stands for:
+    ``log2(roster_size / on_roster_share) + log2(p / (1 - p))``.
+
+    ``overrides`` replace thresholds: ``certain=``, ``probable=``, ``possible=``,
+    ``ambiguity_margin=``, or ``roster_size=`` (the grades then follow it).
+    Raises :class:`ConfigError` naming what is wrong.
+    """
+    path = path or MAPPINGS_DIR / "matching.toml"
+    try:
+        raw = path.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("matching", f"{path} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("matching", f"{path}: {e}") from None
+    unknown = set(overrides) - {"certain", "probable", "possible", "ambiguity_margin", "roster_size"}
+    if unknown:
+        raise ConfigError("matching", f"unknown override(s): {', '.join(sorted(unknown))}")
+
+    def where(key: str) -> str:
+        return f"{path.name}: {key}"
+
+    def number(table: Mapping, key: str, low: float, high: float = math.inf) -> float:
+        value = overrides.get(key, table.get(key))
+        if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(
+                "matching", where(f"thresholds.{key}: expected a number in [{low}, {high}], got {value!r}")
+            )
+        return float(value)
+
+    thresholds = data.get("thresholds")
+    if not isinstance(thresholds, dict):
+        raise ConfigError("matching", where("[thresholds] is missing"))
+    values: dict[str, float] = {}
+    roster_size = number(thresholds, "roster_size", 1)
+    on_roster = number(thresholds, "on_roster_share", 1e-6, 1)
+    # Prior odds that one given member is the patient: on_roster / roster_size. A total of
+    # w bits multiplies them by 2**w, so posterior odds p/(1-p) need w = log2(size/share) + log2(p/(1-p)).
+    prior_bits = math.log2(roster_size / on_roster)
+    for grade_name in ("certain", "probable", "possible"):
+        if grade_name in overrides or grade_name in thresholds:
+            values[grade_name] = number(thresholds, grade_name, -math.inf)
+        else:
+            p = number(thresholds, f"{grade_name}_posterior", 1e-9, 1 - 1e-12)
+            values[grade_name] = round(prior_bits + math.log2(p / (1 - p)), 2)
+    values["ambiguity_margin"] = number(thresholds, "ambiguity_margin", 0)
+    if not values["certain"] >= values["probable"] >= values["possible"]:
+        raise ConfigError("matching", where("thresholds: need certain >= probable >= possible"))
+    max_candidates = thresholds.get("max_candidates", 5)
+    if not isinstance(max_candidates, int) or max_candidates < 1:
+        raise ConfigError("matching", where("thresholds.max_candidates: expected a positive integer"))
+    conflict = thresholds.get("identifier_conflict_grade", "possible")
+    if conflict not in GRADES:
+        raise ConfigError("matching", where(f"thresholds.identifier_conflict_grade: not one of {', '.join(GRADES)}"))
+
+    similarity = dict(_SIMILARITY_DEFAULTS)
+    for key, value in (data.get("similarity") or {}).items():
+        if key not in similarity or not isinstance(value, int | float):
+            raise ConfigError("matching", where(f"similarity.{key}: unknown key or not a number"))
+        similarity[key] = float(value)
+
+    household = data.get("household") or {}
+    for key in ("both_differ", "one_differs"):
+        if household.get(key, "possible") not in GRADES:
+            raise ConfigError("matching", where(f"household.{key}: not one of {', '.join(GRADES)}"))
+
+    fields: dict[str, FieldModel] = {}
+    table = data.get("fields") or {}
+    for name in FIELDS:
+        spec = table.get(name)
+        if not isinstance(spec, dict) or not isinstance(spec.get("levels"), dict):
+            raise ConfigError("matching", where(f"[fields.{name}.levels] is missing"))
+        m: dict[str, float] = {}
+        u: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for level in LEVELS[name]:
+            entry = spec["levels"].get(level)
+            if not isinstance(entry, dict):
+                raise ConfigError("matching", where(f"fields.{name}.levels.{level} is missing"))
+            if "weight" in entry:  # a level whose evidence another field carries (given's "swapped")
+                weights[level] = float(entry["weight"])
+                m[level] = u[level] = float("nan")
+                continue
+            mv, uv = entry.get("m"), entry.get("u")
+            if not all(isinstance(v, int | float) and 0 < v <= 1 for v in (mv, uv)):
+                raise ConfigError("matching", where(f"fields.{name}.levels.{level}: m and u must be in (0, 1]"))
+            m[level], u[level] = float(mv), float(uv)
+            weights[level] = math.log2(mv / uv)
+        extra = set(spec["levels"]) - set(LEVELS[name])
+        if extra:
+            raise ConfigError("matching", where(f"fields.{name}.levels: unknown level(s) {', '.join(sorted(extra))}"))
+        fields[name] = FieldModel(name, m, u, weights, str(spec.get("source", "")))
+    return MatchModel(
+        fields=fields,
+        certain=values["certain"],
+        probable=values["probable"],
+        possible=values["possible"],
+        ambiguity_margin=values["ambiguity_margin"],
+        max_candidates=max_candidates,
+        identifier_conflict_grade=conflict,
+        similarity=similarity,
+        household_both_differ=household.get("both_differ", "none"),
+        household_one_differs=household.get("one_differs", "possible"),
+        roster_size=int(roster_size),
+        on_roster_share=on_roster,
+        source=str(data.get("source", "")),
+        fingerprint=hashlib.sha256(raw).hexdigest()[:16],
+    )
+
+
+# -- comparing -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldComparison:
+    """How one field of two people compared: its agreement level and the weight that level carries."""
+
+    field: str
+    level: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The total match weight of a comparison and its parts, field by field."""
+
+    total: float
+    fields: tuple[FieldComparison, ...]
+
+    def level(self, field_name: str) -> str:
+        """The agreement level of ``field_name``."""
+        for f in self.fields:
+            if f.field == field_name:
+                return f.level
+        raise KeyError(field_name)
+
+
+@lru_cache(maxsize=65536)
+def _nysiis(value: str) -> str:
+    return jellyfish.nysiis(value) if value else ""
+
+
+def _name_level(a: str, b: str, sim: Mapping[str, float], given: bool) -> str:
+    if not a or not b:
+        return "missing"
+    ca, cb = _compact(a), _compact(b)
+    if ca == cb:
+        return "exact"
+    if given:
+        fa, fb = nickname_groups().get(ca), nickname_groups().get(cb)
+        if fa and fb and fa & fb:
+            return "nickname"
+    pa, pb = _parts(a), _parts(b)
+    if (len(pa) > 1 or len(pb) > 1) and (set(pa) & set(pb) or ca in pb or cb in pa):
+        return "compound"
+    if len(ca) > 1 and len(cb) > 1:
+        jw = JaroWinkler.similarity(ca, cb)
+        if jw >= sim["name_close"]:
+            return "close"
+        if jw >= sim["name_similar"] or DamerauLevenshtein.distance(ca, cb) <= 1 or _nysiis(ca) == _nysiis(cb):
+            return "similar"
+    if given and (len(ca) == 1 or len(cb) == 1) and ca[0] == cb[0]:
+        return "initial"
+    return "disagree"
+
+
+_STRONG_NAME = ("exact", "nickname", "compound", "close")
+
+
+def _names(q: Person, c: Person, sim: Mapping[str, float]) -> tuple[str, str]:
+    given = _name_level(q.given, c.given, sim, True)
+    family = _name_level(q.family, c.family, sim, False)
+    if given in _STRONG_NAME or family in _STRONG_NAME:
+        return given, family
+    # Given and family name entered the wrong way round.
+    if (
+        q.given
+        and q.family
+        and _name_level(q.given, c.family, sim, False) in _STRONG_NAME
+        and _name_level(q.family, c.given, sim, True) in _STRONG_NAME
+    ):
+        return "swapped", "swapped"
+    return given, family
+
+
+def _middle_level(a: str, b: str, sim: Mapping[str, float]) -> str:
+    if not a or not b:
+        return "missing"
+    ca, cb = _compact(a), _compact(b)
+    if ca == cb:
+        return "exact"
+    if (len(ca) == 1 or len(cb) == 1) and ca[0] == cb[0]:
+        return "initial"
+    if JaroWinkler.similarity(ca, cb) >= sim["name_close"]:
+        return "close"
+    return "disagree"
+
+
+def _date_level(a: str, b: str) -> str:
+    if not a or not b:
+        return "missing"
+    if a == b:
+        return "exact"
+    ya, ma, da = a.split("-")
+    yb, mb, db = b.split("-")
+    if ya == yb and ma == db and da == mb:
+        return "transposed"
+    if DamerauLevenshtein.distance(ya + ma + da, yb + mb + db) <= 1:
+        return "one_digit"
+    if (ya == yb) + (ma == mb) + (da == db) >= 2:
+        return "partial"
+    return "disagree"
+
+
+def _street_level(a: str, b: str, sim: Mapping[str, float]) -> str:
+    if not a or not b:
+        return "missing"
+    ca, cb = _compact(a), _compact(b)
+    if ca == cb:
+        return "exact"
+    similarity = max(fuzz.ratio(ca, cb), fuzz.token_sort_ratio(a, b))
+    if similarity >= sim["street_close"]:
+        return "close"
+    if similarity >= sim["street_similar"]:
+        return "similar"
+    return "disagree"
+
+
+def _city_level(a: str, b: str, sim: Mapping[str, float]) -> str:
+    if not a or not b:
+        return "missing"
+    ca, cb = _compact(a), _compact(b)
+    if ca == cb:
+        return "exact"
+    if JaroWinkler.similarity(ca, cb) >= sim["city_close"]:
+        return "close"
+    return "disagree"
+
+
+def _digits_level(a: str, b: str) -> str:
+    if not a or not b:
+        return "missing"
+    if a == b:
+        return "exact"
+    if len(a) == len(b) and DamerauLevenshtein.distance(a, b) <= 1:
+        return "one_digit"
+    return "disagree"
+
+
+def _exact_level(a: str, b: str) -> str:
+    if not a or not b:
+        return "missing"
+    return "exact" if a == b else "disagree"
+
+
+def compare(query: Person, candidate: Person, model: MatchModel) -> dict[str, str]:
+    """The agreement level of every field of two people (``missing`` where either side is empty)."""
+    sim = model.similarity
+    given, family = _names(query, candidate, sim)
+    sex_q = query.sex if query.sex in ("M", "F") else ""
+    sex_c = candidate.sex if candidate.sex in ("M", "F") else ""
+    return {
+        "given": given,
+        "family": family,
+        "middle": _middle_level(query.middle, candidate.middle, sim),
+        "birth_date": _date_level(query.birth_date, candidate.birth_date),
+        "sex": _exact_level(sex_q, sex_c),
+        "street": _street_level(query.street, candidate.street, sim),
+        "city": _city_level(query.city, candidate.city, sim),
+        "state": _exact_level(query.state, candidate.state),
+        "zip": _digits_level(query.zip, candidate.zip),
+        "phone": _digits_level(query.phone, candidate.phone),
+    }
+
+
+_HOUSEHOLD_NAME = ("exact", "compound", "close")
+_HOUSEHOLD_PLACE = ("exact", "close")
+
+
+def household_limit(scored: Scored, model: MatchModel) -> str | None:
+    """The best grade a comparison may have when it looks like two people of one household, else None.
+
+    Relatives share a surname and an address or phone, so for them those
+    agreements are not the independent evidence the weights assume: a spouse
+    or sibling (given name and birth date both differ) is at best
+    ``model.household_both_differ``; a twin or a Jr/Sr (one of them differs)
+    at best ``model.household_one_differs``.
+    """
+    level = {f.field: f.level for f in scored.fields}
+    if level["family"] not in _HOUSEHOLD_NAME:
+        return None
+    if level["street"] not in _HOUSEHOLD_PLACE and level["phone"] != "exact":
+        return None
+    differ = (level["given"] == "disagree") + (level["birth_date"] == "disagree")
+    if differ == 2:
+        return model.household_both_differ
+    if differ == 1:
+        return model.household_one_differs
+    return None
+
+
+def score(query: Person, candidate: Person, model: MatchModel) -> Scored:
+    """Compare two people field by field; the total is the sum of the levels' weights (log2 units)."""
+    levels = compare(query, candidate, model)
+    parts = tuple(FieldComparison(name, levels[name], model.weight(name, levels[name])) for name in FIELDS)
+    return Scored(round(sum(p.weight for p in parts), 6), parts)
+
+
+def grade(total: float, model: MatchModel) -> str:
+    """The FHIR ``$match`` grade of a total match weight: certain, probable, possible or none."""
+    if total >= model.certain:
+        return "certain"
+    if total >= model.probable:
+        return "probable"
+    if total >= model.possible:
+        return "possible"
+    return "none"
+
+
+# -- matching a message's patient ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatientQuery:
+    """What a message says about its patient: MBI, MRNs with their assigning authority, demographics."""
+
+    mbi: str
+    mrns: tuple[tuple[str, str], ...]
+    person: Person
+
+
+def query_from_patient(patient: dict) -> PatientQuery:
+    """The :class:`PatientQuery` of a FHIR Patient (MBI by system us-mbi; MRNs with ``assigner.display``)."""
+    mbi = ""
+    mrns: list[tuple[str, str]] = []
+    for ident in patient.get("identifier") or []:
+        value = (ident.get("value") or "").strip()
+        if not value:
+            continue
+        if ident.get("system") == MBI_SYSTEM:
+            mbi = mbi or value.replace("-", "").upper()
+        else:
+            mrns.append((value, ((ident.get("assigner") or {}).get("display") or "").strip()))
+    return PatientQuery(mbi=mbi, mrns=tuple(mrns), person=person_from_patient(patient))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A roster member considered for the patient, with its comparison and grade."""
+
+    member: dict
+    scored: Scored
+    grade: str
+
+
+@dataclass(frozen=True)
+class Match:
+    """How a message's patient was (or was not) found on the roster."""
+
+    grade: str  # certain / probable / possible / none
+    method: str  # mbi / mrn / probabilistic / ambiguous / none
+    score: float | None
+    member: dict | None
+    candidates: tuple[Candidate, ...] = ()
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def aco_id(self) -> str | None:
+        """The ACO of the chosen member, if any."""
+        return self.member["aco_id"] if self.member else None
+
+    @property
+    def member_id(self) -> str | None:
+        """The member id of the chosen member, if any."""
+        return self.member["member_id"] if self.member else None
+
+    @property
+    def matched(self) -> bool:
+        """Whether a member was chosen (any grade but none)."""
+        return self.member is not None
+
+
+class RosterLookups(Protocol):
+    """The roster reads matching needs; each returns roster rows as mappings."""
+
+    def by_mbi(self, mbi: str) -> Iterable[Mapping]: ...
+
+    def by_mrn(self, mrn: str, authority: str) -> Iterable[Mapping]: ...  # roster MRNs and confirmed links
+
+    def by_blocking_keys(self, keys: list[str]) -> Iterable[Mapping]: ...  # distinct members sharing any key
+
+
+def is_effective(member: Mapping, on: str) -> bool:
+    """Whether the member's attribution period covers ``on`` (YYYY-MM-DD; "" means today)."""
+    start = _col(member, "effective_start")
+    end = _col(member, "effective_end")
+    if not on:
+        return not end or end >= date.today().isoformat()
+    return (not start or start <= on) and (not end or on <= end)
+
+
+def _member_key(row: Mapping) -> tuple[str, str]:
+    return (_col(row, "aco_id"), _col(row, "member_id"))
+
+
+def _effective(rows: Iterable[Mapping], on: str) -> list[dict]:
+    found: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        if is_effective(row, on):
+            found.setdefault(_member_key(row), dict(row))
+    return [found[k] for k in sorted(found)]
+
+
+def _audit(scored: Scored) -> dict:
+    # Levels and weights only: no names, dates or identifiers.
+    return {f.field: [f.level, round(f.weight, 2)] for f in scored.fields if f.level != "missing"}
+
+
+def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLookups, model: MatchModel) -> Match:
+    """Find the roster member for ``query`` among those effective on ``encounter_date``.
+
+    MBI, then each MRN with its assigning authority (``certain``); otherwise
+    the best-scoring member sharing a blocking key, graded by the model. More
+    than one member for an identifier, or two members scoring within
+    ``model.ambiguity_margin`` of each other, give ``possible`` with no member
+    chosen (method ``ambiguous``) and the candidates for a reviewer.
+    """
+    rules: list[tuple[str, Iterable[Mapping]]] = []
+    if query.mbi:
+        rules.append(("mbi", lookups.by_mbi(query.mbi)))
+    for value, authority in query.mrns:
+        if value and authority:
+            rules.append(("mrn", lookups.by_mrn(value, authority)))
+    for method, rows in rules:
+        found = _effective(rows, encounter_date)
+        if not found:
+            continue
+        candidates = tuple(
+            Candidate(row, score(query.person, person_from_member(row), model), "certain")
+            for row in found[: model.max_candidates]
+        )
+        if len(found) == 1:
+            only = candidates[0]
+            detail = {"rule": method, "demographics": round(only.scored.total, 2), "model": model.fingerprint}
+            return Match("certain", method, None, found[0], candidates, detail)
+        detail = {"rule": method, "candidates": len(found), "model": model.fingerprint}
+        return Match("possible", "ambiguous", None, None, candidates, detail)
+
+    keys = blocking_keys(query.person)
+    tried = [method for method, _ in rules]
+    if not keys:
+        return Match("none", "none", None, None, (), {"rules_tried": tried, "reason": "no demographics to compare"})
+    rows = _effective(lookups.by_blocking_keys(keys), encounter_date)
+    ranked: list[Candidate] = []
+    conflicts = households = 0
+    for row in rows:
+        scored = score(query.person, person_from_member(row), model)
+        g = grade(scored.total, model)
+        limit = household_limit(scored, model)
+        if limit and GRADES.index(g) < GRADES.index(limit):
+            g = limit
+            households += 1
+        member_mbi = _col(row, "mbi").replace("-", "").upper()
+        if g != "none" and query.mbi and member_mbi and member_mbi != query.mbi:
+            # The message's MBI names someone else: never better than the configured grade.
+            if GRADES.index(g) < GRADES.index(model.identifier_conflict_grade):
+                g = model.identifier_conflict_grade
+                conflicts += 1
+        ranked.append(Candidate(row, scored, g))
+    ranked.sort(key=lambda c: (-c.scored.total, _member_key(c.member)))
+    shortlisted = tuple(c for c in ranked if c.grade != "none")[: model.max_candidates]
+    detail: dict = {
+        "rules_tried": [*tried, "probabilistic"],
+        "compared": len(ranked),
+        "model": model.fingerprint,
+    }
+    if conflicts:
+        detail["mbi_conflicts"] = conflicts
+    if households:
+        detail["household_limited"] = households
+    if not shortlisted:
+        if ranked:
+            detail["best"] = round(ranked[0].scored.total, 2)
+        return Match("none", "none", ranked[0].scored.total if ranked else None, None, (), detail)
+    best = shortlisted[0]
+    detail["fields"] = _audit(best.scored)
+    if len(shortlisted) > 1 and best.scored.total - shortlisted[1].scored.total < model.ambiguity_margin:
+        detail["runner_up"] = round(shortlisted[1].scored.total, 2)
+        return Match("possible", "ambiguous", best.scored.total, None, shortlisted, detail)
+    return Match(best.grade, "probabilistic", best.scored.total, best.member, shortlisted, detail)

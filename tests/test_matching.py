@@ -1,0 +1,597 @@
+"""Patient matching: normalisation, field levels, blocking keys, grades and match_patient's rules."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError
+from gateway.matching import (
+    MAPPINGS_DIR,
+    Person,
+    blocking_keys,
+    compare,
+    grade,
+    load_model,
+    make_person,
+    match_patient,
+    nickname_groups,
+    person_from_member,
+    person_from_patient,
+    query_from_patient,
+    score,
+)
+from gateway.matching import PatientQuery as Query
+
+# Every person below is invented; MBIs follow CMS's published format only.
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+def member(member_id: str, **columns) -> dict:
+    """A roster row with the store's columns; unspecified ones empty."""
+    row = {
+        "aco_id": "ACO-TEST",
+        "member_id": member_id,
+        "mbi": "",
+        "mrn": "",
+        "mrn_authority": "",
+        "last_name": "",
+        "first_name": "",
+        "middle_name": "",
+        "birth_date": "",
+        "sex": "",
+        "address_line": "",
+        "city": "",
+        "state": "",
+        "zip": "",
+        "phone": "",
+        "pcp_npi": "",
+        "pcp_name": "",
+        "care_manager": "",
+        "effective_start": "",
+        "effective_end": "",
+        "opted_out": 0,
+    }
+    row.update(columns)
+    return row
+
+
+class MemoryRoster:
+    """RosterLookups over a few rows, blocking by a dict index as the store's table does."""
+
+    def __init__(self, rows: list[dict], links: Iterable[tuple[str, str, str]] = ()) -> None:
+        self.rows = rows
+        self.index: dict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            for key in blocking_keys(person_from_member(row)):
+                self.index[key].append(i)
+        self.links = list(links)  # (mrn, authority, member_id) confirmed by a reviewer
+        self.calls: list[str] = []
+
+    def by_mbi(self, mbi: str) -> Iterable[Mapping]:
+        self.calls.append("mbi")
+        return [r for r in self.rows if r["mbi"] == mbi]
+
+    def by_mrn(self, mrn: str, authority: str) -> Iterable[Mapping]:
+        self.calls.append("mrn")
+        linked = {m for v, a, m in self.links if (v, a) == (mrn, authority)}
+        return [r for r in self.rows if (r["mrn"], r["mrn_authority"]) == (mrn, authority) or r["member_id"] in linked]
+
+    def by_blocking_keys(self, keys: list[str]) -> Iterable[Mapping]:
+        self.calls.append("blocking")
+        seen: dict[int, None] = {}
+        for key in keys:
+            for i in self.index.get(key, ()):
+                seen[i] = None
+        return [self.rows[i] for i in seen]
+
+
+def query(mbi: str = "", mrns: tuple[tuple[str, str], ...] = (), **person) -> Query:
+    return Query(mbi=mbi, mrns=mrns, person=make_person(**person))
+
+
+ALICE = {
+    "first_name": "Alicia",
+    "last_name": "Fenwright",
+    "middle_name": "Joan",
+    "birth_date": "1951-03-14",
+    "sex": "F",
+    "address_line": "48 Larkspur Lane",
+    "city": "Millbrook",
+    "state": "OH",
+    "zip": "44101",
+    "phone": "216-555-0148",
+}
+ALICE_QUERY = {
+    "given": "Alicia",
+    "family": "Fenwright",
+    "middle": "Joan",
+    "birth_date": "1951-03-14",
+    "sex": "F",
+    "street": "48 Larkspur Ln",
+    "city": "Millbrook",
+    "state": "OH",
+    "zip": "44101-2210",
+    "phone": "(216) 555-0148",
+}
+
+
+# -- normalisation ---------------------------------------------------------------
+
+
+def test_make_person_normalises_each_field():
+    """Names fold case, accents and apostrophes; dates become ISO; ZIP keeps 5 digits, phone the last 10."""
+    p = make_person(
+        given=" zoë ",
+        family="O'Brien - Smith",
+        middle="j.",
+        birth_date="03/14/1951",
+        sex="female",
+        street="48 Larkspur Street, Apt. 2",
+        city="St. Paul",
+        state="mn",
+        zip="55101-1234",
+        phone="+1 (651) 555-0199",
+    )
+    assert p == Person(
+        given="ZOE",
+        family="OBRIEN-SMITH",
+        middle="J",
+        birth_date="1951-03-14",
+        sex="F",
+        street="48 LARKSPUR ST APT 2",
+        city="ST PAUL",
+        state="MN",
+        zip="55101",
+        phone="6515550199",
+    )
+
+
+@pytest.mark.parametrize("raw", ["1951-02-30", "19511314", "14/03/1951x", "unknown", ""])
+def test_an_impossible_birth_date_is_left_empty(raw):
+    """A birth date that is not a real calendar date is dropped, not guessed."""
+    assert make_person(birth_date=raw).birth_date == ""
+
+
+def test_person_from_patient_reads_official_name_home_address_and_phone():
+    """A FHIR Patient gives the official name (other givens as middle), the home address and the phone."""
+    patient = {
+        "resourceType": "Patient",
+        "name": [
+            {"use": "maiden", "family": "Oldname", "given": ["Alicia"]},
+            {"family": "Fenwright", "given": ["Alicia", "Joan"]},
+        ],
+        "birthDate": "1951-03-14",
+        "gender": "female",
+        "address": [
+            {"use": "work", "line": ["1 Office Park"], "postalCode": "44199"},
+            {"use": "home", "line": ["48 Larkspur Lane"], "city": "Millbrook", "state": "OH", "postalCode": "44101"},
+        ],
+        "telecom": [{"system": "email", "value": "a@example.org"}, {"system": "phone", "value": "216-555-0148"}],
+    }
+    assert person_from_patient(patient) == make_person(**{**ALICE_QUERY, "street": "48 Larkspur Lane"})
+
+
+def test_query_from_patient_separates_mbi_from_mrns():
+    """The us-mbi identifier is the MBI (dashes dropped); other identifiers are MRNs with their assigner."""
+    patient = {
+        "identifier": [
+            {"system": "urn:oid:1.2.3", "value": "MRN77", "assigner": {"display": "NRG"}},
+            {"system": "http://hl7.org/fhir/sid/us-mbi", "value": "1eg4-te5-mk73"},
+            {"system": "urn:oid:9.9", "value": "X1"},
+        ],
+        "name": [{"family": "Fenwright", "given": ["Alicia"]}],
+    }
+    q = query_from_patient(patient)
+    assert q.mbi == "1EG4TE5MK73"
+    assert q.mrns == (("MRN77", "NRG"), ("X1", ""))
+    assert (q.person.given, q.person.family) == ("ALICIA", "FENWRIGHT")
+
+
+def test_person_from_member_reads_missing_columns_as_empty():
+    """A roster row without the optional columns still gives a Person."""
+    p = person_from_member({"first_name": "Alicia", "last_name": "Fenwright", "birth_date": "1951-03-14", "zip": None})
+    assert p == Person(given="ALICIA", family="FENWRIGHT", birth_date="1951-03-14")
+
+
+# -- field levels ----------------------------------------------------------------
+
+
+def levels(model, q: dict, c: dict) -> dict[str, str]:
+    return compare(make_person(**q), make_person(**c), model)
+
+
+def test_nickname_is_its_own_level(model):
+    """BOB against ROBERT agrees at the nickname level, weaker than exact but positive."""
+    lv = levels(model, {"given": "Bob"}, {"given": "Robert"})
+    assert lv["given"] == "nickname"
+    assert 0 < model.weight("given", "nickname") < model.weight("given", "exact")
+    assert "ROBERT" in nickname_groups()["BOBBY"]
+
+
+def test_transposed_day_and_month_and_one_digit_off(model):
+    """Day and month swapped, and one digit mistyped, are levels of their own with positive weight."""
+    assert levels(model, {"birth_date": "1951-03-14"}, {"birth_date": "1951-03-14"})["birth_date"] == "exact"
+    assert levels(model, {"birth_date": "1951-04-03"}, {"birth_date": "1951-03-04"})["birth_date"] == "transposed"
+    assert levels(model, {"birth_date": "1951-03-14"}, {"birth_date": "1957-03-14"})["birth_date"] == "one_digit"
+    assert levels(model, {"birth_date": "1951-03-14"}, {"birth_date": "1915-03-14"})["birth_date"] == "one_digit"
+    assert levels(model, {"birth_date": "1951-03-14"}, {"birth_date": "1948-11-02"})["birth_date"] == "disagree"
+    for level in ("transposed", "one_digit"):
+        assert 0 < model.weight("birth_date", level) < model.weight("birth_date", "exact")
+
+
+def test_hyphenated_surname_agrees_with_either_part(model):
+    """GARCIA-LOPEZ against GARCIA or LOPEZ (or GARCIA LOPEZ) is a compound agreement."""
+    for other in ("Garcia", "Lopez", "Garcia Lopez"):
+        assert levels(model, {"family": "García-López"}, {"family": other})["family"] in ("compound", "exact")
+    assert levels(model, {"family": "Garcia-Lopez"}, {"family": "Garcia Lopez"})["family"] == "exact"
+    assert levels(model, {"family": "Garcia-Lopez"}, {"family": "Lopez"})["family"] == "compound"
+    assert model.weight("family", "compound") > 0
+
+
+def test_typos_grade_close_or_similar(model):
+    """A one-letter typo is close; a sound-alike spelling similar; a different name disagrees."""
+    assert levels(model, {"family": "Fenwright"}, {"family": "Fenwrihgt"})["family"] == "close"
+    assert levels(model, {"given": "Mia"}, {"given": "Mai"})["given"] == "similar"
+    assert levels(model, {"family": "Fenwright"}, {"family": "Castellano"})["family"] == "disagree"
+
+
+def test_swapped_given_and_family_names(model):
+    """Given and family entered the wrong way round score as one 'swapped' agreement, not two disagreements."""
+    lv = levels(model, {"given": "Fenwright", "family": "Alicia"}, {"given": "Alicia", "family": "Fenwright"})
+    assert (lv["given"], lv["family"]) == ("swapped", "swapped")
+    assert model.weight("given", "swapped") > 0
+    assert model.weight("family", "swapped") == 0  # the given field carries the evidence of both
+
+
+def test_missing_fields_weigh_nothing(model):
+    """A field empty on either side is 'missing' with weight 0; a disagreement weighs negative."""
+    s = score(
+        make_person(given="Alicia", family="Fenwright"), make_person(given="Alicia", birth_date="1951-03-14"), model
+    )
+    by_field = {f.field: f for f in s.fields}
+    assert by_field["family"].level == "missing" and by_field["family"].weight == 0
+    assert by_field["birth_date"].level == "missing" and by_field["birth_date"].weight == 0
+    assert s.total == pytest.approx(model.weight("given", "exact"))
+    assert model.weight("birth_date", "disagree") < 0
+
+
+def test_score_is_symmetric_for_symmetric_levels(model):
+    """Comparing A with B gives the same total as B with A."""
+    a = make_person(**ALICE_QUERY)
+    b = make_person(**{**ALICE_QUERY, "given": "Alica", "birth_date": "1951-14-03", "zip": "44110"})
+    assert score(a, b, model).total == score(b, a, model).total
+
+
+# -- blocking --------------------------------------------------------------------
+
+
+def test_blocking_keys_are_pinned():
+    """The keys of a fixed person are exactly these (stored keys go stale if this recipe changes)."""
+    keys = blocking_keys(make_person(**ALICE_QUERY))
+    assert keys == [
+        "d:19510314",
+        "n:A420|F562",
+        "fz:F562|44101",
+        "fy:F562|1951",
+        "gd:A420|0314",
+        "gz:A420|44101",
+        "iz:AF|44101",
+        "sz:48|44101",
+    ]
+
+
+def test_blocking_keys_ignore_spelling_of_case_accents_and_punctuation():
+    """Raw spellings that normalise alike give the same keys."""
+    a = make_person(given="Zoë", family="O'Brien", birth_date="1961-09-30", zip="02139")
+    b = make_person(given="ZOE", family="obrien", birth_date="19610930", zip="02139-0001")
+    assert blocking_keys(a) == blocking_keys(b)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"given": "Bob"},  # nickname
+        {"given": "Roberts", "family": "Robert"},  # swapped and typo'd
+        {"family": "Kowalczyk-Nowak"},  # hyphenated
+        {"birth_date": "1949-12-07"},  # transposed date
+        {"family": "Kowalcyzk", "birth_date": ""},  # typo and no date
+        {"zip": "", "birth_date": "1948-07-12"},  # one digit off and no ZIP
+    ],
+)
+def test_blocking_keys_survive_common_errors(variant):
+    """A person and a variant of them with a typical error share at least one key."""
+    base = {"given": "Robert", "family": "Kowalczyk", "birth_date": "1949-07-12", "zip": "60614", "street": "9 Elm St"}
+    assert set(blocking_keys(make_person(**base))) & set(blocking_keys(make_person(**{**base, **variant})))
+
+
+def test_no_demographics_no_keys():
+    """A person with nothing to compare gets no blocking key (a lookup would scan)."""
+    assert blocking_keys(Person()) == []
+    assert blocking_keys(make_person(sex="F", state="OH")) == []
+
+
+# -- grades and the model --------------------------------------------------------
+
+
+def test_grade_thresholds_and_overrides(model):
+    """Totals grade by the model's thresholds; load_model's overrides replace them."""
+    assert grade(model.certain, model) == "certain"
+    assert grade(model.probable, model) == "probable"
+    assert grade(model.possible, model) == "possible"
+    assert grade(model.possible - 0.01, model) == "none"
+    strict = load_model(certain=1000, probable=999, possible=998)
+    assert grade(model.certain, strict) == "none"
+
+
+def test_thresholds_follow_roster_size_and_posteriors(model):
+    """Each threshold is log2(roster_size / on_roster_share) + log2(p/(1-p)); a 20x bigger roster adds log2(20)."""
+    import math
+
+    assert model.probable == pytest.approx(
+        math.log2(model.roster_size / model.on_roster_share) + math.log2(999), abs=0.01
+    )
+    small = load_model(roster_size=5_000)
+    big = load_model(roster_size=100_000)
+    for name in ("certain", "probable", "possible"):
+        assert getattr(big, name) - getattr(small, name) == pytest.approx(math.log2(20), abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "edit,reason",
+    [
+        (lambda t: t.replace("certain_posterior = ", "certain_posterior = 0.5 #"), "certain >= probable"),
+        (lambda t: t.replace("levels.transposed", "levels.reversed"), "transposed"),
+        (lambda t: t + "\n[similarity]\nname_close = 0.9\n", ""),
+        (lambda t: t.replace("levels.exact = { m = ", "levels.exact = { m = 1.5, x = "), "m and u"),
+        (lambda t: t.replace("probable_posterior = ", "probable_posterior = 'high' #"), "probable_posterior"),
+        (lambda t: t.replace("roster_size = ", "roster_size = 0 #"), "roster_size"),
+        (lambda t: t.replace('both_differ = "none"', 'both_differ = "never"'), "household.both_differ"),
+    ],
+)
+def test_bad_model_files_name_the_problem(tmp_path, edit, reason):
+    """A malformed matching.toml is refused with a ConfigError naming the key."""
+    path = tmp_path / "matching.toml"
+    path.write_text(edit((MAPPINGS_DIR / "matching.toml").read_text()))
+    with pytest.raises(ConfigError) as e:
+        load_model(path)
+    assert reason in str(e.value)
+
+
+def test_unknown_override_and_missing_file_are_refused(tmp_path):
+    """Only the threshold names are overridable; a missing file is named."""
+    with pytest.raises(ConfigError, match="unknown override"):
+        load_model(probabl=3)
+    with pytest.raises(ConfigError, match="not found"):
+        load_model(tmp_path / "nope.toml")
+
+
+# -- match_patient ---------------------------------------------------------------
+
+
+def test_exact_demographics_match_certain(model):
+    """Every field agreeing grades certain, method probabilistic, with the member chosen."""
+    roster = MemoryRoster(
+        [member("M-1", **ALICE), member("M-2", **{**ALICE, "first_name": "Bernadette", "birth_date": "1938-11-02"})]
+    )
+    m = match_patient(query(**ALICE_QUERY), "2026-03-01", roster, model)
+    assert (m.grade, m.method, m.member_id, m.matched) == ("certain", "probabilistic", "M-1", True)
+    assert m.candidates[0].member["member_id"] == "M-1"
+    assert "Alicia" not in repr(m.detail) and "1951" not in repr(m.detail)  # no PHI in the audit detail
+
+
+def test_determinism_first_mbi_beats_demographics(model):
+    """An MBI on the roster wins (certain) even when the demographics point at someone else."""
+    roster = MemoryRoster(
+        [member("M-1", **ALICE), member("M-2", mbi="1EG4TE5MK73", first_name="Ruth", last_name="Okafor")]
+    )
+    m = match_patient(query(mbi="1EG4TE5MK73", **ALICE_QUERY), "2026-03-01", roster, model)
+    assert (m.grade, m.method, m.member_id) == ("certain", "mbi", "M-2")
+    assert "blocking" not in roster.calls
+
+
+def test_mrn_with_authority_and_confirmed_link(model):
+    """An MRN matches only with its assigning authority; a reviewer's confirmed link counts the same."""
+    roster = MemoryRoster(
+        [member("M-1", mrn="MRN9", mrn_authority="NRG"), member("M-2", first_name="Ruth")],
+        links=[("X77", "PCH", "M-2")],
+    )
+    assert match_patient(query(mrns=(("MRN9", "NRG"),)), "", roster, model).member_id == "M-1"
+    assert match_patient(query(mrns=(("MRN9", "PCH"),)), "", roster, model).grade == "none"
+    linked = match_patient(query(mrns=(("X77", "PCH"),)), "", roster, model)
+    assert (linked.grade, linked.method, linked.member_id) == ("certain", "mrn", "M-2")
+    assert "mbi" not in roster.calls  # no MBI in the query, no MBI lookup
+
+
+def test_two_members_with_one_mbi_is_ambiguous(model):
+    """Two effective members under one identifier: possible, ambiguous, no member chosen."""
+    roster = MemoryRoster([member("M-1", mbi="1EG4TE5MK73"), member("M-2", mbi="1EG4TE5MK73", aco_id="ACO-OTHER")])
+    m = match_patient(query(mbi="1EG4TE5MK73"), "2026-03-01", roster, model)
+    assert (m.grade, m.method, m.member, m.matched) == ("possible", "ambiguous", None, False)
+    assert len(m.candidates) == 2
+
+
+def test_near_identical_members_are_ambiguous_not_guessed(model):
+    """Two members scoring within the ambiguity margin give possible with both candidates, no member."""
+    roster = MemoryRoster([member("M-1", **ALICE), member("M-2", **{**ALICE, "phone": "", "middle_name": ""})])
+    m = match_patient(query(**{**ALICE_QUERY, "phone": "", "middle": ""}), "2026-03-01", roster, model)
+    assert (m.grade, m.method, m.member) == ("possible", "ambiguous", None)
+    assert {c.member["member_id"] for c in m.candidates} == {"M-1", "M-2"}
+
+
+def test_effective_dates_apply_to_every_rule(model):
+    """A member whose attribution period does not cover the encounter is not matched, by MBI or demographics."""
+    row = member("M-1", mbi="1EG4TE5MK73", effective_start="2026-01-01", effective_end="2026-06-30", **ALICE)
+    roster = MemoryRoster([row])
+    assert match_patient(query(mbi="1EG4TE5MK73"), "2026-03-01", roster, model).member_id == "M-1"
+    assert match_patient(query(mbi="1EG4TE5MK73"), "2026-07-01", roster, model).grade == "none"
+    assert match_patient(query(**ALICE_QUERY), "2025-12-31", roster, model).grade == "none"
+    assert match_patient(query(**ALICE_QUERY), "2026-06-30", roster, model).member_id == "M-1"
+
+
+def test_mbi_naming_someone_else_caps_the_grade(model):
+    """Demographics agreeing with a member whose MBI differs from the message's are at best possible."""
+    roster = MemoryRoster([member("M-1", mbi="2EG4TE5MK74", **ALICE)])
+    m = match_patient(query(mbi="1EG4TE5MK73", **ALICE_QUERY), "2026-03-01", roster, model)
+    assert m.grade == model.identifier_conflict_grade == "possible"
+    assert m.member_id == "M-1" and m.detail["mbi_conflicts"] == 1
+
+
+def test_no_demographics_and_no_identifiers_match_nobody(model):
+    """A query with nothing usable is 'none' with the reason, not a roster scan."""
+    roster = MemoryRoster([member("M-1", **ALICE)])
+    m = match_patient(query(sex="F"), "2026-03-01", roster, model)
+    assert (m.grade, m.method, m.member) == ("none", "none", None)
+    assert roster.calls == []
+
+
+def test_opted_out_members_are_still_matched(model):
+    """Opting out is a routing decision: matching still finds the member."""
+    roster = MemoryRoster([member("M-1", opted_out=1, **ALICE)])
+    assert match_patient(query(**ALICE_QUERY), "2026-03-01", roster, model).member_id == "M-1"
+
+
+# -- a fixed synthetic set with expected grades ----------------------------------
+
+#: (case, changes to the query, expected grade, expected member). The roster is
+#: ROSTER below, graded with the default thresholds (a roster of 100,000): there,
+#: name and birth date alone are not enough for probable. Every person is invented.
+ROSTER = [
+    member("S-1", **ALICE),
+    member(
+        "S-2",
+        first_name="William",
+        last_name="Oduya-Baptiste",
+        birth_date="1947-11-05",
+        sex="M",
+        address_line="7 Quarry Road",
+        city="Fernvale",
+        state="OH",
+        zip="44230",
+    ),
+    member("S-3", first_name="Marisol", last_name="Quenneville", birth_date="1962-06-09", sex="F", zip="44113"),
+    member(
+        "S-4",
+        first_name="Desmond",
+        last_name="Achterberg",
+        birth_date="1939-02-27",
+        sex="M",
+        address_line="311 Birch Ave",
+        zip="44120",
+    ),
+    member(
+        "S-5",
+        first_name="Desiree",
+        last_name="Achterberg",
+        birth_date="1941-08-16",
+        sex="F",
+        address_line="311 Birch Ave",
+        zip="44120",
+    ),
+]
+WILLIAM = {
+    "given": "William",
+    "family": "Oduya-Baptiste",
+    "birth_date": "1947-11-05",
+    "sex": "M",
+    "street": "7 Quarry Rd",
+    "city": "Fernvale",
+    "state": "OH",
+    "zip": "44230",
+}
+CASES = [
+    ("all fields agree", ALICE_QUERY, "certain", "S-1"),
+    (
+        "new address and phone",
+        {**ALICE_QUERY, "street": "2 Harbor View", "city": "Lakeside", "zip": "44870", "phone": "4195550100"},
+        "possible",
+        "S-1",
+    ),
+    ("nickname, one part of the surname", {**WILLIAM, "given": "Bill", "family": "Baptiste"}, "certain", "S-2"),
+    (
+        "day and month swapped, no address",
+        {"given": "Marisol", "family": "Quenneville", "birth_date": "1962-09-06", "sex": "F"},
+        "possible",
+        "S-3",
+    ),
+    ("typo in surname, no middle name", {**ALICE_QUERY, "family": "Fenwrigth", "middle": ""}, "certain", "S-1"),
+    ("names swapped", {**WILLIAM, "given": "Oduya-Baptiste", "family": "William"}, "certain", "S-2"),
+    (
+        "name and birth date only",
+        {"given": "Desmond", "family": "Achterberg", "birth_date": "1939-02-27"},
+        "possible",
+        "S-4",
+    ),
+    (
+        "household member: same surname and address, other person",
+        {
+            "given": "Dominic",
+            "family": "Achterberg",
+            "birth_date": "1972-04-30",
+            "street": "311 Birch Ave",
+            "zip": "44120",
+        },
+        "none",
+        None,
+    ),
+    (
+        "same name, different birth date and ZIP: another person",
+        {"given": "Marisol", "family": "Quenneville", "birth_date": "1980-01-22", "zip": "97201"},
+        "none",
+        None,
+    ),
+    ("stranger", {"given": "Teodora", "family": "Lindqvist", "birth_date": "1958-10-10", "zip": "44101"}, "none", None),
+]
+
+
+@pytest.mark.parametrize("case,changes,expected,member_id", CASES, ids=[c[0] for c in CASES])
+def test_synthetic_cases_grade_as_expected(model, case, changes, expected, member_id):
+    """Each invented case gets the grade and member a reviewer would expect."""
+    m = match_patient(query(**changes), "2026-03-01", MemoryRoster(ROSTER), model)
+    assert (m.grade, m.member_id) == (expected, member_id), (case, m.score, m.detail)
+
+
+def test_a_smaller_roster_needs_less_evidence():
+    """Name and birth date alone are possible on a 100,000-member roster but probable on a 5,000-member one."""
+    q = query(given="Desmond", family="Achterberg", birth_date="1939-02-27")
+    assert match_patient(q, "2026-03-01", MemoryRoster(ROSTER), load_model(roster_size=100_000)).grade == "possible"
+    assert match_patient(q, "2026-03-01", MemoryRoster(ROSTER), load_model(roster_size=5_000)).grade == "probable"
+
+
+def test_household_members_are_not_taken_for_each_other(tmp_path):
+    """Same surname and address: spouse (given and birth date differ) none; twin limited when so configured."""
+    rows = [member("H-1", **{**ALICE, "phone": ""})]
+    spouse = {**ALICE_QUERY, "given": "Theodore", "middle": "", "birth_date": "1949-08-30", "sex": "", "phone": ""}
+    twin = {**ALICE_QUERY, "given": "Beatrix", "middle": "", "phone": ""}
+    default = load_model()
+    assert match_patient(query(**spouse), "2026-03-01", MemoryRoster(rows), default).grade == "none"
+    path = tmp_path / "matching.toml"
+    path.write_text(
+        (MAPPINGS_DIR / "matching.toml").read_text().replace('one_differs = "certain"', 'one_differs = "possible"')
+    )
+    limited = load_model(path)
+    assert match_patient(query(**twin), "2026-03-01", MemoryRoster(rows), default).grade in ("certain", "probable")
+    m = match_patient(query(**twin), "2026-03-01", MemoryRoster(rows), limited)
+    assert (m.grade, m.detail["household_limited"]) == ("possible", 1)
+
+
+def test_person_is_a_frozen_value():
+    """Person is immutable and compares by value."""
+    p = make_person(given="Alicia")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.given = "X"  # type: ignore[misc]
+    assert p == make_person(given="ALICIA")
+
+
+def test_mapping_files_exist():
+    """The model and its reference tables are in mappings/."""
+    for name in ("matching.toml", "nicknames.csv", "street_abbreviations.csv"):
+        assert (Path(MAPPINGS_DIR) / name).is_file()
