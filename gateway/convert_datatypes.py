@@ -272,8 +272,12 @@ class MessageContext:
             codings.append(coding)
         if table and codings:
             mapped = self.table_coding(table, codings[0]["code"])
-            if mapped is not None and mapped["system"] != codings[0].get("system"):
-                codings.insert(0, mapped)
+            if mapped is not None:
+                first = codings[0]
+                if mapped["system"] != first.get("system"):
+                    codings.insert(0, mapped)
+                elif mapped["code"] == first["code"] and "display" not in first and "display" in mapped:
+                    first["display"] = mapped["display"]
         concept: dict = {}
         if codings:
             concept["coding"] = codings
@@ -435,8 +439,12 @@ class MessageContext:
         if row is not None and row.system.endswith("/contact-point-use"):
             # The IG maps CP (cellular phone) to the use "mobile": it is a phone.
             system, use = "phone", row.code
+        elif row is not None:
+            system = row.code
         else:
-            system = row.code if row is not None else ""
+            # No XTN-3 (the pre-v2.3 string form): the field is a phone number.
+            # An equipment type outside table 0202: "other" (a value needs a system).
+            system = "other" if equipment else "phone"
         if system == "email" or (email and (not equipment or use_code == "NET")):
             if not email:
                 return None
@@ -453,7 +461,7 @@ class MessageContext:
                 value = (c[11] if n > 11 else "") or c[0]
             if not value:
                 return None
-            point["system"] = system or "phone"
+            point["system"] = system
             point["value"] = value
         if use:
             point["use"] = use
