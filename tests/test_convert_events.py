@@ -442,3 +442,13 @@ def test_full_message_validates_and_has_the_notification_shape(vocab):
         "Practitioner",
     ]
     assert MBI in [i["value"] for i in only(conversion.bundle, "Patient")["identifier"]]
+
+
+def test_resource_ids_are_uuid5_of_herald_namespace():
+    """resource_id is uuid5(HERALD_NAMESPACE, parts joined by |): ids stay those of earlier releases."""
+    import uuid
+
+    from gateway.convert import HERALD_NAMESPACE, resource_id
+
+    for parts in [("Patient", "APP|FAC", "urn:herald:id:H", "M1"), ("Encounter", "é", ""), ("",)]:
+        assert resource_id(*parts) == str(uuid.uuid5(HERALD_NAMESPACE, "|".join(parts)))
