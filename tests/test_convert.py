@@ -24,7 +24,14 @@ from gateway.vocabulary import load_vocabulary
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.glob("*.hl7"))
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
-EVENT_CODES = {"A01": "notification-admit", "A03": "notification-discharge", "A04": "notification-admit"}
+EVENT_CODES = {
+    "A01": "notification-admit",
+    "A02": "notification-transfer",
+    "A03": "notification-discharge",
+    "A04": "notification-admit",
+    "A08": "notification-progress-update",
+    "A11": "notification-admit",
+}
 #: An A04 for an outpatient (PV1-2 O) is an outpatient visit (mappings/tables.toml, events.A04).
 OUTPATIENT_A04 = "notification-outpatient-visit"
 RECEIVED = datetime(2026, 3, 1, 17, 0, 0, tzinfo=UTC)
@@ -142,7 +149,8 @@ def test_sample_bundle_has_the_da_vinci_notification_shape(name, vocab):
     assert bundle["type"] == "message"
     header = bundle["entry"][0]["resource"]
     assert header["resourceType"] == "MessageHeader"
-    expected = OUTPATIENT_A04 if trigger == "A04" and msg.segment("PV1").get(2) == "O" else EVENT_CODES[trigger]
+    outpatient = trigger in ("A04", "A11") and msg.segment("PV1").get(2) == "O"
+    expected = OUTPATIENT_A04 if outpatient else EVENT_CODES[trigger]
     assert header["eventCoding"] == {"system": NOTIFICATION_EVENT_SYSTEM, "code": expected}
     assert [f["reference"] for f in header["focus"]] == [bundle["entry"][1]["fullUrl"]]
     encounter = resolve(bundle, header["focus"][0]["reference"])
