@@ -143,6 +143,7 @@ def _event_rule(name: str, rule: dict) -> EventRule:
             raise ConfigError("mappings", f"events.{where}.encounter_status: {value!r} is not an Encounter.status")
         return value
 
+    own_status = status(rule["encounter_status"], name)
     by_class = {
         cls.upper(): (
             override.get("notification", rule["notification"]),
@@ -152,7 +153,7 @@ def _event_rule(name: str, rule: dict) -> EventRule:
     }
     return EventRule(
         notification=rule["notification"],
-        encounter_status=status(rule["encounter_status"], name),
+        encounter_status=own_status,
         display=rule.get("display", ""),
         starts_encounter=bool(rule.get("starts_encounter", False)),
         ends_encounter=bool(rule.get("ends_encounter", False)),
