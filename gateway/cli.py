@@ -152,7 +152,12 @@ def send(target, paths, timeout, quiet):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @config_option
 @click.option("--no-validate", is_flag=True, help="Skip the fhir.resources (R4B) validation.")
-def convert(file, config_path, no_validate):
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Instead of the JSON, list each v2 field used (HL7 name, value, FHIR target) and those not mapped.",
+)
+def convert(file, config_path, no_validate, explain):
     """Convert the ADT message(s) in FILE to FHIR Bundle JSON on stdout."""
     from datetime import datetime
 
@@ -173,17 +178,27 @@ def convert(file, config_path, no_validate):
         click.echo(f"herald convert: {file}: no HL7 message (text starting with MSH) found", err=True)
         sys.exit(EXIT_BAD_INPUT)
     bundles = []
+    explained: list[str] = []
     for where, raw in messages:
         try:
-            conversion = convert_message(V2Message(raw), vocab, cfg.tzinfo, datetime.now(UTC))
+            msg = V2Message(raw)
+            conversion = convert_message(msg, vocab, cfg.tzinfo, datetime.now(UTC), explain=explain)
             if not no_validate:
                 validate_bundle(conversion.bundle)
         except MessageError as e:
             click.echo(f"herald convert: {where}: {e} (HL7 error {e.code})", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        if explain:
+            from gateway.explain import explain_lines
+
+            explained += [f"{where}: " + (lines := explain_lines(msg, conversion))[0], *lines[1:], ""]
+            continue
         for w in conversion.warnings:
             click.echo(f"herald convert: {where}: warning: {w}", err=True)
         bundles.append(conversion.bundle)
+    if explain:
+        click.echo("\n".join(explained).rstrip("\n"))
+        return
     click.echo(json.dumps(bundles[0] if len(bundles) == 1 else bundles, indent=2, ensure_ascii=False))
 
 

@@ -78,12 +78,13 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
     notes = result["notifications"]
     echo(f"  messages by state: {', '.join(f'{k} {v}' for k, v in sorted(result['states'].items()))}")
     echo(f"\n{len(notes)} notifications:")
-    echo(f"  {'EVENT':<24} {'PATIENT':<22} {'FACILITY':<26} {'PCP':<28} TO")
+    echo(f"  {'EVENT (V2 TRIGGER)':<35} {'PATIENT':<22} {'FACILITY':<10} {'PCP':<22} TO")
     for n in notes:
         s = json.loads(n["summary"])
         pcp = s["pcp"] or "(not on roster)"
         to = f"{n['recipient_role']} [{n['state']}]"
-        echo(f"  {s['event']:<24} {s['patient'][:22]:<22} {s['facility'][:26]:<26} {pcp[:28]:<28} {to}")
+        event = f"{s['event']} ({s.get('trigger', '?')})"
+        echo(f"  {event:<35} {s['patient'][:22]:<22} {s['facility'][:10]:<10} {pcp[:22]:<22} {to}")
     for where, code, reason in report.acks:
         if code not in ("AA", "CA"):
             echo(f"  not accepted: {Path(where).name}: {code} {reason}")

@@ -33,7 +33,8 @@ def field_info(segment: str, number: int, version: str = _FALLBACK_VERSION) -> t
         return None
     datatype, long_name = ref[2], ref[3]
     words = long_name.replace("_", " ").lower().split()
-    name = " ".join(w.upper() if w in {"id", "pid", "msh", "npi", "mrn"} else w for w in words)
+    acronyms = {"id", "pid", "msh", "npi", "mrn", segment.lower()}
+    name = " ".join(w.upper() if w in acronyms else w for w in words)
     return name[:1].upper() + name[1:], datatype
 
 

@@ -77,7 +77,8 @@ def process_message(
     if not trigger and evn is not None:
         trigger = evn.get(1)  # as convert() does: older senders put the event in EVN-1 only
     if message_type != "ADT" or trigger not in vocab.events:
-        reason = f"{message_type or '?'}^{trigger or '?'} is not a notification event (ADT A01, A03, A04)"
+        known = ", ".join(sorted(vocab.events))
+        reason = f"{message_type or '?'}^{trigger or '?'} is not a notification event (ADT {known})"
         events.append(("ignored", {"reason": reason}))
         return MessageOutcome(mid, IGNORED, reason, events=events)
     try:

@@ -84,14 +84,19 @@ def decode(raw: bytes, charset: str = "") -> tuple[str, str]:
 
 
 class Segment:
-    """One segment; ``field(n)`` is HL7's n (for MSH, MSH-1 is the field separator)."""
+    """One segment; ``field(n)`` is HL7's n (for MSH, MSH-1 is the field separator).
 
-    __slots__ = ("name", "fields", "msg")
+    ``fields`` is read-only once the segment is read: repetitions are split
+    once per field and kept (the converter reads some fields several times).
+    """
+
+    __slots__ = ("name", "fields", "msg", "_reps")
 
     def __init__(self, name: str, fields: list[str], msg: V2Message) -> None:
         self.name = name
         self.fields = fields
         self.msg = msg
+        self._reps: dict[int, list[str]] = {}
 
     def raw(self, n: int) -> str:
         """Field ``n`` as written (escapes kept, all repetitions)."""
@@ -103,13 +108,20 @@ class Segment:
         return n <= 2 and self.name == "MSH"
 
     def reps(self, n: int) -> list[str]:
-        """The repetitions of field ``n`` (empty list when empty or ``""``)."""
-        value = self.raw(n)
+        """The repetitions of field ``n`` as written (empty list when empty or ``""``); do not modify it."""
+        found = self._reps.get(n)
+        if found is not None:
+            return found
+        f = self.fields
+        value = f[n] if n < len(f) else ""
         if not value or value == '""':
-            return []
-        if self._separators(n):
-            return [value]
-        return [r for r in value.split(self.msg.rep) if r and r != '""']
+            found = []
+        elif self._separators(n):
+            found = [value]
+        else:
+            found = [r for r in value.split(self.msg.rep) if r and r != '""']
+        self._reps[n] = found
+        return found
 
     def comps(self, n: int, rep: int = 0) -> list[str]:
         """Components of repetition ``rep`` of field ``n``, unescaped."""
@@ -141,9 +153,17 @@ class V2Message:
         self.fs = fs = text[3]
         head_end = text.find(fs, 4)
         enc = text[4:head_end] if head_end > 0 else ""
-        if len(enc) < 4:
-            raise MessageError("MSH-2 must hold four encoding characters", ERR_DATA_TYPE, "MSH-2")
+        distinct = len(set(enc)) == len(enc) and fs not in enc
+        if len(enc) not in (4, 5) or not distinct or any(c.isalnum() or c == " " for c in enc):
+            # The same rule as intake's MSH reader (gateway.header), so a message
+            # that was acknowledged can always be split here.
+            raise MessageError(
+                "MSH-2 must hold four (or, from v2.7, five) distinct encoding characters", ERR_DATA_TYPE, "MSH-2"
+            )
         self.comp, self.rep, self.esc, self.sub = enc[0], enc[1], enc[2], enc[3]
+        #: v2.7's truncation character (MSH-2.5), "" before v2.7. Values are
+        #: read as sent: a truncated value is still the best we have.
+        self.trunc = enc[4] if len(enc) == 5 else ""
         self.segments: list[Segment] = []
         for line in _SEGMENT_END.split(text):
             if not line.strip():
@@ -177,14 +197,20 @@ class V2Message:
         return self.msh.get(12)
 
     def components(self, value: str) -> list[str]:
-        """Split one repetition into unescaped components (subcomponents joined by ``&``)."""
+        """Split one repetition into unescaped components.
+
+        A subcomponent separator stays in the text (many senders write a
+        literal ``&`` in names and addresses); datatypes whose components have
+        subcomponents (HD, FN, SAD) split the raw component with
+        :meth:`subcomponents` instead, before unescaping.
+        """
         parts = value.split(self.comp)
         if self.esc in value:
             return [self.unescape(p) for p in parts]
         return ["" if p == '""' else p for p in parts]
 
     def subcomponents(self, value: str) -> list[str]:
-        """Split a raw component into unescaped subcomponents."""
+        """Split a raw (still escaped) component into unescaped subcomponents."""
         return [self.unescape(p) for p in value.split(self.sub)]
 
     def unescape(self, value: str) -> str:
@@ -219,13 +245,18 @@ class V2Message:
                 out.append(self.rep)
             elif seq == "E":
                 out.append(esc)
-            elif seq == ".br":
+            elif seq == ".br" or seq.startswith(".sp"):
                 out.append("\n")
             elif seq.startswith("X") and len(seq) > 1:
                 try:
-                    out.append(bytes.fromhex(seq[1:]).decode(self.codec if self.codec != "ascii" else "latin-1"))
-                except (ValueError, UnicodeDecodeError):
-                    pass
+                    data = bytes.fromhex(seq[1:])
+                except ValueError:
+                    out.append(esc + seq + esc)  # not hex: keep it as written
+                    continue
+                try:
+                    out.append(data.decode(self.codec if self.codec != "ascii" else "latin-1"))
+                except UnicodeDecodeError:
+                    out.append(data.decode("latin-1"))
             elif seq in ("H", "N") or seq.startswith((".", "C", "M", "Z")):
                 pass  # formatting and charset-switch escapes carry no text
             else:
@@ -235,7 +266,7 @@ class V2Message:
 
 # -- dates and times ---------------------------------------------------------
 
-_DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,4})?([+-]\d{4})?$")
+_DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,4})?([+-]\d{4})?$", re.ASCII)
 
 
 def parse_dtm(value: str, location: str, default_tz: tzinfo | None = None) -> tuple[str, datetime | None]:
@@ -253,6 +284,8 @@ def parse_dtm(value: str, location: str, default_tz: tzinfo | None = None) -> tu
     if frac and second is None:  # a fraction belongs to the seconds
         raise MessageError("not a valid HL7 date/time", ERR_DATA_TYPE, location)
     try:
+        if int(year) < 1:  # FHIR has no year 0000
+            raise ValueError
         if hour is None:
             if day is not None:
                 datetime(int(year), int(month), int(day))

@@ -24,7 +24,16 @@ from gateway.vocabulary import load_vocabulary
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.glob("*.hl7"))
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
-EVENT_CODES = {"A01": "notification-admit", "A03": "notification-discharge", "A04": "notification-admit"}
+EVENT_CODES = {
+    "A01": "notification-admit",
+    "A02": "notification-transfer",
+    "A03": "notification-discharge",
+    "A04": "notification-admit",
+    "A08": "notification-progress-update",
+    "A11": "notification-admit",
+}
+#: An A04 for an outpatient (PV1-2 O) is an outpatient visit (mappings/tables.toml, events.A04).
+OUTPATIENT_A04 = "notification-outpatient-visit"
 RECEIVED = datetime(2026, 3, 1, 17, 0, 0, tzinfo=UTC)
 
 # A synthetic patient: CMS's published example MBI and a test NPI that passes the check digit.
@@ -140,7 +149,9 @@ def test_sample_bundle_has_the_da_vinci_notification_shape(name, vocab):
     assert bundle["type"] == "message"
     header = bundle["entry"][0]["resource"]
     assert header["resourceType"] == "MessageHeader"
-    assert header["eventCoding"] == {"system": NOTIFICATION_EVENT_SYSTEM, "code": EVENT_CODES[trigger]}
+    outpatient = trigger in ("A04", "A11") and msg.segment("PV1").get(2) == "O"
+    expected = OUTPATIENT_A04 if outpatient else EVENT_CODES[trigger]
+    assert header["eventCoding"] == {"system": NOTIFICATION_EVENT_SYSTEM, "code": expected}
     assert [f["reference"] for f in header["focus"]] == [bundle["entry"][1]["fullUrl"]]
     encounter = resolve(bundle, header["focus"][0]["reference"])
     assert encounter["resourceType"] == "Encounter"
@@ -311,11 +322,13 @@ def test_a04_emergency_registration_is_in_progress_emer(vocab):
     assert conversion.event_code == "notification-admit"
 
 
-def test_a04_outpatient_registration_is_planned(vocab):
-    """A04 for a non-emergency class keeps the IG's 'planned' status."""
-    encounter = only(convert(adt("A04", pv1={2: "O"}), vocab, UTC, RECEIVED).bundle, "Encounter")
+def test_a04_outpatient_registration_is_a_planned_outpatient_visit(vocab):
+    """A04 for an outpatient keeps the IG's 'planned' status and is a notification-outpatient-visit."""
+    conversion = convert(adt("A04", pv1={2: "O"}), vocab, UTC, RECEIVED)
+    encounter = only(conversion.bundle, "Encounter")
     assert encounter["status"] == "planned"
     assert encounter["class"]["code"] == "AMB"
+    assert conversion.event_code == OUTPATIENT_A04
 
 
 def test_patient_class_is_read_despite_padding(vocab):
@@ -325,16 +338,27 @@ def test_patient_class_is_read_despite_padding(vocab):
     assert encounter["status"] == "in-progress"
 
 
-def test_unknown_patient_class_keeps_its_v2_code(vocab):
-    """A PV1-2 the table does not map is kept in the v2-0004 code system."""
+def test_table_0004_class_without_a_v3_code_keeps_its_v2_code(vocab):
+    """A table 0004 class the IG keeps in v2 (R, recurring) stays in the v2-0004 code system."""
     encounter = only(convert(adt(pv1={2: "R"}), vocab, UTC, RECEIVED).bundle, "Encounter")
-    assert encounter["class"] == {"system": "http://terminology.hl7.org/CodeSystem/v2-0004", "code": "R"}
+    assert encounter["class"] == {
+        "system": "http://terminology.hl7.org/CodeSystem/v2-0004",
+        "code": "R",
+        "display": "Recurring patient",
+    }
 
 
-def test_empty_patient_class_is_ambulatory_with_a_warning(vocab):
-    """No PV1-2: Encounter.class AMB and a warning saying so."""
+def test_class_outside_table_0004_keeps_the_code_without_a_system(vocab):
+    """A PV1-2 that is no table 0004 value is not attributed to v2-0004: code only, and a warning."""
+    conversion = convert(adt(pv1={2: "L"}), vocab, UTC, RECEIVED)
+    assert only(conversion.bundle, "Encounter")["class"] == {"code": "L"}
+    assert any(w.startswith("PV1-2") for w in conversion.warnings)
+
+
+def test_empty_patient_class_is_unknown_with_a_warning(vocab):
+    """No PV1-2: Encounter.class is the v3 null flavor UNK and a warning says so."""
     conversion = convert(adt(pv1={2: ""}), vocab, UTC, RECEIVED)
-    assert only(conversion.bundle, "Encounter")["class"]["code"] == "AMB"
+    assert only(conversion.bundle, "Encounter")["class"]["code"] == "UNK"
     assert any(w.startswith("PV1-2") for w in conversion.warnings)
 
 
@@ -432,14 +456,14 @@ def test_admit_and_discharge_of_one_visit_share_patient_and_encounter_ids(vocab)
         (lambda: adt(drop=("PID",)), "100", "PID", "PID"),
         (lambda: adt(drop=("PV1",)), "100", "PV1", "PV1"),
         (lambda: adt(msh9="ORU^R01"), "200", "MSH-9", "ORU"),
-        (lambda: adt("A08"), "201", "MSH-9", "A08"),
+        (lambda: adt("A28"), "201", "MSH-9", "A28"),
         (lambda: adt(msh9="ADT", evn={1: ""}), "201", "MSH-9", "(empty)"),
         (lambda: adt(pid={3: "", 2: "", 4: ""}), "101", "PID-3", "identifier"),
         (lambda: adt(pid={3: '""'}), "101", "PID-3", "identifier"),
         (lambda: adt(pid={3: "123-45-6789^^^SSA^SS"}), "101", "PID-3", "identifier"),
         (lambda: adt(control=""), "101", "MSH-10", "control id"),
     ],
-    ids=["no-pid", "no-pv1", "oru", "a08", "no-trigger", "empty-pid3", "null-pid3", "ssn-only", "no-msh10"],
+    ids=["no-pid", "no-pv1", "oru", "a28", "no-trigger", "empty-pid3", "null-pid3", "ssn-only", "no-msh10"],
 )
 def test_unconvertible_message_raises_message_error(msg, code, location, words, vocab):
     """Messages that cannot become a notification raise MessageError with a 0357 code and location."""

@@ -150,11 +150,11 @@ def test_oru_is_ignored_with_a_reason(vocab, roster_lookups, recipients):
 
 
 def test_unsupported_adt_event_is_ignored(vocab, roster_lookups, recipients):
-    """An ADT event Herald does not notify on (A08) is ignored, not failed."""
-    raw = sample(MATCHED_ADMIT).replace(b"ADT^A01^ADT_A01", b"ADT^A08^ADT_A01")
+    """An ADT event Herald does not notify on (A28, add person) is ignored, not failed."""
+    raw = sample(MATCHED_ADMIT).replace(b"ADT^A01^ADT_A01", b"ADT^A28^ADT_A05")
     outcome = process_message(pending(raw), vocab, UTC, roster_lookups, recipients)
     assert outcome.state == IGNORED
-    assert "ADT^A08" in outcome.reason
+    assert "ADT^A28" in outcome.reason
 
 
 def test_trigger_in_evn1_only_is_processed(vocab, roster_lookups, recipients):
@@ -192,9 +192,19 @@ def test_unconvertible_adt_fails_with_the_hl7_location(vocab, roster_lookups, re
     )
 
 
-def test_invalid_bundle_fails_validation(vocab, roster_lookups, recipients):
+def test_invalid_bundle_fails_validation(vocab, roster_lookups, recipients, monkeypatch):
     """A Bundle that fhir.resources rejects fails the message (unless validation is off)."""
-    raw = sample(UNMATCHED_VISIT).replace(b"PV1|1|O|", b"PV1|1|O  P|")
+    real_convert = pipeline.convert
+
+    def convert_with_a_bad_code(*args, **kwargs):
+        # Failure injection: the converter has no input that makes an invalid
+        # Bundle (tests/test_convert_properties.py), so break one on purpose.
+        conversion = real_convert(*args, **kwargs)
+        conversion.bundle["entry"][1]["resource"]["class"]["code"] = "O  P"
+        return conversion
+
+    monkeypatch.setattr(pipeline, "convert", convert_with_a_bad_code)
+    raw = sample(UNMATCHED_VISIT)
     outcome = process_message(pending(raw), vocab, UTC, roster_lookups, recipients)
     assert outcome.state == FAILED
     assert "not valid R4" in outcome.reason

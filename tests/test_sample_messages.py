@@ -25,12 +25,15 @@ EXPECTED = {
     "cerner-v23-a01-admit.hl7": ("A01", "utf-8", "mrn", "SHR-000101"),
     "cerner-v23-a03-discharge.hl7": ("A03", "utf-8", "mrn", "SHR-000101"),
     "epic-v251-a01-admit-from-ed.hl7": ("A01", "utf-8", "mbi", "SHR-000102"),
+    "epic-v251-a02-transfer-to-ccu.hl7": ("A02", "utf-8", "mbi", "SHR-000102"),
     "epic-v251-a03-ed-discharge-utf8.hl7": ("A03", "utf-8", "mbi", "SHR-000103"),
     "epic-v251-a04-ed-registration.hl7": ("A04", "utf-8", "mbi", "SHR-000102"),
     "epic-v251-a04-ed-visit-utf8.hl7": ("A04", "utf-8", "mbi", "SHR-000103"),
+    "epic-v251-a08-update-utf8.hl7": ("A08", "utf-8", "mbi", "SHR-000103"),
     "meditech-v24-a01-admit-cp1252.hl7": ("A01", "cp1252", "demographics", "SHR-000104"),
     "meditech-v24-a03-discharge-cp1252.hl7": ("A03", "cp1252", "demographics", "SHR-000104"),
     "meditech-v24-a04-outpatient-unmatched.hl7": ("A04", "utf-8", "none", None),
+    "meditech-v24-a11-cancel-outpatient-visit.hl7": ("A11", "utf-8", "none", None),
 }
 
 

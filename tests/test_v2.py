@@ -236,7 +236,7 @@ def test_segment_repr_holds_no_field_contents():
         ("\\X4142\\C", "ABC"),
         ("CAF\\XC3A9\\", "CAFé"),
         ("\\H\\BOLD\\N\\", "BOLD"),
-        ("A\\.sp\\B", "AB"),
+        ("A\\.sp\\B", "A\nB"),
         ("A\\Q\\B", "A\\Q\\B"),
         ("TRAILING\\", "TRAILING\\"),
         ("NO ESCAPES", "NO ESCAPES"),
