@@ -421,68 +421,6 @@ class _ReadThread:
                 conn.close()
 
 
-class _Checkpointer:
-    """Copies the WAL back into the database file on a thread of its own.
-
-    SQLite's automatic checkpoint runs inside the commit that crosses the
-    threshold, on the writer thread: that commit (and every ACK waiting on
-    it) would pay for copying a thousand pages and an fsync of the database
-    file. The writer's connection has it switched off; this thread runs a
-    PASSIVE checkpoint (it never blocks the writer or readers) every
-    :attr:`EVERY_COMMITS` commits, and at least every :attr:`MAX_WAIT_SECONDS`
-    while there are commits it has not checkpointed.
-    """
-
-    EVERY_COMMITS = 200
-    MAX_WAIT_SECONDS = 2.0
-
-    _log = Logger()
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._wake = threading.Event()
-        self._stopping = False
-        self._since = 0
-        self.checkpoints = 0
-        self._thread = threading.Thread(target=self._run, name="herald-store-checkpoint", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def committed(self) -> None:
-        """Called by the writer after each commit."""
-        self._since += 1
-        if self._since >= self.EVERY_COMMITS:
-            self._wake.set()
-
-    def stop(self) -> None:
-        """End the thread (blocking); the last connection to close checkpoints what is left."""
-        self._stopping = True
-        self._wake.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        conn = None
-        try:
-            while not self._stopping:
-                self._wake.wait(self.MAX_WAIT_SECONDS)
-                self._wake.clear()
-                if self._stopping or not self._since:
-                    continue
-                self._since = 0
-                try:
-                    if conn is None:
-                        conn = open_database(self._path)
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    self.checkpoints += 1
-                except sqlite3.Error as e:
-                    # Not fatal: the WAL grows until the next try; commits stay durable.
-                    self._log.warn("WAL checkpoint failed: {error}", error=str(e))
-        finally:
-            if conn is not None:
-                conn.close()
-
-
 class Store:
     """The durable message log, roster and outbox.
 
@@ -524,8 +462,6 @@ class Store:
         migrate(self._conn, clock())
         self._thread = threading.Thread(target=self._run, name="herald-store-writer", daemon=True)
         self._reader = _ReadThread(self.path, reactor, self._fire)
-        self._checkpointer = _Checkpointer(self.path)
-        self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see _Checkpointer
         self._started = False
         self.commits = 0
         self.jobs = 0
@@ -540,7 +476,6 @@ class Store:
             self._started = True
             self._thread.start()
             self._reader.start()
-            self._checkpointer.start()
 
     def stop(self) -> defer.Deferred:
         """Finish the queued jobs, stop the threads and close the database."""
@@ -553,7 +488,6 @@ class Store:
         def wait() -> None:
             self._thread.join()
             self._reader.stop()
-            self._checkpointer.stop()
             self._conn.close()
             # Jobs that raced the stop are failed, not left hanging.
             leftovers = []
@@ -667,7 +601,6 @@ class Store:
                 pass
             results = [(job, False, StoreError(f"store failure: {e}")) for job in batch]
         self.commits += 1
-        self._checkpointer.committed()
         self.jobs += len(batch)
         self._reactor.callFromThread(self._fire, results)
 

@@ -150,25 +150,3 @@ def _sync_failure(d):
     from twisted.trial.unittest import SynchronousTestCase
 
     return SynchronousTestCase().failureResultOf(d)
-
-
-def test_checkpoints_run_on_their_own_thread_not_in_a_commit(tmp_path, reactor, monkeypatch):
-    """The writer's connection never checkpoints; the checkpoint thread does after EVERY_COMMITS commits."""
-    import time
-
-    from gateway.store import _Checkpointer
-
-    monkeypatch.setattr(_Checkpointer, "EVERY_COMMITS", 3)
-    monkeypatch.setattr(_Checkpointer, "MAX_WAIT_SECONDS", 30.0)
-    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
-    assert s._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-    s.start()
-    try:
-        for i in range(3):
-            success(drain(reactor, s.record_frame(record(f"K{i}"))))
-        deadline = time.monotonic() + 10
-        while s._checkpointer.checkpoints < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert s._checkpointer.checkpoints == 1
-    finally:
-        success(drain(reactor, s.stop()))
