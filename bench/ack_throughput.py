@@ -361,7 +361,8 @@ def measure(connections: int, n: int, args) -> dict:
     with running_server(args.server, args.pipeline == "on", args.keep, args.switch_interval, args.config) as server:
         load_before = os.getloadavg()[0]
         cpu_before = server_cpu(server)
-        load = run_mllp_load(server.port, n, connections, args.max_seconds)
+        extra = ["--rate", str(args.rate)] if args.rate else None
+        load = run_mllp_load(server.port, n, connections, args.max_seconds, extra)
         cpu_after = server_cpu(server)
         stats = server.stats()
         states = state_counts(server.database)
@@ -410,7 +411,8 @@ def print_table(rows: list[dict], args) -> None:
     print(code_under_test())
     if rows:
         print(rows[0]["durability"])
-    print(f"client: {MLLP_LOAD.name}, synthetic ADT mix, one message in flight per connection\n")
+    paced = f", paced at {args.rate:g} msgs/s in all" if args.rate else ""
+    print(f"client: {MLLP_LOAD.name}, synthetic ADT mix, one message in flight per connection{paced}\n")
     head = (
         f"{'conns':>5} {'messages':>9} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
         f"{'nacks':>6} {'errors':>6} {'commits':>8} {'msgs/commit':>11} {'unconverted':>11} "
@@ -549,6 +551,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--config", type=Path, default=None, help="a Herald TOML config for the server (default: none, the defaults)"
+    )
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="pace mllp-load to this many messages per second in all (default: as fast as ACKs come back); "
+        "a rate the pipeline sustains compares ACK latency at equal work",
     )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data folders (prints their paths)")
