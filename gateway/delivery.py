@@ -13,9 +13,9 @@ receiver can drop duplicates (delivery is at least once).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from gateway.routing import notification_payload
+from gateway.routing import payload_builder
 from gateway.store import DEAD, RETRYING, SENT, DeliveryAttempt, Notification, Store
 
 
@@ -126,7 +126,7 @@ def notification_payloads(notifications: list[Notification]) -> list[bytes | Del
     otherwise the Bundle is built from the message's stored Bundle, parsed
     once for all its recipients in the list.
     """
-    parsed: dict[int, dict] = {}
+    builders: dict[int, Callable[[Notification], str]] = {}
     out: list[bytes | DeliveryFailed] = []
     for n in notifications:
         if n.payload is not None:
@@ -134,9 +134,9 @@ def notification_payloads(notifications: list[Notification]) -> list[bytes | Del
         elif n.bundle is None:
             out.append(DeliveryFailed("the message has no stored Bundle to send"))
         else:
-            if n.message_id not in parsed:
-                parsed[n.message_id] = json.loads(n.bundle)
-            out.append(notification_payload(parsed[n.message_id], n).encode("utf-8"))
+            if n.message_id not in builders:
+                builders[n.message_id] = payload_builder(n.bundle)
+            out.append(builders[n.message_id](n).encode("utf-8"))
     return out
 
 

@@ -11,7 +11,7 @@ same bytes and a receiver can drop duplicates.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from gateway.config import Recipient
 from gateway.convert import Conversion, resource_id
@@ -88,7 +88,43 @@ def destination_endpoint(channel: str, target: str) -> str:
 
 def bundle_json(bundle: dict) -> str:
     """The message's Bundle as stored (compact JSON); notification payloads are built from this text."""
-    return json.dumps(bundle, separators=(",", ":"))
+    return _dump(bundle)
+
+
+def payload_builder(bundle: dict | str) -> Callable[[Notification], str]:
+    """A function giving each recipient's Bundle (see :func:`notification_payload`) for one message.
+
+    The parts every recipient shares (all but the Bundle id and the
+    MessageHeader entry) are encoded once; each call encodes only the header
+    and joins the parts. The text is exactly ``json.dumps`` of the whole
+    Bundle with compact separators, at a fraction of the cost.
+    """
+    base = json.loads(bundle) if isinstance(bundle, str) else bundle
+    keys = list(base) if "id" in base else [*base, "id"]
+    fixed = {k: _dump(v) for k, v in base.items() if k not in ("id", "entry")}
+    header_entry = base["entry"][0]
+    others = "".join("," + _dump(e) for e in base["entry"][1:])
+
+    def build(notification: Notification) -> str:
+        endpoint = destination_endpoint(notification.channel, notification.target)
+        # Only the MessageHeader differs per recipient.
+        header = dict(header_entry)
+        header["resource"] = {
+            **header_entry["resource"],
+            "destination": [{"name": notification.recipient, "endpoint": endpoint}],
+        }
+        parts = []
+        for k in keys:
+            if k == "id":
+                value = _dump(notification.id)
+            elif k == "entry":
+                value = "[" + _dump(header) + others + "]"
+            else:
+                value = fixed[k]
+            parts.append(_dump(k) + ":" + value)
+        return "{" + ",".join(parts) + "}"
+
+    return build
 
 
 def notification_payload(bundle: dict | str, notification: Notification) -> str:
@@ -98,17 +134,8 @@ def notification_payload(bundle: dict | str, notification: Notification) -> str:
     function of the stored Bundle and the outbox row alone, so it is the same
     bytes on every attempt.
     """
-    base = json.loads(bundle) if isinstance(bundle, str) else bundle
-    endpoint = destination_endpoint(notification.channel, notification.target)
-    entries = list(base["entry"])
-    # Only the MessageHeader differs per recipient: copy it, share the rest.
-    header = dict(entries[0])
-    header["resource"] = {
-        **header["resource"],
-        "destination": [{"name": notification.recipient, "endpoint": endpoint}],
-    }
-    entries[0] = header
-    payload = dict(base)
-    payload["id"] = notification.id
-    payload["entry"] = entries
-    return bundle_json(payload)
+    return payload_builder(bundle)(notification)
+
+
+def _dump(value) -> str:
+    return json.dumps(value, separators=(",", ":"))

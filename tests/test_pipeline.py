@@ -276,3 +276,15 @@ def test_fhir_recipient_gets_the_process_message_endpoint(vocab, roster_lookups,
     assert (note.channel, note.target) == ("fhir", "https://hie.example/fhir/$process-message")
     header = json.loads(notification_payload(outcome.fhir_json, note))["entry"][0]["resource"]
     assert header["destination"][0]["endpoint"] == "https://hie.example/fhir/$process-message"
+
+
+def test_spliced_payload_is_exactly_the_full_encoding(vocab, roster_lookups, recipients):
+    """Each recipient's Bundle, joined from parts encoded once, is byte for byte json.dumps of the whole Bundle."""
+    for name in (MATCHED_ADMIT, UNMATCHED_VISIT):
+        outcome = process_message(pending(sample(name)), vocab, UTC, roster_lookups, recipients)
+        for n in outcome.notifications:
+            whole = json.loads(outcome.fhir_json)
+            whole["id"] = n.id
+            header = whole["entry"][0]["resource"]
+            header["destination"] = [{"name": n.recipient, "endpoint": f"file://{n.target}"}]
+            assert notification_payload(outcome.fhir_json, n) == json.dumps(whole, separators=(",", ":"))
