@@ -246,17 +246,55 @@ def running_server(
 
 
 def run_mllp_load(port: int, n: int, connections: int, max_seconds: float, extra: list[str] | None = None) -> dict:
-    """Run mllp-load once and return its JSON result (bounded by --max-seconds, plus a margin)."""
+    """Run mllp-load once and return its JSON result (bounded by --max-seconds, plus a margin).
+
+    The result also has ``client_cpu_s``: the CPU seconds mllp-load used (user + system, from wait4).
+    """
     if not MLLP_LOAD.exists():
         raise SystemExit(f"bench: the yardstick {MLLP_LOAD} is missing")
     cmd = [sys.executable, str(MLLP_LOAD), "--port", str(port), "-n", str(n), "-c", str(connections)]
     cmd += ["--max-seconds", str(max_seconds), "--json", *(extra or [])]
     # mllp-load stops taking messages at --max-seconds; each in-flight one may wait up to --timeout (10 s).
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=max_seconds + 60)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"mllp-load printed no result (status {done.returncode}): {done.stderr.strip()}")
-    return json.loads(lines[-1])
+    deadline = time.monotonic() + max_seconds + 60
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                os.kill(proc.pid, signal.SIGKILL)
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        lines = [ln for ln in out.read().decode(errors="replace").splitlines() if ln.startswith("{")]
+        if not lines:
+            raise RuntimeError(
+                f"mllp-load printed no result (status {proc.returncode}): {err.read().decode(errors='replace')}"
+            )
+    result = json.loads(lines[-1])
+    result["client_cpu_s"] = usage.ru_utime + usage.ru_stime
+    return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used (Linux /proc; 0.0 when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(server: Server) -> tuple[float, float]:
+    """CPU seconds so far of the server process, and of the processes it started (pipeline workers)."""
+    if server.proc is None:
+        return 0.0, 0.0
+    return cpu_seconds(server.proc.pid), sum(cpu_seconds(pid) for pid, _ in descendants(server.proc.pid))
 
 
 def state_counts(database: Path) -> dict[str, int]:
@@ -321,7 +359,11 @@ def code_under_test() -> str:
 def measure(connections: int, n: int, args) -> dict:
     """Start a fresh server, drive it with mllp-load, collect the figures, stop it."""
     with running_server(args.server, args.pipeline == "on", args.keep, args.switch_interval, args.config) as server:
-        load = run_mllp_load(server.port, n, connections, args.max_seconds)
+        load_before = os.getloadavg()[0]
+        cpu_before = server_cpu(server)
+        extra = ["--rate", str(args.rate)] if args.rate else None
+        load = run_mllp_load(server.port, n, connections, args.max_seconds, extra)
+        cpu_after = server_cpu(server)
         stats = server.stats()
         states = state_counts(server.database)
         note = durability_note(server.database)
@@ -339,6 +381,10 @@ def measure(connections: int, n: int, args) -> dict:
         "ack_ms_p99": load["ack_ms_p99"],
         "ack_ms_max": load["ack_ms_max"],
         "elapsed_s": load["elapsed_s"],
+        "server_cpu_us_per_msg": _per_msg(cpu_after[0] - cpu_before[0], answered),
+        "workers_cpu_us_per_msg": _per_msg(cpu_after[1] - cpu_before[1], answered),
+        "client_cpu_us_per_msg": _per_msg(load["client_cpu_s"], answered),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "stopped_at_max_seconds": answered < n and load["elapsed_s"] >= 0.99 * args.max_seconds,
         "commits": stats["commits"] if stats else None,
         "store_jobs": stats["jobs"] if stats else None,
@@ -365,10 +411,12 @@ def print_table(rows: list[dict], args) -> None:
     print(code_under_test())
     if rows:
         print(rows[0]["durability"])
-    print(f"client: {MLLP_LOAD.name}, synthetic ADT mix, one message in flight per connection\n")
+    paced = f", paced at {args.rate:g} msgs/s in all" if args.rate else ""
+    print(f"client: {MLLP_LOAD.name}, synthetic ADT mix, one message in flight per connection{paced}\n")
     head = (
         f"{'conns':>5} {'messages':>9} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-        f"{'nacks':>6} {'errors':>6} {'commits':>8} {'msgs/commit':>11} {'unconverted':>11}"
+        f"{'nacks':>6} {'errors':>6} {'commits':>8} {'msgs/commit':>11} {'unconverted':>11} "
+        f"{'server us':>9} {'workers us':>10} {'client us':>9} {'load avg':>11}"
     )
     print(head)
     print("-" * len(head))
@@ -378,16 +426,29 @@ def print_table(rows: list[dict], args) -> None:
         print(
             f"{r['connections']:>5} {r['answered']:>9} {r['msgs_per_s']:>9.1f} {_ms(r['ack_ms_p50'])} "
             f"{_ms(r['ack_ms_p99'])} {_ms(r['ack_ms_max'])} {r['not_ok']:>6} {r['timeouts']:>6} "
-            f"{commits if commits is not None else 'n/a':>8} {per:>11} {r['still_received']:>11}"
+            f"{commits if commits is not None else 'n/a':>8} {per:>11} {r['still_received']:>11} "
+            f"{_us(r['server_cpu_us_per_msg']):>9} {_us(r['workers_cpu_us_per_msg']):>10} "
+            f"{_us(r['client_cpu_us_per_msg']):>9} {r['load_average'][0]:>5.2f}-{r['load_average'][1]:<5.2f}"
         )
     print()
     print("msgs/s and latencies are mllp-load's (client side). nacks: AE/AR/CE/CR, mismatched or garbled ACKs;")
     print("errors: ACK timeouts and failed connections. commits: SQLite transactions committed by the store's")
     print("writer thread during the run (all work: intake, ack-sent events, pipeline, delivery), instrumented")
     print("server only. unconverted: messages still 'received' when the load ended (pipeline backlog).")
+    print("server us / workers us / client us: CPU microseconds per answered message used during the load by")
+    print("the server process, by the processes it started (pipeline workers), and by mllp-load. load avg: the")
+    print("machine's 1-minute load average before and after the row (other work on the machine shows here).")
     for r in rows:
         if r["stopped_at_max_seconds"]:
             print(f"note: the c={r['connections']} run stopped at --max-seconds after {r['answered']} messages.")
+
+
+def _us(value) -> str:
+    return f"{value:.0f}" if value is not None else "n/a"
+
+
+def _per_msg(seconds: float, messages: int) -> float | None:
+    return round(seconds / messages * 1e6, 1) if messages else None
 
 
 def _ms(value) -> str:
@@ -490,6 +551,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--config", type=Path, default=None, help="a Herald TOML config for the server (default: none, the defaults)"
+    )
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="pace mllp-load to this many messages per second in all (default: as fast as ACKs come back); "
+        "a rate the pipeline sustains compares ACK latency at equal work",
     )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data folders (prints their paths)")

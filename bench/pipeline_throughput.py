@@ -57,7 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ack_throughput import Server, code_under_test, free_port, run_mllp_load  # noqa: E402
+from ack_throughput import Server, code_under_test, free_port, run_mllp_load, server_cpu  # noqa: E402
 
 from gateway.config import Config, default_recipients  # noqa: E402
 from gateway.convert import convert, validate_bundle  # noqa: E402
@@ -386,10 +386,14 @@ def run_e2e(args) -> dict:
         server = Server("herald", True, data, free_port(), config=args.config)
         server.start()
         window_start = datetime.now(UTC)  # port open: the pipeline started moments before
+        cpu_before = server_cpu(server)
         if args.e2e == "live":
             result["load"] = run_mllp_load(server.port, args.n, args.c, args.max_seconds, load_args)
         expected = result["load"]["ok"]
         snap, done = poll_until_done(data / "herald.db", expected, args.drain_seconds)
+        cpu_after = server_cpu(server)
+        result["server_cpu_s"] = round(cpu_after[0] - cpu_before[0], 3)
+        result["workers_cpu_s"] = round(cpu_after[1] - cpu_before[1], 3)
         result["drained"] = done
         result["snapshot"] = snap
         start = _when(snap["first_received"]) if args.e2e == "live" else window_start
@@ -465,6 +469,12 @@ def print_e2e(r: dict) -> None:
     print(f"{'figure':<58} {'count':>7} {'window s':>9} {'per s':>8}")
     print(f"{routed:<58} {r['processed']:>7} {_num(r['routed_window_s'])} {_num(r['routed_per_s'], 8)}")
     print(f"{sent:<58} {r['sent']:>7} {_num(r['sent_window_s'])} {_num(r['sent_per_s'], 8)}")
+    done = max(1, r["processed"])
+    print(
+        f"CPU from server ready to drained: server process {r['server_cpu_s']} s "
+        f"({1e6 * r['server_cpu_s'] / done:.0f} us a routed message), pipeline workers {r['workers_cpu_s']} s "
+        f"({1e6 * r['workers_cpu_s'] / done:.0f} us a routed message)"
+    )
     if "routing_lag_after_last_ack_s" in r:
         print(f"last state change came {r['routing_lag_after_last_ack_s']} s after the last message was received")
 

@@ -1,7 +1,7 @@
-"""Where a Herald server spends its time while it acknowledges messages on one connection.
+"""Where a Herald server spends its time while it acknowledges messages (one connection by default).
 
 A fresh server is started (as in ack_throughput.py), ``py-spy record`` is
-attached to its pid, ``mllp-load -c 1`` sends N messages, py-spy is stopped
+attached to its pid, ``mllp-load -c C`` (default 1) sends N messages, py-spy is stopped
 (SIGINT, then SIGKILL after a bound) and its raw stack samples are summed:
 
 * samples per thread (reactor, store writer, pipeline, thread pool);
@@ -122,7 +122,7 @@ def profile(args) -> tuple[dict, str]:
             if not args.blocking:
                 cmd.append("--nonblocking")
             spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            load = run_mllp_load(server.port, args.n, 1, args.max_seconds)
+            load = run_mllp_load(server.port, args.n, args.c, args.max_seconds)
             if spy.poll() is None:
                 os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
             try:
@@ -146,7 +146,8 @@ def profile(args) -> tuple[dict, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See bench/README.md.")
-    ap.add_argument("-n", type=int, default=5000, help="messages to send on one connection (default 5000)")
+    ap.add_argument("-n", type=int, default=5000, help="messages to send (default 5000)")
+    ap.add_argument("-c", type=int, default=1, help="connections (default 1)")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="bound on the mllp-load run (default 60)")
     ap.add_argument(
         "--pipeline",
@@ -162,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=20, help="functions to list (default 20)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder with py-spy's raw output")
     args = ap.parse_args(argv)
-    if args.n < 1 or args.max_seconds <= 0 or args.rate < 1:
+    if args.n < 1 or args.c < 1 or args.max_seconds <= 0 or args.rate < 1:
         ap.error("-n, --max-seconds and --rate must be positive")
     load, summary = profile(args)
     view = "GIL holder" if args.gil else ("all threads, idle included" if args.idle else "threads on a CPU")
     print(
-        f"py-spy on the server, pipeline {args.pipeline}, mllp-load -c 1: {load['answered']} messages, "
+        f"py-spy on the server, pipeline {args.pipeline}, mllp-load -c {args.c}: {load['answered']} messages, "
         f"{load['msgs_per_s']} msgs/s, ACK p50 {load['ack_ms_p50']} ms, p99 {load['ack_ms_p99']} ms "
         f"(while sampling at {args.rate} Hz)"
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
+from gateway.routing import payload_builder
 from gateway.store import DEAD, RETRYING, SENT, DeliveryAttempt, Notification, Store
 
 
@@ -117,6 +119,38 @@ def write_files_atomically(items: list[tuple[Path, str, bytes]]) -> list[BaseExc
     return results
 
 
+def notification_payloads(notifications: list[Notification]) -> list[bytes | DeliveryFailed]:
+    """The bytes each notification sends (JSON work: call it off the reactor).
+
+    A stored payload (rows from before schema version 2) is sent as stored;
+    otherwise the Bundle is built from the message's stored Bundle, parsed
+    once for all its recipients in the list.
+    """
+    builders: dict[int, Callable[[Notification], str]] = {}
+    out: list[bytes | DeliveryFailed] = []
+    for n in notifications:
+        if n.payload is not None:
+            out.append(n.payload.encode("utf-8"))
+        elif n.bundle is None:
+            out.append(DeliveryFailed("the message has no stored Bundle to send"))
+        else:
+            if n.message_id not in builders:
+                builders[n.message_id] = payload_builder(n.bundle)
+            out.append(builders[n.message_id](n).encode("utf-8"))
+    return out
+
+
+def write_notification_files(notifications: list[Notification]) -> list[BaseException | None]:
+    """Build each notification's Bundle and write it as ``<target>/<id>.json`` (see write_files_atomically)."""
+    payloads = notification_payloads(notifications)
+    results: list[BaseException | None] = [p if isinstance(p, BaseException) else None for p in payloads]
+    todo = [i for i, p in enumerate(payloads) if not isinstance(p, BaseException)]
+    items = [(Path(notifications[i].target), f"{notifications[i].id}.json", payloads[i]) for i in todo]
+    for i, error in zip(todo, write_files_atomically(items), strict=True):
+        results[i] = error
+    return results
+
+
 class _FileDropBatch:
     """Gathers the file-drop sends of one reactor turn into one thread job."""
 
@@ -133,15 +167,18 @@ class _FileDropBatch:
 
     def _flush(self) -> None:
         batch, self.waiting = self.waiting, []
-        items = [(Path(n.target), f"{n.id}.json", n.payload.encode("utf-8")) for n, _ in batch]
-        job = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write_files_atomically, items)
+        job = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), write_notification_files, [n for n, _ in batch]
+        )
 
         def fire(results):
             for (n, d), error in zip(batch, results, strict=True):
                 if error is None:
                     d.callback(f"wrote {n.id}.json")
+                elif isinstance(error, DeliveryFailed):
+                    d.errback(error)
                 else:
-                    d.errback(DeliveryFailed(f"cannot write the file: {error.strerror or error}"))
+                    d.errback(DeliveryFailed(f"cannot write the file: {getattr(error, 'strerror', None) or error}"))
 
         def failed(f):
             for _, d in batch:
@@ -320,7 +357,12 @@ class DeliveryWorker(Service):
 
     @defer.inlineCallbacks
     def _send_fhir(self, n: Notification):
-        body = FileBodyProducer(BytesIO(n.payload.encode("utf-8")))
+        (payload,) = yield threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), notification_payloads, [n]
+        )
+        if isinstance(payload, DeliveryFailed):
+            raise payload
+        body = FileBodyProducer(BytesIO(payload))
         headers = Headers(
             {
                 b"Content-Type": [b"application/fhir+json"],

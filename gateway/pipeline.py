@@ -8,7 +8,6 @@ never an exception that escapes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
@@ -17,7 +16,7 @@ from gateway.config import Recipient
 from gateway.convert import convert, validate_bundle
 from gateway.errors import MessageError
 from gateway.roster import Match, match_patient
-from gateway.routing import route
+from gateway.routing import bundle_json, route
 from gateway.store import FAILED, IGNORED, ROUTED, PendingMessage
 from gateway.v2 import V2Message
 from gateway.vocabulary import Vocabulary
@@ -121,7 +120,7 @@ def process_message(
         mid,
         state,
         None,
-        json.dumps(conversion.bundle, separators=(",", ":")),
+        bundle_json(conversion.bundle),
         match,
         notifications,
         events,

@@ -149,6 +149,39 @@ CREATE INDEX IF NOT EXISTS delivery_attempts_notification ON delivery_attempts (
 """
 
 
+# Version 2: a notification's Bundle is no longer stored per recipient (it is
+# built from messages.fhir when sent), so notifications.payload may be NULL.
+# SQLite cannot drop a NOT NULL constraint in place: the table is rebuilt.
+# Rows written before keep their stored payload and are sent from it.
+_SCHEMA_V2 = """
+CREATE TABLE notifications_v2 (
+    id TEXT PRIMARY KEY,
+    message_id INTEGER NOT NULL,
+    recipient_role TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    target TEXT NOT NULL,
+    event_code TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    payload TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+INSERT INTO notifications_v2 (id, message_id, recipient_role, recipient, channel, target, event_code, summary,
+    payload, state, attempts, next_attempt_at, last_error, created_at, updated_at)
+    SELECT id, message_id, recipient_role, recipient, channel, target, event_code, summary,
+    payload, state, attempts, next_attempt_at, last_error, created_at, updated_at FROM notifications;
+DROP TABLE notifications;
+ALTER TABLE notifications_v2 RENAME TO notifications;
+CREATE INDEX notifications_due ON notifications (state, next_attempt_at);
+CREATE INDEX notifications_message ON notifications (message_id)
+"""
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -213,7 +246,7 @@ class DeliveryAttempt:
 
 @dataclass(frozen=True, slots=True)
 class Notification:
-    """One outbox row: a Bundle for one recipient over one channel."""
+    """One outbox row: a Bundle for one recipient over one channel (see :mod:`gateway.routing`)."""
 
     id: str
     message_id: int
@@ -223,9 +256,14 @@ class Notification:
     target: str
     event_code: str
     summary: str
-    payload: str
+    #: The Bundle as sent, in rows written before schema version 2; None in
+    #: newer rows, whose Bundle is built from the message's (``bundle``).
+    payload: str | None
     state: str = PENDING
     attempts: int = 0
+    #: The message's stored Bundle (``messages.fhir``), read with a due
+    #: notification that has no stored payload.
+    bundle: str | None = None
 
 
 def open_database(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -252,6 +290,7 @@ def open_database(path: Path | str, *, readonly: bool = False) -> sqlite3.Connec
 #: connection, run inside the migration's transaction.
 MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [
     (1, _SCHEMA_V1),
+    (2, _SCHEMA_V2),
 ]
 
 #: The schema version this code writes.
@@ -313,20 +352,98 @@ class _Job:
 
 
 _STOP = object()
+#: Put on the writer's queue to wake it for background work.
+_WAKE = object()
+
+
+class _ReadThread:
+    """Runs read jobs on a thread of their own with a read-only connection.
+
+    Reads need no place in the writer's queue: in WAL mode a reader sees the
+    last commit and never waits for the writer, so the outbox poll and the
+    pipeline's fetch do not queue behind an fsync, nor an ACK behind them.
+    Each job runs in its own read transaction (one snapshot).
+    """
+
+    def __init__(self, path: Path, reactor, fire: Callable[[list], None]) -> None:
+        self._path = path
+        self._reactor = reactor
+        self._fire = fire
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="herald-store-reader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        self._queue.put(job)
+
+    def stop(self) -> None:
+        """Finish the queued reads and end the thread (blocking: call it off the reactor)."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = None
+        try:
+            while True:
+                job = self._queue.get()
+                if job is _STOP:
+                    return
+                jobs = [job]
+                stop = False
+                while True:  # every read waiting now, answered with one wake-up of the reactor
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is _STOP:
+                        stop = True
+                        break
+                    jobs.append(more)
+                results = []
+                for job in jobs:
+                    try:
+                        if conn is None:
+                            conn = open_database(self._path, readonly=True)
+                        conn.execute("BEGIN")
+                        try:
+                            results.append((job, True, job.fn(conn, *job.args)))
+                        finally:
+                            conn.execute("COMMIT")
+                    except Exception as e:
+                        results.append((job, False, StoreError(f"store read failed: {e}")))
+                self._reactor.callFromThread(self._fire, results)
+                if stop:
+                    return
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 class Store:
     """The durable message log, roster and outbox.
 
-    Write methods return Deferreds and run on the writer thread; the
-    ``*_sync`` read helpers may be called from any thread that owns a
-    connection made by :func:`open_database`.
+    Write methods return Deferreds and run on the writer thread; reads run on
+    a reader thread; the ``*_sync`` read helpers may be called from any
+    thread that owns a connection made by :func:`open_database`.
+
+    The writer serves the ACK path first. Jobs given to :meth:`submit`
+    (intake) all go into the next commit; jobs given to
+    :meth:`submit_background` (pipeline outcomes, delivery records) take turns,
+    :attr:`BACKGROUND_PER_COMMIT` at a time, riding a commit with the intake
+    jobs waiting then, so an ACK never waits behind a queue of large pipeline
+    writes.
     """
 
     _log = Logger()
 
     #: Largest number of queued jobs committed together.
     MAX_GROUP = 512
+    #: Background jobs added to one commit.
+    BACKGROUND_PER_COMMIT = 1
+    #: Pipeline outcomes written per background job.
+    OUTCOMES_PER_JOB = 16
     #: Background writes wait at most this long for a commit to ride with.
     IDLE_FLUSH_SECONDS = 0.5
 
@@ -339,24 +456,29 @@ class Store:
         self._reactor = reactor
         self.clock = clock
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._background: collections.deque = collections.deque()
         self._riders: collections.deque = collections.deque()
         self._conn = open_database(self.path)
         migrate(self._conn, clock())
         self._thread = threading.Thread(target=self._run, name="herald-store-writer", daemon=True)
+        self._reader = _ReadThread(self.path, reactor, self._fire)
         self._started = False
         self.commits = 0
         self.jobs = 0
+        #: Commits that ran again job by job because one job failed.
+        self.replays = 0
 
     # -- the writer thread -------------------------------------------------
 
     def start(self) -> None:
-        """Start the writer thread."""
+        """Start the writer and reader threads."""
         if not self._started:
             self._started = True
             self._thread.start()
+            self._reader.start()
 
     def stop(self) -> defer.Deferred:
-        """Finish the queued jobs, stop the writer thread and close the database."""
+        """Finish the queued jobs, stop the threads and close the database."""
         if not self._started:
             self._conn.close()
             return defer.succeed(None)
@@ -365,6 +487,7 @@ class Store:
 
         def wait() -> None:
             self._thread.join()
+            self._reader.stop()
             self._conn.close()
             # Jobs that raced the stop are failed, not left hanging.
             leftovers = []
@@ -373,8 +496,10 @@ class Store:
                     job = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if job is not _STOP:
+                if job is not _STOP and job is not _WAKE:
                     leftovers.append((job, False, StoreError("the store has stopped")))
+            while self._background:
+                leftovers.append((self._background.popleft(), False, StoreError("the store has stopped")))
             if leftovers:
                 self._reactor.callFromThread(self._fire, leftovers)
 
@@ -386,11 +511,33 @@ class Store:
         return done
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
-        """Run ``fn(conn, *args)`` in the writer's next transaction; fire with its result."""
+        """Run ``fn(conn, *args)`` in the writer's next transaction; fire with its result.
+
+        ``fn`` may run twice: when another job of its commit fails, the
+        commit is rolled back and its jobs run again one savepoint each. So
+        it must do nothing but SQL on ``conn``.
+        """
         if not self._started:
             return defer.fail(StoreError("the store is not running"))
         d: defer.Deferred = defer.Deferred()
         self._queue.put(_Job(fn, args, d))
+        return d
+
+    def submit_background(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Like :meth:`submit`, for work off the ACK path: it takes its turn after intake's jobs."""
+        if not self._started:
+            return defer.fail(StoreError("the store is not running"))
+        d: defer.Deferred = defer.Deferred()
+        self._background.append(_Job(fn, args, d))
+        self._queue.put(_WAKE)
+        return d
+
+    def submit_read(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run ``fn(conn, *args)`` on the reader thread, in a read transaction; fire with its result."""
+        if not self._started:
+            return defer.fail(StoreError("the store is not running"))
+        d: defer.Deferred = defer.Deferred()
+        self._reader.submit(_Job(fn, args, d))
         return d
 
     def submit_nowait(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -410,30 +557,37 @@ class Store:
     def _run(self) -> None:
         conn = self._conn
         q = self._queue
+        background = self._background
+        stopping = False
         while True:
-            try:
-                first = q.get(timeout=self.IDLE_FLUSH_SECONDS)
-            except queue.Empty:
-                if not self._riders:
-                    continue
-                first = None  # idle: flush the background writes
             batch: list[_Job] = []
-            stop_after = first is _STOP
-            if first is not None and not stop_after:
-                batch.append(first)
-                while len(batch) < self.MAX_GROUP:
+            if not stopping:
+                try:
+                    # Do not sleep while background work waits.
+                    first = q.get_nowait() if background else q.get(timeout=self.IDLE_FLUSH_SECONDS)
+                except queue.Empty:
+                    first = None  # idle: flush background work and riders
+                if first is _STOP:
+                    stopping = True
+                elif first is not None and first is not _WAKE:
+                    batch.append(first)
+                while not stopping and len(batch) < self.MAX_GROUP:
                     try:
                         job = q.get_nowait()
                     except queue.Empty:
                         break
                     if job is _STOP:
-                        stop_after = True
-                        break
-                    batch.append(job)
+                        stopping = True
+                    elif job is not _WAKE:
+                        batch.append(job)
+            for _ in range(self.BACKGROUND_PER_COMMIT if not stopping else len(background)):
+                if not background:
+                    break
+                batch.append(background.popleft())
             self._take_riders(batch)
             if batch:
                 self._commit_group(conn, batch)
-            if stop_after:
+            if stopping and not background and not self._riders:
                 return
 
     def _commit_group(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
@@ -451,44 +605,54 @@ class Store:
         self._reactor.callFromThread(self._fire, results)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> list:
-        results = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             err = StoreError(f"could not begin a transaction: {e}")
             return [(job, False, err) for job in batch]
-        # With one job the transaction itself isolates it; savepoints only
-        # matter when jobs share a commit.
-        alone = len(batch) == 1
+        # Optimistic: every job straight into the transaction, no savepoints
+        # (two statements a job saved). Jobs almost never fail; when one does,
+        # the whole group is rolled back and run again, one savepoint a job,
+        # so that job fails alone.
+        try:
+            results = [(job, True, job.fn(conn, *job.args)) for job in batch]
+        except Exception as e:
+            _rollback(conn)
+            if len(batch) == 1:
+                return [(batch[0], False, e)]
+            self.replays += 1
+            return self._run_isolated(conn, batch)
+        return self._commit(conn, results)
+
+    def _run_isolated(self, conn: sqlite3.Connection, batch: list[_Job]) -> list:
+        """Run each job in its own savepoint, so that one failing job is undone alone."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            err = StoreError(f"could not begin a transaction: {e}")
+            return [(job, False, err) for job in batch]
+        results = []
         for job in batch:
             try:
-                if alone:
-                    results.append((job, True, job.fn(conn, *job.args)))
-                    continue
                 conn.execute("SAVEPOINT job")
                 value = job.fn(conn, *job.args)
                 conn.execute("RELEASE job")
                 results.append((job, True, value))
             except Exception as e:  # each job fails alone
-                if alone:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    return [(job, False, e)]
                 try:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                 except sqlite3.Error:
                     pass
                 results.append((job, False, e))
+        return self._commit(conn, results)
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, results: list) -> list:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            _rollback(conn)
             err = StoreError(f"commit failed: {e}")
             return [(job, False, err) for job, _, _ in results]
         return results
@@ -590,7 +754,7 @@ class Store:
 
     def pending_messages(self, after_id: int, limit: int) -> defer.Deferred[list[PendingMessage]]:
         """Messages still in state ``received`` with id > ``after_id``, oldest first."""
-        return self.submit(self._pending_messages, after_id, limit)
+        return self.submit_read(self._pending_messages, after_id, limit)
 
     @staticmethod
     def _pending_messages(conn, after_id: int, limit: int) -> list[PendingMessage]:
@@ -601,12 +765,27 @@ class Store:
         return [PendingMessage(r["id"], r["raw"], r["received_at"], r["charset"] or "") for r in rows]
 
     def record_outcomes(self, outcomes: Iterable) -> defer.Deferred[int]:
-        """Apply pipeline outcomes: state, FHIR, match, outbox rows and events, in one transaction.
+        """Apply pipeline outcomes: state, FHIR, match, outbox rows and events; fire with how many applied.
 
-        Each outcome applies only if its message is still ``received``, so a
-        message is never turned into notifications twice.
+        Written :attr:`OUTCOMES_PER_JOB` at a time, one transaction each; one
+        message's outcome is always whole in one transaction. Each outcome
+        applies only if its message is still ``received``, so a message is
+        never turned into notifications twice.
         """
-        return self.submit(self._record_outcomes, list(outcomes), iso(self.clock()), self._reactor.seconds())
+        outcomes = list(outcomes)
+        now, now_seconds = iso(self.clock()), self._reactor.seconds()
+        # In slices: each slice rides one commit with the intake jobs of the
+        # moment, so no commit (and no ACK waiting on it) carries a whole batch.
+        step = self.OUTCOMES_PER_JOB
+        jobs = [
+            self.submit_background(self._record_outcomes, outcomes[i : i + step], now, now_seconds)
+            for i in range(0, len(outcomes), step)
+        ]
+        if not jobs:
+            return defer.succeed(0)
+        d = defer.gatherResults(jobs, consumeErrors=True)
+        d.addCallbacks(sum, lambda f: f.value.subFailure)
+        return d
 
     @classmethod
     def _record_outcomes(cls, conn, outcomes: list, now: str, now_seconds: float) -> int:
@@ -681,13 +860,15 @@ class Store:
 
     def due_notifications(self, now_seconds: float, limit: int, exclude: Iterable[str] = ()) -> defer.Deferred:
         """Notifications pending or retrying whose next attempt is due."""
-        return self.submit(self._due, now_seconds, limit, tuple(exclude))
+        return self.submit_read(self._due, now_seconds, limit, tuple(exclude))
 
     @staticmethod
     def _due(conn, now_seconds: float, limit: int, exclude: tuple) -> list[Notification]:
         rows = conn.execute(
-            "SELECT * FROM notifications WHERE state IN (?, ?) AND next_attempt_at <= ? "
-            "ORDER BY next_attempt_at LIMIT ?",
+            "SELECT n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, "
+            "n.summary, n.payload, n.state, n.attempts, CASE WHEN n.payload IS NULL THEN m.fhir END AS bundle "
+            "FROM notifications n JOIN messages m ON m.id = n.message_id "
+            "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? ORDER BY n.next_attempt_at LIMIT ?",
             (PENDING, RETRYING, now_seconds, limit + len(exclude)),
         ).fetchall()
         out = [_notification(r) for r in rows if r["id"] not in exclude]
@@ -695,7 +876,7 @@ class Store:
 
     def next_due_time(self) -> defer.Deferred[float | None]:
         """When the earliest pending or retrying notification falls due (reactor seconds)."""
-        return self.submit(self._next_due)
+        return self.submit_read(self._next_due)
 
     @staticmethod
     def _next_due(conn) -> float | None:
@@ -706,7 +887,7 @@ class Store:
 
     def record_attempts(self, attempts: list[DeliveryAttempt]) -> defer.Deferred:
         """Record delivery attempts and their notifications' new states, in one job."""
-        return self.submit(self._record_attempts, list(attempts), iso(self.clock()))
+        return self.submit_background(self._record_attempts, list(attempts), iso(self.clock()))
 
     @staticmethod
     def _record_attempts(conn, attempts: list[DeliveryAttempt], now: str) -> int:
@@ -783,6 +964,13 @@ def upsert_members(conn: sqlite3.Connection, members: list, now: str) -> int:
     return len(members)
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # SQLite may have rolled back already (a full disk, an I/O error)
+
+
 def _event(conn, now: str, message_id, notification_id, actor: str, kind: str, detail) -> None:
     conn.execute(
         "INSERT INTO events (at, message_id, notification_id, actor, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
@@ -803,6 +991,7 @@ def _notification(row) -> Notification:
         payload=row["payload"],
         state=row["state"],
         attempts=row["attempts"],
+        bundle=row["bundle"],
     )
 
 

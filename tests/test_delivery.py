@@ -59,3 +59,53 @@ def test_rewriting_a_file_replaces_it(tmp_path, flush_mode):
 def test_backoff_doubles_up_to_the_cap(attempt, expected):
     """The wait after each failed attempt doubles from backoff_initial and stops at backoff_max."""
     assert backoff_delay(attempt, 2.0, 600.0) == expected
+
+
+def _note(nid: str, payload=None, bundle=None, channel="file", target="/drop/pcp", message_id=1):
+    from gateway.store import Notification
+
+    return Notification(
+        nid, message_id, "pcp", "Dr. A", channel, target, "notification-admit", "{}", payload, bundle=bundle
+    )
+
+
+BUNDLE = json.dumps(
+    {
+        "resourceType": "Bundle",
+        "id": "base",
+        "type": "message",
+        "entry": [{"resource": {"resourceType": "MessageHeader", "id": "h"}}, {"resource": {"resourceType": "X"}}],
+    },
+    separators=(",", ":"),
+)
+
+
+def test_payloads_are_built_from_the_stored_bundle_the_same_bytes_every_time():
+    """A notification without a stored payload gets the message's Bundle with its own id and destination, stably."""
+    notes = [
+        _note("n-1", bundle=BUNDLE),
+        _note("n-2", bundle=BUNDLE, channel="fhir", target="https://h/$process-message"),
+    ]
+    first = delivery.notification_payloads(notes)
+    assert first == delivery.notification_payloads(notes)
+    one, two = (json.loads(p) for p in first)
+    assert one["id"] == "n-1" and two["id"] == "n-2"
+    assert one["entry"][0]["resource"]["destination"] == [{"name": "Dr. A", "endpoint": "file:///drop/pcp"}]
+    assert two["entry"][0]["resource"]["destination"] == [{"name": "Dr. A", "endpoint": "https://h/$process-message"}]
+    assert one["entry"][1:] == json.loads(BUNDLE)["entry"][1:]
+    assert "destination" not in json.loads(BUNDLE)["entry"][0]["resource"]
+
+
+def test_a_stored_payload_is_sent_as_stored():
+    """Rows written before schema version 2 carry their payload; it is sent byte for byte."""
+    assert delivery.notification_payloads([_note("n-1", payload='{"as":"stored"}')]) == [b'{"as":"stored"}']
+
+
+def test_a_notification_without_a_bundle_fails_alone(tmp_path):
+    """No stored payload and no Bundle: that file fails with a clear reason, the others are written."""
+    notes = [_note("a", bundle=BUNDLE, target=str(tmp_path)), _note("b", target=str(tmp_path))]
+    results = delivery.write_notification_files(notes)
+    assert results[0] is None
+    assert isinstance(results[1], delivery.DeliveryFailed)
+    assert "no stored Bundle" in str(results[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

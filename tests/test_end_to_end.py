@@ -23,8 +23,9 @@ from gateway.config import load_config
 from gateway.errors import StoreError
 from gateway.replay import read_ack, split_messages
 from gateway.roster import load_roster_file
+from gateway.routing import notification_payload
 from gateway.service import make_service
-from gateway.store import IntakeRecord, Store, import_members_sync, open_database
+from gateway.store import IntakeRecord, Notification, Store, import_members_sync, open_database
 from mllp import connect, frame
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
@@ -32,6 +33,19 @@ ED_VISIT = "epic-v251-a04-ed-registration.hl7"
 ADMIT = "epic-v251-a01-admit-from-ed.hl7"
 DISCHARGE = "epic-v251-a03-ed-discharge-utf8.hl7"
 UNMATCHED = "meditech-v24-a04-outpatient-unmatched.hl7"
+
+
+NOTIFICATION_FIELDS = (
+    "id",
+    "message_id",
+    "recipient_role",
+    "recipient",
+    "channel",
+    "target",
+    "event_code",
+    "summary",
+    "payload",
+)
 
 
 def temporary_folder(case: unittest.TestCase) -> Path:
@@ -59,9 +73,11 @@ class FhirReceiver(Resource):
         super().__init__()
         self.status = status
         self.requests: list[tuple[str, str, dict]] = []
+        self.bodies: list[bytes] = []
 
     def render_POST(self, request):
         body = request.content.read()
+        self.bodies.append(body)
         self.requests.append(
             (request.path.decode(), request.getHeader("content-type") or "", json.loads(body.decode("utf-8")))
         )
@@ -185,8 +201,17 @@ class EndToEndTests(GatewayTestCase):
             files = {p.stem for p in (self.data / folder).glob("*.json")}
             self.assertEqual(files, expected)
             for nid in expected:
-                bundle = json.loads((self.data / folder / f"{nid}.json").read_text())
+                written = (self.data / folder / f"{nid}.json").read_bytes()
+                bundle = json.loads(written)
                 self.assertEqual(bundle["id"], nid)
+                # Built from the message's Bundle, stored once; the outbox row stores no copy.
+                row = conn.execute(
+                    "SELECT n.*, m.fhir FROM notifications n JOIN messages m ON m.id = n.message_id WHERE n.id = ?",
+                    (nid,),
+                ).fetchone()
+                self.assertIsNone(row["payload"])
+                note = Notification(**{k: row[k] for k in NOTIFICATION_FIELDS})
+                self.assertEqual(written, notification_payload(row["fhir"], note).encode())
                 self.assertEqual(bundle["type"], "message")
                 self.assertEqual(bundle["entry"][0]["resource"]["resourceType"], "MessageHeader")
         leftovers = list((self.data / "drop").rglob(".*.tmp"))
@@ -391,6 +416,7 @@ poll_interval = 0.05
         self.assertEqual(len(self.receiver.requests), 3)
         ids = {b["id"] for _, _, b in self.receiver.requests}
         self.assertEqual(len(ids), 1, "the notification id must stay the same across retries")
+        self.assertEqual(len(set(self.receiver.bodies)), 1, "every retry must send the same bytes")
         conn = self.db()
         attempts = conn.execute("SELECT attempt, outcome, detail FROM delivery_attempts ORDER BY id").fetchall()
         self.assertEqual(

@@ -15,6 +15,7 @@ from gateway.config import Recipient, default_recipients
 from gateway.pipeline import MATCHED, UNMATCHED, RosterLookups, process_message
 from gateway.replay import split_messages
 from gateway.roster import read_roster
+from gateway.routing import notification_payload
 from gateway.store import FAILED, IGNORED, ROUTED, PendingMessage
 from gateway.vocabulary import load_vocabulary
 
@@ -90,7 +91,8 @@ def test_notifications_name_their_recipient_in_the_message_header(vocab, roster_
     base = json.loads(outcome.fhir_json)
     assert "destination" not in base["entry"][0]["resource"]
     for n in outcome.notifications:
-        bundle = json.loads(n.payload)
+        assert n.payload is None  # built from the stored Bundle when sent
+        bundle = json.loads(notification_payload(outcome.fhir_json, n))
         assert bundle["id"] == n.id
         header = bundle["entry"][0]["resource"]
         assert header["destination"] == [{"name": n.recipient, "endpoint": f"file://{n.target}"}]
@@ -109,7 +111,10 @@ def test_notification_ids_are_stable_and_distinct(vocab, roster_lookups, recipie
     ids = [n.id for n in first.notifications]
     assert ids == [n.id for n in again.notifications]
     assert len(set(ids)) == 3
-    assert [n.payload for n in first.notifications] == [n.payload for n in again.notifications]
+    assert first.fhir_json == again.fhir_json
+    assert [notification_payload(first.fhir_json, n) for n in first.notifications] == [
+        notification_payload(again.fhir_json, n) for n in again.notifications
+    ]
 
 
 def test_unmatched_patient_is_routed_to_the_hie_only(vocab, roster_lookups, recipients):
@@ -279,5 +284,17 @@ def test_fhir_recipient_gets_the_process_message_endpoint(vocab, roster_lookups,
     outcome = process_message(pending(sample(UNMATCHED_VISIT)), vocab, UTC, roster_lookups, {**recipients, "hie": hie})
     (note,) = outcome.notifications
     assert (note.channel, note.target) == ("fhir", "https://hie.example/fhir/$process-message")
-    header = json.loads(note.payload)["entry"][0]["resource"]
+    header = json.loads(notification_payload(outcome.fhir_json, note))["entry"][0]["resource"]
     assert header["destination"][0]["endpoint"] == "https://hie.example/fhir/$process-message"
+
+
+def test_spliced_payload_is_exactly_the_full_encoding(vocab, roster_lookups, recipients):
+    """Each recipient's Bundle, joined from parts encoded once, is byte for byte json.dumps of the whole Bundle."""
+    for name in (MATCHED_ADMIT, UNMATCHED_VISIT):
+        outcome = process_message(pending(sample(name)), vocab, UTC, roster_lookups, recipients)
+        for n in outcome.notifications:
+            whole = json.loads(outcome.fhir_json)
+            whole["id"] = n.id
+            header = whole["entry"][0]["resource"]
+            header["destination"] = [{"name": n.recipient, "endpoint": f"file://{n.target}"}]
+            assert notification_payload(outcome.fhir_json, n) == json.dumps(whole, separators=(",", ":"))

@@ -153,3 +153,36 @@ def test_a_database_from_a_newer_herald_is_refused(tmp_path):
     conn.execute("INSERT INTO migrations (version, applied_at) VALUES (?, '2026-01-01')", (SCHEMA_VERSION + 1,))
     with pytest.raises(StoreError, match="newer than this Herald"):
         migrate(conn)
+
+
+def test_version_2_keeps_stored_payloads_and_allows_none(tmp_path, monkeypatch):
+    """Upgrading a version-1 file keeps each stored notification payload; new rows store none and read the Bundle."""
+    from gateway import store as store_module
+    from gateway.store import SCHEMA_VERSION, migrate, open_database, schema_version
+
+    conn = open_database(tmp_path / "old.db")
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
+    migrate(conn)
+    conn.execute(
+        "INSERT INTO messages (received_at, sha256, raw, state, fhir, updated_at) "
+        "VALUES ('t', 'x', x'00', 'routed', '{\"b\":1}', 't')"
+    )
+    conn.execute(
+        "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
+        "summary, payload, state, next_attempt_at, created_at, updated_at) "
+        "VALUES ('old', 1, 'hie', 'HIE', 'file', '/x', 'e', '{}', '{\"stored\":true}', 'pending', 0, 't', 't')"
+    )
+    monkeypatch.undo()
+    migrate(conn)
+    assert schema_version(conn) == SCHEMA_VERSION >= 2
+    conn.execute(
+        "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
+        "summary, payload, state, next_attempt_at, created_at, updated_at) "
+        "VALUES ('new', 1, 'pcp', 'PCP', 'file', '/x', 'e', '{}', NULL, 'pending', 0, 't', 't')"
+    )
+    due = {n.id: n for n in Store._due(conn, 1.0, 10, ())}
+    assert (due["old"].payload, due["old"].bundle) == ('{"stored":true}', None)
+    assert (due["new"].payload, due["new"].bundle) == (None, '{"b":1}')
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'notifications'")}
+    assert {"notifications_due", "notifications_message"} <= indexes
