@@ -94,26 +94,31 @@ def bundle_json(bundle: dict) -> str:
 def payload_builder(bundle: dict | str) -> Callable[[Notification], str]:
     """A function giving each recipient's Bundle (see :func:`notification_payload`) for one message.
 
-    The parts every recipient shares (all but the Bundle id and the
-    MessageHeader entry) are encoded once; each call encodes only the header
-    and joins the parts. The text is exactly ``json.dumps`` of the whole
-    Bundle with compact separators, at a fraction of the cost.
+    The text is exactly ``json.dumps`` of the whole Bundle with compact
+    separators. From the stored text (what :func:`bundle_json` wrote) only
+    the MessageHeader entry is decoded; the rest is spliced in as it is, so
+    the server's cost does not grow with the size of the Bundle.
     """
-    base = json.loads(bundle) if isinstance(bundle, str) else bundle
+    if isinstance(bundle, str):
+        parts = _split_stored(bundle)
+        if parts is not None:
+            head, tail, header_entry, rest = parts
+
+            def build_from_text(notification: Notification) -> str:
+                entry = _dump(_with_destination(header_entry, notification))
+                return head + _dump(notification.id) + tail + entry + rest
+
+            return build_from_text
+        bundle = json.loads(bundle)
+    base = bundle
     keys = list(base) if "id" in base else [*base, "id"]
     fixed = {k: _dump(v) for k, v in base.items() if k not in ("id", "entry")}
     header_entry = base["entry"][0]
     others = "".join("," + _dump(e) for e in base["entry"][1:])
 
     def build(notification: Notification) -> str:
-        endpoint = destination_endpoint(notification.channel, notification.target)
-        # Only the MessageHeader differs per recipient.
-        header = dict(header_entry)
-        header["resource"] = {
-            **header_entry["resource"],
-            "destination": [{"name": notification.recipient, "endpoint": endpoint}],
-        }
-        parts = []
+        header = _with_destination(header_entry, notification)
+        out = []
         for k in keys:
             if k == "id":
                 value = _dump(notification.id)
@@ -121,10 +126,47 @@ def payload_builder(bundle: dict | str) -> Callable[[Notification], str]:
                 value = "[" + _dump(header) + others + "]"
             else:
                 value = fixed[k]
-            parts.append(_dump(k) + ":" + value)
-        return "{" + ",".join(parts) + "}"
+            out.append(_dump(k) + ":" + value)
+        return "{" + ",".join(out) + "}"
 
     return build
+
+
+def _with_destination(header_entry: dict, notification: Notification) -> dict:
+    # Only the MessageHeader differs per recipient.
+    endpoint = destination_endpoint(notification.channel, notification.target)
+    header = dict(header_entry)
+    header["resource"] = {
+        **header_entry["resource"],
+        "destination": [{"name": notification.recipient, "endpoint": endpoint}],
+    }
+    return header
+
+
+_STORED_PREFIX = '{"resourceType":"Bundle","id":'
+_ENTRY_KEY = '"entry":['
+_DECODER = json.JSONDecoder()
+
+
+def _split_stored(text: str) -> tuple[str, str, dict, str] | None:
+    """Cut a stored Bundle into (text up to the id value, text from after it up to the
+    first entry, the first entry decoded, text after it); None when it is not in the expected form.
+
+    A quote inside a JSON string is always escaped, so ``"entry":[`` can only
+    be a key; the Bundle's own entry list is the first one because the keys
+    before it (identifier, type, timestamp) hold no entries.
+    """
+    if not text.startswith(_STORED_PREFIX):
+        return None
+    try:
+        id_value, id_end = _DECODER.raw_decode(text, len(_STORED_PREFIX))
+        entries = text.index(_ENTRY_KEY, id_end) + len(_ENTRY_KEY)
+        header_entry, header_end = _DECODER.raw_decode(text, entries)
+    except ValueError:
+        return None
+    if not isinstance(id_value, str) or not isinstance(header_entry, dict) or "resource" not in header_entry:
+        return None
+    return _STORED_PREFIX, text[id_end:entries], header_entry, text[header_end:]
 
 
 def notification_payload(bundle: dict | str, notification: Notification) -> str:
