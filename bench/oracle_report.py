@@ -21,6 +21,7 @@ crashed or a difference is unexplained, 2 when the corpus is absent.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import traceback
@@ -54,14 +55,16 @@ def corpus_table(details: bool) -> int:
         counts: Counter = Counter()
         for case in corpus_cases(corpus):
             try:
-                outcome = herald_outcome(case.raw)
+                outcome = herald_outcome(case.raw, case.file_error)
             except Exception:  # a crash is what this counts
                 counts["crashed"] += 1
                 print(f"  CRASH {case.case_id}\n{traceback.format_exc()}", file=sys.stderr)
                 continue
             counts[outcome.kind] += 1
             if outcome.kind != CONVERTED:
-                reasons[(corpus, outcome.kind, outcome.location, outcome.reason.split(":")[0][:70])] += 1
+                # Group by the reason's first clause (a malformed file's "line N: " is left out).
+                reason = re.sub(r"^line \d+: ", "", outcome.reason)
+                reasons[(corpus, outcome.kind, outcome.location, reason.split(":")[0][:70])] += 1
                 if details:
                     print(f"    {case.case_id}: {outcome.describe()[:160]}")
         total = sum(counts.values())

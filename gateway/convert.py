@@ -54,6 +54,7 @@ __all__ = [
 
 NOTIFICATION_EVENT_SYSTEM = "http://hl7.org/fhir/us/davinci-alerts/CodeSystem/notification-event"
 V2_0003 = "http://terminology.hl7.org/CodeSystem/v2-0003"
+V2_0301 = "http://terminology.hl7.org/CodeSystem/v2-0301"
 
 
 @dataclass(slots=True)
@@ -155,6 +156,17 @@ def convert(
     sender_org = segments.organization(ctx, sending_fac or facility)
     if msh.reps(4):
         ctx.used(msh, 4, "MessageHeader.sender -> Organization")
+        # IG HD[Organization]: the universal id (HD-2, typed by HD-3) is an identifier.
+        universal = ctx.hd_field(msh.reps(4)[0])
+        if universal.universal_uri:
+            kind = universal.kind.upper() or "ISO"  # untyped: universal_uri accepts only an OID
+            ident = {
+                "type": {"coding": [{"system": V2_0301, "code": kind}]},
+                "system": "urn:ietf:rfc:3986",
+                "value": universal.universal_uri,
+            }
+            if ident not in sender_org.setdefault("identifier", []):
+                sender_org["identifier"].append(ident)
 
     # Patient.
     pd1 = msg.segment("PD1")
@@ -248,18 +260,34 @@ def _insurance_groups(msg: V2Message) -> list:
 
 
 def _source(ctx: MessageContext, app: str, facility: str) -> dict:
-    """MessageHeader.source: MSH-3 (name), MSH-24 or a URN of MSH-3/MSH-4 (endpoint), SFT (software)."""
+    """MessageHeader.source: MSH-3 (name); endpoint from MSH-24, else MSH-3 (IG HD[MessageHeader.source-endpoint]).
+
+    The endpoint is the first universal id (HD-2) that is valid for its type
+    (ISO OID, UUID, URI, DNS name), MSH-24's before MSH-3's; else MSH-24's
+    namespace when it is a URI; else a Herald URN of MSH-3 and MSH-4
+    (endpoint is required, and an invalid URI would fail validation).
+    """
     msh = ctx.msg.msh
     source: dict = {}
     if app:
         source["name"] = app
         ctx.used(msh, 3, "MessageHeader.source.name")
     network = ctx.hd_field(msh.reps(24)[0]) if msh.reps(24) else None
-    if network:
-        source["endpoint"] = network.system if network.universal else authority_system(network.text)
-        ctx.used(msh, 24, "MessageHeader.source.endpoint")
-    else:
-        source["endpoint"] = authority_system(f"{app}.{facility}").replace("urn:herald:id:", "urn:herald:source:", 1)
+    sending = ctx.hd_field(msh.reps(3)[0]) if msh.reps(3) else None
+    endpoint = ""
+    for n, hd in ((24, network), (3, sending)):
+        if hd is not None and hd.universal_uri:
+            endpoint = hd.universal_uri
+            ctx.used(msh, n, "MessageHeader.source.endpoint")
+            break
+    if not endpoint and network:
+        system = authority_system(network.namespace)
+        if not system.startswith("urn:herald:"):
+            endpoint = system
+            ctx.used(msh, 24, "MessageHeader.source.endpoint")
+    if not endpoint:
+        endpoint = authority_system(f"{app}.{facility}").replace("urn:herald:id:", "urn:herald:source:", 1)
+    source["endpoint"] = endpoint
     sft = ctx.msg.segment("SFT")
     if sft is not None:
         software = ctx.field_text(sft, 3)
