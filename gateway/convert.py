@@ -17,6 +17,7 @@ With ``explain=True`` every field used is recorded as it is mapped (see
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
@@ -55,6 +56,7 @@ __all__ = [
 NOTIFICATION_EVENT_SYSTEM = "http://hl7.org/fhir/us/davinci-alerts/CodeSystem/notification-event"
 V2_0003 = "http://terminology.hl7.org/CodeSystem/v2-0003"
 V2_0301 = "http://terminology.hl7.org/CodeSystem/v2-0301"
+_LANGUAGE_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$", re.ASCII)
 
 
 @dataclass(slots=True)
@@ -154,6 +156,10 @@ def convert(
     org = segments.organization(ctx, facility, facility_npi)
     org_ref = ref(org["id"])
     sender_org = segments.organization(ctx, sending_fac or facility)
+    country = ctx.field_text(msh, 17)
+    if country and "address" not in sender_org:
+        ctx.used(msh, 17, "MessageHeader.sender -> Organization.address.country")
+        sender_org["address"] = [{"country": country}]
     if msh.reps(4):
         ctx.used(msh, 4, "MessageHeader.sender -> Organization")
         # IG HD[Organization]: the universal id (HD-2, typed by HD-3) is an identifier.
@@ -209,10 +215,18 @@ def convert(
         "eventCoding": {"system": NOTIFICATION_EVENT_SYSTEM, "code": notification},
         "source": _source(ctx, sending_app, sending_fac),
         "sender": {"reference": ref(sender_org["id"]), "display": sender_org["name"]},
-        "responsible": {"reference": org_ref, "display": facility},
+        "responsible": _responsible(ctx, org_ref, facility),
         "reason": {"coding": [{"system": V2_0003, "code": trigger}]},
         "focus": [{"reference": enc_ref}],
     }
+    language_cwe = ctx.texts(msh.reps(19)[0]) if msh.reps(19) else [""]
+    language = language_cwe[0] or (language_cwe[3] if len(language_cwe) > 3 else "")
+    if language and _LANGUAGE_TAG.match(language):
+        # MSH-19 (IG: MessageHeader.language), its alternate code when the first is empty;
+        # BCP 47 writes the language subtag in lower case.
+        ctx.used(msh, 19, "MessageHeader.language")
+        primary, _, rest = language.partition("-")
+        header["language"] = primary.lower() + (f"-{rest}" if rest else "")
     if rule.display:
         header["reason"]["coding"][0]["display"] = rule.display
     if rule.retraction:
@@ -246,6 +260,17 @@ def convert(
         retraction=rule.retraction,
         trace=trace,
     )
+
+
+def _responsible(ctx: MessageContext, org_ref: str, facility: str) -> dict:
+    """MSH-22 (sending responsible organization, IG) when valued, else the facility."""
+    msh = ctx.msg.msh
+    org = segments.xon_organization(ctx, msh.reps(22)[0]) if msh.reps(22) else None
+    if org is None:
+        return {"reference": org_ref, "display": facility}
+    ctx.used(msh, 22, "MessageHeader.responsible -> Organization")
+    reference = ctx.add(org)
+    return {"reference": reference, "display": org["name"]} if org.get("name") else {"reference": reference}
 
 
 def _insurance_groups(msg: V2Message) -> list:

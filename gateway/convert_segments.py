@@ -71,7 +71,7 @@ def patient(
     nk1s: list[Segment],
     in2s: list[Segment],
 ) -> tuple[dict, PatientKeys]:
-    """PID (with PD1, NK1 and IN2-8) as a Patient, and the match keys.
+    """PID (with PD1, NK1 and IN2-6) as a Patient, and the match keys.
 
     The Patient's id is from the sender and its identifier (the MR-typed
     one of PID-3 when there is one), so every message about this patient
@@ -107,11 +107,12 @@ def patient(
             ctx.used(pid, n, "(an SSN repetition: left out, SSNs are not forwarded)")
     if pid.reps(19):
         ctx.used(pid, 19, "(left out: SSNs are not forwarded)")
-    # IN2-8 is the Medicare card number: in the MBI format it is the patient's MBI.
+    # IN2-6 is the Medicare health insurance card number: in the MBI format
+    # it is the patient's MBI. (IN2-8 is the Medicaid case number.)
     for in2 in in2s:
-        value = ctx.field_text(in2, 8).replace("-", "").upper()
+        value = ctx.field_text(in2, 6).replace("-", "").upper()
         if value and MBI_PATTERN.match(value):
-            ctx.used(in2, 8, "Patient.identifier (MBI)")
+            ctx.used(in2, 6, "Patient.identifier (MBI)")
             if (MBI_SYSTEM, value) not in seen:
                 seen.add((MBI_SYSTEM, value))
                 identifiers.append({"system": MBI_SYSTEM, "value": value})
@@ -228,7 +229,7 @@ def patient(
     if pd1 is not None:
         gps = []
         for raw in pd1.reps(3):
-            org = _xon_organization(ctx, raw)
+            org = xon_organization(ctx, raw)
             if org:
                 ctx.used(pd1, 3, "Patient.generalPractitioner (Organization)")
                 gps.append({"reference": ctx.add(org)})
@@ -312,7 +313,7 @@ def _contact(ctx: MessageContext, nk1: Segment) -> dict | None:
     # NK1-13: the contact is an organization (an employer, a care home); its
     # contact person (NK1-30/31/32) goes on the Organization (IG NK1[Patient]).
     for raw in nk1.reps(13)[:1]:
-        org = _xon_organization(ctx, raw)
+        org = xon_organization(ctx, raw)
         if org is None:
             continue
         ctx.used(nk1, 13, "Patient.contact.organization -> Organization")
@@ -338,7 +339,7 @@ def _contact(ctx: MessageContext, nk1: Segment) -> dict | None:
     return contact
 
 
-def _xon_organization(ctx: MessageContext, raw: str) -> dict | None:
+def xon_organization(ctx: MessageContext, raw: str) -> dict | None:
     """An XON repetition as an Organization (name XON-1, id XON-10 or XON-3 by XON-6)."""
     c = raw.split(ctx.msg.comp)
     n = len(c)
@@ -473,6 +474,12 @@ def encounter(
         if reasons:
             ctx.used(pv2, 3, "Encounter.reasonCode")
             enc["reasonCode"] = reasons
+        priority = pv2.reps(25)
+        if priority:
+            concept = ctx.cwe(priority[0], "0217-encounter-priority", "http://terminology.hl7.org/CodeSystem/v2-0217")
+            if concept:
+                ctx.used(pv2, 25, "Encounter.priority")
+                enc["priority"] = concept
 
     participants = []
     for n, code, display in PV1_PARTICIPANTS:
@@ -751,7 +758,7 @@ def coverages(ctx: MessageContext, groups: list[tuple[Segment, Segment | None]],
     for i, (in1, _in2) in enumerate(groups):
         payors = []
         for raw in in1.reps(4)[:1]:
-            org = _xon_organization(ctx, raw)
+            org = xon_organization(ctx, raw)
             if org is not None:
                 company_id = in1.reps(3)
                 if "identifier" not in org and company_id:
@@ -841,7 +848,7 @@ def coverages(ctx: MessageContext, groups: list[tuple[Segment, Segment | None]],
 
 def _policy_holder(ctx: MessageContext, in1: Segment) -> dict | None:
     """IN1-11 (insured's group employer) as an Organization, with IN1-10 ids as its identifiers."""
-    org = _xon_organization(ctx, in1.reps(11)[0]) if in1.reps(11) else None
+    org = xon_organization(ctx, in1.reps(11)[0]) if in1.reps(11) else None
     if org is None:
         return None
     ctx.used(in1, 11, "Coverage.policyHolder -> Organization")

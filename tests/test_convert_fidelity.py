@@ -290,3 +290,37 @@ def test_xpn15_called_by_is_a_nickname(vocab):
     patient = first(bundle_of(adt(pid={5: "EVERYMAN^ADAM^A^III^^^L^^^^^^^^Addy"}), vocab), "Patient")
     assert patient["name"][0]["given"] == ["ADAM", "A"]
     assert patient["name"][1] == {"use": "nickname", "given": ["Addy"]}
+
+
+def test_the_mbi_is_read_from_in2_6_not_the_medicaid_number_in_in2_8(vocab):
+    """IN2-6 is the Medicare card number (an MBI there is the patient's); IN2-8, the Medicaid case number, is not."""
+    in1 = segment("IN1", {1: "1", 4: "MEDICARE"})
+    medicaid = adt(pid={3: "MRN123^^^TESTFAC^MR"}, after_pv1=(in1, segment("IN2", {1: "1", 8: "9AA0A00AA00"})))
+    assert convert(medicaid, vocab, UTC, RECEIVED).keys.mbi == ""
+    medicare = adt(pid={3: "MRN123^^^TESTFAC^MR"}, after_pv1=(in1, segment("IN2", {1: "1", 6: "9AA0A00AA00"})))
+    assert convert(medicare, vocab, UTC, RECEIVED).keys.mbi == "9AA0A00AA00"
+
+
+def test_msh_17_19_22_country_language_and_responsible_organization(vocab):
+    """IG MSH[MessageHeader]: MSH-17 sender country, MSH-19 language (BCP 47 case), MSH-22 responsible organization."""
+    fields = ["MSH", "^~\\&", "APP", "FAC", "HERALD", "ACO", "20260301120000", "", "ADT^A01", "C1", "P", "2.5.1"]
+    fields += ["", "", "", "", "USA", "", "^^^EN-US", "", "", "GOOD HEALTH NETWORK"]
+    bundle = bundle_of(with_msh(adt_text(), "|".join(fields)), vocab)
+    header = first(bundle, "MessageHeader")
+    assert header["language"] == "en-US"
+    assert resolve(bundle, header["sender"]["reference"])["address"] == [{"country": "USA"}]
+    assert resolve(bundle, header["responsible"]["reference"])["name"] == "GOOD HEALTH NETWORK"
+
+
+def test_responsible_is_the_facility_without_msh22(vocab):
+    """With MSH-22 empty, MessageHeader.responsible is the facility (PV1-3.4) Organization."""
+    bundle = bundle_of(adt(), vocab)
+    header = first(bundle, "MessageHeader")
+    assert resolve(bundle, header["responsible"]["reference"])["name"] == "TESTFAC"
+
+
+@pytest.mark.parametrize(("pv2_25", "code"), [("1", "EM"), ("3", "EL"), ("VIP", "VIP")])
+def test_pv2_25_visit_priority(vocab, pv2_25, code):
+    """IG PV2[Encounter]: PV2-25 is Encounter.priority (EncounterPriority: 1 EM, 2 UR, 3 EL; others kept)."""
+    bundle = bundle_of(adt(after_pv1=(segment("PV2", {25: pv2_25}),)), vocab)
+    assert first(bundle, "Encounter")["priority"]["coding"][0]["code"] == code
