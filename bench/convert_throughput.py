@@ -68,7 +68,7 @@ def synthetic_message(i: int) -> bytes:
             "OBX|2|ST|8661-1^Chief complaint^LN||Chest pain||||||F",
             "AL1|1|DA|70618^Penicillin^RXNORM|SV|Hives",
             "IN1|1|MCRA^Medicare Part A|CMS01|MEDICARE||||||||20200101|||||SEL",
-            "IN2|1||||||||9AA0A00AA00",
+            "IN2|1|||||9AA0A00AA00",
         ]
     return ("\r".join(lines) + "\r").encode("utf-8")
 

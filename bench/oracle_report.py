@@ -21,6 +21,7 @@ crashed or a difference is unexplained, 2 when the corpus is absent.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import traceback
@@ -54,14 +55,16 @@ def corpus_table(details: bool) -> int:
         counts: Counter = Counter()
         for case in corpus_cases(corpus):
             try:
-                outcome = herald_outcome(case.raw)
+                outcome = herald_outcome(case.raw, case.file_error)
             except Exception:  # a crash is what this counts
                 counts["crashed"] += 1
                 print(f"  CRASH {case.case_id}\n{traceback.format_exc()}", file=sys.stderr)
                 continue
             counts[outcome.kind] += 1
             if outcome.kind != CONVERTED:
-                reasons[(corpus, outcome.kind, outcome.location, outcome.reason.split(":")[0][:70])] += 1
+                # Group by the reason's first clause (a malformed file's "line N: " is left out).
+                reason = re.sub(r"^line \d+: ", "", outcome.reason)
+                reasons[(corpus, outcome.kind, outcome.location, reason.split(":")[0][:70])] += 1
                 if details:
                     print(f"    {case.case_id}: {outcome.describe()[:160]}")
         total = sum(counts.values())
@@ -84,6 +87,7 @@ def segment_table(details: bool) -> int:
         f"{'unexplained':>11} {'agreement':>9} {'in scope':>8}"
     )
     unexplained_total = 0
+    total: Counter = Counter()
     for segment in rs.SEGMENTS:
         counts: Counter = Counter()
         pairs = [p for p in rs.pairs() if p.segment == segment]
@@ -105,18 +109,40 @@ def segment_table(details: bool) -> int:
                     if details:
                         print(f"    UNEXPLAINED {pair.name} {leaf.element}: {leaf.expected!r} vs {leaf.herald!r}")
         unexplained_total += counts["unexplained"]
-        rate = counts["agree"] / counts["compared"] if counts["compared"] else 0.0
-        in_scope = counts["compared"] - counts["justified"]
-        scoped = counts["agree"] / in_scope if in_scope else 1.0
-        print(
-            f"  {segment:8} {len(pairs):>5} {counts['compared']:>8} {counts['agree']:>6} {counts['justified']:>9} "
-            f"{counts['defect']:>6} {counts['unexplained']:>11} {rate:>8.1%} {scoped:>8.1%}"
-        )
+        total.update(counts)
+        total["pairs"] += len(pairs)
+        _segment_row(segment, len(pairs), counts)
+    _segment_row("all", total["pairs"], total)
     return unexplained_total
+
+
+def _segment_row(label: str, pairs: int, counts: Counter) -> None:
+    rate = counts["agree"] / counts["compared"] if counts["compared"] else 0.0
+    in_scope = counts["compared"] - counts["justified"]
+    scoped = counts["agree"] / in_scope if in_scope else 1.0
+    print(
+        f"  {label:8} {pairs:>5} {counts['compared']:>8} {counts['agree']:>6} {counts['justified']:>9} "
+        f"{counts['defect']:>6} {counts['unexplained']:>11} {rate:>8.1%} {scoped:>8.1%}"
+    )
 
 
 def msft_list() -> int:
     """Print every difference from Microsoft's expected bundles with its reason; return how many are unexplained."""
+    print("\nMicrosoft FHIR-Converter, A01/A03/A04: differences per aspect (all six messages)")
+    print(f"  {'aspect':24} {'differences':>11} {'justified':>9} {'defect':>6} {'unexplained':>11}")
+    by_aspect: dict[str, Counter] = {a: Counter() for a in msft.ASPECTS}
+    for pair in msft.pairs():
+        for d in msft.differences(pair.stem):
+            c = by_aspect[d.aspect]
+            c["differences"] += 1
+            if msft.explained(d) is not None:
+                c["justified"] += 1
+            elif defects_for(f"msft:{pair.stem}::{d.aspect}"):
+                c["defect"] += 1
+            else:
+                c["unexplained"] += 1
+    for aspect, c in by_aspect.items():
+        print(f"  {aspect:24} {c['differences']:>11} {c['justified']:>9} {c['defect']:>6} {c['unexplained']:>11}")
     print("\nMicrosoft FHIR-Converter, A01/A03/A04: differences and why")
     unexplained = 0
     for pair in msft.pairs():
@@ -139,6 +165,8 @@ def msft_list() -> int:
 def defect_list() -> None:
     """Print the open defects (tests/oracles/open_defects.toml)."""
     print("\nOpen converter defects (tests/oracles/open_defects.toml)")
+    if not open_defects():
+        print("  (none)")
     for d in open_defects():
         print(f"  {d.id}: {d.title}\n      field: {d.field}\n      expected: {d.expected}\n      Herald: {d.herald}")
 

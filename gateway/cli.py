@@ -132,9 +132,14 @@ def send(target, paths, timeout, quiet):
     try:
         messages = collect_messages(paths)
     except ReplayError as e:
-        raise click.ClickException(str(e)) from None
+        # Nothing is sent: the operator fixes (or leaves out) the files named and runs again.
+        for line in str(e).splitlines():
+            click.echo(f"herald send: {line}", err=True)
+        click.echo("herald send: nothing was sent", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     if not messages:
-        raise click.ClickException("no HL7 messages (text starting with MSH) in the given paths")
+        click.echo("herald send: no HL7 messages (text starting with MSH) in the given paths", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     report = replay(host, int(port), messages, timeout=timeout, progress=not quiet)
     for line in report.failures:
         click.echo(line, err=True)
@@ -172,10 +177,8 @@ def convert(file, config_path, no_validate, explain):
         vocab = load_vocabulary()
         messages = collect_messages([file])
     except (ReplayError, ConfigError) as e:
-        click.echo(f"herald convert: {e}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    if not messages:
-        click.echo(f"herald convert: {file}: no HL7 message (text starting with MSH) found", err=True)
+        for line in str(e).splitlines():
+            click.echo(f"herald convert: {line}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     bundles = []
     explained: list[str] = []
@@ -200,6 +203,15 @@ def convert(file, config_path, no_validate, explain):
         click.echo("\n".join(explained).rstrip("\n"))
         return
     click.echo(json.dumps(bundles[0] if len(bundles) == 1 else bundles, indent=2, ensure_ascii=False))
+
+
+@main.command("explain")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@config_option
+@click.pass_context
+def explain_command(ctx, file, config_path):
+    """Same as `herald convert FILE --explain`: each v2 field used, its HL7 name and FHIR target."""
+    ctx.invoke(convert, file=file, config_path=config_path, no_validate=False, explain=True)
 
 
 # -- roster ------------------------------------------------------------------

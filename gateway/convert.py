@@ -17,6 +17,7 @@ With ``explain=True`` every field used is recorded as it is mapped (see
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
@@ -54,6 +55,8 @@ __all__ = [
 
 NOTIFICATION_EVENT_SYSTEM = "http://hl7.org/fhir/us/davinci-alerts/CodeSystem/notification-event"
 V2_0003 = "http://terminology.hl7.org/CodeSystem/v2-0003"
+V2_0301 = "http://terminology.hl7.org/CodeSystem/v2-0301"
+_LANGUAGE_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$", re.ASCII)
 
 
 @dataclass(slots=True)
@@ -153,8 +156,23 @@ def convert(
     org = segments.organization(ctx, facility, facility_npi)
     org_ref = ref(org["id"])
     sender_org = segments.organization(ctx, sending_fac or facility)
+    country = ctx.field_text(msh, 17)
+    if country and "address" not in sender_org:
+        ctx.used(msh, 17, "MessageHeader.sender -> Organization.address.country")
+        sender_org["address"] = [{"country": country}]
     if msh.reps(4):
         ctx.used(msh, 4, "MessageHeader.sender -> Organization")
+        # IG HD[Organization]: the universal id (HD-2, typed by HD-3) is an identifier.
+        universal = ctx.hd_field(msh.reps(4)[0])
+        if universal.universal_uri:
+            kind = universal.kind.upper() or "ISO"  # untyped: universal_uri accepts only an OID
+            ident = {
+                "type": {"coding": [{"system": V2_0301, "code": kind}]},
+                "system": "urn:ietf:rfc:3986",
+                "value": universal.universal_uri,
+            }
+            if ident not in sender_org.setdefault("identifier", []):
+                sender_org["identifier"].append(ident)
 
     # Patient.
     pd1 = msg.segment("PD1")
@@ -197,10 +215,18 @@ def convert(
         "eventCoding": {"system": NOTIFICATION_EVENT_SYSTEM, "code": notification},
         "source": _source(ctx, sending_app, sending_fac),
         "sender": {"reference": ref(sender_org["id"]), "display": sender_org["name"]},
-        "responsible": {"reference": org_ref, "display": facility},
+        "responsible": _responsible(ctx, org_ref, facility),
         "reason": {"coding": [{"system": V2_0003, "code": trigger}]},
         "focus": [{"reference": enc_ref}],
     }
+    language_cwe = ctx.texts(msh.reps(19)[0]) if msh.reps(19) else [""]
+    language = language_cwe[0] or (language_cwe[3] if len(language_cwe) > 3 else "")
+    if language and _LANGUAGE_TAG.match(language):
+        # MSH-19 (IG: MessageHeader.language), its alternate code when the first is empty;
+        # BCP 47 writes the language subtag in lower case.
+        ctx.used(msh, 19, "MessageHeader.language")
+        primary, _, rest = language.partition("-")
+        header["language"] = primary.lower() + (f"-{rest}" if rest else "")
     if rule.display:
         header["reason"]["coding"][0]["display"] = rule.display
     if rule.retraction:
@@ -236,6 +262,17 @@ def convert(
     )
 
 
+def _responsible(ctx: MessageContext, org_ref: str, facility: str) -> dict:
+    """MSH-22 (sending responsible organization, IG) when valued, else the facility."""
+    msh = ctx.msg.msh
+    org = segments.xon_organization(ctx, msh.reps(22)[0]) if msh.reps(22) else None
+    if org is None:
+        return {"reference": org_ref, "display": facility}
+    ctx.used(msh, 22, "MessageHeader.responsible -> Organization")
+    reference = ctx.add(org)
+    return {"reference": reference, "display": org["name"]} if org.get("name") else {"reference": reference}
+
+
 def _insurance_groups(msg: V2Message) -> list:
     """Each IN1 with the IN2 that follows it (before the next IN1), if any."""
     groups: list = []
@@ -248,18 +285,34 @@ def _insurance_groups(msg: V2Message) -> list:
 
 
 def _source(ctx: MessageContext, app: str, facility: str) -> dict:
-    """MessageHeader.source: MSH-3 (name), MSH-24 or a URN of MSH-3/MSH-4 (endpoint), SFT (software)."""
+    """MessageHeader.source: MSH-3 (name); endpoint from MSH-24, else MSH-3 (IG HD[MessageHeader.source-endpoint]).
+
+    The endpoint is the first universal id (HD-2) that is valid for its type
+    (ISO OID, UUID, URI, DNS name), MSH-24's before MSH-3's; else MSH-24's
+    namespace when it is a URI; else a Herald URN of MSH-3 and MSH-4
+    (endpoint is required, and an invalid URI would fail validation).
+    """
     msh = ctx.msg.msh
     source: dict = {}
     if app:
         source["name"] = app
         ctx.used(msh, 3, "MessageHeader.source.name")
     network = ctx.hd_field(msh.reps(24)[0]) if msh.reps(24) else None
-    if network:
-        source["endpoint"] = network.system if network.universal else authority_system(network.text)
-        ctx.used(msh, 24, "MessageHeader.source.endpoint")
-    else:
-        source["endpoint"] = authority_system(f"{app}.{facility}").replace("urn:herald:id:", "urn:herald:source:", 1)
+    sending = ctx.hd_field(msh.reps(3)[0]) if msh.reps(3) else None
+    endpoint = ""
+    for n, hd in ((24, network), (3, sending)):
+        if hd is not None and hd.universal_uri:
+            endpoint = hd.universal_uri
+            ctx.used(msh, n, "MessageHeader.source.endpoint")
+            break
+    if not endpoint and network:
+        system = authority_system(network.namespace)
+        if not system.startswith("urn:herald:"):
+            endpoint = system
+            ctx.used(msh, 24, "MessageHeader.source.endpoint")
+    if not endpoint:
+        endpoint = authority_system(f"{app}.{facility}").replace("urn:herald:id:", "urn:herald:source:", 1)
+    source["endpoint"] = endpoint
     sft = ctx.msg.segment("SFT")
     if sft is not None:
         software = ctx.field_text(sft, 3)

@@ -39,6 +39,7 @@ _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$", re.ASCII)
 _URN_UNSAFE = re.compile(r"[^A-Za-z0-9.\-]+")
 _TABLE_NAME = re.compile(r"^HL7(\d{4})$", re.ASCII)
 _LOCAL_SYSTEM = re.compile(r"^(L|99[A-Z0-9]{3})$", re.ASCII)
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$", re.ASCII)
 
 
 def resource_id(*parts: str) -> str:
@@ -105,20 +106,33 @@ class HD:
         return self.namespace or self.universal
 
     @property
+    def universal_uri(self) -> str:
+        """The universal id as a URI when it is valid for its type (ISO OID, UUID, URI, DNS name), else ""."""
+        kind = self.kind.upper()
+        u = self.universal
+        if not u:
+            return ""
+        if kind == "ISO" or (not kind and _OID.match(u)):
+            return f"urn:oid:{u}" if _OID.match(u) else ""
+        if kind == "UUID":
+            try:
+                return f"urn:uuid:{uuid.UUID(u)}"
+            except ValueError:
+                return ""
+        if kind in ("URI", "URL"):
+            system = authority_system(u)
+            return "" if system.startswith("urn:herald:") else system
+        if kind == "DNS":
+            return f"urn:dns:{u.lower()}" if _DNS_NAME.match(u) else ""
+        return ""
+
+    @property
     def system(self) -> str:
         """A system URI: the universal id when it is one (ISO OID, UUID, URI), else from the name."""
-        kind = self.kind.upper()
-        if self.universal:
-            if kind == "ISO" or (not kind and _OID.match(self.universal)):
-                if _OID.match(self.universal):
-                    return f"urn:oid:{self.universal}"
-            elif kind == "UUID":
-                try:
-                    return f"urn:uuid:{uuid.UUID(self.universal)}"
-                except ValueError:
-                    pass
-            elif kind in ("URI", "URL"):
-                return authority_system(self.universal)
+        if self.universal and self.kind.upper() != "DNS":
+            found = self.universal_uri
+            if found:
+                return found
         return authority_system(self.text)
 
     def __bool__(self) -> bool:
@@ -403,8 +417,17 @@ class MessageContext:
         c = raw.split(self._comp)
         n = len(c)
         text = self.text
-        # XAD-1 is an SAD: the street address is its first subcomponent.
-        street = text(c[0].split(self._sub, 1)[0]) if c[0] else ""
+        # XAD-1 is an SAD: street address, street name and dwelling number are
+        # its subcomponents, each a line (the IG's SAD[Address]) unless the
+        # street address already holds it ("12 MAIN ST&MAIN ST&12" is one line).
+        street = []
+        if c[0]:
+            sad = c[0].split(self._sub)
+            street.append(text(sad[0]))
+            for part in sad[1:3]:
+                v = text(part)
+                if v and f" {v} " not in f" {street[0]} ":
+                    street.append(v)
         addr: dict = {}
         kind = text(c[6]) if n > 6 else ""
         if kind:
@@ -414,14 +437,22 @@ class MessageContext:
             addr_type = self.table_code("0190-address-type", kind)
             if addr_type:
                 addr["type"] = addr_type
-        line = [x for x in (street, text(c[1]) if n > 1 else "", text(c[18]) if n > 18 else "") if x]
+        line = [x for x in (*street, text(c[1]) if n > 1 else "", text(c[18]) if n > 18 else "") if x]
         if line:
             addr["line"] = line
-        for key, i in (("city", 2), ("district", 8), ("state", 3), ("postalCode", 4), ("country", 5)):
+        for key, i in (("city", 2), ("state", 3), ("postalCode", 4), ("country", 5)):
             if n > i:
                 v = text(c[i])
                 if v:
                     addr[key] = v
+        if n > 8 and c[8]:
+            # XAD-9 is a CWE from v2.7 (its parts are subcomponents), an IS code
+            # before: the IG's CWE[string] takes the original text, else the
+            # text; a bare code (the IS form) is kept as it is all there is.
+            county = [text(s) for s in c[8].split(self._sub)]
+            v = (county[8] if len(county) > 8 else "") or (county[1] if len(county) > 1 else "") or county[0]
+            if v:
+                addr["district"] = v
         if n > 12 and (c[12] or (n > 13 and c[13])):
             start = self.dtm(text(c[12]), "XAD-13")[0]
             end = self.dtm(text(c[13]), "XAD-14")[0] if n > 13 else ""
@@ -434,9 +465,10 @@ class MessageContext:
     def xtn(self, raw: str, default_use: str = "") -> dict | None:
         """An XTN repetition as a ContactPoint.
 
-        Both forms: the pre-v2.3 string in XTN-1 (``(203)555-0147``) and the
-        components (country, area, local number, extension), written as the
-        IG writes them (``+1 203 5550188 X12``); e-mail from XTN-4.
+        The value is XTN-12 (the unformatted number) when sent, else the
+        components (country, area, local number, extension) written as the
+        IG writes them (``+1 203 5550188 X12``), else the pre-v2.3 string in
+        XTN-1 (``(203)555-0147``); e-mail from XTN-4.
         """
         c = self.texts(raw)
         n = len(c)
@@ -463,12 +495,16 @@ class MessageContext:
         else:
             country, area, local = (c[4] if n > 4 else ""), (c[5] if n > 5 else ""), (c[6] if n > 6 else "")
             ext = c[7] if n > 7 else ""
-            if local:
+            unformatted = c[11] if n > 11 else ""
+            if unformatted:
+                # XTN-12, the number as dialled, is the IG's value when it is sent.
+                value = unformatted
+            elif local:
                 value = " ".join(x for x in (f"+{country}" if country else "", area, local) if x)
                 if ext:
                     value += f" X{ext}"
             else:
-                value = (c[11] if n > 11 else "") or c[0]
+                value = c[0]
             if not value:
                 return None
             point["system"] = system
@@ -536,6 +572,17 @@ class MessageContext:
         suffix = [s for s in (text(c[4]) if n > 4 else "", text(c[20]) if n > 20 else "") if s]
         if suffix:
             name["suffix"] = suffix
+        # XCN-19/20 (effective, expiration), else XCN-17 (a DR: its parts are subcomponents).
+        start = text(c[18]) if n > 18 else ""
+        end = text(c[19]) if n > 19 else ""
+        if not start and not end and n > 16 and c[16]:
+            validity = c[16].split(self._sub)
+            start, end = text(validity[0]), text(validity[1]) if len(validity) > 1 else ""
+        if start or end:
+            start = self.dtm(start, "XCN-19")[0]
+            end = self.dtm(end, "XCN-20")[0]
+            if start or end:
+                name["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
         if "family" in name or "given" in name:
             practitioner["name"] = [name]
         degree = code_value(text(c[6])) if n > 6 else ""

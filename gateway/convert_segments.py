@@ -71,7 +71,7 @@ def patient(
     nk1s: list[Segment],
     in2s: list[Segment],
 ) -> tuple[dict, PatientKeys]:
-    """PID (with PD1, NK1 and IN2-8) as a Patient, and the match keys.
+    """PID (with PD1, NK1 and IN2-6) as a Patient, and the match keys.
 
     The Patient's id is from the sender and its identifier (the MR-typed
     one of PID-3 when there is one), so every message about this patient
@@ -107,11 +107,12 @@ def patient(
             ctx.used(pid, n, "(an SSN repetition: left out, SSNs are not forwarded)")
     if pid.reps(19):
         ctx.used(pid, 19, "(left out: SSNs are not forwarded)")
-    # IN2-8 is the Medicare card number: in the MBI format it is the patient's MBI.
+    # IN2-6 is the Medicare health insurance card number: in the MBI format
+    # it is the patient's MBI. (IN2-8 is the Medicaid case number.)
     for in2 in in2s:
-        value = ctx.field_text(in2, 8).replace("-", "").upper()
+        value = ctx.field_text(in2, 6).replace("-", "").upper()
         if value and MBI_PATTERN.match(value):
-            ctx.used(in2, 8, "Patient.identifier (MBI)")
+            ctx.used(in2, 6, "Patient.identifier (MBI)")
             if (MBI_SYSTEM, value) not in seen:
                 seen.add((MBI_SYSTEM, value))
                 identifiers.append({"system": MBI_SYSTEM, "value": value})
@@ -127,11 +128,20 @@ def patient(
     names = [nm for nm in map(ctx.xpn, pid.reps(5)) if nm]
     if names:
         ctx.used(pid, 5, "Patient.name")
+    # XPN-15 "called by": a name of its own with use nickname (IG XPN[HumanName]).
+    nicknames = []
+    for raw in pid.reps(5):
+        parts = ctx.split(raw)
+        called = ctx.text(parts[14]) if len(parts) > 14 else ""
+        if called and {"use": "nickname", "given": [called]} not in nicknames:
+            nicknames.append({"use": "nickname", "given": [called]})
+    if nicknames:
+        ctx.used(pid, 5, "Patient.name (XPN-15 called by: use nickname)")
     aliases = [nm for nm in map(ctx.xpn, pid.reps(9)) if nm]
     if aliases:
         ctx.used(pid, 9, "Patient.name (alias)")
-    if names or aliases:
-        res["name"] = names + aliases
+    if names or aliases or nicknames:
+        res["name"] = names + nicknames + aliases
     maiden = ctx.field_text(pid, 6)
     if maiden:
         ctx.used(pid, 6, "Patient.extension (patient-mothersMaidenName)")
@@ -158,10 +168,18 @@ def patient(
     addresses = [a for a in map(ctx.xad, pid.reps(11)) if a]
     if addresses:
         ctx.used(pid, 11, "Patient.address")
-        county = ctx.field_text(pid, 12)
-        if county and "district" not in addresses[0]:
+    county = ctx.field_text(pid, 12)
+    if county:
+        # IG PID[Patient]: the county is the district of the only address when
+        # it has none; otherwise (another county, several addresses, or none)
+        # an address of its own, as PID-12 cannot say which address it is for.
+        if len(addresses) == 1 and "district" not in addresses[0]:
             ctx.used(pid, 12, "Patient.address.district")
             addresses[0]["district"] = county
+        elif not (len(addresses) == 1 and addresses[0]["district"] == county):
+            ctx.used(pid, 12, "Patient.address.district (an address of its own)")
+            addresses.append({"district": county})
+    if addresses:
         res["address"] = addresses
     telecom = [t for t in (ctx.xtn(r, "home") for r in pid.reps(13)) if t]
     if telecom:
@@ -211,7 +229,7 @@ def patient(
     if pd1 is not None:
         gps = []
         for raw in pd1.reps(3):
-            org = _xon_organization(ctx, raw)
+            org = xon_organization(ctx, raw)
             if org:
                 ctx.used(pd1, 3, "Patient.generalPractitioner (Organization)")
                 gps.append({"reference": ctx.add(org)})
@@ -272,7 +290,7 @@ def _contact(ctx: MessageContext, nk1: Segment) -> dict | None:
         ctx.used(nk1, 2, "Patient.contact.name")
         contact["name"] = names[0]
     telecom = []
-    for n, use in ((5, ""), (6, "work"), (40, "")):
+    for n, use in ((5, ""), (6, "work"), (40, ""), (41, "")):
         found = [t for t in (ctx.xtn(r, use) for r in nk1.reps(n)) if t]
         if found:
             ctx.used(nk1, n, "Patient.contact.telecom")
@@ -292,13 +310,36 @@ def _contact(ctx: MessageContext, nk1: Segment) -> dict | None:
     if period:
         ctx.used(nk1, 8, "Patient.contact.period")
         contact["period"] = period
+    # NK1-13: the contact is an organization (an employer, a care home); its
+    # contact person (NK1-30/31/32) goes on the Organization (IG NK1[Patient]).
+    for raw in nk1.reps(13)[:1]:
+        org = xon_organization(ctx, raw)
+        if org is None:
+            continue
+        ctx.used(nk1, 13, "Patient.contact.organization -> Organization")
+        person: dict = {}
+        person_names = [nm for nm in map(ctx.xpn, nk1.reps(30)) if nm]
+        if person_names:
+            ctx.used(nk1, 30, "Patient.contact.organization -> Organization.contact.name")
+            person["name"] = person_names[0]
+        person_telecom = [t for t in map(ctx.xtn, nk1.reps(31)) if t]
+        if person_telecom:
+            ctx.used(nk1, 31, "Patient.contact.organization -> Organization.contact.telecom")
+            person["telecom"] = person_telecom
+        person_address = [a for a in map(ctx.xad, nk1.reps(32)) if a]
+        if person_address:
+            ctx.used(nk1, 32, "Patient.contact.organization -> Organization.contact.address")
+            person["address"] = person_address[0]
+        if person:
+            org["contact"] = [person]
+        contact["organization"] = {"reference": ctx.add(org)}
     # FHIR (pat-1): a contact has details or an organization.
-    if not any(k in contact for k in ("name", "telecom", "address")):
+    if not any(k in contact for k in ("name", "telecom", "address", "organization")):
         return None
     return contact
 
 
-def _xon_organization(ctx: MessageContext, raw: str) -> dict | None:
+def xon_organization(ctx: MessageContext, raw: str) -> dict | None:
     """An XON repetition as an Organization (name XON-1, id XON-10 or XON-3 by XON-6)."""
     c = raw.split(ctx.msg.comp)
     n = len(c)
@@ -311,7 +352,13 @@ def _xon_organization(ctx: MessageContext, raw: str) -> dict | None:
     if id_value:
         authority = ctx.hd(c[5]) if n > 5 else None
         system = authority.system if authority else ctx.scope_system
-        org["identifier"] = [{"system": system, "value": id_value}]
+        ident: dict = {}
+        id_type = code_value(ctx.text(c[6])).upper() if n > 6 else ""
+        if id_type:  # XON-7 (IG XON[Organization])
+            ident["type"] = {"coding": [{"system": V2_0203, "code": id_type}]}
+        ident["system"] = system
+        ident["value"] = id_value
+        org["identifier"] = [ident]
         org["id"] = resource_id("Organization", system, id_value)
     else:
         org["id"] = resource_id("Organization", ctx.scope, name)
@@ -375,7 +422,8 @@ def encounter(
 
     identifiers = []
     for n in (19, 50):
-        for raw in pv1.reps(n)[:1]:
+        # PV1-19 is one visit number; PV1-50 (alternate visit ids) repeats.
+        for raw in pv1.reps(n)[:1] if n == 19 else pv1.reps(n):
             ident = ctx.cx(raw)
             if ident is None:
                 continue
@@ -426,6 +474,12 @@ def encounter(
         if reasons:
             ctx.used(pv2, 3, "Encounter.reasonCode")
             enc["reasonCode"] = reasons
+        priority = pv2.reps(25)
+        if priority:
+            concept = ctx.cwe(priority[0], "0217-encounter-priority", "http://terminology.hl7.org/CodeSystem/v2-0217")
+            if concept:
+                ctx.used(pv2, 25, "Encounter.priority")
+                enc["priority"] = concept
 
     participants = []
     for n, code, display in PV1_PARTICIPANTS:
@@ -433,12 +487,18 @@ def encounter(
             prac = ctx.xcn(raw)
             if prac:
                 ctx.used(pv1, n, f"Encounter.participant ({code}) -> Practitioner")
-                participants.append(_participant(ctx, prac[1], code, display))
+                _add_participant(participants, _participant(ctx, prac[1], code, display))
     for raw in pv1.reps(52):
         prac = ctx.xcn(raw)
         if prac:
             ctx.used(pv1, 52, "Encounter.participant (PART) -> Practitioner")
-            participants.append(_participant(ctx, prac[1], "PART", "Participation"))
+            _add_participant(participants, _participant(ctx, prac[1], "PART", "Participation"))
+    for raw in pv2.reps(13) if pv2 is not None else ():
+        # PV2-13 referral source: a referrer too (IG PV2[Encounter]).
+        prac = ctx.xcn(raw)
+        if prac:
+            ctx.used(pv2, 13, "Encounter.participant (REF) -> Practitioner")
+            _add_participant(participants, _participant(ctx, prac[1], "REF", "referrer"))
     if participants:
         enc["participant"] = participants
 
@@ -465,6 +525,12 @@ def encounter(
         if concept:
             ctx.used(pv1, 36, "Encounter.hospitalization.dischargeDisposition")
             hosp["dischargeDisposition"] = concept
+    destination = pv1.reps(37)
+    if destination:
+        place = _discharged_to(ctx, destination[0])
+        if place is not None:
+            ctx.used(pv1, 37, "Encounter.hospitalization.destination -> Location")
+            hosp["destination"] = {"reference": ctx.add(place)}
     if hosp:
         enc["hospitalization"] = hosp
 
@@ -474,9 +540,12 @@ def encounter(
         loc = ctx.pl(current[0], facility, org_ref)
         if loc is not None:
             ctx.used(pv1, 3, "Encounter.location -> Location")
+            # IG PV1[Encounter]: planned for a pre-admit (PV1-2 P), else active;
+            # Herald: completed once the encounter is over (a discharged
+            # patient is no longer in the bed).
             if status in ("finished", "cancelled"):
                 loc_status = "completed"
-            elif status == "planned" or patient_class == "P":
+            elif patient_class == "P":
                 loc_status = "planned"
             else:
                 loc_status = "active"
@@ -490,6 +559,39 @@ def encounter(
     if locations:
         enc["location"] = locations
     return enc
+
+
+def _discharged_to(ctx: MessageContext, raw: str) -> dict | None:
+    """PV1-37 (DLD) as a Location: DLD-1, a CWE whose parts are subcomponents, is its type and name.
+
+    The IG's DLD[Location-Discharge]: a new Location typed by the discharge
+    location code. DLD-2 (effective date) is left out: PV1-45 says when.
+    """
+    first = ctx.split(raw)[0]
+    if not first:
+        return None
+    concept = ctx.cwe(first.replace(ctx.msg.sub, ctx.msg.comp))
+    if concept is None:
+        return None
+    coding = concept.get("coding", [{}])[0]
+    name = concept.get("text") or coding.get("display") or coding.get("code", "")
+    return {
+        "resourceType": "Location",
+        "id": resource_id("Location", ctx.scope, "discharged-to", coding.get("system", ""), coding.get("code", name)),
+        "name": name,
+        "mode": "kind",
+        "type": [concept],
+    }
+
+
+def _add_participant(participants: list[dict], participant: dict) -> None:
+    """Append ``participant`` unless the same practitioner already has the same role.
+
+    A Practitioner is identified by its identifier (or name), so two
+    repetitions naming the same person are one participant, not two.
+    """
+    if participant not in participants:
+        participants.append(participant)
 
 
 def _participant(ctx: MessageContext, practitioner: dict, code: str, display: str) -> dict:
@@ -656,7 +758,7 @@ def coverages(ctx: MessageContext, groups: list[tuple[Segment, Segment | None]],
     for i, (in1, _in2) in enumerate(groups):
         payors = []
         for raw in in1.reps(4)[:1]:
-            org = _xon_organization(ctx, raw)
+            org = xon_organization(ctx, raw)
             if org is not None:
                 company_id = in1.reps(3)
                 if "identifier" not in org and company_id:
@@ -702,13 +804,26 @@ def coverages(ctx: MessageContext, groups: list[tuple[Segment, Segment | None]],
         if subscriber:
             ctx.used(in1, 49 if ctx.field_text(in1, 49) else 36, "Coverage.subscriberId")
             res["subscriberId"] = subscriber
-        res["beneficiary"] = {"reference": pat_ref}
+        holder = _policy_holder(ctx, in1)
+        if holder is not None:
+            res["policyHolder"] = {"reference": ctx.add(holder)}
         relationship = in1.reps(17)
+        relation_code = ""
         if relationship:
             concept = ctx.cwe(relationship[0], "", "http://terminology.hl7.org/CodeSystem/v2-0063")
             if concept:
                 ctx.used(in1, 17, "Coverage.relationship")
                 res["relationship"] = concept
+                relation_code = concept.get("coding", [{}])[0].get("code", "").upper()
+        # IN1-16/17 (IG IN1[Coverage]): the insured is the patient (SEL), else a RelatedPerson.
+        if relation_code == "SEL":
+            ctx.used(in1, 16, "Coverage.subscriber (the patient: IN1-17 SEL)")
+            res["subscriber"] = {"reference": pat_ref}
+        else:
+            insured = _insured(ctx, in1, pat_ref, pat_id, res.get("relationship"))
+            if insured is not None:
+                res["subscriber"] = {"reference": ctx.add(insured)}
+        res["beneficiary"] = {"reference": pat_ref}
         period = _period(ctx.date(ctx.field_text(in1, 12), "IN1-12"), ctx.date(ctx.field_text(in1, 13), "IN1-13"))
         if period:
             ctx.used(in1, 12, "Coverage.period")
@@ -729,6 +844,47 @@ def coverages(ctx: MessageContext, groups: list[tuple[Segment, Segment | None]],
                 cls["name"] = group_name
             res["class"] = [cls]
         ctx.add(res)
+
+
+def _policy_holder(ctx: MessageContext, in1: Segment) -> dict | None:
+    """IN1-11 (insured's group employer) as an Organization, with IN1-10 ids as its identifiers."""
+    org = xon_organization(ctx, in1.reps(11)[0]) if in1.reps(11) else None
+    if org is None:
+        return None
+    ctx.used(in1, 11, "Coverage.policyHolder -> Organization")
+    org = ctx.resources.get(org["id"], org)  # the same organization named earlier (as the payor, say)
+    ids = [i for i in map(ctx.cx, in1.reps(10)) if i]
+    if ids:
+        ctx.used(in1, 10, "Coverage.policyHolder -> Organization.identifier")
+        known = org.setdefault("identifier", [])
+        known += [i for i in ids if i not in known]
+    return org
+
+
+def _insured(ctx: MessageContext, in1: Segment, pat_ref: str, pat_id: str, relationship: dict | None) -> dict | None:
+    """IN1-16 (name of insured, not the patient) as a RelatedPerson: name, relationship, birth date, address."""
+    names = [nm for nm in map(ctx.xpn, in1.reps(16)) if nm]
+    if not names:
+        return None
+    ctx.used(in1, 16, "Coverage.subscriber -> RelatedPerson")
+    first = names[0]
+    person: dict = {
+        "resourceType": "RelatedPerson",
+        "id": resource_id("RelatedPerson", pat_id, first.get("family", ""), *first.get("given", [])),
+        "patient": {"reference": pat_ref},
+    }
+    if relationship:
+        person["relationship"] = [relationship]
+    person["name"] = names
+    birth = ctx.date(ctx.field_text(in1, 18), "IN1-18")
+    if birth:
+        ctx.used(in1, 18, "Coverage.subscriber -> RelatedPerson.birthDate")
+        person["birthDate"] = birth
+    addresses = [a for a in map(ctx.xad, in1.reps(19)) if a]
+    if addresses:
+        ctx.used(in1, 19, "Coverage.subscriber -> RelatedPerson.address")
+        person["address"] = addresses
+    return person
 
 
 _OBX_TEXT = frozenset({"ST", "TX", "FT"})

@@ -14,45 +14,85 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from gateway.errors import HeraldError
 from mllp import AckTimeout, connect
 
-_MSH_START = re.compile(rb"(?:^|[\r\n])(?=MSH)")
+_LINE_END = re.compile(rb"(\r\n|\r|\n)")
 _BATCH_LINES = (b"FHS", b"BHS", b"BTS", b"FTS")
+# A segment line: a three-character name and a field separator (not a letter,
+# digit or space). Lines that are not segments (free text) are not judged.
+_SEGMENT_LINE = re.compile(rb"^[A-Z][A-Z0-9]{2}[^A-Za-z0-9\s]")
 
 
 class ReplayError(HeraldError):
-    """A path could not be read."""
+    """A path could not be read, or its content is not a well-formed sequence of messages."""
 
 
 def split_messages(data: bytes) -> list[bytes]:
     """Split file content into messages: each begins at a line starting ``MSH``.
 
-    MLLP framing bytes and batch envelope lines (FHS/BHS/BTS/FTS) are dropped;
-    the message bytes, line endings and charset are kept as they are.
+    MLLP framing bytes and batch envelope lines (FHS/BHS/BTS/FTS) around the
+    messages are dropped; the message bytes, line endings and charset are
+    kept as they are. A malformed batch is refused, not stitched together:
+    a segment after an envelope line but before the next MSH (a BHS or FHS
+    in the middle of a message, segments after a BTS), or before the first
+    MSH of a file that has one, belongs to no message, and raises
+    :class:`ReplayError` naming the line.
     """
     data = data.replace(b"\x0b", b"").replace(b"\x1c", b"")
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    starts = [m.start() for m in _MSH_START.finditer(data)]
-    messages = []
-    for i, start in enumerate(starts):
-        end = starts[i + 1] if i + 1 < len(starts) else len(data)
-        chunk = data[start:end].lstrip(b"\r\n")
-        lines = re.split(rb"(\r\n|\r|\n)", chunk)
-        kept = bytearray()
-        for j in range(0, len(lines), 2):
-            line = lines[j]
-            sep = lines[j + 1] if j + 1 < len(lines) else b""
-            if line[:3] in _BATCH_LINES:
-                continue
-            kept += line + sep
-        body = bytes(kept).rstrip(b"\r\n")
+    parts = _LINE_END.split(data)
+    has_msh = any(parts[i].startswith(b"MSH") for i in range(0, len(parts), 2))
+    messages: list[bytes] = []
+    current: bytearray | None = None
+    envelope = b""  # the envelope line seen since the current message's MSH
+    envelope_line = 0
+    for i in range(0, len(parts), 2):
+        line = parts[i]
+        sep = parts[i + 1] if i + 1 < len(parts) else b""
+        number = i // 2 + 1
+        if line.startswith(b"MSH"):
+            if current is not None:
+                messages.append(bytes(current))
+            current, envelope = bytearray(line + sep), b""
+        elif line[:3] in _BATCH_LINES:
+            envelope, envelope_line = line[:3], number
+        elif not _SEGMENT_LINE.match(line):
+            if current is not None and not envelope:
+                current += line + sep
+        elif current is None:
+            if has_msh:
+                raise ReplayError(
+                    f"line {number}: {line[:3].decode('latin-1')} segment before the first MSH belongs to no message"
+                )
+        elif envelope:
+            raise ReplayError(
+                f"line {number}: {line[:3].decode('latin-1')} segment after the {envelope.decode()} at line "
+                f"{envelope_line}, inside a message: the batch is malformed (a message must not be split by an "
+                "envelope line)"
+            )
+        else:
+            current += line + sep
+    if current is not None:
+        messages.append(bytes(current))
+    out = []
+    for m in messages:
+        body = m.rstrip(b"\r\n")
         if body:
-            messages.append(body + b"\r")
-    return messages
+            out.append(body + b"\r")
+    return out
+
+
+NO_MESSAGE = "no HL7 message (text starting with MSH) found"
 
 
 def collect_messages(paths) -> list[tuple[str, bytes]]:
-    """Every message in the files and folders given (folders: ``*.hl7`` and ``*.txt``, sorted)."""
+    """Every message in the files and folders given (folders: ``*.hl7`` and ``*.txt``, sorted).
+
+    Raises :class:`ReplayError` naming every file that cannot be read, holds
+    no message or is a malformed batch (one line each), so that nothing is
+    skipped silently and nothing is sent from a set the operator must fix.
+    """
     out: list[tuple[str, bytes]] = []
+    problems: list[str] = []
     for p in map(Path, paths):
         files = (
             sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".hl7", ".txt"))
@@ -61,12 +101,19 @@ def collect_messages(paths) -> list[tuple[str, bytes]]:
         )
         for f in files:
             try:
-                data = f.read_bytes()
+                found = split_messages(f.read_bytes())
             except OSError as e:
-                raise ReplayError(f"{f}: cannot read: {e.strerror}") from None
-            found = split_messages(data)
+                problems.append(f"{f}: cannot read: {e.strerror}")
+                continue
+            except ReplayError as e:
+                problems.append(f"{f}: {e}")
+                continue
+            if not found:
+                problems.append(f"{f}: {NO_MESSAGE}")
             for i, m in enumerate(found, 1):
                 out.append((f"{f}" + (f" message {i}" if len(found) > 1 else ""), m))
+    if problems:
+        raise ReplayError("\n".join(problems))
     return out
 
 

@@ -38,6 +38,7 @@ REQUIRED_TABLES = (
     "0131-contact-role",
     "0190-address-type",
     "0190-address-use",
+    "0217-encounter-priority",
     "0200-name-use",
     "0201-telecom-use",
     "0202-telecom-system",

@@ -337,9 +337,9 @@ def test_al1_is_an_allergy_intolerance(vocab):
 
 
 def test_in1_in2_is_a_coverage_and_in2_medicare_number_is_the_mbi(vocab):
-    """IN1 -> Coverage with its payor; IN2-8 in the MBI format becomes the patient's MBI."""
+    """IN1 -> Coverage with its payor; IN2-6 (Medicare card number) in the MBI format becomes the patient's MBI."""
     in1 = segment("IN1", {1: "1", 2: "MCRA^Medicare Part A", 3: "CMS01", 4: "MEDICARE", 12: "20200101", 36: "POL1"})
-    in2 = segment("IN2", {1: "1", 8: "9AA0-A00-AA00"})
+    in2 = segment("IN2", {1: "1", 6: "9AA0-A00-AA00", 8: "4111-222-333"})
     conversion = convert(adt(pid={3: "MRN123^^^TESTFAC^MR"}, after_pv1=(in1, in2)), vocab, UTC, RECEIVED)
     coverage = only(conversion.bundle, "Coverage")
     assert resolve(conversion.bundle, coverage["payor"][0]["reference"])["name"] == "MEDICARE"

@@ -314,7 +314,7 @@ def adt_message(draw) -> bytes:
             )
         )
         if draw(st.booleans()):
-            lines.append(seg("IN2", {1: "1", 8: draw(st.sampled_from(["", "9AA0-A00-AA00", "123"]))}))
+            lines.append(seg("IN2", {1: "1", 6: draw(st.sampled_from(["", "9AA0-A00-AA00", "123"]))}))
     end = draw(st.sampled_from(["\r", "\n", "\r\n"]))
     text = end.join(lines) + end
     raw = text.encode(codec)

@@ -34,7 +34,7 @@ CASES = [case_param(c.case_id, c) for corpus in ADT_CORPORA for c in corpus_case
 @pytest.mark.parametrize("case", CASES or [pytest.param(None, id="no-corpus")])
 def test_corpus_message_has_a_clear_outcome(case):
     """Each corpus message converts to a valid Bundle, or is not converted / rejected with a legitimate reason."""
-    outcome = herald_outcome(case.raw)  # a crash (any other exception) fails here
+    outcome = herald_outcome(case.raw, case.file_error)  # a crash (any other exception) fails here
     if outcome.kind == CONVERTED:
         bundle = outcome.conversion.bundle
         assert bundle["type"] == "message"

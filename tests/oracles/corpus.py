@@ -23,7 +23,7 @@ from pathlib import Path
 from gateway.convert import Conversion, convert, validate_bundle
 from gateway.errors import MessageError
 from gateway.header import ERR_UNSUPPORTED_EVENT, ERR_UNSUPPORTED_MESSAGE_TYPE, read_header
-from gateway.replay import split_messages
+from gateway.replay import NO_MESSAGE, ReplayError, split_messages
 from gateway.v2 import V2Message
 from gateway.vocabulary import Vocabulary, load_vocabulary
 
@@ -47,8 +47,8 @@ CONVERTED = "converted"
 NOT_CONVERTED = "not converted"
 REJECTED = "rejected"
 
-#: What ``herald convert`` says about a file with no message in it (gateway/cli.py).
-NO_MESSAGE_REASON = "no HL7 message (text starting with MSH) found"
+#: What ``herald convert`` says about a file with no message in it (gateway/replay.py).
+NO_MESSAGE_REASON = NO_MESSAGE
 
 
 def corpus_missing() -> str:
@@ -73,6 +73,8 @@ class CorpusCase:
     index: int
     count: int
     raw: bytes | None
+    #: Why the file was refused as a whole (a malformed batch), "" otherwise.
+    file_error: str = ""
 
     @property
     def case_id(self) -> str:
@@ -90,7 +92,11 @@ def corpus_cases(corpus: str) -> list[CorpusCase]:
     cases = []
     for path in sorted(sub.rglob("*.hl7")):
         rel = path.relative_to(base).as_posix()
-        messages = split_messages(path.read_bytes())
+        try:
+            messages = split_messages(path.read_bytes())
+        except ReplayError as e:  # the whole file is refused, as herald send/convert refuse it
+            cases.append(CorpusCase(corpus, rel, 0, 0, None, str(e)))
+            continue
         if not messages:
             cases.append(CorpusCase(corpus, rel, 0, 0, None))
         for i, raw in enumerate(messages, 1):
@@ -123,10 +129,13 @@ class Outcome:
         return f"{self.kind} at {self.stage}: {self.location}: {self.reason}"
 
 
-def herald_outcome(raw: bytes | None) -> Outcome:
-    """Run ``raw`` through intake, parse, convert and validate; anything but MessageError propagates."""
+def herald_outcome(raw: bytes | None, file_error: str = "") -> Outcome:
+    """Run ``raw`` through intake, parse, convert and validate; anything but MessageError propagates.
+
+    ``raw`` None is a file with no message in it, or (``file_error``) one refused as a malformed batch.
+    """
     if raw is None:
-        return Outcome(REJECTED, "file", "", "file", NO_MESSAGE_REASON)
+        return Outcome(REJECTED, "file", "", "file", file_error or NO_MESSAGE_REASON)
     stage = "intake"
     try:
         header = read_header(raw)
