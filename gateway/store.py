@@ -20,7 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,12 @@ REJECTED = "rejected"
 IGNORED = "ignored"
 FAILED = "failed"
 ROUTED = "routed"
+#: A possible roster match (or a probable one, when not routed automatically)
+#: waits in the review queue; the HIE notification is already written.
+REVIEW = "review"
+#: Matched (or not) and no recipient is to be told.
+MATCHED = "matched"
+UNMATCHED = "unmatched"
 
 # States of a notification.
 PENDING = "pending"
@@ -149,6 +155,86 @@ CREATE INDEX IF NOT EXISTS delivery_attempts_notification ON delivery_attempts (
 """
 
 
+# Version 3: roster demographics, import versions, blocking keys, confirmed
+# MRN links, the review queue, the score of a match.
+_SCHEMA_V3 = """
+DROP INDEX IF EXISTS roster_name_key;
+ALTER TABLE roster_members DROP COLUMN name_key;
+ALTER TABLE roster_members ADD COLUMN middle_name TEXT NOT NULL DEFAULT '';
+ALTER TABLE roster_members ADD COLUMN address_line TEXT NOT NULL DEFAULT '';
+ALTER TABLE roster_members ADD COLUMN city TEXT NOT NULL DEFAULT '';
+ALTER TABLE roster_members ADD COLUMN state TEXT NOT NULL DEFAULT '';
+ALTER TABLE roster_members ADD COLUMN zip TEXT NOT NULL DEFAULT '';
+ALTER TABLE roster_members ADD COLUMN phone TEXT NOT NULL DEFAULT '';
+ALTER TABLE roster_members ADD COLUMN opted_out INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE roster_members ADD COLUMN row_hash TEXT;
+ALTER TABLE roster_members ADD COLUMN import_id INTEGER;
+ALTER TABLE roster_members ADD COLUMN ended_by INTEGER;
+CREATE TABLE roster_keys (
+    key TEXT NOT NULL,
+    aco_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    PRIMARY KEY (key, aco_id, member_id)
+) WITHOUT ROWID;
+CREATE TABLE roster_imports (
+    id INTEGER PRIMARY KEY,
+    imported_at TEXT NOT NULL,
+    imported_by TEXT NOT NULL,
+    file TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    format TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    aco_ids TEXT NOT NULL,
+    effective_date TEXT,
+    rows INTEGER NOT NULL DEFAULT 0,
+    added INTEGER NOT NULL DEFAULT 0,
+    changed INTEGER NOT NULL DEFAULT 0,
+    ended INTEGER NOT NULL DEFAULT 0,
+    unchanged INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE confirmed_links (
+    mrn TEXT NOT NULL,
+    mrn_authority TEXT NOT NULL COLLATE NOCASE,
+    aco_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    review_id INTEGER,
+    confirmed_by TEXT NOT NULL,
+    confirmed_at TEXT NOT NULL,
+    PRIMARY KEY (mrn, mrn_authority, aco_id)
+);
+CREATE TABLE reviews (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    grade TEXT NOT NULL,
+    score REAL,
+    candidates TEXT NOT NULL,
+    decided_by TEXT,
+    decided_at TEXT,
+    aco_id TEXT,
+    member_id TEXT,
+    note TEXT
+);
+CREATE INDEX reviews_state ON reviews (state, id);
+ALTER TABLE matches ADD COLUMN score REAL
+"""
+
+
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    _run_sql(conn, _SCHEMA_V3)
+    # Members imported before version 3 get their blocking keys now, so
+    # probabilistic matching finds them without a new import.
+    from gateway.matching import blocking_keys, person_from_member
+
+    rows = conn.execute(f"SELECT {', '.join(MEMBER_COLUMNS)} FROM roster_members").fetchall()
+    conn.executemany(
+        "INSERT OR IGNORE INTO roster_keys (key, aco_id, member_id) VALUES (?, ?, ?)",
+        [(key, r["aco_id"], r["member_id"]) for r in rows for key in blocking_keys(person_from_member(_member(r)))],
+    )
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -252,6 +338,7 @@ def open_database(path: Path | str, *, readonly: bool = False) -> sqlite3.Connec
 #: connection, run inside the migration's transaction.
 MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [
     (1, _SCHEMA_V1),
+    (3, _migrate_v3),
 ]
 
 #: The schema version this code writes.
@@ -639,12 +726,7 @@ class Store:
         for kind, detail in o.events:
             _event(conn, now, o.message_id, None, "pipeline", kind, detail)
         if o.match is not None:
-            m = o.match
-            conn.execute(
-                "INSERT OR REPLACE INTO matches (message_id, aco_id, member_id, method, grade, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (o.message_id, m.aco_id, m.member_id, m.method, m.grade, json.dumps(m.detail)),
-            )
+            _record_match(conn, o.message_id, o.match, getattr(o, "review", None), now)
         for n in o.notifications:
             conn.execute(
                 "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, "
@@ -739,49 +821,6 @@ class Store:
         )
         return len(attempts)
 
-    # -- roster ------------------------------------------------------------
-
-    def replace_members(self, members: list, now: str | None = None) -> defer.Deferred[int]:
-        """Insert or update roster members (keyed by ACO id and member id)."""
-        return self.submit(upsert_members, members, now or iso(self.clock()))
-
-
-def upsert_members(conn: sqlite3.Connection, members: list, now: str) -> int:
-    """Insert or update roster members in the current transaction."""
-    conn.executemany(
-        "INSERT INTO roster_members (aco_id, member_id, mbi, mrn, mrn_authority, last_name, first_name, birth_date, "
-        "sex, pcp_npi, pcp_name, care_manager, effective_start, effective_end, name_key, imported_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (aco_id, member_id) DO UPDATE SET mbi = excluded.mbi, mrn = excluded.mrn, "
-        "mrn_authority = excluded.mrn_authority, last_name = excluded.last_name, first_name = excluded.first_name, "
-        "birth_date = excluded.birth_date, sex = excluded.sex, pcp_npi = excluded.pcp_npi, "
-        "pcp_name = excluded.pcp_name, care_manager = excluded.care_manager, "
-        "effective_start = excluded.effective_start, effective_end = excluded.effective_end, "
-        "name_key = excluded.name_key, imported_at = excluded.imported_at",
-        [
-            (
-                m.aco_id,
-                m.member_id,
-                m.mbi,
-                m.mrn,
-                m.mrn_authority,
-                m.last_name,
-                m.first_name,
-                m.birth_date,
-                m.sex,
-                m.pcp_npi,
-                m.pcp_name,
-                m.care_manager,
-                m.effective_start,
-                m.effective_end,
-                m.name_key,
-                now,
-            )
-            for m in members
-        ],
-    )
-    return len(members)
-
 
 def _event(conn, now: str, message_id, notification_id, actor: str, kind: str, detail) -> None:
     conn.execute(
@@ -807,23 +846,6 @@ def _notification(row) -> Notification:
 
 
 # -- reads for the pipeline and the CLI (any thread, own connection) ---------
-
-
-def members_by_mbi(conn, mbi: str) -> list[sqlite3.Row]:
-    """Roster rows with this MBI."""
-    return conn.execute("SELECT * FROM roster_members WHERE mbi = ?", (mbi,)).fetchall()
-
-
-def members_by_mrn(conn, mrn: str, authority: str) -> list[sqlite3.Row]:
-    """Roster rows with this MRN and assigning authority."""
-    return conn.execute(
-        "SELECT * FROM roster_members WHERE mrn = ? AND mrn_authority = ? COLLATE NOCASE", (mrn, authority)
-    ).fetchall()
-
-
-def members_by_name_key(conn, name_key: str) -> list[sqlite3.Row]:
-    """Roster rows with this normalised last name + first name + birth date + sex key."""
-    return conn.execute("SELECT * FROM roster_members WHERE name_key = ?", (name_key,)).fetchall()
 
 
 def list_messages(conn, limit: int = 50, state: str | None = None) -> list[sqlite3.Row]:
@@ -887,17 +909,301 @@ def count_by_state(conn) -> dict[str, int]:
     return {r[0]: r[1] for r in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")}
 
 
-def import_members_sync(
-    db_path: Path | str, members: list, source: str, rejected: int, now: datetime | None = None
-) -> int:
-    """Write roster members from the CLI (its own connection; safe while a server runs)."""
+# -- roster: the lookups matching uses (any thread, own connection) ------------
+
+#: Roster columns as matching reads them (see MATCHING_CONTRACT.md).
+MEMBER_COLUMNS = (
+    "aco_id",
+    "member_id",
+    "mbi",
+    "mrn",
+    "mrn_authority",
+    "last_name",
+    "first_name",
+    "middle_name",
+    "birth_date",
+    "sex",
+    "address_line",
+    "city",
+    "state",
+    "zip",
+    "phone",
+    "pcp_npi",
+    "pcp_name",
+    "care_manager",
+    "effective_start",
+    "effective_end",
+    "opted_out",
+)
+_MEMBER_SELECT = ", ".join(f"r.{c}" for c in MEMBER_COLUMNS)
+
+
+def _member(row) -> dict:
+    """A roster row as a plain dict, NULL read as ''."""
+    return {c: ("" if row[c] is None else row[c]) for c in MEMBER_COLUMNS}
+
+
+class StoredRoster:
+    """The roster lookups matching needs (``gateway.matching.RosterLookups``), on a connection.
+
+    Every lookup goes through an index: the MBI index, the MRN index and the
+    confirmed links, or the blocking-key table; none scans the roster.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def by_mbi(self, mbi: str) -> list[dict]:
+        """Members with this MBI (every ACO)."""
+        rows = self._conn.execute(f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.mbi = ?", (mbi,))
+        return [_member(r) for r in rows]
+
+    def by_mrn(self, mrn: str, authority: str) -> list[dict]:
+        """Members with this MRN and assigning authority on the roster, or linked by an accepted review."""
+        rows = self._conn.execute(
+            f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.mrn = ? AND r.mrn_authority = ? COLLATE NOCASE "
+            f"UNION SELECT {_MEMBER_SELECT} FROM confirmed_links l JOIN roster_members r "
+            "ON r.aco_id = l.aco_id AND r.member_id = l.member_id WHERE l.mrn = ? AND l.mrn_authority = ?",
+            (mrn, authority, mrn, authority),
+        )
+        return [_member(r) for r in rows]
+
+    def by_blocking_keys(self, keys: list[str]) -> list[dict]:
+        """Distinct members sharing any of ``keys``."""
+        if not keys:
+            return []
+        marks = ",".join("?" * len(keys))
+        rows = self._conn.execute(
+            f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE (r.aco_id, r.member_id) IN "
+            f"(SELECT aco_id, member_id FROM roster_keys WHERE key IN ({marks}))",
+            list(keys),
+        )
+        return [_member(r) for r in rows]
+
+
+def roster_count(conn, active_on: str | None = None) -> int:
+    """How many members the roster holds (only those effective on ``active_on``, when given)."""
+    if active_on is None:
+        return conn.execute("SELECT COUNT(*) FROM roster_members").fetchone()[0]
+    return conn.execute(
+        "SELECT COUNT(*) FROM roster_members WHERE (COALESCE(effective_start, '') = '' OR effective_start <= ?) "
+        "AND (COALESCE(effective_end, '') = '' OR effective_end >= ?)",
+        (active_on, active_on),
+    ).fetchone()[0]
+
+
+def roster_member(conn, aco_id: str, member_id: str) -> dict | None:
+    """One member by ACO and member id."""
+    row = conn.execute(
+        f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?", (aco_id, member_id)
+    ).fetchone()
+    return _member(row) if row else None
+
+
+def roster_imports(conn, limit: int = 20) -> list[dict]:
+    """The newest roster imports (versions), with their counts."""
+    return [dict(r) for r in conn.execute("SELECT * FROM roster_imports ORDER BY id DESC LIMIT ?", (limit,))]
+
+
+# -- roster: import (the CLI's own connection; safe while a server runs) -------
+
+
+@dataclass(frozen=True)
+class RosterImportReport:
+    """What one roster import did: rows added / changed / ended / unchanged / rejected."""
+
+    import_id: int
+    acos: tuple[str, ...]
+    rows: int
+    added: int
+    changed: int
+    ended: int
+    unchanged: int
+    rejected: int
+    problems: list[tuple[int, str, str]]
+    lock_seconds: float
+
+
+_STAGE_COLUMNS = (*MEMBER_COLUMNS, "row_hash")
+_STAGE_BATCH = 5000
+
+
+def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set) -> tuple[int, int]:
+    """Load rows into the connection's TEMP tables; collect problems. Returns (rows, rejected rows)."""
+    cols = ", ".join(_STAGE_COLUMNS)
+    conn.execute(f"CREATE TEMP TABLE roster_stage (line INTEGER NOT NULL, {cols}, action TEXT)")
+    conn.execute("CREATE TEMP TABLE roster_stage_keys (aco_id TEXT, member_id TEXT, key TEXT)")
+    conn.execute("CREATE TEMP TABLE roster_keep (aco_id TEXT, member_id TEXT)")
+    insert = f"INSERT INTO roster_stage (line, {cols}) VALUES ({', '.join('?' * (len(_STAGE_COLUMNS) + 1))})"
+    members: list[tuple] = []
+    keys: list[tuple] = []
+    total = rejected = 0
+
+    def flush() -> None:
+        conn.executemany(insert, members)
+        conn.executemany("INSERT INTO roster_stage_keys VALUES (?, ?, ?)", keys)
+        members.clear()
+        keys.clear()
+
+    for row in rows:
+        total += 1
+        m = row.member
+        if m is None:
+            rejected += 1
+            problems.extend(row.problems)
+            if row.aco_id and row.member_id:
+                keep.add((row.aco_id, row.member_id))
+            continue
+        values = m.row()
+        members.append((row.line, *(values[c] for c in MEMBER_COLUMNS), m.content_hash))
+        keys.extend((m.aco_id, m.member_id, k) for k in m.keys)
+        if len(members) >= _STAGE_BATCH:
+            flush()
+    flush()
+    conn.execute("CREATE INDEX temp.roster_stage_member ON roster_stage (aco_id, member_id)")
+    # A member listed twice cannot be trusted either way: every copy is a problem row.
+    for aco_id, member_id, lines in conn.execute(
+        "SELECT aco_id, member_id, group_concat(line) FROM roster_stage GROUP BY aco_id, member_id HAVING COUNT(*) > 1"
+    ).fetchall():
+        found = sorted(int(n) for n in lines.split(","))
+        where = ", ".join(str(n) for n in found)
+        for line in found:
+            problems.append((line, "member_id", f"member {member_id} of ACO {aco_id} appears on lines {where}"))
+        rejected += len(found)
+        keep.add((aco_id, member_id))
+    if keep:
+        conn.executemany("INSERT INTO roster_keep VALUES (?, ?)", sorted(keep))
+        conn.execute(
+            "DELETE FROM roster_stage WHERE (aco_id, member_id) IN (SELECT aco_id, member_id FROM roster_keep)"
+        )
+    return total, rejected
+
+
+def import_roster(
+    db_path: Path | str,
+    rows: Iterable,
+    *,
+    file: str,
+    sha256: str = "",
+    fmt: str = "csv",
+    replace: bool = True,
+    aco_ids: Iterable[str] = (),
+    effective: str | None = None,
+    skip_bad_rows: bool = False,
+    by: str = "",
+    now: datetime | None = None,
+) -> RosterImportReport:
+    """Import a roster: one new version per ACO, applied in one transaction.
+
+    ``rows`` are :class:`gateway.roster.RosterRow`. They are staged in TEMP
+    tables first (no write lock held while the file is read), then, under
+    the write lock: new members are added, changed ones updated (their
+    blocking keys too), and with ``replace`` every member of the file's ACOs
+    (and of ``aco_ids``) missing from the file is end-dated the day before
+    ``effective`` (today when not given) -- never deleted. A member whose row
+    was rejected keeps its current state. Any problem rejects the whole file
+    (:class:`RosterError`, nothing written) unless ``skip_bad_rows``.
+    """
+    import time
+
+    from gateway.errors import RosterError
+
+    moment = now or _utc_now()
+    stamp = iso(moment)
+    today = moment.date().isoformat()
     conn = open_database(db_path)
     try:
         migrate(conn, now)
-        stamp = iso(now or _utc_now())
+        problems: list[tuple[int, str, str]] = []
+        keep: set[tuple[str, str]] = set()
+        total, rejected = _stage(conn, rows, problems, keep)
+        problems.sort(key=lambda p: p[0])
+        good = total - rejected
+        if problems and not skip_bad_rows:
+            raise RosterError(problems[:1000], more=max(0, len(problems) - 1000))
+        if good == 0:
+            raise RosterError(problems[:1000] or [(0, "-", "the file has no members")], more=0)
+        acos = sorted({r[0] for r in conn.execute("SELECT DISTINCT aco_id FROM roster_stage")} | set(aco_ids))
+        start_of_version = effective or today
+        end_of_previous = (datetime.fromisoformat(start_of_version) - timedelta(days=1)).date().isoformat()
+        started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            count = upsert_members(conn, members, stamp)
+            cur = conn.execute(
+                "INSERT INTO roster_imports (imported_at, imported_by, file, sha256, format, mode, aco_ids, "
+                "effective_date, rows, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    stamp,
+                    by or "unknown",
+                    Path(file).name,
+                    sha256,
+                    fmt,
+                    "replace" if replace else "update",
+                    ",".join(acos),
+                    effective,
+                    total,
+                    rejected,
+                ),
+            )
+            import_id = cur.lastrowid
+            conn.execute("UPDATE roster_stage SET action = 'add'")
+            conn.execute(
+                "UPDATE roster_stage SET action = CASE WHEN r.row_hash = roster_stage.row_hash "
+                "AND r.ended_by IS NULL THEN 'same' ELSE 'change' END FROM roster_members r "
+                "WHERE r.aco_id = roster_stage.aco_id AND r.member_id = roster_stage.member_id"
+            )
+            counts = dict(conn.execute("SELECT action, COUNT(*) FROM roster_stage GROUP BY action").fetchall())
+            cols = ", ".join(c for c in MEMBER_COLUMNS if c not in ("effective_start", "effective_end"))
+            conn.execute(
+                f"INSERT INTO roster_members ({cols}, effective_start, effective_end, row_hash, import_id, "
+                f"imported_at) SELECT {cols}, COALESCE(NULLIF(effective_start, ''), ?), NULLIF(effective_end, ''), "
+                "row_hash, ?, ? FROM roster_stage WHERE action = 'add'",
+                (effective, import_id, stamp),
+            )
+            sets = ", ".join(
+                f"{c} = s.{c}"
+                for c in MEMBER_COLUMNS
+                if c not in ("aco_id", "member_id", "effective_start", "effective_end")
+            )
+            # A member coming back after being ended starts again with this version.
+            conn.execute(
+                f"UPDATE roster_members SET {sets}, "
+                "effective_start = CASE WHEN s.effective_start != '' THEN s.effective_start "
+                "WHEN roster_members.ended_by IS NOT NULL THEN ? ELSE roster_members.effective_start END, "
+                "effective_end = NULLIF(s.effective_end, ''), ended_by = NULL, row_hash = s.row_hash, "
+                "import_id = ?, imported_at = ? FROM roster_stage s WHERE s.action = 'change' "
+                "AND s.aco_id = roster_members.aco_id AND s.member_id = roster_members.member_id",
+                (start_of_version, import_id, stamp),
+            )
+            ended = 0
+            if replace:
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS roster_acos (aco_id TEXT PRIMARY KEY)")
+                conn.executemany("INSERT OR IGNORE INTO roster_acos VALUES (?)", [(a,) for a in acos])
+                ended = conn.execute(
+                    "UPDATE roster_members SET effective_end = ?, ended_by = ?, imported_at = ? "
+                    "WHERE aco_id IN (SELECT aco_id FROM roster_acos) "
+                    "AND (COALESCE(effective_end, '') = '' OR effective_end > ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM roster_stage s WHERE s.aco_id = roster_members.aco_id "
+                    "AND s.member_id = roster_members.member_id) "
+                    "AND NOT EXISTS (SELECT 1 FROM roster_keep k WHERE k.aco_id = roster_members.aco_id "
+                    "AND k.member_id = roster_members.member_id)",
+                    (end_of_previous, import_id, stamp, end_of_previous),
+                ).rowcount
+            conn.execute(
+                "DELETE FROM roster_keys WHERE (aco_id, member_id) IN "
+                "(SELECT aco_id, member_id FROM roster_stage WHERE action = 'change')"
+            )
+            # Inserted in key order: the key table's B-tree is filled front to back.
+            conn.execute(
+                "INSERT OR IGNORE INTO roster_keys (key, aco_id, member_id) SELECT k.key, k.aco_id, k.member_id "
+                "FROM roster_stage_keys k JOIN roster_stage s ON s.aco_id = k.aco_id AND s.member_id = k.member_id "
+                "WHERE s.action IN ('add', 'change') ORDER BY k.key"
+            )
+            added, changed, same = counts.get("add", 0), counts.get("change", 0), counts.get("same", 0)
+            conn.execute(
+                "UPDATE roster_imports SET added = ?, changed = ?, ended = ?, unchanged = ? WHERE id = ?",
+                (added, changed, ended, same, import_id),
+            )
             _event(
                 conn,
                 stamp,
@@ -905,17 +1211,262 @@ def import_members_sync(
                 None,
                 "roster",
                 "roster-imported",
-                {"file": Path(source).name, "members": count, "rejected_rows": rejected},
+                {
+                    "import": import_id,
+                    "file": Path(file).name,
+                    "format": fmt,
+                    "acos": acos,
+                    "by": by or "unknown",
+                    "effective": effective,
+                    "added": added,
+                    "changed": changed,
+                    "ended": ended,
+                    "unchanged": same,
+                    "rejected": rejected,
+                },
             )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return count
+        return RosterImportReport(
+            import_id,
+            tuple(acos),
+            total,
+            added,
+            changed,
+            ended,
+            same,
+            rejected,
+            problems,
+            time.perf_counter() - started,
+        )
     finally:
         conn.close()
 
 
-def roster_count(conn) -> int:
-    """How many members the roster holds."""
-    return conn.execute("SELECT COUNT(*) FROM roster_members").fetchone()[0]
+def import_members_sync(
+    db_path: Path | str, members: list, source: str, rejected: int = 0, now: datetime | None = None
+) -> int:
+    """Add or update ``members`` (:class:`gateway.roster.RosterMember`), ending nobody. Returns how many."""
+    from gateway.roster import RosterRow
+
+    rows = (RosterRow(n, m, (), m.aco_id, m.member_id) for n, m in enumerate(members, start=2))
+    report = import_roster(db_path, rows, file=source, fmt="members", replace=False, by="herald", now=now)
+    return report.added + report.changed + report.unchanged
+
+
+# -- matches and the review queue ----------------------------------------------
+
+REVIEW_OPEN = "open"
+REVIEW_ACCEPTED = "accepted"
+REVIEW_REJECTED = "rejected"
+
+
+def _record_match(conn, message_id: int, match, review: dict | None, now: str) -> None:
+    """Store a message's match (grade, method, score) and, when held, open its review."""
+    conn.execute(
+        "INSERT OR REPLACE INTO matches (message_id, aco_id, member_id, method, grade, score, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (message_id, match.aco_id, match.member_id, match.method, match.grade, match.score, json.dumps(match.detail)),
+    )
+    if review is not None:
+        conn.execute(
+            "INSERT INTO reviews (message_id, state, created_at, grade, score, candidates) VALUES (?, ?, ?, ?, ?, ?)",
+            (message_id, REVIEW_OPEN, now, match.grade, match.score, json.dumps(review["candidates"])),
+        )
+
+
+def stored_match(conn, message_id: int) -> dict | None:
+    """A message's match row (grade, method, score, member, detail as a dict)."""
+    row = conn.execute("SELECT * FROM matches WHERE message_id = ?", (message_id,)).fetchone()
+    if row is None:
+        return None
+    item = dict(row)
+    item["detail"] = json.loads(item["detail"] or "{}")
+    return item
+
+
+def list_reviews(conn, state: str | None = REVIEW_OPEN, limit: int = 100) -> list[dict]:
+    """Reviews (open ones by default), oldest first, with their message's header fields."""
+    sql = (
+        "SELECT v.*, m.received_at, m.sending_application, m.sending_facility, m.trigger_event, m.control_id, "
+        "m.fhir, m.state AS message_state FROM reviews v JOIN messages m ON m.id = v.message_id"
+    )
+    args: list[Any] = []
+    if state:
+        sql += " WHERE v.state = ?"
+        args.append(state)
+    sql += " ORDER BY v.id LIMIT ?"
+    args.append(limit)
+    out = []
+    for row in conn.execute(sql, args):
+        item = dict(row)
+        item["candidates"] = json.loads(item["candidates"])
+        out.append(item)
+    return out
+
+
+def review_detail(conn, review_id: int) -> dict | None:
+    """One review with what deciding it needs: the stored message (raw bytes, charset, receipt time)."""
+    row = conn.execute(
+        "SELECT v.*, m.raw, m.charset, m.received_at, m.control_id, m.state AS message_state "
+        "FROM reviews v JOIN messages m ON m.id = v.message_id WHERE v.id = ?",
+        (review_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    item = dict(row)
+    item["candidates"] = json.loads(item["candidates"])
+    return item
+
+
+def _decide(conn, review_id: int) -> sqlite3.Row:
+    row = conn.execute("SELECT id, message_id, state FROM reviews WHERE id = ?", (review_id,)).fetchone()
+    if row is None:
+        raise StoreError(f"no review with id {review_id}")
+    if row["state"] != REVIEW_OPEN:
+        raise StoreError(f"review {review_id} is already {row['state']}")
+    return row
+
+
+def _insert_notification(conn, n, now: str, due: float) -> None:
+    conn.execute(
+        "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
+        "summary, payload, state, attempts, next_attempt_at, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        (
+            n.id,
+            n.message_id,
+            n.recipient_role,
+            n.recipient,
+            n.channel,
+            n.target,
+            n.event_code,
+            n.summary,
+            n.payload,
+            PENDING,
+            due,
+            now,
+            now,
+        ),
+    )
+    _event(conn, now, n.message_id, n.id, "router", "routed", {"role": n.recipient_role, "channel": n.channel})
+
+
+def accept_review(
+    db_path: Path | str,
+    review_id: int,
+    *,
+    aco_id: str,
+    member_id: str,
+    notifications: list,
+    events: list[tuple[str, dict]],
+    mrns: Iterable[tuple[str, str]],
+    by: str,
+    now: datetime | None = None,
+) -> str:
+    """Accept a review in one transaction: route the held notifications, remember the MRN links.
+
+    The message's MRNs (value, assigning authority) become confirmed links to
+    the member, so the next message carrying one of them matches ``certain``
+    by MRN. Returns the message's new state. Raises :class:`StoreError` when
+    the review does not exist or was already decided.
+    """
+    import time
+
+    stamp = iso(now or _utc_now())
+    conn = open_database(db_path)
+    try:
+        migrate(conn, now)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = _decide(conn, review_id)
+            message_id = row["message_id"]
+            conn.execute(
+                "UPDATE reviews SET state = ?, decided_by = ?, decided_at = ?, aco_id = ?, member_id = ? WHERE id = ?",
+                (REVIEW_ACCEPTED, by, stamp, aco_id, member_id, review_id),
+            )
+            conn.execute(
+                "UPDATE matches SET aco_id = ?, member_id = ?, method = 'review', "
+                "detail = json_set(COALESCE(detail, '{}'), '$.review', ?, '$.reviewed_by', ?) WHERE message_id = ?",
+                (aco_id, member_id, review_id, by, message_id),
+            )
+            _event(
+                conn,
+                stamp,
+                message_id,
+                None,
+                "review",
+                "review-accepted",
+                {"review": review_id, "by": by, "aco": aco_id, "member": member_id},
+            )
+            for kind, detail in events:
+                _event(conn, stamp, message_id, None, "review", kind, detail)
+            due = time.time()
+            for n in notifications:
+                _insert_notification(conn, n, stamp, due)
+            for mrn, authority in mrns:
+                conn.execute(
+                    "INSERT OR REPLACE INTO confirmed_links (mrn, mrn_authority, aco_id, member_id, review_id, "
+                    "confirmed_by, confirmed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (mrn, authority, aco_id, member_id, review_id, by, stamp),
+                )
+            state = _settle(conn, message_id, MATCHED, stamp)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return state
+    finally:
+        conn.close()
+
+
+def reject_review(
+    db_path: Path | str, review_id: int, *, by: str, reason: str = "", now: datetime | None = None
+) -> str:
+    """Reject a review: the message is unmatched (its HIE notification stands). Returns its new state."""
+    stamp = iso(now or _utc_now())
+    conn = open_database(db_path)
+    try:
+        migrate(conn, now)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = _decide(conn, review_id)
+            message_id = row["message_id"]
+            conn.execute(
+                "UPDATE reviews SET state = ?, decided_by = ?, decided_at = ?, note = ? WHERE id = ?",
+                (REVIEW_REJECTED, by, stamp, reason or None, review_id),
+            )
+            conn.execute(
+                "UPDATE matches SET aco_id = NULL, member_id = NULL, grade = 'none', method = 'review', "
+                "detail = json_set(COALESCE(detail, '{}'), '$.review', ?, '$.reviewed_by', ?) WHERE message_id = ?",
+                (review_id, by, message_id),
+            )
+            _event(
+                conn,
+                stamp,
+                message_id,
+                None,
+                "review",
+                "review-rejected",
+                {"review": review_id, "by": by, **({"reason": reason} if reason else {})},
+            )
+            state = _settle(conn, message_id, UNMATCHED, stamp)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return state
+    finally:
+        conn.close()
+
+
+def _settle(conn, message_id: int, without_notifications: str, now: str) -> str:
+    """Move a message out of ``review``: ``routed`` if it has notifications, else the given state."""
+    has = conn.execute("SELECT 1 FROM notifications WHERE message_id = ? LIMIT 1", (message_id,)).fetchone()
+    state = ROUTED if has else without_notifications
+    conn.execute(
+        "UPDATE messages SET state = ?, updated_at = ? WHERE id = ? AND state = ?", (state, now, message_id, REVIEW)
+    )
+    return state

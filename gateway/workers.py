@@ -18,8 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from gateway.config import Config
-from gateway.pipeline import MessageOutcome, RosterLookups, process_message
-from gateway.store import PendingMessage, members_by_mbi, members_by_mrn, members_by_name_key, open_database
+from gateway.pipeline import MatchPolicy, MessageOutcome, process_message
+from gateway.store import PendingMessage, StoredRoster, open_database
 from gateway.vocabulary import load_vocabulary
 
 _state: dict = {}
@@ -72,12 +72,9 @@ def process_batch_here(
     """Process a batch with roster lookups on ``conn``, in one read snapshot."""
     conn.execute("BEGIN")
     try:
-        lookups = RosterLookups(
-            by_mbi=lambda mbi: members_by_mbi(conn, mbi),
-            by_mrn=lambda mrn, authority: members_by_mrn(conn, mrn, authority),
-            by_name_key=lambda key: members_by_name_key(conn, key),
-        )
-        return [process_message(p, vocab, tz, lookups, recipients) for p in batch]
+        lookups = StoredRoster(conn)
+        policy = MatchPolicy.from_config(config)
+        return [process_message(p, vocab, tz, lookups, recipients, policy=policy) for p in batch]
     finally:
         conn.execute("COMMIT")
 

@@ -14,17 +14,14 @@ from gateway.cli import main
 from gateway.config import default_recipients
 from gateway.convert import validate_bundle
 from gateway.header import read_header
-from gateway.pipeline import RosterLookups, process_message
+from gateway.pipeline import process_message
 from gateway.replay import split_messages
-from gateway.roster import load_roster_file
+from gateway.roster import import_roster_file
 from gateway.store import (
     RECEIVED,
     IntakeRecord,
     Store,
-    import_members_sync,
-    members_by_mbi,
-    members_by_mrn,
-    members_by_name_key,
+    StoredRoster,
     open_database,
     roster_count,
 )
@@ -74,8 +71,7 @@ def roster_file(tmp_path: Path, *rows: str, name: str = "roster.csv") -> Path:
 def stored_messages(data: Path, paths: list[Path]) -> None:
     """A data folder holding ``paths`` stored by intake and run through the pipeline, roster loaded."""
     db = data / "herald.db"
-    roster = load_roster_file(SAMPLES / "roster.csv")
-    import_members_sync(db, roster.members, "roster.csv", 0, NOW)
+    import_roster_file(db, SAMPLES / "roster.csv", now=NOW)
     store = Store(db, reactor=object(), clock=lambda: NOW)  # never started: used for its SQL only
     conn = store._conn
     now = NOW.isoformat(timespec="milliseconds")
@@ -96,11 +92,7 @@ def stored_messages(data: Path, paths: list[Path]) -> None:
             charset=h.charset,
         )
         store._record_frame(conn, record, now)
-    lookups = RosterLookups(
-        by_mbi=lambda mbi: members_by_mbi(conn, mbi),
-        by_mrn=lambda mrn, authority: members_by_mrn(conn, mrn, authority),
-        by_name_key=lambda key: members_by_name_key(conn, key),
-    )
+    lookups = StoredRoster(conn)
     vocab = load_vocabulary()
     recipients = default_recipients(data)
     outcomes = [process_message(p, vocab, UTC, lookups, recipients) for p in Store._pending_messages(conn, 0, 100)]
@@ -213,7 +205,7 @@ def test_roster_import_loads_a_good_file(tmp_path):
     data = tmp_path / "data"
     result = run("roster", "import", roster_file(tmp_path, *ROSTER_ROWS), "--data", data)
     assert_clean_exit(result, 0)
-    assert "imported 3 member(s)" in result.output
+    assert "added 3, changed 0, ended 0, unchanged 0, rejected 0 (of 3 rows)" in result.output, explain(result)
     conn = open_database(data / "herald.db", readonly=True)
     assert roster_count(conn) == 3
 
@@ -254,7 +246,7 @@ def test_roster_import_skip_bad_rows_loads_the_good_ones(tmp_path):
     result = run("roster", "import", path, "--skip-bad-rows", "--data", data)
     assert_clean_exit(result, 0)
     assert f"{path}: line 3, column mrn_authority: is empty but an MRN is given (row skipped)" in result.stderr
-    assert "imported 2 member(s)" in result.stdout, explain(result)
+    assert "added 2, changed 0, ended 0, unchanged 0, rejected 1 (of 3 rows)" in result.stdout, explain(result)
     assert roster_count(open_database(data / "herald.db", readonly=True)) == 2
 
 
