@@ -300,7 +300,7 @@ def roster_import(
     )
     click.echo(
         f"  added {report.added}, changed {report.changed}, ended {report.ended}, unchanged {report.unchanged}, "
-        f"rejected {report.rejected} (of {report.rows} rows)"
+        f"rejected {report.rejected} (of {report.rows} rows); write lock held {report.lock_seconds:.2f} s"
     )
 
 

@@ -1025,6 +1025,8 @@ class RosterImportReport:
 
 
 _STAGE_COLUMNS = (*MEMBER_COLUMNS, "row_hash")
+#: Problems an import reports by line; beyond these it gives a count.
+MAX_PROBLEMS = 1000
 _STAGE_BATCH = 5000
 
 
@@ -1079,6 +1081,27 @@ def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set) 
     return total, rejected
 
 
+def _roster_version(conn) -> int:
+    return conn.execute("SELECT COALESCE(MAX(id), 0) FROM roster_imports").fetchone()[0]
+
+
+def _plan_import(conn) -> int:
+    """Mark each staged member add / change / same and sort the keys to write; return the roster version seen."""
+    conn.execute("UPDATE roster_stage SET action = 'add'")
+    conn.execute(
+        "UPDATE roster_stage SET action = CASE WHEN r.row_hash = roster_stage.row_hash "
+        "AND r.ended_by IS NULL THEN 'same' ELSE 'change' END FROM roster_members r "
+        "WHERE r.aco_id = roster_stage.aco_id AND r.member_id = roster_stage.member_id"
+    )
+    conn.execute("DROP TABLE IF EXISTS temp.roster_new_keys")
+    conn.execute(
+        "CREATE TEMP TABLE roster_new_keys AS SELECT k.key, k.aco_id, k.member_id FROM roster_stage_keys k "
+        "JOIN roster_stage s ON s.aco_id = k.aco_id AND s.member_id = k.member_id "
+        "WHERE s.action IN ('add', 'change') ORDER BY k.key"
+    )
+    return _roster_version(conn)
+
+
 def import_roster(
     db_path: Path | str,
     rows: Iterable,
@@ -1120,15 +1143,24 @@ def import_roster(
         problems.sort(key=lambda p: p[0])
         good = total - rejected
         if problems and not skip_bad_rows:
-            raise RosterError(problems[:1000], more=max(0, len(problems) - 1000))
+            raise RosterError(problems[:MAX_PROBLEMS], more=max(0, len(problems) - MAX_PROBLEMS))
         if good == 0:
-            raise RosterError(problems[:1000] or [(0, "-", "the file has no members")], more=0)
+            raise RosterError(problems[:MAX_PROBLEMS] or [(0, "-", "the file has no members")])
         acos = sorted({r[0] for r in conn.execute("SELECT DISTINCT aco_id FROM roster_stage")} | set(aco_ids))
         start_of_version = effective or today
         end_of_previous = (datetime.fromisoformat(start_of_version) - timedelta(days=1)).date().isoformat()
+        # Work out what changes in a read snapshot first, so that the write
+        # lock (which holds up intake) is held only to apply it.
+        conn.execute("BEGIN")
+        try:
+            planned_at = _plan_import(conn)
+        finally:
+            conn.execute("COMMIT")
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if _roster_version(conn) != planned_at:  # another import landed meanwhile: plan again
+                _plan_import(conn)
             cur = conn.execute(
                 "INSERT INTO roster_imports (imported_at, imported_by, file, sha256, format, mode, aco_ids, "
                 "effective_date, rows, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1146,18 +1178,12 @@ def import_roster(
                 ),
             )
             import_id = cur.lastrowid
-            conn.execute("UPDATE roster_stage SET action = 'add'")
-            conn.execute(
-                "UPDATE roster_stage SET action = CASE WHEN r.row_hash = roster_stage.row_hash "
-                "AND r.ended_by IS NULL THEN 'same' ELSE 'change' END FROM roster_members r "
-                "WHERE r.aco_id = roster_stage.aco_id AND r.member_id = roster_stage.member_id"
-            )
             counts = dict(conn.execute("SELECT action, COUNT(*) FROM roster_stage GROUP BY action").fetchall())
             cols = ", ".join(c for c in MEMBER_COLUMNS if c not in ("effective_start", "effective_end"))
             conn.execute(
                 f"INSERT INTO roster_members ({cols}, effective_start, effective_end, row_hash, import_id, "
                 f"imported_at) SELECT {cols}, COALESCE(NULLIF(effective_start, ''), ?), NULLIF(effective_end, ''), "
-                "row_hash, ?, ? FROM roster_stage WHERE action = 'add'",
+                "row_hash, ?, ? FROM roster_stage WHERE action = 'add' ORDER BY aco_id, member_id",
                 (effective, import_id, stamp),
             )
             sets = ", ".join(
@@ -1193,11 +1219,10 @@ def import_roster(
                 "DELETE FROM roster_keys WHERE (aco_id, member_id) IN "
                 "(SELECT aco_id, member_id FROM roster_stage WHERE action = 'change')"
             )
-            # Inserted in key order: the key table's B-tree is filled front to back.
+            # Inserted in key order (sorted by the plan): the B-tree is filled front to back.
             conn.execute(
-                "INSERT OR IGNORE INTO roster_keys (key, aco_id, member_id) SELECT k.key, k.aco_id, k.member_id "
-                "FROM roster_stage_keys k JOIN roster_stage s ON s.aco_id = k.aco_id AND s.member_id = k.member_id "
-                "WHERE s.action IN ('add', 'change') ORDER BY k.key"
+                "INSERT OR IGNORE INTO roster_keys (key, aco_id, member_id) "
+                "SELECT key, aco_id, member_id FROM roster_new_keys ORDER BY rowid"
             )
             added, changed, same = counts.get("add", 0), counts.get("change", 0), counts.get("same", 0)
             conn.execute(
@@ -1238,7 +1263,7 @@ def import_roster(
             ended,
             same,
             rejected,
-            problems,
+            problems[:MAX_PROBLEMS],
             time.perf_counter() - started,
         )
     finally:
