@@ -558,7 +558,10 @@ def log_show(message_id, fields, config_path, data_dir):
     if match is None:
         click.echo("  (none yet)")
     elif match["member_id"]:
-        click.echo(f"  {match['grade']} by {match['method']}: member {match['member_id']} of ACO {match['aco_id']}")
+        score = "" if match["score"] is None else f" (score {match['score']:.2f})"
+        click.echo(
+            f"  {match['grade']} by {match['method']}{score}: member {match['member_id']} of ACO {match['aco_id']}"
+        )
     else:
         click.echo(f"  no roster member ({match['method']}; {match['detail']})")
     click.echo("\nNotifications:")
