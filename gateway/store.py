@@ -1030,8 +1030,11 @@ MAX_PROBLEMS = 1000
 _STAGE_BATCH = 5000
 
 
-def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set) -> tuple[int, int]:
-    """Load rows into the connection's TEMP tables; collect problems. Returns (rows, rejected rows)."""
+def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set, counted: list[int]) -> tuple[int, int]:
+    """Load rows into the connection's TEMP tables; collect problems (``counted[0]``: how many in all).
+
+    Returns (rows, rejected rows).
+    """
     cols = ", ".join(_STAGE_COLUMNS)
     conn.execute(f"CREATE TEMP TABLE roster_stage (line INTEGER NOT NULL, {cols}, action TEXT)")
     conn.execute("CREATE TEMP TABLE roster_stage_keys (aco_id TEXT, member_id TEXT, key TEXT)")
@@ -1052,7 +1055,10 @@ def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set) 
         m = row.member
         if m is None:
             rejected += 1
-            problems.extend(row.problems)
+            # Rows come in line order: the first problems are kept, the rest counted.
+            room = MAX_PROBLEMS - len(problems)
+            problems.extend(row.problems[: max(0, room)])
+            counted[0] += len(row.problems)
             if row.aco_id and row.member_id:
                 keep.add((row.aco_id, row.member_id))
             continue
@@ -1070,7 +1076,9 @@ def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set) 
         found = sorted(int(n) for n in lines.split(","))
         where = ", ".join(str(n) for n in found)
         for line in found:
-            problems.append((line, "member_id", f"member {member_id} of ACO {aco_id} appears on lines {where}"))
+            counted[0] += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append((line, "member_id", f"member {member_id} of ACO {aco_id} appears on lines {where}"))
         rejected += len(found)
         keep.add((aco_id, member_id))
     if keep:
@@ -1139,11 +1147,12 @@ def import_roster(
         migrate(conn, now)
         problems: list[tuple[int, str, str]] = []
         keep: set[tuple[str, str]] = set()
-        total, rejected = _stage(conn, rows, problems, keep)
+        counted = [0]
+        total, rejected = _stage(conn, rows, problems, keep, counted)
         problems.sort(key=lambda p: p[0])
         good = total - rejected
         if problems and not skip_bad_rows:
-            raise RosterError(problems[:MAX_PROBLEMS], more=max(0, len(problems) - MAX_PROBLEMS))
+            raise RosterError(problems, more=counted[0] - len(problems))
         if good == 0:
             raise RosterError(problems[:MAX_PROBLEMS] or [(0, "-", "the file has no members")])
         acos = sorted({r[0] for r in conn.execute("SELECT DISTINCT aco_id FROM roster_stage")} | set(aco_ids))
@@ -1263,7 +1272,7 @@ def import_roster(
             ended,
             same,
             rejected,
-            problems[:MAX_PROBLEMS],
+            problems,
             time.perf_counter() - started,
         )
     finally:

@@ -542,3 +542,15 @@ def test_roster_member_equals_its_row():
     """RosterMember.row() has exactly the contract's columns, opt-out as 0/1."""
     member = RosterMember("A", "M", "", "", "", "L", "F", "1960-01-02", "F", "", "", "", "", "", opted_out=True)
     assert tuple(member.row()) == MEMBER_COLUMNS and member.row()["opted_out"] == 1
+
+
+def test_a_file_with_many_problems_reports_the_first_and_counts_the_rest(tmp_path, monkeypatch):
+    """Problems beyond the report's limit are counted, not listed (a broken million-row file stays small)."""
+    import gateway.store
+
+    monkeypatch.setattr(gateway.store, "MAX_PROBLEMS", 3)
+    bad = [ROW_MBI.replace("M-001", f"M-{n:03d}").replace(",F,", ",Z,") for n in range(10)]
+    with pytest.raises(RosterError) as caught:
+        import_text(tmp_path, csv_text(*bad))
+    assert [line for line, _, _ in caught.value.problems] == [2, 3, 4]
+    assert caught.value.more == 7
