@@ -297,8 +297,9 @@ def blocking_keys(p: Person) -> list[str]:
     A true match almost always shares at least one key with the query: birth
     date alone; the sounds of both names in either order; the family name's
     sound with the ZIP or the birth year; the given name's sound with the birth
-    date without the year; the given name's sound with the ZIP; the house
-    number with the ZIP. Empty fields make no key. A compound family name
+    date without the year; the given name's sound with the ZIP; both initials
+    with the ZIP; the house number with the ZIP. Empty fields make no key.
+    Raise :data:`BLOCKING_RECIPE` when this changes: stored keys go stale. A compound family name
     (``GARCIA-LOPEZ``) gives keys for each part as well.
     """
     given = _compact(_formal(_compact(p.given))) if p.given else ""
@@ -323,6 +324,8 @@ def blocking_keys(p: Person) -> list[str]:
         keys.append(f"gd:{g}|{dob[4:]}")
     if g and p.zip:
         keys.append(f"gz:{g}|{p.zip}")
+    if p.given and p.family and p.zip:
+        keys.append(f"iz:{_compact(p.given)[0]}{_compact(p.family)[0]}|{p.zip}")
     number = re.match(r"\d+", p.street)
     if number and p.zip:
         keys.append(f"sz:{number.group()}|{p.zip}")
@@ -355,7 +358,12 @@ class MatchModel:
     max_candidates: int
     identifier_conflict_grade: str  # best grade for a member whose MBI differs from the message's
     similarity: Mapping[str, float]
-    household: float = 0.0  # weight taken back when surname and address (or phone) both agree
+    # Best grades when surname and address (or phone) agree but the given name and birth date
+    # both disagree (a relative: spouse, sibling), or one of them does (twin, Jr/Sr).
+    household_both_differ: str = "none"
+    household_one_differs: str = "possible"
+    roster_size: int = 0  # the roster size the thresholds were computed for
+    on_roster_share: float = 0.0  # share of patients on the roster assumed in the thresholds
     source: str = ""
     fingerprint: str = ""  # sha256 of the TOML it came from, for the audit
 
@@ -378,8 +386,14 @@ _SIMILARITY_DEFAULTS = {
 def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
     """Read the matching model (default ``mappings/matching.toml``).
 
+    Thresholds are match weights (bits). Unless the file gives them outright,
+    each is computed from the roster size, the share of patients on the roster
+    and the posterior probability the grade stands for:
+    ``log2(roster_size / on_roster_share) + log2(p / (1 - p))``.
+
     ``overrides`` replace thresholds: ``certain=``, ``probable=``, ``possible=``,
-    ``ambiguity_margin=``. Raises :class:`ConfigError` naming what is wrong.
+    ``ambiguity_margin=``, or ``roster_size=`` (the grades then follow it).
+    Raises :class:`ConfigError` naming what is wrong.
     """
     path = path or MAPPINGS_DIR / "matching.toml"
     try:
@@ -389,26 +403,39 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
         raise ConfigError("matching", f"{path} not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError("matching", f"{path}: {e}") from None
-    unknown = set(overrides) - {"certain", "probable", "possible", "ambiguity_margin"}
+    unknown = set(overrides) - {"certain", "probable", "possible", "ambiguity_margin", "roster_size"}
     if unknown:
         raise ConfigError("matching", f"unknown override(s): {', '.join(sorted(unknown))}")
 
     def where(key: str) -> str:
         return f"{path.name}: {key}"
 
+    def number(table: Mapping, key: str, low: float, high: float = math.inf) -> float:
+        value = overrides.get(key, table.get(key))
+        if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(
+                "matching", where(f"thresholds.{key}: expected a number in [{low}, {high}], got {value!r}")
+            )
+        return float(value)
+
     thresholds = data.get("thresholds")
     if not isinstance(thresholds, dict):
         raise ConfigError("matching", where("[thresholds] is missing"))
     values: dict[str, float] = {}
-    for key in ("certain", "probable", "possible", "ambiguity_margin"):
-        value = overrides.get(key, thresholds.get(key))
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError("matching", where(f"thresholds.{key}: expected a number, got {value!r}"))
-        values[key] = float(value)
+    roster_size = number(thresholds, "roster_size", 1)
+    on_roster = number(thresholds, "on_roster_share", 1e-6, 1)
+    # Prior odds that one given member is the patient: on_roster / roster_size. A total of
+    # w bits multiplies them by 2**w, so posterior odds p/(1-p) need w = log2(size/share) + log2(p/(1-p)).
+    prior_bits = math.log2(roster_size / on_roster)
+    for grade_name in ("certain", "probable", "possible"):
+        if grade_name in overrides or grade_name in thresholds:
+            values[grade_name] = number(thresholds, grade_name, -math.inf)
+        else:
+            p = number(thresholds, f"{grade_name}_posterior", 1e-9, 1 - 1e-12)
+            values[grade_name] = round(prior_bits + math.log2(p / (1 - p)), 2)
+    values["ambiguity_margin"] = number(thresholds, "ambiguity_margin", 0)
     if not values["certain"] >= values["probable"] >= values["possible"]:
         raise ConfigError("matching", where("thresholds: need certain >= probable >= possible"))
-    if values["ambiguity_margin"] < 0:
-        raise ConfigError("matching", where("thresholds.ambiguity_margin: must not be negative"))
     max_candidates = thresholds.get("max_candidates", 5)
     if not isinstance(max_candidates, int) or max_candidates < 1:
         raise ConfigError("matching", where("thresholds.max_candidates: expected a positive integer"))
@@ -422,9 +449,10 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
             raise ConfigError("matching", where(f"similarity.{key}: unknown key or not a number"))
         similarity[key] = float(value)
 
-    household = (data.get("dependence") or {}).get("household", 0.0)
-    if not isinstance(household, int | float) or isinstance(household, bool) or household < 0:
-        raise ConfigError("matching", where("dependence.household: expected a number >= 0"))
+    household = data.get("household") or {}
+    for key in ("both_differ", "one_differs"):
+        if household.get(key, "possible") not in GRADES:
+            raise ConfigError("matching", where(f"household.{key}: not one of {', '.join(GRADES)}"))
 
     fields: dict[str, FieldModel] = {}
     table = data.get("fields") or {}
@@ -461,7 +489,10 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
         max_candidates=max_candidates,
         identifier_conflict_grade=conflict,
         similarity=similarity,
-        household=float(household),
+        household_both_differ=household.get("both_differ", "none"),
+        household_one_differs=household.get("one_differs", "possible"),
+        roster_size=int(roster_size),
+        on_roster_share=on_roster,
         source=str(data.get("source", "")),
         fingerprint=hashlib.sha256(raw).hexdigest()[:16],
     )
@@ -636,18 +667,32 @@ _HOUSEHOLD_NAME = ("exact", "compound", "close")
 _HOUSEHOLD_PLACE = ("exact", "close")
 
 
+def household_limit(scored: Scored, model: MatchModel) -> str | None:
+    """The best grade a comparison may have when it looks like two people of one household, else None.
+
+    Relatives share a surname and an address or phone, so for them those
+    agreements are not the independent evidence the weights assume: a spouse
+    or sibling (given name and birth date both differ) is at best
+    ``model.household_both_differ``; a twin or a Jr/Sr (one of them differs)
+    at best ``model.household_one_differs``.
+    """
+    level = {f.field: f.level for f in scored.fields}
+    if level["family"] not in _HOUSEHOLD_NAME:
+        return None
+    if level["street"] not in _HOUSEHOLD_PLACE and level["phone"] != "exact":
+        return None
+    differ = (level["given"] == "disagree") + (level["birth_date"] == "disagree")
+    if differ == 2:
+        return model.household_both_differ
+    if differ == 1:
+        return model.household_one_differs
+    return None
+
+
 def score(query: Person, candidate: Person, model: MatchModel) -> Scored:
     """Compare two people field by field; the total is the sum of the levels' weights (log2 units)."""
     levels = compare(query, candidate, model)
     parts = tuple(FieldComparison(name, levels[name], model.weight(name, levels[name])) for name in FIELDS)
-    if (
-        model.household
-        and levels["family"] in _HOUSEHOLD_NAME
-        and (levels["street"] in _HOUSEHOLD_PLACE or levels["phone"] == "exact")
-    ):
-        # Relatives share a surname and an address: those agreements are not independent
-        # evidence for a non-matching pair, so part of their weight is taken back.
-        parts += (FieldComparison("household", "shared", -model.household),)
     return Scored(round(sum(p.weight for p in parts), 6), parts)
 
 
@@ -797,10 +842,14 @@ def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLooku
         return Match("none", "none", None, None, (), {"rules_tried": tried, "reason": "no demographics to compare"})
     rows = _effective(lookups.by_blocking_keys(keys), encounter_date)
     ranked: list[Candidate] = []
-    conflicts = 0
+    conflicts = households = 0
     for row in rows:
         scored = score(query.person, person_from_member(row), model)
         g = grade(scored.total, model)
+        limit = household_limit(scored, model)
+        if limit and GRADES.index(g) < GRADES.index(limit):
+            g = limit
+            households += 1
         member_mbi = _col(row, "mbi").replace("-", "").upper()
         if g != "none" and query.mbi and member_mbi and member_mbi != query.mbi:
             # The message's MBI names someone else: never better than the configured grade.
@@ -817,6 +866,8 @@ def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLooku
     }
     if conflicts:
         detail["mbi_conflicts"] = conflicts
+    if households:
+        detail["household_limited"] = households
     if not shortlisted:
         if ranked:
             detail["best"] = round(ranked[0].scored.total, 2)

@@ -284,6 +284,7 @@ def test_blocking_keys_are_pinned():
         "fy:F562|1951",
         "gd:A420|0314",
         "gz:A420|44101",
+        "iz:AF|44101",
         "sz:48|44101",
     ]
 
@@ -331,13 +332,29 @@ def test_grade_thresholds_and_overrides(model):
     assert grade(model.certain, strict) == "none"
 
 
+def test_thresholds_follow_roster_size_and_posteriors(model):
+    """Each threshold is log2(roster_size / on_roster_share) + log2(p/(1-p)); a 20x bigger roster adds log2(20)."""
+    import math
+
+    assert model.probable == pytest.approx(
+        math.log2(model.roster_size / model.on_roster_share) + math.log2(999), abs=0.01
+    )
+    small = load_model(roster_size=5_000)
+    big = load_model(roster_size=100_000)
+    for name in ("certain", "probable", "possible"):
+        assert getattr(big, name) - getattr(small, name) == pytest.approx(math.log2(20), abs=0.02)
+
+
 @pytest.mark.parametrize(
     "edit,reason",
     [
-        (lambda t: t.replace("certain = ", "certain = 1.0 #"), "certain >= probable"),
+        (lambda t: t.replace("certain_posterior = ", "certain_posterior = 0.5 #"), "certain >= probable"),
         (lambda t: t.replace("levels.transposed", "levels.reversed"), "transposed"),
         (lambda t: t + "\n[similarity]\nname_close = 0.9\n", ""),
-        (lambda t: t.replace("probable = ", "probable = 'high' #"), "probable"),
+        (lambda t: t.replace("levels.exact = { m = ", "levels.exact = { m = 1.5, x = "), "m and u"),
+        (lambda t: t.replace("probable_posterior = ", "probable_posterior = 'high' #"), "probable_posterior"),
+        (lambda t: t.replace("roster_size = ", "roster_size = 0 #"), "roster_size"),
+        (lambda t: t.replace('both_differ = "none"', 'both_differ = "never"'), "household.both_differ"),
     ],
 )
 def test_bad_model_files_name_the_problem(tmp_path, edit, reason):
@@ -445,7 +462,8 @@ def test_opted_out_members_are_still_matched(model):
 # -- a fixed synthetic set with expected grades ----------------------------------
 
 #: (case, changes to the query, expected grade, expected member). The roster is
-#: ROSTER below; every person is invented.
+#: ROSTER below, graded with the default thresholds (a roster of 100,000): there,
+#: name and birth date alone are not enough for probable. Every person is invented.
 ROSTER = [
     member("S-1", **ALICE),
     member(
@@ -494,14 +512,14 @@ CASES = [
     (
         "new address and phone",
         {**ALICE_QUERY, "street": "2 Harbor View", "city": "Lakeside", "zip": "44870", "phone": "4195550100"},
-        "probable",
+        "possible",
         "S-1",
     ),
     ("nickname, one part of the surname", {**WILLIAM, "given": "Bill", "family": "Baptiste"}, "certain", "S-2"),
     (
         "day and month swapped, no address",
         {"given": "Marisol", "family": "Quenneville", "birth_date": "1962-09-06", "sex": "F"},
-        "probable",
+        "possible",
         "S-3",
     ),
     ("typo in surname, no middle name", {**ALICE_QUERY, "family": "Fenwrigth", "middle": ""}, "certain", "S-1"),
@@ -509,7 +527,7 @@ CASES = [
     (
         "name and birth date only",
         {"given": "Desmond", "family": "Achterberg", "birth_date": "1939-02-27"},
-        "probable",
+        "possible",
         "S-4",
     ),
     (
@@ -539,6 +557,30 @@ def test_synthetic_cases_grade_as_expected(model, case, changes, expected, membe
     """Each invented case gets the grade and member a reviewer would expect."""
     m = match_patient(query(**changes), "2026-03-01", MemoryRoster(ROSTER), model)
     assert (m.grade, m.member_id) == (expected, member_id), (case, m.score, m.detail)
+
+
+def test_a_smaller_roster_needs_less_evidence():
+    """Name and birth date alone are possible on a 100,000-member roster but probable on a 5,000-member one."""
+    q = query(given="Desmond", family="Achterberg", birth_date="1939-02-27")
+    assert match_patient(q, "2026-03-01", MemoryRoster(ROSTER), load_model(roster_size=100_000)).grade == "possible"
+    assert match_patient(q, "2026-03-01", MemoryRoster(ROSTER), load_model(roster_size=5_000)).grade == "probable"
+
+
+def test_household_members_are_not_taken_for_each_other(tmp_path):
+    """Same surname and address: spouse (given and birth date differ) none; twin limited when so configured."""
+    rows = [member("H-1", **{**ALICE, "phone": ""})]
+    spouse = {**ALICE_QUERY, "given": "Theodore", "middle": "", "birth_date": "1949-08-30", "sex": "", "phone": ""}
+    twin = {**ALICE_QUERY, "given": "Beatrix", "middle": "", "phone": ""}
+    default = load_model()
+    assert match_patient(query(**spouse), "2026-03-01", MemoryRoster(rows), default).grade == "none"
+    path = tmp_path / "matching.toml"
+    path.write_text(
+        (MAPPINGS_DIR / "matching.toml").read_text().replace('one_differs = "certain"', 'one_differs = "possible"')
+    )
+    limited = load_model(path)
+    assert match_patient(query(**twin), "2026-03-01", MemoryRoster(rows), default).grade in ("certain", "probable")
+    m = match_patient(query(**twin), "2026-03-01", MemoryRoster(rows), limited)
+    assert (m.grade, m.detail["household_limited"]) == ("possible", 1)
 
 
 def test_person_is_a_frozen_value():
