@@ -18,7 +18,7 @@ from gateway.errors import MessageError
 from gateway.matching import Candidate, Match, Person, match_patient, person_from_member, query_from_patient
 from gateway.pipeline import MatchPolicy, decide, find_patient
 from gateway.replay import ReplayError, collect_messages
-from gateway.store import StoredRoster, roster_member
+from gateway.store import StoredRoster, roster_member, roster_size
 from gateway.v2 import V2Message
 from gateway.vocabulary import load_vocabulary
 
@@ -77,7 +77,7 @@ def explain_messages(
         err("herald match: no HL7 messages (text starting with MSH) in the given paths")
         return 1
     vocab = load_vocabulary()
-    policy = MatchPolicy.from_config(cfg)
+    policy = MatchPolicy.from_config(cfg, roster_size(conn))
     lookups = StoredRoster(conn)
     failures = 0
     if not as_json:

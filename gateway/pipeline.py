@@ -47,16 +47,23 @@ class MatchPolicy:
     route_probable: bool = True
 
     @classmethod
-    def from_config(cls, config: Config) -> MatchPolicy:
-        """The policy of ``config``'s ``[matching]`` section (models are loaded once per setting)."""
+    def from_config(cls, config: Config, roster_size: int | None = None) -> MatchPolicy:
+        """The policy of ``config``'s ``[matching]`` section for a roster of ``roster_size`` members.
+
+        The model's thresholds follow the roster's size unless the config sets
+        them; models are loaded once per setting.
+        """
         thresholds = (config.matching_certain, config.matching_probable, config.matching_possible)
-        return _policy(config.matching_model, thresholds, config.matching_route_probable)
+        size = max(1, roster_size) if roster_size is not None else None
+        return _policy(config.matching_model, thresholds, config.matching_route_probable, size)
 
 
-@lru_cache(maxsize=8)
-def _policy(model_path: Path | None, thresholds: tuple, route_probable: bool) -> MatchPolicy:
+@lru_cache(maxsize=16)
+def _policy(model_path: Path | None, thresholds: tuple, route_probable: bool, size: int | None) -> MatchPolicy:
     names = ("certain", "probable", "possible")
     overrides = {k: float(v) for k, v in zip(names, thresholds, strict=True) if v is not None}
+    if size is not None:
+        overrides["roster_size"] = size
     return MatchPolicy(load_model(model_path, **overrides), route_probable)
 
 

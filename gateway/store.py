@@ -992,6 +992,19 @@ def roster_count(conn, active_on: str | None = None) -> int:
     ).fetchone()[0]
 
 
+def roster_size(conn, on: str | None = None) -> int:
+    """Members whose attribution has not ended by ``on`` (default today): matching's thresholds scale with it."""
+    on = on or datetime.now(UTC).date().isoformat()
+    return conn.execute(
+        "SELECT COUNT(*) FROM roster_members WHERE COALESCE(effective_end, '') = '' OR effective_end >= ?", (on,)
+    ).fetchone()[0]
+
+
+def roster_version(conn) -> int:
+    """The newest roster import's id (0 before any): it changes whenever the roster does."""
+    return _roster_version(conn)
+
+
 def roster_member(conn, aco_id: str, member_id: str) -> dict | None:
     """One member by ACO and member id."""
     row = conn.execute(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gateway.config import Config
 from gateway.pipeline import MatchPolicy, MessageOutcome, process_message
-from gateway.store import PendingMessage, StoredRoster, open_database
+from gateway.store import PendingMessage, StoredRoster, open_database, roster_size, roster_version
 from gateway.vocabulary import load_vocabulary
 
 _state: dict = {}
@@ -73,10 +73,24 @@ def process_batch_here(
     conn.execute("BEGIN")
     try:
         lookups = StoredRoster(conn)
-        policy = MatchPolicy.from_config(config)
+        policy = policy_for(conn, config)
         return [process_message(p, vocab, tz, lookups, recipients, policy=policy) for p in batch]
     finally:
         conn.execute("COMMIT")
+
+
+_policies: dict[int, tuple[int, MatchPolicy]] = {}
+
+
+def policy_for(conn: sqlite3.Connection, config: Config) -> MatchPolicy:
+    """The match policy for the roster as it is now (its size sets the thresholds); counted again only
+    when a roster import has landed since."""
+    version = roster_version(conn)
+    cached = _policies.get(id(config))
+    if cached is None or cached[0] != version:
+        cached = (version, MatchPolicy.from_config(config, roster_size(conn)))
+        _policies[id(config)] = cached
+    return cached[1]
 
 
 def process_batch(batch: list[PendingMessage]) -> list[MessageOutcome]:

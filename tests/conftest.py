@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from gateway.ack import AckBuilder
+from gateway.config import load_config
+from gateway.pipeline import MatchPolicy
 from gateway.roster import import_roster_file
-from gateway.store import StoredRoster, open_database
+from gateway.store import StoredRoster, open_database, roster_size
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 
@@ -33,3 +35,15 @@ def sample_roster(tmp_path_factory) -> StoredRoster:
     conn = open_database(db, readonly=True)
     yield StoredRoster(conn)
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def sample_policy(tmp_path_factory) -> MatchPolicy:
+    """The default match policy for the sample roster's size (as the pipeline workers load it)."""
+    db = tmp_path_factory.mktemp("sample-roster-size") / "herald.db"
+    import_roster_file(db, SAMPLES / "roster.csv", by="tests")
+    conn = open_database(db, readonly=True)
+    try:
+        return MatchPolicy.from_config(load_config(None), roster_size(conn))
+    finally:
+        conn.close()

@@ -301,8 +301,8 @@ def test_bad_roster_or_matching_setting_names_the_key(tmp_path, text, key, words
 
 def test_matching_model_path_is_relative_to_the_config_file(tmp_path):
     """A model file named in the config is found next to the config, and a broken one names the key."""
-    (tmp_path / "model.toml").write_text("[thresholds]\ncertain = 'high'\n", encoding="utf-8")
+    (tmp_path / "model.toml").write_text("[thresholds]\nroster_size = 'large'\n", encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, '[matching]\nmodel = "model.toml"'))
     assert caught.value.key == "matching.model"
-    assert "thresholds.certain" in caught.value.reason
+    assert "model.toml: thresholds.roster_size" in caught.value.reason

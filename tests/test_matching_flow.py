@@ -83,6 +83,8 @@ class Gateway:
         self.config_file = root / "herald.toml"
         self.config_file.write_text(
             f'[server]\ndata_dir = "{self.data}"\n\n[matching]\nroute_probable = {str(route_probable).lower()}\n'
+            # Fixed thresholds: with a three-member roster the size-scaled ones would call nearly anything certain.
+            "certain = 35.0\nprobable = 24.0\npossible = 14.0\n"
         )
         self.config = load_config(self.config_file)
         self.data.mkdir(parents=True, exist_ok=True)
@@ -344,3 +346,18 @@ def test_herald_match_of_an_unconvertible_message_exits_2(gateway):
     result = gateway.cli("match", path, "--json")
     assert result.exit_code == 2, explain(result)
     assert "PID" in json.loads(result.output.splitlines()[0])["error"]
+
+
+def test_thresholds_follow_the_roster_size_until_the_config_sets_them(tmp_path):
+    """The workers' policy scales the thresholds with the roster, recounted after each import."""
+    from gateway.workers import policy_for
+
+    gw = Gateway(tmp_path)
+    default = load_config(None, data_dir=gw.data)
+    gw.roster(ROSALIND)
+    conn = open_database(gw.config.database, readonly=True)
+    small = policy_for(conn, default).model.certain
+    assert policy_for(conn, gw.config).model.certain == 35.0  # set in the config
+    gw.roster(ROSALIND, DESMOND, CORNELIUS)
+    assert policy_for(conn, default).model.certain > small
+    conn.close()

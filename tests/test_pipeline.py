@@ -215,10 +215,12 @@ def test_invalid_bundle_fails_validation(vocab, roster_lookups, recipients):
     assert unchecked.state == ROUTED
 
 
-def test_charset_from_intake_is_used(vocab, roster_lookups, recipients):
+def test_charset_from_intake_is_used(vocab, roster_lookups, recipients, sample_policy):
     """The stored charset decodes the message (the patient's accented name matches the roster)."""
     raw = sample("meditech-v24-a01-admit-cp1252.hl7")
-    outcome = process_message(pending(raw, charset="WINDOWS-1252"), vocab, UTC, roster_lookups, recipients)
+    outcome = process_message(
+        pending(raw, charset="WINDOWS-1252"), vocab, UTC, roster_lookups, recipients, policy=sample_policy
+    )
     assert outcome.state == ROUTED
     assert (outcome.match.method, outcome.match.member_id) == ("probabilistic", "SHR-000104")
 

@@ -94,11 +94,11 @@ def test_sample_roster_is_clean():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_sample_matches_the_sample_roster_as_named(name, vocab, lookups, tmp_path):
+def test_sample_matches_the_sample_roster_as_named(name, vocab, lookups, sample_policy, tmp_path):
     """Each sample is routed and matched to the member (and by the rule) the corpus intends."""
     _, _, method, member = EXPECTED[name]
     pending = PendingMessage(1, raw(name), "2026-11-22T12:00:00+00:00", read_header(raw(name)).charset)
-    outcome = process_message(pending, vocab, UTC, lookups, default_recipients(tmp_path))
+    outcome = process_message(pending, vocab, UTC, lookups, default_recipients(tmp_path), policy=sample_policy)
     assert outcome.state == ROUTED, outcome.reason
     assert (outcome.match.method, outcome.match.member_id) == (method, member)
     expected_roles = ["pcp", "care_team", "hie"] if member else ["hie"]
