@@ -470,7 +470,7 @@ def main() -> int:
         result["keys_per_member"] = round(
             conn.execute("SELECT COUNT(*) FROM roster_keys").fetchone()[0] / roster_count(conn), 2
         )
-        model = load_model()
+        model = load_model(roster_size=roster_count(conn))  # as the pipeline scales its thresholds
         roster = StoredRoster(conn)
         work = queries(sample, zips, args.queries, args.seed)
         for _kind, q, _ in work[:20]:  # warm the page cache and the engine's caches
