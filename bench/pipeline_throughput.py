@@ -68,6 +68,7 @@ from gateway.store import (  # noqa: E402
     StoredRoster,
     import_members_sync,
     open_database,
+    open_roster_snapshot,
 )
 from gateway.v2 import V2Message  # noqa: E402
 from gateway.vocabulary import load_vocabulary  # noqa: E402
@@ -222,7 +223,7 @@ def run_inprocess(args) -> dict:
         tz = UTC
         recipients = default_recipients(tmp)  # file drops for every role, as the default config
         conn = open_database(db, readonly=True)
-        lookups = StoredRoster(conn)
+        lookups = StoredRoster(open_roster_snapshot(db), conn)
 
         def convert_only(batch):
             for p in batch:

@@ -58,6 +58,16 @@ def _read_conn(cfg):
     return conn
 
 
+def _roster_snapshot(cfg):
+    """The roster as published now (empty before the first import)."""
+    from gateway.store import StoreError, open_roster_snapshot
+
+    try:
+        return open_roster_snapshot(cfg.database)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @click.group()
 @click.version_option(package_name="herald")
 def main() -> None:
@@ -300,7 +310,8 @@ def roster_import(
     )
     click.echo(
         f"  added {report.added}, changed {report.changed}, ended {report.ended}, unchanged {report.unchanged}, "
-        f"rejected {report.rejected} (of {report.rows} rows); write lock held {report.lock_seconds:.2f} s"
+        f"rejected {report.rejected} (of {report.rows} rows); published in {report.publish_seconds:.2f} s "
+        f"(the gateway's database was locked {report.lock_seconds * 1000:.0f} ms, for the audit event)"
     )
 
 
@@ -313,12 +324,13 @@ def roster_versions(limit, config_path, data_dir):
     from gateway.store import roster_imports
 
     cfg = _config(config_path, data_dir)
-    conn = _read_conn(cfg)
+    _read_conn(cfg).close()
+    roster = _roster_snapshot(cfg)
     click.echo(
         f"{'VERSION':>7}  {'IMPORTED (UTC)':<23}  {'ACO':<16}  {'EFFECTIVE':<10}  {'ADDED':>7}  {'CHANGED':>7}  "
         f"{'ENDED':>7}  {'REJECTED':>8}  FILE"
     )
-    for v in roster_imports(conn, limit):
+    for v in roster_imports(roster, limit):
         click.echo(
             f"{v['id']:>7}  {v['imported_at'][:23]:<23}  {v['aco_ids'][:16]:<16}  {v['effective_date'] or '-':<10}  "
             f"{v['added']:>7}  {v['changed']:>7}  {v['ended']:>7}  {v['rejected']:>8}  {v['file']} ({v['format']}, "
@@ -371,8 +383,9 @@ def review_list(state, limit, config_path, data_dir):
     reviews = list_reviews(conn, None if state == "all" else state, limit)
     if not reviews:
         click.echo(f"no {'' if state == 'all' else state + ' '}reviews")
+    roster = _roster_snapshot(cfg)
     for item in reviews:
-        for line in describe_review(conn, item):
+        for line in describe_review(roster, item):
             click.echo(line)
 
 
@@ -413,7 +426,7 @@ def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
         click.echo(f"herald review accept: member {member_id} is a candidate in several ACOs: give --aco", err=True)
         sys.exit(EXIT_BAD_INPUT)
     pick = chosen[0]
-    member = roster_member(conn, pick["aco_id"], pick["member_id"])
+    member = roster_member(_roster_snapshot(cfg), pick["aco_id"], pick["member_id"])
     if member is None:
         raise click.ClickException(f"member {pick['member_id']} of ACO {pick['aco_id']} is no longer on the roster")
     match = _stored_match(conn, item["message_id"])

@@ -18,7 +18,7 @@ from gateway.errors import MessageError
 from gateway.matching import Candidate, Match, Person, match_patient, person_from_member, query_from_patient
 from gateway.pipeline import MatchPolicy, decide, find_patient
 from gateway.replay import ReplayError, collect_messages
-from gateway.store import StoredRoster, roster_member, roster_size
+from gateway.store import RosterSnapshot, StoredRoster, open_roster_snapshot, roster_member
 from gateway.v2 import V2Message
 from gateway.vocabulary import load_vocabulary
 
@@ -77,8 +77,9 @@ def explain_messages(
         err("herald match: no HL7 messages (text starting with MSH) in the given paths")
         return 1
     vocab = load_vocabulary()
-    policy = MatchPolicy.from_config(cfg, roster_size(conn))
-    lookups = StoredRoster(conn)
+    roster = open_roster_snapshot(cfg.database)
+    policy = MatchPolicy.from_config(cfg, roster.size())
+    lookups = StoredRoster(roster, conn)
     failures = 0
     if not as_json:
         m = policy.model
@@ -140,7 +141,7 @@ def _person(p: Person) -> str:
     return "  ".join(parts)
 
 
-def describe_review(conn: sqlite3.Connection, item: dict) -> list[str]:
+def describe_review(roster: RosterSnapshot, item: dict) -> list[str]:
     """Lines describing one review for ``herald review list``: the patient and each candidate."""
     lines = [
         f"review {item['id']}  [{item['state']}]  message {item['message_id']} (control id {item['control_id']}, "
@@ -154,7 +155,7 @@ def describe_review(conn: sqlite3.Connection, item: dict) -> list[str]:
         except (MessageError, ValueError):
             lines.append("  patient: (stored FHIR unreadable)")
     for c in item["candidates"]:
-        member = roster_member(conn, c["aco_id"], c["member_id"])
+        member = roster_member(roster, c["aco_id"], c["member_id"])
         who = _person(person_from_member(member)) if member else "(no longer on the roster)"
         lines.append(f"  candidate {c['member_id']} of ACO {c['aco_id']}: {who}  score {c['score']:.2f}  {c['grade']}")
     if item["state"] != "open":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from gateway.convert import MBI_PATTERN
 from gateway.errors import RosterError
-from gateway.matching import blocking_keys, person_from_member
+from gateway.matching import blocking_keys, pack_person, person_from_member
 from gateway.store import MEMBER_COLUMNS, import_roster
 
 FORMATS_FILE = Path(__file__).resolve().parent.parent / "mappings" / "roster_formats.toml"
@@ -71,20 +71,35 @@ class RosterMember:
     phone: str = ""
     opted_out: bool = False
     keys: tuple[str, ...] = ()
+    person: str = ""  # the normalised person (gateway.matching.pack_person), computed when not given
 
     def __post_init__(self) -> None:
-        if not self.keys:
-            object.__setattr__(self, "keys", tuple(dict.fromkeys(blocking_keys(person_from_member(self.row())))))
+        if not self.keys or not self.person:
+            # Normalised once, here: the store keeps the result, so matching never redoes it.
+            person = person_from_member(self.row())
+            if not self.person:
+                object.__setattr__(self, "person", pack_person(person))
+            if not self.keys:
+                object.__setattr__(self, "keys", tuple(dict.fromkeys(blocking_keys(person))))
+
+    def values(self) -> tuple:
+        """The member's values in the order of :data:`ROSTER_COLUMNS` (opt-out as 0/1)."""
+        return tuple(int(self.opted_out) if c == "opted_out" else getattr(self, c) for c in ROSTER_COLUMNS)
 
     def row(self) -> dict:
         """The member as a roster row (the columns of :data:`ROSTER_COLUMNS`)."""
-        return {c: (int(self.opted_out) if c == "opted_out" else getattr(self, c)) for c in ROSTER_COLUMNS}
+        return dict(zip(ROSTER_COLUMNS, self.values(), strict=True))
+
+    @staticmethod
+    def content_hash_of(values: tuple) -> bytes:
+        """A digest of every column's value: an import compares it to tell changed members from unchanged."""
+        text = "\x1f".join(str(v) for v in values)
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
     @property
-    def content_hash(self) -> str:
-        """A digest of every column: an import compares it to tell changed members from unchanged."""
-        text = "\x1f".join(str(v) for v in self.row().values())
-        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+    def content_hash(self) -> bytes:
+        """:meth:`content_hash_of` the member's own values."""
+        return self.content_hash_of(self.values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from gateway.ack import AckBuilder
 from gateway.config import load_config
 from gateway.pipeline import MatchPolicy
 from gateway.roster import import_roster_file
-from gateway.store import StoredRoster, open_database, roster_size
+from gateway.store import StoredRoster, open_roster_snapshot
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 
@@ -32,9 +32,9 @@ def sample_roster(tmp_path_factory) -> StoredRoster:
     """The sample roster imported into a real SQLite store, read through the production lookups."""
     db = tmp_path_factory.mktemp("sample-roster") / "herald.db"
     import_roster_file(db, SAMPLES / "roster.csv", by="tests")
-    conn = open_database(db, readonly=True)
-    yield StoredRoster(conn)
-    conn.close()
+    roster = open_roster_snapshot(db)
+    yield StoredRoster(roster)
+    roster.close()
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +42,8 @@ def sample_policy(tmp_path_factory) -> MatchPolicy:
     """The default match policy for the sample roster's size (as the pipeline workers load it)."""
     db = tmp_path_factory.mktemp("sample-roster-size") / "herald.db"
     import_roster_file(db, SAMPLES / "roster.csv", by="tests")
-    conn = open_database(db, readonly=True)
+    roster = open_roster_snapshot(db)
     try:
-        return MatchPolicy.from_config(load_config(None), roster_size(conn))
+        return MatchPolicy.from_config(load_config(None), roster.size())
     finally:
-        conn.close()
+        roster.close()

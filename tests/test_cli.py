@@ -22,7 +22,7 @@ from gateway.store import (
     IntakeRecord,
     Store,
     StoredRoster,
-    open_database,
+    open_roster_snapshot,
     roster_count,
 )
 from gateway.vocabulary import load_vocabulary
@@ -92,7 +92,7 @@ def stored_messages(data: Path, paths: list[Path]) -> None:
             charset=h.charset,
         )
         store._record_frame(conn, record, now)
-    lookups = StoredRoster(conn)
+    lookups = StoredRoster(open_roster_snapshot(db), conn)
     vocab = load_vocabulary()
     recipients = default_recipients(data)
     outcomes = [process_message(p, vocab, UTC, lookups, recipients) for p in Store._pending_messages(conn, 0, 100)]
@@ -206,8 +206,7 @@ def test_roster_import_loads_a_good_file(tmp_path):
     result = run("roster", "import", roster_file(tmp_path, *ROSTER_ROWS), "--data", data)
     assert_clean_exit(result, 0)
     assert "added 3, changed 0, ended 0, unchanged 0, rejected 0 (of 3 rows)" in result.output, explain(result)
-    conn = open_database(data / "herald.db", readonly=True)
-    assert roster_count(conn) == 3
+    assert roster_count(open_roster_snapshot(data / "herald.db")) == 3
 
 
 def test_roster_import_of_a_bad_file_exits_2_and_loads_nothing(tmp_path):
@@ -226,7 +225,7 @@ def test_roster_import_of_a_bad_file_exits_2_and_loads_nothing(tmp_path):
     assert f"{bad}: line 3, column birth_date: '31/12/80' is not a date" in result.stderr, explain(result)
     assert f"{bad}: line 4, column sex:" in result.stderr, explain(result)
     assert "nothing was loaded" in result.stderr
-    assert roster_count(open_database(data / "herald.db", readonly=True)) == 1
+    assert roster_count(open_roster_snapshot(data / "herald.db")) == 1
 
 
 def test_roster_import_with_missing_column_exits_2_naming_it(tmp_path):
@@ -247,7 +246,7 @@ def test_roster_import_skip_bad_rows_loads_the_good_ones(tmp_path):
     assert_clean_exit(result, 0)
     assert f"{path}: line 3, column mrn_authority: is empty but an MRN is given (row skipped)" in result.stderr
     assert "added 2, changed 0, ended 0, unchanged 0, rejected 1 (of 3 rows)" in result.stdout, explain(result)
-    assert roster_count(open_database(data / "herald.db", readonly=True)) == 2
+    assert roster_count(open_roster_snapshot(data / "herald.db")) == 2
 
 
 def test_roster_import_of_duplicates_reports_their_lines(tmp_path):
@@ -260,8 +259,8 @@ def test_roster_import_of_duplicates_reports_their_lines(tmp_path):
     assert f"{path}: line 4, column member_id:" in result.stderr, explain(result)
     skipped = run("roster", "import", path, "--skip-bad-rows", "--data", data)
     assert_clean_exit(skipped, 0)
-    conn = open_database(data / "herald.db", readonly=True)
-    assert [r["member_id"] for r in conn.execute("SELECT member_id FROM roster_members")] == ["T-2"]
+    conn = open_roster_snapshot(data / "herald.db").conn
+    assert [r[0] for r in conn.execute("SELECT member_id FROM roster_members")] == ["T-2"]
 
 
 SSP_HEADER = "BENE_MBI_ID,BENE_HIC_NUM,BENE_1ST_NAME,BENE_LAST_NAME,BENE_SEX_CD,BENE_BRTH_DT,BENE_DEATH_DT"
@@ -300,7 +299,7 @@ def test_roster_import_of_an_ssp_report_with_pcp_and_opt_out_files(tmp_path):
     )
     assert_clean_exit(result, 0)
     assert "roster version 1 of A1234, effective 2026-10-01" in result.stdout, explain(result)
-    conn = open_database(data / "herald.db", readonly=True)
+    conn = open_roster_snapshot(data / "herald.db").conn
     rows = conn.execute("SELECT member_id, pcp_npi, opted_out, effective_start FROM roster_members ORDER BY 1")
     assert [tuple(r) for r in rows] == [
         ("1EG4TE5MK73", "1234567893", 0, "2026-10-01"),

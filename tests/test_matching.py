@@ -85,13 +85,12 @@ class MemoryRoster:
         linked = {m for v, a, m in self.links if (v, a) == (mrn, authority)}
         return [r for r in self.rows if (r["mrn"], r["mrn_authority"]) == (mrn, authority) or r["member_id"] in linked]
 
-    def by_blocking_keys(self, keys: list[str]) -> Iterable[Mapping]:
+    def blocking_buckets(self, keys: list[str], cap: int) -> dict[str, list[int]]:
         self.calls.append("blocking")
-        seen: dict[int, None] = {}
-        for key in keys:
-            for i in self.index.get(key, ()):
-                seen[i] = None
-        return [self.rows[i] for i in seen]
+        return {key: self.index[key][: cap + 1] for key in keys if key in self.index}
+
+    def members(self, refs: list[int]) -> Iterable[Mapping]:
+        return [self.rows[i] for i in refs]
 
 
 def query(mbi: str = "", mrns: tuple[tuple[str, str], ...] = (), **person) -> Query:
@@ -354,7 +353,9 @@ def test_thresholds_follow_roster_size_and_posteriors(model):
         (lambda t: t.replace("levels.exact = { m = ", "levels.exact = { m = 1.5, x = "), "m and u"),
         (lambda t: t.replace("probable_posterior = ", "probable_posterior = 'high' #"), "probable_posterior"),
         (lambda t: t.replace("roster_size = ", "roster_size = 0 #"), "roster_size"),
-        (lambda t: t.replace('both_differ = "none"', 'both_differ = "never"'), "household.both_differ"),
+        (lambda t: t.replace('both_differ = "possible"', 'both_differ = "never"'), "household.both_differ"),
+        (lambda t: t.replace("max_compared = ", "max_compared = 0 #"), "blocking.max_compared"),
+        (lambda t: t.replace("max_bucket = ", "max_bucket = 'big' #"), "blocking.max_bucket"),
     ],
 )
 def test_bad_model_files_name_the_problem(tmp_path, edit, reason):
@@ -539,7 +540,7 @@ CASES = [
             "street": "311 Birch Ave",
             "zip": "44120",
         },
-        "none",
+        "possible",  # household rule: a person decides, nobody is chosen
         None,
     ),
     (
@@ -567,12 +568,14 @@ def test_a_smaller_roster_needs_less_evidence():
 
 
 def test_household_members_are_not_taken_for_each_other(tmp_path):
-    """Same surname and address: spouse (given and birth date differ) none; twin limited when so configured."""
+    """Same surname and address: a spouse (given and birth date differ) goes to review; a twin is limited when
+    so configured."""
     rows = [member("H-1", **{**ALICE, "phone": ""})]
     spouse = {**ALICE_QUERY, "given": "Theodore", "middle": "", "birth_date": "1949-08-30", "sex": "", "phone": ""}
     twin = {**ALICE_QUERY, "given": "Beatrix", "middle": "", "phone": ""}
     default = load_model()
-    assert match_patient(query(**spouse), "2026-03-01", MemoryRoster(rows), default).grade == "none"
+    spouse_match = match_patient(query(**spouse), "2026-03-01", MemoryRoster(rows), default)
+    assert (spouse_match.grade, spouse_match.detail["household_limited"]) == ("possible", 1)
     path = tmp_path / "matching.toml"
     path.write_text(
         (MAPPINGS_DIR / "matching.toml").read_text().replace('one_differs = "certain"', 'one_differs = "possible"')

@@ -18,7 +18,7 @@ from gateway.cli import main
 from gateway.config import load_config
 from gateway.header import read_header
 from gateway.roster import import_roster_file
-from gateway.store import RECEIVED, IntakeRecord, Store, message_detail, open_database, stored_match
+from gateway.store import RECEIVED, IntakeRecord, RosterReader, Store, message_detail, open_database, stored_match
 from gateway.vocabulary import load_vocabulary
 from gateway.workers import process_batch_here
 
@@ -118,8 +118,10 @@ class Gateway:
             ids.append(store._record_frame(conn, record, now).message_id)
         pending = Store._pending_messages(conn, 0, 100)
         reader = open_database(self.config.database, readonly=True)
+        roster = RosterReader(self.config.database)
         recipients = {role: self.config.recipient(role) for role in ("pcp", "care_team", "hie")}
-        outcomes = process_batch_here(pending, reader, self.config, load_vocabulary(), recipients, UTC)
+        outcomes = process_batch_here(pending, reader, roster, self.config, load_vocabulary(), recipients, UTC)
+        roster.close()
         reader.close()
         Store._record_outcomes(conn, outcomes, now, 0.0)
         conn.close()
@@ -355,9 +357,9 @@ def test_thresholds_follow_the_roster_size_until_the_config_sets_them(tmp_path):
     gw = Gateway(tmp_path)
     default = load_config(None, data_dir=gw.data)
     gw.roster(ROSALIND)
-    conn = open_database(gw.config.database, readonly=True)
-    small = policy_for(conn, default).model.certain
-    assert policy_for(conn, gw.config).model.certain == 35.0  # set in the config
+    roster = RosterReader(gw.config.database)
+    small = policy_for(roster.current(), default).model.certain
+    assert policy_for(roster.current(), gw.config).model.certain == 35.0  # set in the config
     gw.roster(ROSALIND, DESMOND, CORNELIUS)
-    assert policy_for(conn, default).model.certain > small
-    conn.close()
+    assert policy_for(roster.current(), default).model.certain > small
+    roster.close()

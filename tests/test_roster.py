@@ -21,11 +21,14 @@ from gateway.store import (
     MEMBER_COLUMNS,
     StoredRoster,
     import_members_sync,
+    key_id,
     migrate,
     open_database,
+    open_roster_snapshot,
     roster_count,
     roster_imports,
     roster_member,
+    roster_path,
 )
 
 HEADER = (
@@ -385,7 +388,7 @@ def test_first_import_adds_every_member_and_records_the_version(tmp_path):
     """A first import adds each member, records a version with its counts and file digest."""
     report = import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME), by="alice")
     assert (report.added, report.changed, report.ended, report.unchanged, report.rejected) == (3, 0, 0, 0, 0)
-    conn = open_database(tmp_path / "herald.db", readonly=True)
+    conn = open_roster_snapshot(tmp_path / "herald.db")
     (version,) = roster_imports(conn)
     assert (version["imported_by"], version["added"], version["format"], version["mode"]) == (
         "alice",
@@ -402,7 +405,7 @@ def test_second_import_reports_changed_unchanged_and_ended(tmp_path):
     changed = ROW_MBI.replace("Dr. Test", "Dr. Other")
     report = import_text(tmp_path, csv_text(changed, ROW_MRN), effective="2026-12-01")
     assert (report.added, report.changed, report.ended, report.unchanged) == (0, 1, 1, 1)
-    conn = open_database(tmp_path / "herald.db", readonly=True)
+    conn = open_roster_snapshot(tmp_path / "herald.db")
     assert roster_member(conn, "ACO-TEST", "M-001")["pcp_name"] == "Dr. Other"
     gone = roster_member(conn, "ACO-TEST", "M-003")
     assert gone is not None and gone["effective_end"] == "2026-11-30"
@@ -416,7 +419,7 @@ def test_member_coming_back_starts_again(tmp_path):
     import_text(tmp_path, csv_text(ROW_MBI), effective="2026-12-01")
     report = import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME), effective="2027-01-01")
     assert (report.added, report.changed, report.unchanged) == (0, 1, 1)
-    back = roster_member(open_database(tmp_path / "herald.db", readonly=True), "ACO-TEST", "M-003")
+    back = roster_member(open_roster_snapshot(tmp_path / "herald.db"), "ACO-TEST", "M-003")
     assert (back["effective_start"], back["effective_end"]) == ("2027-01-01", "")
 
 
@@ -425,7 +428,7 @@ def test_replacing_one_aco_leaves_the_others_alone(tmp_path):
     import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME.replace("ACO-TEST", "ACO-OTHER")))
     report = import_text(tmp_path, csv_text(ROW_MRN))
     assert report.ended == 1
-    conn = open_database(tmp_path / "herald.db", readonly=True)
+    conn = open_roster_snapshot(tmp_path / "herald.db")
     assert roster_member(conn, "ACO-OTHER", "M-003")["effective_end"] == ""
 
 
@@ -442,7 +445,7 @@ def test_bad_file_changes_nothing(tmp_path):
     with pytest.raises(RosterError) as caught:
         import_text(tmp_path, csv_text(ROW_MRN, ROW_MBI.replace(",F,", ",Z,")))
     assert [(line, col) for line, col, _ in caught.value.problems] == [(3, "sex")]
-    conn = open_database(tmp_path / "herald.db", readonly=True)
+    conn = open_roster_snapshot(tmp_path / "herald.db")
     assert len(roster_imports(conn)) == 1
     assert roster_count(conn, active_on="2026-11-20") == 2
 
@@ -476,40 +479,78 @@ def test_a_file_with_no_good_rows_changes_nothing(tmp_path):
     import_text(tmp_path, csv_text(ROW_MBI))
     with pytest.raises(RosterError):
         import_text(tmp_path, csv_text(ROW_MBI.replace("M-001", "M-009").replace(",F,", ",Z,")), skip_bad_rows=True)
-    assert roster_count(open_database(tmp_path / "herald.db", readonly=True), active_on="2026-11-20") == 1
+    assert roster_count(open_roster_snapshot(tmp_path / "herald.db"), active_on="2026-11-20") == 1
 
 
 # -- lookups -------------------------------------------------------------------
 
 
 def test_lookups_find_members_by_mbi_mrn_and_blocking_key(tmp_path):
-    """The store's lookups return roster rows with every contract column, NULLs read as ''."""
+    """The store's lookups return roster rows with every contract column (and the normalised person)."""
     import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
-    roster = StoredRoster(open_database(tmp_path / "herald.db", readonly=True))
+    roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"))
     (by_mbi,) = roster.by_mbi("1EG4TE5MK73")
-    assert set(by_mbi) == set(MEMBER_COLUMNS) and by_mbi["member_id"] == "M-001"
+    assert set(by_mbi) == {*MEMBER_COLUMNS, "person"} and by_mbi["member_id"] == "M-001"
     assert by_mbi["effective_end"] == "" and by_mbi["opted_out"] == 0
+    assert by_mbi["person"].startswith("ALEX\x1fTESTPATIENT\x1f")
+    assert roster.by_mbi("") == []
     assert [r["member_id"] for r in roster.by_mrn("MRN456", "testfac")] == ["M-002"]
-    assert [r["member_id"] for r in roster.by_blocking_keys(["d:19560122", "nothing"])] == ["M-003"]
-    assert roster.by_blocking_keys([]) == []
+    buckets = roster.blocking_buckets(["d:19560122", "nothing"], 10)
+    assert list(buckets) == ["d:19560122"]
+    assert [r["member_id"] for r in roster.members(buckets["d:19560122"])] == ["M-003"]
+    assert roster.blocking_buckets([], 10) == {} and roster.members([]) == []
+
+
+def test_a_bucket_is_read_no_further_than_its_cap(tmp_path):
+    """blocking_buckets returns at most cap + 1 members of a key (an over-full bucket is recognisable)."""
+    # Six members born the same day (one bucket of the birth-date key), each with its own MRN.
+    same_day = ROW_NAME.replace("2EG4TE5MK74,,,", "{mbi},MRN{n},TESTFAC,").replace("M-003", "M-{n}")
+    import_text(tmp_path, csv_text(*(same_day.format(mbi="", n=n) for n in range(10, 16))))
+    roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"))
+    assert len(roster.blocking_buckets(["d:19560122"], 100)["d:19560122"]) == 6
+    assert len(roster.blocking_buckets(["d:19560122"], 3)["d:19560122"]) == 4
+
+
+def test_confirmed_links_find_members_by_mrn(tmp_path):
+    """by_mrn adds the members a reviewer linked to an MRN (main database) to the roster's own MRNs."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    conn = open_database(tmp_path / "herald.db")
+    conn.execute(
+        "INSERT INTO confirmed_links VALUES ('L-9', 'OTHERFAC', 'ACO-TEST', 'M-003', 1, 'alice', '2026-11-20')"
+    )
+    roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"), conn)
+    assert [r["member_id"] for r in roster.by_mrn("L-9", "OTHERFAC")] == ["M-003"]
+    assert StoredRoster(open_roster_snapshot(tmp_path / "herald.db")).by_mrn("L-9", "OTHERFAC") == []
 
 
 @pytest.mark.parametrize(
     ("lookup", "args"),
-    [("by_mbi", ("1EG4TE5MK73",)), ("by_mrn", ("MRN456", "TESTFAC")), ("by_blocking_keys", (["d:19560122"] * 3,))],
+    [
+        ("by_mbi", ("1EG4TE5MK73",)),
+        ("by_mrn", ("MRN456", "TESTFAC")),
+        ("blocking_buckets", (["d:19560122", "n:D262|H450", "x"], 50)),
+        ("members", ([1, 2, 3],)),
+    ],
 )
 def test_lookups_never_scan_the_roster(tmp_path, lookup, args):
-    """Every lookup's query plan uses an index: no full scan of roster_members or roster_keys."""
+    """Every lookup is one statement whose plan uses an index: no full scan of roster_members or roster_keys."""
     import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
-    conn = open_database(tmp_path / "herald.db", readonly=True)
+    snapshot = open_roster_snapshot(tmp_path / "herald.db")
+    conn = snapshot.conn
     statements = []
     conn.set_trace_callback(statements.append)
-    getattr(StoredRoster(conn), lookup)(*args)
+    getattr(StoredRoster(snapshot), lookup)(*args)
     conn.set_trace_callback(None)
     (sql,) = statements  # the trace shows the statement with its values bound
     plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
     assert "SEARCH" in plan, plan
-    assert "SCAN r" not in plan and "SCAN roster_keys" not in plan, plan
+    assert "SCAN r" not in plan and "SCAN roster_keys" not in plan and "SCAN roster_members" not in plan, plan
+
+
+def test_keys_are_stored_as_64_bit_hashes():
+    """A blocking key's stored form is a stable signed 64-bit integer."""
+    assert key_id("d:19560122") == key_id("d:19560122") != key_id("d:19560123")
+    assert -(2**63) <= key_id("d:19560122") < 2**63
 
 
 def test_import_members_sync_adds_without_ending(tmp_path):
@@ -518,11 +559,11 @@ def test_import_members_sync_adds_without_ending(tmp_path):
     members, _ = read_roster(csv_text(ROW_MBI, ROW_MRN), TODAY)
     assert import_members_sync(db, members, "m.csv", now=NOW) == 2
     assert import_members_sync(db, members[:1], "m.csv", now=NOW) == 1
-    assert roster_count(open_database(db, readonly=True), active_on="2026-03-01") == 2
+    assert roster_count(open_roster_snapshot(db), active_on="2026-03-01") == 2
 
 
-def test_members_from_before_version_3_get_blocking_keys(tmp_path):
-    """Migrating a version-1 database keeps its members and gives them blocking keys."""
+def test_members_from_before_version_3_move_to_the_roster_file(tmp_path):
+    """Migrating a version-1 database publishes its members in roster.db (with blocking keys) and audits it."""
     from gateway.store import _MIGRATIONS_TABLE, _SCHEMA_V1, _run_sql
 
     db = tmp_path / "herald.db"
@@ -535,7 +576,13 @@ def test_members_from_before_version_3_get_blocking_keys(tmp_path):
         "imported_at) VALUES ('ACO-TEST', 'M-003', '', 'Desrosiers', 'Hélène', '1956-01-22', 'F', 'x', 'then')"
     )
     migrate(conn)
-    assert [r["member_id"] for r in StoredRoster(conn).by_blocking_keys(["d:19560122"])] == ["M-003"]
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'roster_members'").fetchone() is None
+    assert [r["kind"] for r in conn.execute("SELECT kind FROM events")] == ["roster-imported"]
+    roster = StoredRoster(open_roster_snapshot(db))
+    (ref,) = roster.blocking_buckets(["d:19560122"], 10)["d:19560122"]
+    assert [r["member_id"] for r in roster.members([ref])] == ["M-003"]
+    assert roster_imports(open_roster_snapshot(db))[0]["format"] == "migrated"
+    assert not roster_path(db).with_name("roster.db.importing").exists()
 
 
 def test_roster_member_equals_its_row():
