@@ -43,7 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ack_throughput import Server, free_port  # noqa: E402
 
-from gateway.matching import PatientQuery, blocking_keys, load_model, make_person, match_patient, shortlist  # noqa: E402
+from gateway.matching import (  # noqa: E402
+    PatientQuery,
+    blocking_keys,
+    load_model,
+    make_person,
+    match_patient,
+    members_to_compare,
+)
 from gateway.store import StoredRoster, open_roster_snapshot, roster_count  # noqa: E402
 
 ACO = "ACO-BENCH"
@@ -494,6 +501,9 @@ def main() -> int:
     parser.add_argument(
         "--reuse", type=Path, default=None, help="time queries only, on a folder an earlier run kept (--keep)"
     )
+    parser.add_argument("--max-compared", type=int, default=None, help="override blocking.max_compared")
+    parser.add_argument("--max-bucket", type=int, default=None, help="override blocking.max_bucket")
+    parser.add_argument("--max-prefiltered", type=int, default=None, help="override blocking.max_prefiltered")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -575,7 +585,10 @@ def time_queries(args, folder: Path, result: dict) -> int:
     result["keys_per_member"] = round(
         conn.execute("SELECT COUNT(*) FROM roster_keys").fetchone()[0] / roster_count(snapshot), 2
     )
-    model = load_model(roster_size=snapshot.size())  # as the pipeline scales its thresholds
+    blocking = {
+        k: getattr(args, k) for k in ("max_compared", "max_bucket", "max_prefiltered") if getattr(args, k) is not None
+    }
+    model = load_model(roster_size=snapshot.size(), **blocking)  # as the pipeline scales its thresholds
     roster = StoredRoster(snapshot)
     work = queries(sample, zips, args.queries, seed)
     for _kind, q, _ in work[:20]:  # warm the page cache and the engine's caches
@@ -592,14 +605,14 @@ def time_queries(args, folder: Path, result: dict) -> int:
         if time.monotonic() > deadline:
             break
         t = time.perf_counter()
-        short = shortlist(roster.blocking_buckets(blocking_keys(q.person), model.max_bucket), model)
-        roster.members(list(short.refs))
+        short, refs = members_to_compare(q.person, blocking_keys(q.person), roster, model)
+        roster.members(refs)
         lookup_ms.append((time.perf_counter() - t) * 1000)
         t = time.perf_counter()
         match = match_patient(q, ENCOUNTER, roster, model)
         match_ms.append((time.perf_counter() - t) * 1000)
         blocked.append(short.blocked)
-        compared.append(len(short.refs))
+        compared.append(len(refs))
         ran += 1
         if kind == "member":
             if match.member_id == expected or any(c.member["member_id"] == expected for c in match.candidates):
@@ -610,7 +623,7 @@ def time_queries(args, folder: Path, result: dict) -> int:
             false_positive += 1
         outcomes.append((match.grade, match.method, match.member_id))
     # The same queries comparing every member that shares a usable key (no shortlist): what the cut costs.
-    everyone = load_model(roster_size=snapshot.size(), max_compared=10**9)
+    everyone = load_model(roster_size=snapshot.size(), max_compared=10**9, max_prefiltered=10**9)
     differ = 0
     for (_kind, q, _), outcome in zip(work, outcomes, strict=False):  # work may have been cut by time
         full = match_patient(q, ENCOUNTER, roster, everyone)
@@ -619,7 +632,11 @@ def time_queries(args, folder: Path, result: dict) -> int:
     members_run = (ran + 1) // 2
     result.update(
         {
-            "blocking": {"max_compared": model.max_compared, "max_bucket": model.max_bucket},
+            "blocking": {
+                "max_compared": model.max_compared,
+                "max_prefiltered": model.max_prefiltered,
+                "max_bucket": model.max_bucket,
+            },
             "queries_run": ran,
             "cut_by_time": ran < len(work),
             "lookup_ms": {"p50": round(statistics.median(lookup_ms), 3), "p99": round(pct(lookup_ms, 0.99), 3)},

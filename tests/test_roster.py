@@ -498,7 +498,9 @@ def test_lookups_find_members_by_mbi_mrn_and_blocking_key(tmp_path):
     buckets = roster.blocking_buckets(["d:19560122", "nothing"], 10)
     assert list(buckets) == ["d:19560122"]
     assert [r["member_id"] for r in roster.members(buckets["d:19560122"])] == ["M-003"]
-    assert roster.blocking_buckets([], 10) == {} and roster.members([]) == []
+    (ref,) = buckets["d:19560122"]
+    assert roster.persons([ref]) == {ref: roster.members([ref])[0]["person"]}
+    assert roster.blocking_buckets([], 10) == {} and roster.members([]) == [] and roster.persons([]) == {}
 
 
 def test_a_bucket_is_read_no_further_than_its_cap(tmp_path):
@@ -530,6 +532,7 @@ def test_confirmed_links_find_members_by_mrn(tmp_path):
         ("by_mrn", ("MRN456", "TESTFAC")),
         ("blocking_buckets", (["d:19560122", "n:D262|H450", "x"], 50)),
         ("members", ([1, 2, 3],)),
+        ("persons", ([1, 2, 3],)),
     ],
 )
 def test_lookups_never_scan_the_roster(tmp_path, lookup, args):
