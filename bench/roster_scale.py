@@ -539,6 +539,8 @@ def main() -> int:
             cwd=ROOT,
         )
         result["import_s"] = round(time.perf_counter() - t0, 1)
+        # ru_maxrss of waited-for children, in KiB on Linux: so far only the import has been waited for.
+        result["import_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
         if sender is not None:
             time.sleep(1.0)
             sender.stop.set()
@@ -560,8 +562,6 @@ def main() -> int:
             print(done.stdout, done.stderr, file=sys.stderr)
             return 1
         result["import_output"] = done.stdout.strip().splitlines()
-        # ru_maxrss of waited-for children, in KiB on Linux: the import was the only child waited for.
-        result["import_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
         sizes = {p.name: p.stat().st_size for p in data.iterdir() if p.name.startswith(("herald.db", "roster.db"))}
         result["files_mb"] = {name: round(size / 1e6, 1) for name, size in sorted(sizes.items())}
         result["db_mb"] = round(sum(sizes.values()) / 1e6, 1)

@@ -310,8 +310,12 @@ def roster_import(
     )
     click.echo(
         f"  added {report.added}, changed {report.changed}, ended {report.ended}, unchanged {report.unchanged}, "
-        f"rejected {report.rejected} (of {report.rows} rows); published in {report.publish_seconds:.2f} s "
-        f"(the gateway's database was locked {report.lock_seconds * 1000:.0f} ms, for the audit event)"
+        f"rejected {report.rejected} (of {report.rows} rows)"
+    )
+    click.echo(
+        f"  read in {report.read_seconds:.1f} s, applied in {report.apply_seconds:.1f} s, published in "
+        f"{report.publish_seconds:.2f} s; the gateway's database was locked {report.lock_seconds * 1000:.0f} ms "
+        "(the audit event)"
     )
 
 
