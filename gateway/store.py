@@ -1402,15 +1402,21 @@ def _refresh_derived(conn: sqlite3.Connection) -> None:
 
     conn.execute("DELETE FROM roster_keys")
     cols = ", ".join(MEMBER_COLUMNS)
-    rows = conn.execute(f"SELECT id, {cols} FROM roster_members").fetchall()
-    updates, keys = [], []
-    for r in rows:
-        person = person_from_member(dict(zip(MEMBER_COLUMNS, r[1:], strict=True)))
-        updates.append((pack_person(person), r[0]))
-        keys.extend((key_id(k), r[0]) for k in dict.fromkeys(blocking_keys(person)))
-    conn.executemany("UPDATE roster_members SET person = ? WHERE id = ?", updates)
-    keys.sort()
-    conn.executemany("INSERT OR IGNORE INTO roster_keys (key, member) VALUES (?, ?)", keys)
+    last = 0
+    while True:  # in slices by row id: a million members never sit in memory at once
+        rows = conn.execute(
+            f"SELECT id, {cols} FROM roster_members WHERE id > ? ORDER BY id LIMIT ?", (last, _STAGE_BATCH)
+        ).fetchall()
+        if not rows:
+            return
+        updates, keys = [], []
+        for r in rows:
+            person = person_from_member(dict(zip(MEMBER_COLUMNS, r[1:], strict=True)))
+            updates.append((pack_person(person), r[0]))
+            keys.extend((key_id(k), r[0]) for k in dict.fromkeys(blocking_keys(person)))
+        conn.executemany("UPDATE roster_members SET person = ? WHERE id = ?", updates)
+        conn.executemany("INSERT OR IGNORE INTO roster_keys (key, member) VALUES (?, ?)", keys)
+        last = rows[-1][0]
 
 
 def _apply_import(

@@ -604,3 +604,23 @@ def test_a_file_with_many_problems_reports_the_first_and_counts_the_rest(tmp_pat
         import_text(tmp_path, csv_text(*bad))
     assert [line for line, _, _ in caught.value.problems] == [2, 3, 4]
     assert caught.value.more == 7
+
+
+def test_an_import_recomputes_keys_and_persons_stored_under_another_recipe(tmp_path):
+    """A roster file written under an older blocking recipe gets every member's keys and normalised
+    person recomputed by the next import (matching reads only what the current recipe would store)."""
+    import sqlite3
+
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    published = roster_path(tmp_path / "herald.db")
+    stale = sqlite3.connect(published)  # an older Herald's file, edited here to look like one
+    stale.execute("UPDATE roster_meta SET value = 'older' WHERE name = 'blocking_recipe'")
+    stale.execute("DELETE FROM roster_keys")
+    stale.execute("UPDATE roster_members SET person = ''")
+    stale.commit()
+    stale.close()
+    import_text(tmp_path, csv_text(ROW_MBI), replace=False)
+    roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"))
+    buckets = roster.blocking_buckets(["d:19560122"], 10)
+    (member,) = roster.members(buckets["d:19560122"])
+    assert member["member_id"] == "M-003" and member["person"].startswith("HELENE\x1fDESROSIERS\x1f")
