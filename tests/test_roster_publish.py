@@ -87,9 +87,12 @@ def test_a_query_never_sees_half_an_import(tmp_path):
                 return
             if not seen or seen[-1] != state:
                 seen.append(state)
+            reading.set()
 
+    reading = threading.Event()
     thread = threading.Thread(target=read)
     thread.start()
+    assert reading.wait(60)  # the reader has seen version 1 before the import starts
     try:
         report = import_text(tmp_path, roster_text(2000, "Dr Two"), name="v2.csv")
     finally:
