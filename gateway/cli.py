@@ -58,6 +58,16 @@ def _read_conn(cfg):
     return conn
 
 
+def _roster_snapshot(cfg):
+    """The roster as published now (empty before the first import)."""
+    from gateway.store import StoreError, open_roster_snapshot
+
+    try:
+        return open_roster_snapshot(cfg.database)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @click.group()
 @click.version_option(package_name="herald")
 def main() -> None:
@@ -222,31 +232,296 @@ def roster():
     """Manage the ACO attribution roster."""
 
 
+def _who(by: str | None) -> str:
+    import getpass
+
+    if by:
+        return by
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (e.g. a container without a passwd entry)
+        return "unknown"
+
+
+def _print_problems(path, problems, suffix: str = "") -> None:
+    for line, column, why in problems:
+        where = f"line {line}" if line else "file"
+        click.echo(f"{path}: {where}, column {column}: {why}{suffix}", err=True)
+
+
 @roster.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--aco", "aco_id", default=None, help="The ACO of every row (CMS files carry none); overrides [roster] aco_id."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "csv", "ssp", "cclf8"]),
+    default=None,
+    help="File layout (default: [roster] format, else recognised from the header).",
+)
+@click.option(
+    "--pcp",
+    "pcp_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Second file naming each member's PCP (by MBI or member id), for files that carry none.",
+)
+@click.option(
+    "--opt-out",
+    "opt_out_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File listing members (MBI or member id) who opted out of data sharing.",
+)
+@click.option("--effective", default=None, help="First day of this roster version, YYYY-MM-DD (default: today).")
+@click.option("--update", is_flag=True, help="Add and update members only; end nobody (a partial file).")
 @click.option("--skip-bad-rows", is_flag=True, help="Load the good rows and report the bad ones.")
+@click.option("--by", default=None, help="Who imports (for the audit trail; default: the login name).")
 @config_option
 @data_option
-def roster_import(file, skip_bad_rows, config_path, data_dir):
-    """Load FILE.csv into the roster (rejected whole if any row is bad, unless --skip-bad-rows)."""
-    from gateway.roster import load_roster_file
-    from gateway.store import import_members_sync
+def roster_import(
+    file, aco_id, fmt, pcp_file, opt_out_file, effective, update, skip_bad_rows, by, config_path, data_dir
+):
+    """Import FILE as the new roster of its ACO(s): members missing from it are end-dated.
+
+    Rejected whole (exit 2, nothing changed) if any row is bad, unless --skip-bad-rows.
+    """
+    from datetime import date
+
+    from gateway.roster import RosterOptions, import_roster_file, read_opt_out_file, read_pcp_file
 
     cfg = _config(config_path, data_dir)
+    if effective is not None:
+        try:
+            effective = date.fromisoformat(effective).isoformat()
+        except ValueError:
+            raise click.BadParameter(f"{effective!r} is not a date (YYYY-MM-DD)", param_hint="--effective") from None
     try:
-        parsed = load_roster_file(file, skip_bad_rows)
+        pcp = read_pcp_file(pcp_file) if pcp_file else {}
+        opted_out = read_opt_out_file(opt_out_file) if opt_out_file else frozenset()
     except RosterError as e:
-        for line, column, why in e.problems:
-            where = f"line {line}" if line else "file"
-            click.echo(f"{file}: {where}, column {column}: {why}", err=True)
+        _print_problems(e.source, e.problems)
+        click.echo(f"herald roster import: {e.source}: rejected, nothing was loaded", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    options = RosterOptions(
+        format=fmt or cfg.roster_format,
+        aco_id=aco_id if aco_id is not None else cfg.roster_aco_id,
+        columns=cfg.roster_columns,
+        pcp=pcp,
+        opted_out=opted_out,
+    )
+    try:
+        report = import_roster_file(
+            cfg.database,
+            file,
+            options,
+            replace=not update,
+            effective=effective,
+            skip_bad_rows=skip_bad_rows,
+            by=_who(by),
+        )
+    except RosterError as e:
+        _print_problems(file, e.problems)
+        more = f" (and {e.more} more)" if e.more else ""
         click.echo(
-            f"herald roster import: {file}: rejected, nothing was loaded ({len(e.problems)} problem(s))", err=True
+            f"herald roster import: {file}: rejected, nothing was loaded ({len(e.problems)} problem(s){more})",
+            err=True,
         )
         sys.exit(EXIT_BAD_INPUT)
-    for line, column, why in parsed.problems:
-        click.echo(f"{file}: line {line}, column {column}: {why} (row skipped)", err=True)
-    count = import_members_sync(cfg.database, parsed.members, str(file), len(parsed.problems))
-    click.echo(f"imported {count} member(s) from {file}; {len(parsed.problems)} row problem(s) skipped")
+    _print_problems(file, report.problems, " (row skipped)")
+    click.echo(
+        f"imported {file} as roster version {report.import_id} of {', '.join(report.acos)}"
+        + (f", effective {effective}" if effective else "")
+    )
+    click.echo(
+        f"  added {report.added}, changed {report.changed}, ended {report.ended}, unchanged {report.unchanged}, "
+        f"rejected {report.rejected} (of {report.rows} rows)"
+    )
+    click.echo(
+        f"  read in {report.read_seconds:.1f} s, applied in {report.apply_seconds:.1f} s, published in "
+        f"{report.publish_seconds:.2f} s; the gateway's database was locked {report.lock_seconds * 1000:.0f} ms "
+        "(the audit event)"
+    )
+
+
+@roster.command("versions")
+@click.option("--limit", default=20, show_default=True)
+@config_option
+@data_option
+def roster_versions(limit, config_path, data_dir):
+    """List the roster imports (versions), newest first, with what each changed."""
+    from gateway.store import roster_imports
+
+    cfg = _config(config_path, data_dir)
+    _read_conn(cfg).close()
+    roster = _roster_snapshot(cfg)
+    click.echo(
+        f"{'VERSION':>7}  {'IMPORTED (UTC)':<23}  {'ACO':<16}  {'EFFECTIVE':<10}  {'ADDED':>7}  {'CHANGED':>7}  "
+        f"{'ENDED':>7}  {'REJECTED':>8}  FILE"
+    )
+    for v in roster_imports(roster, limit):
+        click.echo(
+            f"{v['id']:>7}  {v['imported_at'][:23]:<23}  {v['aco_ids'][:16]:<16}  {v['effective_date'] or '-':<10}  "
+            f"{v['added']:>7}  {v['changed']:>7}  {v['ended']:>7}  {v['rejected']:>8}  {v['file']} ({v['format']}, "
+            f"{v['mode']}, by {v['imported_by']})"
+        )
+
+
+# -- match -------------------------------------------------------------------
+
+
+@main.command("match")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message, for scripts and evaluations.")
+@config_option
+@data_option
+def match_command(paths, as_json, config_path, data_dir):
+    """Explain how the roster matches the patient of each message in PATHS (files or folders).
+
+    Prints the candidates, each field's agreement level and weight, the total
+    and the grade. Reads the roster of --data/--config; writes nothing.
+    """
+    from gateway.match_report import explain_messages
+
+    cfg = _config(config_path, data_dir)
+    conn = _read_conn(cfg)
+    failures = explain_messages(paths, cfg, conn, as_json, click.echo, lambda s: click.echo(s, err=True))
+    sys.exit(EXIT_BAD_INPUT if failures else 0)
+
+
+# -- review ------------------------------------------------------------------
+
+
+@main.group()
+def review():
+    """The review queue: possible matches waiting for a person to decide."""
+
+
+@review.command("list")
+@click.option("--state", type=click.Choice(["open", "accepted", "rejected", "all"]), default="open", show_default=True)
+@click.option("--limit", default=100, show_default=True)
+@config_option
+@data_option
+def review_list(state, limit, config_path, data_dir):
+    """List reviews with the message's patient and the candidate members."""
+    from gateway.match_report import describe_review
+    from gateway.store import list_reviews
+
+    cfg = _config(config_path, data_dir)
+    conn = _read_conn(cfg)
+    reviews = list_reviews(conn, None if state == "all" else state, limit)
+    if not reviews:
+        click.echo(f"no {'' if state == 'all' else state + ' '}reviews")
+    roster = _roster_snapshot(cfg)
+    for item in reviews:
+        for line in describe_review(roster, item):
+            click.echo(line)
+
+
+@review.command("accept")
+@click.argument("review_id", type=int)
+@click.option("--member", "member_id", default=None, help="The candidate's member id (default: the best candidate).")
+@click.option("--aco", "aco_id", default=None, help="The candidate's ACO, when the member id is on several.")
+@click.option("--by", default=None, help="Who decides (for the audit trail; default: the login name).")
+@config_option
+@data_option
+def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
+    """Accept a review: notify the member's PCP and care team now, and remember the MRN link."""
+    from gateway.pipeline import route_reviewed
+    from gateway.store import PendingMessage, StoreError, accept_review, review_detail, roster_member
+    from gateway.vocabulary import load_vocabulary
+
+    cfg = _config(config_path, data_dir)
+    conn = _read_conn(cfg)
+    item = review_detail(conn, review_id)
+    if item is None:
+        raise click.ClickException(f"no review with id {review_id}")
+    if item["state"] != "open":
+        raise click.ClickException(f"review {review_id} is already {item['state']} (by {item['decided_by']})")
+    candidates = item["candidates"]
+    chosen = [
+        c
+        for c in candidates
+        if (member_id is None or c["member_id"] == member_id) and (aco_id is None or c["aco_id"] == aco_id)
+    ]
+    if not chosen:
+        ids = ", ".join(f"{c['member_id']} ({c['aco_id']})" for c in candidates) or "none"
+        click.echo(
+            f"herald review accept: {member_id or aco_id} is not a candidate of review {review_id} (candidates: {ids})",
+            err=True,
+        )
+        sys.exit(EXIT_BAD_INPUT)
+    if member_id is not None and len(chosen) > 1:
+        click.echo(f"herald review accept: member {member_id} is a candidate in several ACOs: give --aco", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    pick = chosen[0]
+    member = roster_member(_roster_snapshot(cfg), pick["aco_id"], pick["member_id"])
+    if member is None:
+        raise click.ClickException(f"member {pick['member_id']} of ACO {pick['aco_id']} is no longer on the roster")
+    match = _stored_match(conn, item["message_id"])
+    pending = PendingMessage(item["message_id"], item["raw"], item["received_at"], item["charset"] or "")
+    recipients = {role: cfg.recipient(role) for role in ("pcp", "care_team", "hie")}
+    try:
+        notifications, events, query = route_reviewed(pending, load_vocabulary(), cfg.tzinfo, match, member, recipients)
+    except MessageError as e:
+        raise click.ClickException(f"message {item['message_id']} no longer converts: {e}") from None
+    mrns = [(value, authority) for value, authority in query.mrns if value and authority]
+    who = _who(by)
+    try:
+        state = accept_review(
+            cfg.database,
+            review_id,
+            aco_id=pick["aco_id"],
+            member_id=pick["member_id"],
+            notifications=notifications,
+            events=events,
+            mrns=mrns,
+            by=who,
+        )
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    roles = ", ".join(n.recipient_role for n in notifications) or "none"
+    click.echo(
+        f"review {review_id} accepted by {who}: message {item['message_id']} is member {pick['member_id']} of "
+        f"ACO {pick['aco_id']}; notifications queued: {roles}; message now {state}"
+    )
+    if events:
+        click.echo("  the member opted out of data sharing: no PCP or care-team notification")
+    if mrns:
+        click.echo(f"  remembered {len(mrns)} MRN link(s): the next message with one matches certain by MRN")
+
+
+@review.command("reject")
+@click.argument("review_id", type=int)
+@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@click.option("--by", default=None, help="Who decides (for the audit trail; default: the login name).")
+@config_option
+@data_option
+def review_reject(review_id, reason, by, config_path, data_dir):
+    """Reject a review: none of the candidates is the patient; the message stays unmatched."""
+    from gateway.store import StoreError, reject_review
+
+    cfg = _config(config_path, data_dir)
+    _read_conn(cfg).close()
+    who = _who(by)
+    try:
+        state = reject_review(cfg.database, review_id, by=who, reason=reason)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"review {review_id} rejected by {who}: message now {state}")
+
+
+def _stored_match(conn, message_id: int):
+    """The message's stored match as a ``gateway.matching.Match`` (grade, method, score; no candidates)."""
+    from gateway.matching import Match
+    from gateway.store import stored_match
+
+    row = stored_match(conn, message_id)
+    if row is None:
+        return Match("possible", "review", None, None)
+    return Match(row["grade"], row["method"], row["score"], None, (), row["detail"])
 
 
 # -- log ---------------------------------------------------------------------
@@ -327,7 +602,10 @@ def log_show(message_id, fields, config_path, data_dir):
     if match is None:
         click.echo("  (none yet)")
     elif match["member_id"]:
-        click.echo(f"  {match['grade']} by {match['method']}: member {match['member_id']} of ACO {match['aco_id']}")
+        score = "" if match["score"] is None else f" (score {match['score']:.2f})"
+        click.echo(
+            f"  {match['grade']} by {match['method']}{score}: member {match['member_id']} of ACO {match['aco_id']}"
+        )
     else:
         click.echo(f"  no roster member ({match['method']}; {match['detail']})")
     click.echo("\nNotifications:")

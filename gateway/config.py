@@ -58,6 +58,14 @@ class Config:
     delivery_concurrency: int = 16
     delivery_poll_interval: float = 1.0
     recipients: dict[str, Recipient] = field(default_factory=dict)
+    roster_aco_id: str = ""
+    roster_format: str = "auto"
+    roster_columns: dict[str, str] = field(default_factory=dict)
+    matching_model: Path | None = None
+    matching_certain: float | None = None
+    matching_probable: float | None = None
+    matching_possible: float | None = None
+    matching_route_probable: bool = True
 
     @property
     def database(self) -> Path:
@@ -96,7 +104,21 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "concurrency": ("delivery_concurrency", int),
         "poll_interval": ("delivery_poll_interval", (int, float)),
     },
+    "roster": {
+        "aco_id": ("roster_aco_id", str),
+        "format": ("roster_format", str),
+        "columns": ("roster_columns", dict),
+    },
+    "matching": {
+        "model": ("matching_model", str),
+        "certain": ("matching_certain", (int, float)),
+        "probable": ("matching_probable", (int, float)),
+        "possible": ("matching_possible", (int, float)),
+        "route_probable": ("matching_route_probable", bool),
+    },
 }
+
+ROSTER_FORMATS = ("auto", "csv", "ssp", "cclf8")
 
 _RECIPIENT_KEYS = {"enabled": bool, "channel": str, "directory": str, "url": str}
 
@@ -148,6 +170,9 @@ def load_config(
         if not values["listen"] or not all(isinstance(x, str) and x for x in values["listen"]):
             raise ConfigError("server.listen", "must be a non-empty list of endpoint strings")
         values["listen"] = tuple(values["listen"])
+    if values.get("matching_model"):
+        model = Path(values["matching_model"]).expanduser()
+        values["matching_model"] = model if model.is_absolute() or path is None else Path(path).parent / model
     recipients = default_recipients(base)
     configured = raw.get("recipients", {})
     if not isinstance(configured, dict):
@@ -212,6 +237,56 @@ def _check(cfg: Config) -> None:
         raise ConfigError("delivery.timeout", "must be positive")
     if cfg.delivery_poll_interval <= 0:
         raise ConfigError("delivery.poll_interval", "must be positive")
+    _check_roster(cfg)
+    _check_matching(cfg)
+
+
+def _check_roster(cfg: Config) -> None:
+    if cfg.roster_format not in ROSTER_FORMATS:
+        raise ConfigError("roster.format", f"{cfg.roster_format!r} is not one of {', '.join(ROSTER_FORMATS)}")
+    if cfg.roster_aco_id != cfg.roster_aco_id.strip():
+        raise ConfigError("roster.aco_id", "must not start or end with spaces")
+    from gateway.store import MEMBER_COLUMNS
+
+    for column, header in cfg.roster_columns.items():
+        if column not in MEMBER_COLUMNS:
+            raise ConfigError(f"roster.columns.{column}", f"unknown roster column (known: {', '.join(MEMBER_COLUMNS)})")
+        if not isinstance(header, str) or not header.strip():
+            raise ConfigError(f"roster.columns.{column}", "expected the header name in the file (a non-empty string)")
+
+
+def _check_matching(cfg: Config) -> None:
+    """Load the match model with the configured thresholds now, so a bad one fails at start."""
+    if cfg.matching_model is not None and not cfg.matching_model.is_file():
+        raise ConfigError("matching.model", f"{cfg.matching_model} does not exist")
+    given = [(k, getattr(cfg, f"matching_{k}")) for k in ("certain", "probable", "possible")]
+    given = [(k, v) for k, v in given if v is not None]
+    for key, value in given:
+        if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite
+            raise ConfigError(f"matching.{key}", "must be a finite number")
+    for (hi_key, hi), (lo_key, lo) in zip(given, given[1:], strict=False):
+        if hi <= lo:
+            raise ConfigError(f"matching.{lo_key}", f"must be below matching.{hi_key} ({hi})")
+    try:
+        match_model(cfg)
+    except ConfigError as e:
+        # The model checks its thresholds against each other and its own table.
+        key = "matching.model" if cfg.matching_model is not None else "matching"
+        if "thresholds" in e.reason and given:
+            key = f"matching.{given[-1][0]}"
+        raise ConfigError(key, e.reason) from None
+
+
+def match_model(cfg: Config):
+    """The match model (``gateway.matching.MatchModel``) with the configured thresholds."""
+    from gateway.matching import load_model
+
+    overrides = {
+        k: float(getattr(cfg, f"matching_{k}"))
+        for k in ("certain", "probable", "possible")
+        if getattr(cfg, f"matching_{k}") is not None
+    }
+    return load_model(cfg.matching_model, **overrides)
 
 
 def check_listen(endpoints: tuple[str, ...], reactor) -> None:

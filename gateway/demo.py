@@ -19,9 +19,9 @@ from twisted.internet import defer, task
 
 from gateway.config import load_config
 from gateway.replay import collect_messages, replay_async
-from gateway.roster import load_roster_file
+from gateway.roster import import_roster_file
 from gateway.service import make_service
-from gateway.store import PENDING, RETRYING, import_members_sync, notifications_for, open_database
+from gateway.store import PENDING, RETRYING, notifications_for, open_database
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 WAIT_SECONDS = 60.0
@@ -32,12 +32,11 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
     out = out or sys.stdout
     folder = Path(tempfile.mkdtemp(prefix="herald-demo-"))
     cfg = load_config(None, data_dir=folder, listen=["tcp:0:interface=127.0.0.1"])
-    roster = load_roster_file(samples / "roster.csv")
-    import_members_sync(cfg.database, roster.members, str(samples / "roster.csv"), 0)
+    roster = import_roster_file(cfg.database, samples / "roster.csv", by="herald demo")
     messages = collect_messages(sorted(samples.glob("*.hl7")))
     echo = lambda s="": click.echo(s, file=out)  # noqa: E731
     echo(f"Herald demo: data in {folder}")
-    echo(f"  roster: {len(roster.members)} members from sample_messages/roster.csv")
+    echo(f"  roster: {roster.added} members from sample_messages/roster.csv")
     result: dict = {}
 
     @defer.inlineCallbacks

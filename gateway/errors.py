@@ -37,8 +37,10 @@ class MessageError(HeraldError):
 class RosterError(HeraldError):
     """A roster file has problems; ``problems`` lists (line, column, reason)."""
 
-    def __init__(self, problems: list[tuple[int, str, str]]) -> None:
+    def __init__(self, problems: list[tuple[int, str, str]], source: str = "", more: int = 0) -> None:
         self.problems = problems
+        self.source = source  # the file, when it is not the roster file itself (e.g. the --pcp file)
+        self.more = more  # problems found beyond those listed
         first = "; ".join(f"line {ln}, column {col}: {why}" for ln, col, why in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         super().__init__(f"{len(problems)} problem(s) in roster: {first}{more}")

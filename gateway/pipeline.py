@@ -8,32 +8,106 @@ never an exception that escapes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
+from functools import lru_cache
+from pathlib import Path
 
-from gateway.config import Recipient
+from gateway.config import Config, Recipient
 from gateway.convert import convert, validate_bundle
 from gateway.errors import MessageError
-from gateway.roster import Match, match_patient
+from gateway.matching import (
+    Match,
+    MatchModel,
+    PatientQuery,
+    RosterLookups,
+    load_model,
+    match_patient,
+    query_from_patient,
+)
 from gateway.routing import bundle_json, route
-from gateway.store import FAILED, IGNORED, ROUTED, PendingMessage
+from gateway.store import FAILED, IGNORED, MATCHED, REVIEW, ROUTED, UNMATCHED, Notification, PendingMessage
 from gateway.v2 import V2Message
 from gateway.vocabulary import Vocabulary
 
-#: The patient is on the roster but no enabled recipient is to be told.
-MATCHED = "matched"
-#: The patient is not on the roster and no HIE is configured.
-UNMATCHED = "unmatched"
+__all__ = ["MATCHED", "UNMATCHED", "MatchPolicy", "MessageOutcome", "RosterLookups", "process_message"]
+
+#: Who an opted-out member's notification is withheld from (see README, "Opt-outs").
+OPT_OUT_WITHHELD = ("pcp", "care_team")
 
 
 @dataclass(frozen=True)
-class RosterLookups:
-    """The three roster lookups matching needs (each returns rows as mappings)."""
+class MatchPolicy:
+    """How matches route: the model grades them; a probable one is routed or held for review."""
 
-    by_mbi: Callable[[str], Iterable]
-    by_mrn: Callable[[str, str], Iterable]
-    by_name_key: Callable[[str], Iterable]
+    model: MatchModel
+    route_probable: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config, roster_size: int | None = None) -> MatchPolicy:
+        """The policy of ``config``'s ``[matching]`` section for a roster of ``roster_size`` members.
+
+        The model's thresholds follow the roster's size unless the config sets
+        them; models are loaded once per setting.
+        """
+        thresholds = (config.matching_certain, config.matching_probable, config.matching_possible)
+        size = max(1, roster_size) if roster_size is not None else None
+        return _policy(config.matching_model, thresholds, config.matching_route_probable, size)
+
+
+@lru_cache(maxsize=16)
+def _policy(model_path: Path | None, thresholds: tuple, route_probable: bool, size: int | None) -> MatchPolicy:
+    names = ("certain", "probable", "possible")
+    overrides = {k: float(v) for k, v in zip(names, thresholds, strict=True) if v is not None}
+    if size is not None:
+        overrides["roster_size"] = size
+    return MatchPolicy(load_model(model_path, **overrides), route_probable)
+
+
+@dataclass(frozen=True)
+class MatchDecision:
+    """What a match means for routing: the member notified for, a review to open, roles withheld."""
+
+    member: dict | None
+    review: bool = False
+    withheld: tuple[str, ...] = ()
+
+
+def decide(match: Match, policy: MatchPolicy) -> MatchDecision:
+    """``certain`` routes; ``probable`` routes or goes to review per the policy; ``possible`` goes to
+    review; an opted-out member's PCP and care team are not told (the HIE is, as for a patient not on
+    the roster)."""
+    if match.grade == "possible" or (match.grade == "probable" and not policy.route_probable):
+        return MatchDecision(None, review=True)
+    if match.member is None or match.grade not in ("certain", "probable"):
+        return MatchDecision(None)
+    if match.member.get("opted_out") in (1, "1", True):
+        return MatchDecision(None, withheld=OPT_OUT_WITHHELD)
+    return MatchDecision(match.member)
+
+
+def find_patient(bundle: dict) -> dict:
+    """The Patient resource of a notification Bundle."""
+    for entry in bundle.get("entry", ()):
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Patient":
+            return resource
+    raise MessageError("the Bundle has no Patient", location="PID")
+
+
+def review_candidates(match: Match) -> list[dict]:
+    """The candidates a reviewer chooses from: ids, scores and grades (no demographics)."""
+    return [
+        {
+            "aco_id": c.member.get("aco_id", ""),
+            "member_id": c.member.get("member_id", ""),
+            "score": round(c.scored.total, 2),
+            "grade": c.grade,
+        }
+        for c in match.candidates
+    ]
 
 
 @dataclass
@@ -47,6 +121,7 @@ class MessageOutcome:
     match: Match | None = None
     notifications: list = field(default_factory=list)
     events: list[tuple[str, dict]] = field(default_factory=list)
+    review: dict | None = None  # the review to open: {"candidates": [...]}
 
 
 def process_message(
@@ -56,6 +131,7 @@ def process_message(
     lookups: RosterLookups,
     recipients: Mapping[str, Recipient | None],
     validate: bool = True,
+    policy: MatchPolicy | None = None,
 ) -> MessageOutcome:
     """Turn one stored message into its outcome (state, FHIR, match, notifications).
 
@@ -99,20 +175,42 @@ def process_message(
             },
         )
     )
-    match = match_patient(
-        conversion.keys, conversion.encounter_date, lookups.by_mbi, lookups.by_mrn, lookups.by_name_key
-    )
-    if match.matched:
-        events.append(
-            ("matched", {"grade": match.grade, "method": match.method, "aco": match.aco_id, "member": match.member_id})
-        )
-    else:
-        events.append(("unmatched", {"method": match.method, **match.detail}))
+    policy = policy or MatchPolicy(_default_model())
     try:
-        notifications = route(conversion, match, recipients, mid)
+        query = query_from_patient(find_patient(conversion.bundle))
+    except Exception as e:
+        return _internal_error(mid, "match", e, events)
+    match = match_patient(query, conversion.encounter_date, lookups, policy.model)
+    decision = decide(match, policy)
+    match_event = {"grade": match.grade, "method": match.method, "score": _rounded(match.score)}
+    if match.matched:
+        events.append(("matched", {**match_event, "aco": match.aco_id, "member": match.member_id}))
+    else:
+        events.append(("unmatched", {**match_event, **match.detail}))
+    review = None
+    if decision.review:
+        review = {"candidates": review_candidates(match)}
+        events.append(("review-queued", {**match_event, "candidates": len(review["candidates"])}))
+    if decision.withheld:
+        events.append(
+            (
+                "opt-out-honoured",
+                {
+                    "aco": match.aco_id,
+                    "member": match.member_id,
+                    "withheld": list(decision.withheld),
+                    "reason": "the member opted out of data sharing; the HIE is told as for a patient not on a roster",
+                },
+            )
+        )
+    routed = match if decision.member is match.member else dataclasses.replace(match, member=None)
+    try:
+        notifications = route(conversion, routed, recipients, mid)
     except Exception as e:
         return _internal_error(mid, "route", e, events)
-    if notifications:
+    if review is not None:
+        state = REVIEW
+    elif notifications:
         state = ROUTED
     else:
         state = MATCHED if match.matched else UNMATCHED
@@ -124,7 +222,49 @@ def process_message(
         match,
         notifications,
         events,
+        review,
     )
+
+
+def route_reviewed(
+    pending: PendingMessage,
+    vocab: Vocabulary,
+    default_tz: tzinfo,
+    match: Match,
+    member: dict,
+    recipients: Mapping[str, Recipient | None],
+) -> tuple[list[Notification], list[tuple[str, dict]], PatientQuery]:
+    """The notifications held for review, now that a reviewer chose ``member``.
+
+    Converts the stored message again (ids are deterministic, so the Bundle is
+    the one the HIE got) and routes it to the PCP and care team only: the HIE
+    was told when the message arrived. An opted-out member's are withheld.
+    Returns the notifications, audit events and the message's query (for its
+    MRNs). Raises :class:`MessageError` when the message no longer converts.
+    """
+    msg = V2Message(pending.raw, pending.charset)
+    conversion = convert(msg, vocab, default_tz, _received_at(pending.received_at))
+    query = query_from_patient(find_patient(conversion.bundle))
+    chosen = dataclasses.replace(match, member=member)
+    if member.get("opted_out") in (1, "1", True):
+        event = {
+            "aco": member.get("aco_id"),
+            "member": member.get("member_id"),
+            "withheld": list(OPT_OUT_WITHHELD),
+            "reason": "the member opted out of data sharing",
+        }
+        return [], [("opt-out-honoured", event)], query
+    held = {role: recipients.get(role) for role in ("pcp", "care_team")}
+    return route(conversion, chosen, held, pending.id), [], query
+
+
+@lru_cache(maxsize=1)
+def _default_model() -> MatchModel:
+    return load_model()
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _received_at(value: str) -> datetime | None:

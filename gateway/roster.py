@@ -1,54 +1,53 @@
-"""ACO attribution roster: CSV import and deterministic matching.
+"""ACO attribution roster files: formats, and checks by line and column.
 
-Matching here is deterministic, tried in order:
+A roster file is read one row at a time (a million-member file never sits in
+memory as objects): :func:`open_roster` reads the header (or recognises a
+fixed-width CCLF8 record), :meth:`RosterSource.rows` yields each row as a
+:class:`RosterRow`, a good member or the problems found in it. The store
+stages the rows and replaces the ACO's roster in one transaction
+(:func:`gateway.store.import_roster`); duplicates are found there.
 
-1. MBI (``certain``);
-2. MRN with its assigning authority (``certain``);
-3. exact last name + first name + birth date + sex, after normalising case,
-   accents and punctuation (``probable``).
-
-Only members whose effective period covers the encounter date count. A rule
-that finds more than one member matches nobody (ambiguous) rather than guess.
+Formats are data (``mappings/roster_formats.toml``): Herald's CSV (any
+layout through the config's ``[roster.columns]``), the CMS SSP Assignment List
+Report table 1-1 and CCLF8 beneficiary demographics (delimited or fixed-width).
+CMS files carry no ACO id and no PCP: the ACO comes from ``--aco`` (or
+``[roster] aco_id``), the PCP from a second file (``--pcp``).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
 import io
 import re
-import unicodedata
-from collections.abc import Callable, Iterable
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
-from gateway.convert import MBI_PATTERN, PatientKeys
+from gateway.convert import MBI_PATTERN
 from gateway.errors import RosterError
+from gateway.matching import blocking_keys, pack_person, person_from_member
+from gateway.store import MEMBER_COLUMNS, import_roster
 
-#: Column -> accepted header spellings (case-insensitive).
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "member_id": ("member_id", "member id", "memberid"),
-    "mbi": ("mbi", "bene_mbi_id"),
-    "mrn": ("mrn",),
-    "mrn_authority": ("mrn_authority", "mrn assigning authority", "assigning_authority"),
-    "last_name": ("last_name", "last name", "family_name", "bene_last_name"),
-    "first_name": ("first_name", "first name", "given_name", "bene_1st_name"),
-    "birth_date": ("birth_date", "birth date", "dob", "bene_brth_dt"),
-    "sex": ("sex", "gender", "bene_sex_cd"),
-    "aco_id": ("aco_id", "aco id", "aco"),
-    "pcp_npi": ("pcp_npi", "pcp npi"),
-    "pcp_name": ("pcp_name", "pcp name"),
-    "care_manager": ("care_manager", "care manager", "care_manager_contact"),
-    "effective_start": ("effective_start", "effective start", "start_date"),
-    "effective_end": ("effective_end", "effective end", "end_date"),
-}
-REQUIRED = ("member_id", "last_name", "first_name", "birth_date", "sex", "aco_id")
-_SEX = {"M": "M", "F": "F", "O": "O", "U": "U", "MALE": "M", "FEMALE": "F", "1": "M", "2": "F", "0": "U"}
+FORMATS_FILE = Path(__file__).resolve().parent.parent / "mappings" / "roster_formats.toml"
+
+#: The roster's columns, as the store keeps them and matching reads them.
+ROSTER_COLUMNS = MEMBER_COLUMNS
+_DATE_COLUMNS = ("birth_date", "effective_start", "effective_end")
+_YES = {"Y", "YES", "1", "TRUE", "T"}
+_NO = {"", "N", "NO", "0", "FALSE", "F"}
+_ZIP = re.compile(r"\d{5}(-?\d{4})?")
+_STATE = re.compile(r"[A-Za-z]{2}")
+_NPI = re.compile(r"\d{10}")
+_NON_DIGIT = re.compile(r"\D")
 
 
 @dataclass(frozen=True, slots=True)
 class RosterMember:
-    """One attributed patient of an ACO."""
+    """One attributed patient of an ACO (``keys``: its blocking keys, computed when not given)."""
 
     aco_id: str
     member_id: str
@@ -64,202 +63,498 @@ class RosterMember:
     care_manager: str
     effective_start: str
     effective_end: str
+    middle_name: str = ""
+    address_line: str = ""
+    city: str = ""
+    state: str = ""
+    zip: str = ""
+    phone: str = ""
+    opted_out: bool = False
+    keys: tuple[str, ...] = ()
+    person: str = ""  # the normalised person (gateway.matching.pack_person), computed when not given
+
+    def __post_init__(self) -> None:
+        if not self.keys or not self.person:
+            # Normalised once, here: the store keeps the result, so matching never redoes it.
+            person = person_from_member(self.row())
+            if not self.person:
+                object.__setattr__(self, "person", pack_person(person))
+            if not self.keys:
+                object.__setattr__(self, "keys", tuple(dict.fromkeys(blocking_keys(person))))
+
+    def values(self) -> tuple:
+        """The member's values in the order of :data:`ROSTER_COLUMNS` (opt-out as 0/1)."""
+        return tuple(int(self.opted_out) if c == "opted_out" else getattr(self, c) for c in ROSTER_COLUMNS)
+
+    def row(self) -> dict:
+        """The member as a roster row (the columns of :data:`ROSTER_COLUMNS`)."""
+        return dict(zip(ROSTER_COLUMNS, self.values(), strict=True))
+
+    @staticmethod
+    def content_hash_of(values: tuple) -> bytes:
+        """A digest of every column's value: an import compares it to tell changed members from unchanged."""
+        text = "\x1f".join(str(v) for v in values)
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
     @property
-    def name_key(self) -> str:
-        return name_key(self.last_name, self.first_name, self.birth_date, self.sex)
+    def content_hash(self) -> bytes:
+        """:meth:`content_hash_of` the member's own values."""
+        return self.content_hash_of(self.values())
 
 
-@dataclass
-class RosterFile:
-    """A parsed roster: good members and the problems found, by line and column."""
+@dataclass(frozen=True, slots=True)
+class RosterRow:
+    """One data row of a roster file: a member, or the problems that kept it out.
 
-    members: list[RosterMember] = field(default_factory=list)
-    problems: list[tuple[int, str, str]] = field(default_factory=list)
-    rows: int = 0
+    ``aco_id`` and ``member_id`` name a bad row's member when they could be
+    read, so that replacing the roster does not end a member whose row was bad.
+    """
 
-
-def normalise_name(value: str) -> str:
-    """Upper case, accents removed, only letters kept (``O'Brien-Smith`` -> ``OBRIENSMITH``)."""
-    folded = unicodedata.normalize("NFKD", value)
-    return re.sub(r"[^A-Z]", "", "".join(c for c in folded if not unicodedata.combining(c)).upper())
-
-
-def name_key(last: str, first: str, birth_date: str, sex: str) -> str:
-    """The exact-demographics key used for the third matching rule."""
-    return f"{normalise_name(last)}|{normalise_name(first)}|{birth_date}|{sex.upper()}"
+    line: int
+    member: RosterMember | None
+    problems: tuple[tuple[int, str, str], ...] = ()
+    aco_id: str = ""
+    member_id: str = ""
 
 
-def _parse_date(value: str) -> str:
-    value = value.strip()
-    for fmt in ("%Y-%m-%d", "%m/%d/%Y", "%Y%m%d"):
+@dataclass(frozen=True)
+class RosterFormat:
+    """How one kind of roster file is laid out (from ``mappings/roster_formats.toml``)."""
+
+    name: str
+    source: str
+    columns: dict[str, tuple[str, ...]]
+    date_formats: tuple[str, ...]
+    sex_codes: dict[str, str]
+    required: tuple[str, ...]
+    member_id_from: str = ""
+    detect: tuple[str, ...] = ()
+    fixed_width: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RosterOptions:
+    """What the command line and the config add to a file.
+
+    ``pcp`` maps ``mbi:VALUE`` / ``member:VALUE`` to PCP columns (from
+    :func:`read_pcp_file`); ``opted_out`` holds such keys of members who opted
+    out of data sharing (from :func:`read_opt_out_file`).
+    """
+
+    format: str = "auto"
+    aco_id: str = ""
+    columns: Mapping[str, str] = field(default_factory=dict)
+    pcp: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    opted_out: frozenset[str] = frozenset()
+    today: date | None = None
+
+
+def load_formats(path: Path | None = None) -> dict[str, RosterFormat]:
+    """Read the roster formats table."""
+    data = tomllib.loads((path or FORMATS_FILE).read_text(encoding="utf-8"))
+    out = {}
+    for name, spec in data["formats"].items():
+        out[name] = RosterFormat(
+            name=name,
+            source=spec["source"],
+            columns={col: tuple(n.lower() for n in names) for col, names in spec.get("columns", {}).items()},
+            date_formats=tuple(spec["date_formats"]),
+            sex_codes={str(k).upper(): v for k, v in spec["sex_codes"].items()},
+            required=tuple(spec["required"]),
+            member_id_from=spec.get("member_id_from", ""),
+            detect=tuple(n.lower() for n in spec.get("detect", ())),
+            fixed_width={col: (int(p[0]), int(p[1])) for col, p in spec.get("fixed_width", {}).items()},
+        )
+    return out
+
+
+def _supplement_columns(kind: str, path: Path | None = None) -> dict[str, tuple[str, ...]]:
+    data = tomllib.loads((path or FORMATS_FILE).read_text(encoding="utf-8"))
+    return {col: tuple(n.lower() for n in names) for col, names in data["supplements"][kind]["columns"].items()}
+
+
+FORMATS = load_formats()
+
+# -- reading a file ---------------------------------------------------------------
+
+
+def sniff_encoding(path: Path) -> tuple[str, str]:
+    """``(encoding, sha256)`` of a file: UTF-8 (with or without BOM) if it decodes, else cp1252."""
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    utf8 = True
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            if utf8:
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError:
+                    utf8 = False
+    if utf8:
         try:
-            return datetime.strptime(value, fmt).date().isoformat()
-        except ValueError:
-            continue
-    raise ValueError(f"{value!r} is not a date (use YYYY-MM-DD)")
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            utf8 = False
+    return ("utf-8-sig" if utf8 else "cp1252"), digest.hexdigest()
 
 
-def _cell(row: list[str], i: int | None) -> str:
-    return row[i].strip() if i is not None and i < len(row) else ""
+def _delimiter(header_line: str) -> str:
+    counts = {d: header_line.count(d) for d in (",", "|", "\t", ";")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
 
 
-def read_roster(text: str, source: str = "roster") -> RosterFile:
-    """Parse roster CSV text; collect every problem with its line number and column."""
-    result = RosterFile()
-    reader = csv.reader(io.StringIO(text))
+class RosterSource:
+    """An opened roster file: its format and header, ready to yield rows.
+
+    Raises :class:`RosterError` (line 1) from the constructor when the header
+    cannot serve: a required column missing, no way to know the ACO.
+    """
+
+    def __init__(self, lines: Iterable[str], options: RosterOptions, name: str = "roster") -> None:
+        self.name = name
+        self.options = options
+        self._lines = iter(lines)
+        self._today = options.today or date.today()
+        first = next(self._lines, None)
+        if first is None or not first.strip():
+            raise RosterError([(1, "-", "the file is empty")])
+        first = first.lstrip("\ufeff").rstrip("\r\n")
+        self.format, self.fixed = self._pick_format(first, options.format)
+        self._index: dict[str, int] = {}
+        self._header_names: dict[str, str] = {}
+        self.delimiter = ","
+        self._pending_first: str | None = None
+        if self.fixed:
+            self._pending_first = first  # no header: the first line is a record
+            for col in self.format.fixed_width:
+                start, length = self.format.fixed_width[col]
+                self._header_names[col] = f"{col} (positions {start}-{start + length - 1})"
+            available = set(self.format.fixed_width)
+        else:
+            self.delimiter = _delimiter(first)
+            header = next(csv.reader([first], delimiter=self.delimiter))
+            self.header = header
+            lookup = {h.strip().lower(): i for i, h in enumerate(header)}
+            columns = dict(self.format.columns)
+            for col, name in options.columns.items():
+                columns[col] = (name.lower(), *columns.get(col, ()))
+            for col, names in columns.items():
+                for n in names:
+                    if n in lookup:
+                        self._index[col] = lookup[n]
+                        self._header_names[col] = header[lookup[n]].strip()
+                        break
+            available = set(self._index)
+        problems = []
+        for col in self.format.required:
+            if col not in available:
+                spellings = ", ".join(self.format.columns.get(col, ())) or "(none in this format)"
+                problems.append((1, col, f"required column is missing from the header (accepted: {spellings})"))
+        if "mbi" not in available and "mrn" not in available:
+            problems.append((1, "mbi", "the header has neither an MBI nor an MRN column"))
+        if "member_id" not in available and not self.format.member_id_from and "member_id" not in self.format.required:
+            problems.append((1, "member_id", "required column is missing from the header"))
+        if "aco_id" not in available and not options.aco_id:
+            problems.append((1, "aco_id", "the file has no ACO id column: give --aco or set [roster] aco_id"))
+        if problems:
+            raise RosterError(problems)
+
+    @classmethod
+    def from_text(cls, text: str, options: RosterOptions | None = None, name: str = "roster") -> RosterSource:
+        """A source over text already in memory (tests, small files)."""
+        return cls(io.StringIO(text, newline=""), options or RosterOptions(), name)
+
+    def _pick_format(self, first: str, wanted: str) -> tuple[RosterFormat, bool]:
+        lowered = {h.strip().lower() for h in re.split(r"[,|\t;]", first)}
+        looks_fixed = len(first) >= 500 and bool(MBI_PATTERN.match(first[:11].upper())) and "," not in first
+        if wanted != "auto":
+            fmt = FORMATS.get(wanted)
+            if fmt is None:
+                raise RosterError([(1, "-", f"unknown roster format {wanted!r} (known: {', '.join(FORMATS)})")])
+            return fmt, bool(fmt.fixed_width) and "bene_mbi_id" not in lowered
+        if looks_fixed:
+            return FORMATS["cclf8"], True
+        for fmt in FORMATS.values():
+            if fmt.detect and all(n in lowered for n in fmt.detect):
+                return fmt, False
+        return FORMATS["csv"], False
+
+    def rows(self) -> Iterator[RosterRow]:
+        """Each data row, checked; blank rows are skipped."""
+        if self.fixed:
+            yield from self._fixed_rows()
+            return
+        # Line numbers count physical lines (a quoted cell may hold a newline).
+        reader = csv.reader(self._lines, delimiter=self.delimiter)
+        width = len(self.header)
+        for cells in reader:
+            line = reader.line_num + 1
+            if not any(c.strip() for c in cells):
+                continue
+            problems: list[tuple[int, str, str]] = []
+            if any(c.strip() for c in cells[width:]):
+                # Usually an unquoted delimiter in a name: every later cell has moved one column.
+                problems.append((line, "-", f"the row has {len(cells)} cells but the header has {width}"))
+            raw = {col: (cells[i].strip() if i < len(cells) else "") for col, i in self._index.items()}
+            yield self._check(line, raw, problems)
+
+    def _fixed_rows(self) -> Iterator[RosterRow]:
+        spec = self.format.fixed_width
+        need = max(start + length - 1 for start, length in spec.values())
+        lines = self._lines
+        if self._pending_first is not None:
+            lines = _chain([self._pending_first], lines)
+        for n, text in enumerate(lines, start=1):
+            text = text.rstrip("\r\n")
+            if not text.strip():
+                continue
+            problems: list[tuple[int, str, str]] = []
+            if len(text) < need:
+                problems.append(
+                    (n, "-", f"the record has {len(text)} characters; a {self.format.name} record has {need}")
+                )
+            raw = {col: text[start - 1 : start - 1 + length].strip() for col, (start, length) in spec.items()}
+            yield self._check(n, raw, problems)
+
+    def _check(self, line: int, raw: dict[str, str], problems: list[tuple[int, str, str]]) -> RosterRow:
+        fmt = self.format
+        names = self._header_names
+        v = {c: raw.get(c, "") for c in ROSTER_COLUMNS}
+
+        def bad(col: str, why: str) -> None:
+            problems.append((line, names.get(col, col), why))
+
+        if v["mbi"]:
+            v["mbi"] = v["mbi"].replace("-", "").upper()
+            if not MBI_PATTERN.match(v["mbi"]):
+                bad("mbi", "is not a valid MBI (11 characters in the CMS format, e.g. 1EG4TE5MK73)")
+        if not v["member_id"] and fmt.member_id_from:
+            v["member_id"] = v[fmt.member_id_from]
+        option_aco = self.options.aco_id
+        if option_aco:
+            if v["aco_id"] and v["aco_id"] != option_aco:
+                bad("aco_id", f"is {v['aco_id']!r} but --aco says {option_aco!r}")
+            v["aco_id"] = option_aco
+        for col in dict.fromkeys((*fmt.required, "aco_id", "member_id")):
+            if not v[col]:
+                bad(col, "is empty")
+        for col in _DATE_COLUMNS:
+            if v[col]:
+                parsed = _parse_date(v[col], fmt.date_formats)
+                if parsed is None:
+                    bad(col, f"{v[col]!r} is not a date ({' or '.join(_show_format(f) for f in fmt.date_formats)})")
+                elif col == "birth_date" and parsed > self._today.isoformat():
+                    bad(col, f"{v[col]!r} is in the future")
+                else:
+                    v[col] = parsed
+        if v["sex"]:
+            sex = fmt.sex_codes.get(v["sex"].upper())
+            if sex is None:
+                bad("sex", f"{v['sex']!r} is not one of {', '.join(sorted(fmt.sex_codes))}")
+            else:
+                v["sex"] = sex
+        if v["mrn"] and not v["mrn_authority"]:
+            bad("mrn_authority", "is empty but an MRN is given")
+        if not v["mbi"] and not v["mrn"]:
+            bad("mbi", "neither an MBI nor an MRN is given")
+        if v["zip"] and not _ZIP.fullmatch(v["zip"]):
+            bad("zip", f"{v['zip']!r} is not a ZIP code (5 or 9 digits)")
+        if v["state"] and not _STATE.fullmatch(v["state"]):
+            bad("state", f"{v['state']!r} is not a two-letter state code")
+        if v["phone"] and not 7 <= len(_NON_DIGIT.sub("", v["phone"])) <= 15:
+            bad("phone", "is not a telephone number")
+        opted = v["opted_out"].upper()
+        if opted not in _YES and opted not in _NO:
+            bad("opted_out", f"{v['opted_out']!r} is not Y or N")
+        keys = (f"mbi:{v['mbi']}" if v["mbi"] else "", f"member:{v['member_id']}")
+        opted_out = opted in _YES or any(k in self.options.opted_out for k in keys if k)
+        if not (v["pcp_npi"] or v["pcp_name"]):
+            for k in keys:
+                pcp = self.options.pcp.get(k) if k else None
+                if pcp:
+                    v.update({c: pcp.get(c, "") for c in ("pcp_npi", "pcp_name", "care_manager") if pcp.get(c)})
+                    break
+        if v["pcp_npi"] and not _NPI.fullmatch(v["pcp_npi"]):
+            bad("pcp_npi", "is not a 10-digit NPI")
+        if v["effective_start"] and v["effective_end"] and v["effective_end"] < v["effective_start"]:
+            bad("effective_end", "is before effective_start")
+        if problems:
+            return RosterRow(line, None, tuple(problems), v["aco_id"], v["member_id"])
+        v["opted_out"] = opted_out
+        member = RosterMember(**v)
+        return RosterRow(line, member, (), member.aco_id, member.member_id)
+
+
+def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
+    yield from first
+    yield from rest
+
+
+def _show_format(fmt: str) -> str:
+    return fmt.replace("%Y", "YYYY").replace("%m", "MM").replace("%d", "DD")
+
+
+#: strptime formats the roster tables use, as patterns (strptime costs ~35 us a call; a million rows add up).
+_DATE_PATTERNS = {
+    "%Y-%m-%d": (re.compile(r"(\d{4})-(\d{2})-(\d{2})"), (0, 1, 2)),
+    "%m/%d/%Y": (re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})"), (2, 0, 1)),
+    "%Y%m%d": (re.compile(r"(\d{4})(\d{2})(\d{2})"), (0, 1, 2)),
+}
+
+
+def _parse_date(value: str, formats: Iterable[str]) -> str | None:
+    value = value.strip()
+    for fmt in formats:
+        pattern = _DATE_PATTERNS.get(fmt)
+        if pattern is None:
+            try:
+                parsed = datetime.strptime(value, fmt).date()
+            except ValueError:
+                continue
+        else:
+            found = pattern[0].fullmatch(value)
+            if found is None:
+                continue
+            y, m, d = (int(found.group(i + 1)) for i in pattern[1])
+            try:
+                parsed = date(y, m, d)
+            except ValueError:
+                continue
+        return parsed.isoformat() if parsed.year >= 1850 else None
+    return None
+
+
+def open_roster(path: Path, options: RosterOptions | None = None) -> tuple[RosterSource, str]:
+    """Open a roster file for reading row by row; returns the source and the file's SHA-256.
+
+    The caller closes nothing: the file is read through once by ``rows()`` and
+    closed when the iteration ends.
+    """
+    encoding, digest = sniff_encoding(path)
+    handle = path.open("r", encoding=encoding, newline="")
     try:
-        header = next(reader)
-    except StopIteration:
-        result.problems.append((1, "-", "the file is empty"))
-        return result
+        source = RosterSource(_lines_then_close(handle), options or RosterOptions(), str(path))
+    except BaseException:
+        handle.close()
+        raise
+    return source, digest
+
+
+def _lines_then_close(handle) -> Iterator[str]:
+    with handle:
+        yield from handle
+
+
+def read_roster(
+    text: str, options: RosterOptions | None = None
+) -> tuple[list[RosterMember], list[tuple[int, str, str]]]:
+    """Parse roster text in memory: the good members and every row problem (header problems raise).
+
+    Duplicates are not looked for here: the import finds them (see
+    :func:`gateway.store.import_roster`).
+    """
+    members, problems = [], []
+    for row in RosterSource.from_text(text, options).rows():
+        if row.member is not None:
+            members.append(row.member)
+        problems.extend(row.problems)
+    return members, problems
+
+
+# -- second files: PCP and opt-outs ---------------------------------------------------
+
+
+def _read_keyed(path: Path, kind: str, wanted: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    encoding, _ = sniff_encoding(path)
+    text = path.read_text(encoding=encoding)
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise RosterError([(1, "-", "the file is empty")], source=str(path))
+    delimiter = _delimiter(lines[0])
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader)
     lookup = {h.strip().lower(): i for i, h in enumerate(header)}
-    index: dict[str, int] = {}
-    for col, names in COLUMNS.items():
+    index = {}
+    for col, names in _supplement_columns(kind).items():
         for n in names:
             if n in lookup:
                 index[col] = lookup[n]
                 break
-    missing = [c for c in REQUIRED if c not in index]
-    if "mbi" not in index and "mrn" not in index:
-        missing.append("mbi or mrn")
-    if missing:
-        for col in missing:
-            result.problems.append((1, col, "required column is missing from the header"))
-        return result
-    lines: dict[tuple[str, str], list[int]] = {}  # (ACO, member id) -> lines of its good rows
-    good: list[tuple[int, RosterMember]] = []
-    for row in reader:
+    if "mbi" not in index and "member_id" not in index:
+        raise RosterError([(1, "mbi", "the header has neither an MBI nor a member_id column")], source=str(path))
+    missing = [c for c in wanted if c not in index]
+    if wanted and len(missing) == len(wanted):
+        raise RosterError([(1, wanted[0], f"the header has none of {', '.join(wanted)}")], source=str(path))
+    out: dict[str, dict[str, str]] = {}
+    first_line: dict[str, int] = {}
+    problems = []
+    for cells in reader:
         line = reader.line_num
-        if not any(cell.strip() for cell in row):
+        if not any(c.strip() for c in cells):
             continue
-        result.rows += 1
-
-        problems: list[tuple[int, str, str]] = []
-        if any(cell.strip() for cell in row[len(header) :]):
-            # Usually an unquoted comma in a name: every later cell has moved one column.
-            problems.append((line, "-", f"the row has {len(row)} cells but the header has {len(header)}"))
-        values: dict[str, str] = {c: _cell(row, index.get(c)) for c in COLUMNS}
-        for col in REQUIRED:
-            if not values[col]:
-                problems.append((line, col, "is empty"))
-        for col in ("birth_date", "effective_start", "effective_end"):
-            if values[col]:
-                try:
-                    values[col] = _parse_date(values[col])
-                except ValueError as e:
-                    problems.append((line, col, str(e)))
-        if values["sex"]:
-            sex = _SEX.get(values["sex"].upper())
-            if sex is None:
-                problems.append((line, "sex", f"{values['sex']!r} is not one of M, F, O, U"))
-            else:
-                values["sex"] = sex
-        if values["mbi"]:
-            values["mbi"] = values["mbi"].replace("-", "").upper()
-            if not MBI_PATTERN.match(values["mbi"]):
-                problems.append((line, "mbi", "is not a valid MBI (11 characters in the CMS format)"))
-        if values["mrn"] and not values["mrn_authority"]:
-            problems.append((line, "mrn_authority", "is empty but an MRN is given"))
-        if not values["mbi"] and not values["mrn"]:
-            problems.append((line, "mbi", "neither an MBI nor an MRN is given"))
-        if values["pcp_npi"] and not re.fullmatch(r"\d{10}", values["pcp_npi"]):
-            problems.append((line, "pcp_npi", "is not a 10-digit NPI"))
-        if (
-            values["effective_start"]
-            and values["effective_end"]
-            and values["effective_end"] < values["effective_start"]
-        ):
-            problems.append((line, "effective_end", "is before effective_start"))
-        if problems:
-            result.problems.extend(problems)
+        values = {col: (cells[i].strip() if i < len(cells) else "") for col, i in index.items()}
+        mbi = values.get("mbi", "").replace("-", "").upper()
+        if mbi and not MBI_PATTERN.match(mbi):
+            problems.append((line, header[index["mbi"]], "is not a valid MBI"))
             continue
-        member = RosterMember(**values)
-        lines.setdefault((member.aco_id, member.member_id), []).append(line)
-        good.append((line, member))
-    # A member listed twice cannot be trusted either way: every copy is a problem row.
-    repeated = {key: found for key, found in lines.items() if len(found) > 1}
-    for line, member in good:
-        found = repeated.get((member.aco_id, member.member_id))
-        if found is None:
-            result.members.append(member)
+        key = f"mbi:{mbi}" if mbi else (f"member:{values['member_id']}" if values.get("member_id") else "")
+        if not key:
+            problems.append((line, "mbi", "neither an MBI nor a member id is given"))
             continue
-        where = ", ".join(str(n) for n in found)
-        result.problems.append(
-            (line, "member_id", f"member {member.member_id} of ACO {member.aco_id} appears on lines {where}")
-        )
-    result.problems.sort(key=lambda p: p[0])
-    return result
+        npi = values.get("pcp_npi", "")
+        if npi and not _NPI.fullmatch(npi):
+            problems.append((line, header[index["pcp_npi"]], "is not a 10-digit NPI"))
+            continue
+        if key in first_line:
+            problems.append((line, "mbi" if mbi else "member_id", f"the member is also on line {first_line[key]}"))
+            continue
+        first_line[key] = line
+        out[key] = {c: values.get(c, "") for c in wanted}
+    if problems:
+        raise RosterError(problems, source=str(path))
+    return out
 
 
-def load_roster_file(path: Path, skip_bad_rows: bool = False) -> RosterFile:
-    """Read and check a roster file; raise RosterError unless it is clean or ``skip_bad_rows``."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")
-    parsed = read_roster(text, str(path))
-    header_broken = any(line == 1 for line, _, _ in parsed.problems)
-    if parsed.problems and (header_broken or not skip_bad_rows):
-        raise RosterError(parsed.problems)
-    return parsed
+def read_pcp_file(path: Path) -> dict[str, dict[str, str]]:
+    """A PCP attribution file (MBI or member id; pcp_npi, pcp_name, care_manager) by member key."""
+    return _read_keyed(path, "pcp", ("pcp_npi", "pcp_name", "care_manager"))
 
 
-# -- matching ----------------------------------------------------------------
+def read_opt_out_file(path: Path) -> frozenset[str]:
+    """The member keys listed in an opt-out file (one MBI or member id a row)."""
+    return frozenset(_read_keyed(path, "opt_out", ()))
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    """How a message's patient was (or was not) found on the roster."""
+def import_roster_file(
+    db_path: Path | str,
+    path: Path,
+    options: RosterOptions | None = None,
+    *,
+    replace: bool = True,
+    effective: str | None = None,
+    skip_bad_rows: bool = False,
+    by: str = "",
+    now: datetime | None = None,
+):
+    """Read ``path`` row by row into the store as a new roster version (see :func:`gateway.store.import_roster`).
 
-    grade: str  # certain / probable / none
-    method: str  # mbi / mrn / demographics / none / ambiguous
-    member: dict | None = None
-    detail: dict = field(default_factory=dict)
-
-    @property
-    def aco_id(self) -> str | None:
-        return self.member["aco_id"] if self.member else None
-
-    @property
-    def member_id(self) -> str | None:
-        return self.member["member_id"] if self.member else None
-
-    @property
-    def matched(self) -> bool:
-        return self.member is not None
-
-
-def _active(member, on: str) -> bool:
-    start = member["effective_start"] or ""
-    end = member["effective_end"] or ""
-    if not on:
-        return not end or end >= date.today().isoformat()
-    return (not start or start <= on) and (not end or on <= end)
-
-
-def match_patient(
-    keys: PatientKeys,
-    encounter_date: str,
-    by_mbi: Callable[[str], Iterable],
-    by_mrn: Callable[[str, str], Iterable],
-    by_name_key: Callable[[str], Iterable],
-) -> Match:
-    """Find the roster member for ``keys``; the lookups return roster rows (mappings)."""
-    rules: list[tuple[str, str, Callable[[], Iterable]]] = []
-    if keys.mbi:
-        rules.append(("mbi", "certain", lambda: by_mbi(keys.mbi)))
-    for value, authority in keys.mrns:
-        if authority:
-            rules.append(("mrn", "certain", lambda v=value, a=authority: by_mrn(v, a)))
-    if keys.family and keys.given and keys.birth_date and keys.sex:
-        key = name_key(keys.family, keys.given, keys.birth_date, keys.sex)
-        rules.append(("demographics", "probable", lambda: by_name_key(key)))
-    for method, grade, lookup in rules:
-        found = [dict(m) for m in lookup() if _active(m, encounter_date)]
-        if len(found) == 1:
-            return Match(grade, method, found[0], {"rule": method})
-        if len(found) > 1:
-            return Match("none", "ambiguous", None, {"rule": method, "candidates": len(found)})
-    return Match("none", "none", None, {"rules_tried": [r[0] for r in rules]})
+    Raises :class:`RosterError` with every problem (by line and column) when
+    the file is rejected; nothing is written then.
+    """
+    options = options or RosterOptions()
+    source, digest = open_roster(path, options)
+    return import_roster(
+        db_path,
+        source.rows(),
+        file=str(path),
+        sha256=digest,
+        fmt=source.format.name + (" (fixed width)" if source.fixed else ""),
+        replace=replace,
+        aco_ids=(options.aco_id,) if options.aco_id else (),
+        effective=effective,
+        skip_bad_rows=skip_bad_rows,
+        by=by,
+        now=now,
+    )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 from gateway.config import Recipient
 from gateway.convert import Conversion, resource_id
-from gateway.roster import Match
+from gateway.matching import Match
 from gateway.store import Notification
 
 

@@ -22,7 +22,7 @@ from gateway.config import ROLES, Config
 from gateway.delivery import DeliveryWorker
 from gateway.intake import Intake
 from gateway.pipeline import MessageOutcome
-from gateway.store import Store, open_database
+from gateway.store import RosterReader, Store, open_database
 from gateway.vocabulary import Vocabulary, load_vocabulary
 from gateway.workers import make_pool, process_batch, process_batch_here
 from mllp import MLLPServerFactory
@@ -55,6 +55,7 @@ class PipelineWorker(Service):
         self._pool = None
         self._thread = None
         self._conn = None
+        self._roster: RosterReader | None = None
         self._running_batch = False
         self._again = False
         self._last_id = 0
@@ -159,7 +160,10 @@ class PipelineWorker(Service):
     def _process_here(self, batch) -> list[MessageOutcome]:
         if self._conn is None:
             self._conn = open_database(self.store.path, readonly=True)
-        return process_batch_here(batch, self._conn, self.config, self.vocab, self.recipients, self.config.tzinfo)
+            self._roster = RosterReader(self.store.path)
+        return process_batch_here(
+            batch, self._conn, self._roster, self.config, self.vocab, self.recipients, self.config.tzinfo
+        )
 
 
 class Listener(Service):

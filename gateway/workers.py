@@ -4,7 +4,9 @@ Conversion and validation are CPU-bound Python; run in the server process they
 hold the GIL for up to the interpreter's switch interval (5 ms) at a time and
 every ACK waits behind them. So the server hands batches to a pool of worker
 processes. Each worker loads the vocabulary once and keeps its own read-only
-connection to the database for roster lookups; it does no writes.
+connection to the database (confirmed MRN links) and to the published roster
+file, which it reopens between batches when an import has replaced it; it
+does no writes.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from gateway.config import Config
-from gateway.pipeline import MessageOutcome, RosterLookups, process_message
-from gateway.store import PendingMessage, members_by_mbi, members_by_mrn, members_by_name_key, open_database
+from gateway.pipeline import MatchPolicy, MessageOutcome, process_message
+from gateway.store import PendingMessage, RosterReader, RosterSnapshot, StoredRoster, open_database
 from gateway.vocabulary import load_vocabulary
 
 _state: dict = {}
@@ -66,26 +68,46 @@ def _connection() -> sqlite3.Connection:
     return conn
 
 
+def _roster() -> RosterReader:
+    reader = _state.get("roster")
+    if reader is None:
+        reader = RosterReader(_state["database"])
+        _state["roster"] = reader
+    return reader
+
+
 def process_batch_here(
-    batch: list[PendingMessage], conn: sqlite3.Connection, config: Config, vocab, recipients, tz
+    batch: list[PendingMessage], conn: sqlite3.Connection, roster: RosterReader, config: Config, vocab, recipients, tz
 ) -> list[MessageOutcome]:
-    """Process a batch with roster lookups on ``conn``, in one read snapshot."""
+    """Process a batch: one roster version throughout (the newest published when it starts) and
+    the confirmed MRN links of ``conn`` in one read snapshot."""
+    snapshot = roster.current()
     conn.execute("BEGIN")
     try:
-        lookups = RosterLookups(
-            by_mbi=lambda mbi: members_by_mbi(conn, mbi),
-            by_mrn=lambda mrn, authority: members_by_mrn(conn, mrn, authority),
-            by_name_key=lambda key: members_by_name_key(conn, key),
-        )
-        return [process_message(p, vocab, tz, lookups, recipients) for p in batch]
+        lookups = StoredRoster(snapshot, conn)
+        policy = policy_for(snapshot, config)
+        return [process_message(p, vocab, tz, lookups, recipients, policy=policy) for p in batch]
     finally:
         conn.execute("COMMIT")
+
+
+_policies: dict[int, tuple[RosterSnapshot, MatchPolicy]] = {}
+
+
+def policy_for(snapshot: RosterSnapshot, config: Config) -> MatchPolicy:
+    """The match policy for this roster version (its size sets the thresholds); counted again only
+    when a roster import has been published since."""
+    cached = _policies.get(id(config))
+    if cached is None or cached[0] is not snapshot:
+        cached = (snapshot, MatchPolicy.from_config(config, snapshot.size()))
+        _policies[id(config)] = cached
+    return cached[1]
 
 
 def process_batch(batch: list[PendingMessage]) -> list[MessageOutcome]:
     """Entry point in a worker process."""
     s = _state
-    return process_batch_here(batch, _connection(), s["config"], s["vocab"], s["recipients"], s["tz"])
+    return process_batch_here(batch, _connection(), _roster(), s["config"], s["vocab"], s["recipients"], s["tz"])
 
 
 def make_pool(database: Path, config: Config, workers: int) -> ProcessPoolExecutor:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from gateway.ack import AckBuilder
+from gateway.config import load_config
+from gateway.pipeline import MatchPolicy
+from gateway.roster import import_roster_file
+from gateway.store import StoredRoster, open_roster_snapshot
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 
 #: The moment every pinned ACK is stamped with (MSH-7 ``20260301120000+0000``).
 ACK_TIME = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -18,3 +25,25 @@ def pinned_acks() -> AckBuilder:
     """An AckBuilder with a fixed clock and control ids ACK0001, ACK0002, ... so ACKs compare byte for byte."""
     counter = itertools.count(1)
     return AckBuilder("HERALD", "HIE", clock=lambda: ACK_TIME, next_control_id=lambda: f"ACK{next(counter):04d}")
+
+
+@pytest.fixture(scope="session")
+def sample_roster(tmp_path_factory) -> StoredRoster:
+    """The sample roster imported into a real SQLite store, read through the production lookups."""
+    db = tmp_path_factory.mktemp("sample-roster") / "herald.db"
+    import_roster_file(db, SAMPLES / "roster.csv", by="tests")
+    roster = open_roster_snapshot(db)
+    yield StoredRoster(roster)
+    roster.close()
+
+
+@pytest.fixture(scope="session")
+def sample_policy(tmp_path_factory) -> MatchPolicy:
+    """The default match policy for the sample roster's size (as the pipeline workers load it)."""
+    db = tmp_path_factory.mktemp("sample-roster-size") / "herald.db"
+    import_roster_file(db, SAMPLES / "roster.csv", by="tests")
+    roster = open_roster_snapshot(db)
+    try:
+        return MatchPolicy.from_config(load_config(None), roster.size())
+    finally:
+        roster.close()

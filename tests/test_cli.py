@@ -14,18 +14,15 @@ from gateway.cli import main
 from gateway.config import default_recipients
 from gateway.convert import validate_bundle
 from gateway.header import read_header
-from gateway.pipeline import RosterLookups, process_message
+from gateway.pipeline import process_message
 from gateway.replay import split_messages
-from gateway.roster import load_roster_file
+from gateway.roster import import_roster_file
 from gateway.store import (
     RECEIVED,
     IntakeRecord,
     Store,
-    import_members_sync,
-    members_by_mbi,
-    members_by_mrn,
-    members_by_name_key,
-    open_database,
+    StoredRoster,
+    open_roster_snapshot,
     roster_count,
 )
 from gateway.vocabulary import load_vocabulary
@@ -74,8 +71,7 @@ def roster_file(tmp_path: Path, *rows: str, name: str = "roster.csv") -> Path:
 def stored_messages(data: Path, paths: list[Path]) -> None:
     """A data folder holding ``paths`` stored by intake and run through the pipeline, roster loaded."""
     db = data / "herald.db"
-    roster = load_roster_file(SAMPLES / "roster.csv")
-    import_members_sync(db, roster.members, "roster.csv", 0, NOW)
+    import_roster_file(db, SAMPLES / "roster.csv", now=NOW)
     store = Store(db, reactor=object(), clock=lambda: NOW)  # never started: used for its SQL only
     conn = store._conn
     now = NOW.isoformat(timespec="milliseconds")
@@ -96,11 +92,7 @@ def stored_messages(data: Path, paths: list[Path]) -> None:
             charset=h.charset,
         )
         store._record_frame(conn, record, now)
-    lookups = RosterLookups(
-        by_mbi=lambda mbi: members_by_mbi(conn, mbi),
-        by_mrn=lambda mrn, authority: members_by_mrn(conn, mrn, authority),
-        by_name_key=lambda key: members_by_name_key(conn, key),
-    )
+    lookups = StoredRoster(open_roster_snapshot(db), conn)
     vocab = load_vocabulary()
     recipients = default_recipients(data)
     outcomes = [process_message(p, vocab, UTC, lookups, recipients) for p in Store._pending_messages(conn, 0, 100)]
@@ -213,9 +205,8 @@ def test_roster_import_loads_a_good_file(tmp_path):
     data = tmp_path / "data"
     result = run("roster", "import", roster_file(tmp_path, *ROSTER_ROWS), "--data", data)
     assert_clean_exit(result, 0)
-    assert "imported 3 member(s)" in result.output
-    conn = open_database(data / "herald.db", readonly=True)
-    assert roster_count(conn) == 3
+    assert "added 3, changed 0, ended 0, unchanged 0, rejected 0 (of 3 rows)" in result.output, explain(result)
+    assert roster_count(open_roster_snapshot(data / "herald.db")) == 3
 
 
 def test_roster_import_of_a_bad_file_exits_2_and_loads_nothing(tmp_path):
@@ -234,7 +225,7 @@ def test_roster_import_of_a_bad_file_exits_2_and_loads_nothing(tmp_path):
     assert f"{bad}: line 3, column birth_date: '31/12/80' is not a date" in result.stderr, explain(result)
     assert f"{bad}: line 4, column sex:" in result.stderr, explain(result)
     assert "nothing was loaded" in result.stderr
-    assert roster_count(open_database(data / "herald.db", readonly=True)) == 1
+    assert roster_count(open_roster_snapshot(data / "herald.db")) == 1
 
 
 def test_roster_import_with_missing_column_exits_2_naming_it(tmp_path):
@@ -254,8 +245,8 @@ def test_roster_import_skip_bad_rows_loads_the_good_ones(tmp_path):
     result = run("roster", "import", path, "--skip-bad-rows", "--data", data)
     assert_clean_exit(result, 0)
     assert f"{path}: line 3, column mrn_authority: is empty but an MRN is given (row skipped)" in result.stderr
-    assert "imported 2 member(s)" in result.stdout, explain(result)
-    assert roster_count(open_database(data / "herald.db", readonly=True)) == 2
+    assert "added 2, changed 0, ended 0, unchanged 0, rejected 1 (of 3 rows)" in result.stdout, explain(result)
+    assert roster_count(open_roster_snapshot(data / "herald.db")) == 2
 
 
 def test_roster_import_of_duplicates_reports_their_lines(tmp_path):
@@ -268,8 +259,102 @@ def test_roster_import_of_duplicates_reports_their_lines(tmp_path):
     assert f"{path}: line 4, column member_id:" in result.stderr, explain(result)
     skipped = run("roster", "import", path, "--skip-bad-rows", "--data", data)
     assert_clean_exit(skipped, 0)
-    conn = open_database(data / "herald.db", readonly=True)
-    assert [r["member_id"] for r in conn.execute("SELECT member_id FROM roster_members")] == ["T-2"]
+    conn = open_roster_snapshot(data / "herald.db").conn
+    assert [r[0] for r in conn.execute("SELECT member_id FROM roster_members")] == ["T-2"]
+
+
+SSP_HEADER = "BENE_MBI_ID,BENE_HIC_NUM,BENE_1ST_NAME,BENE_LAST_NAME,BENE_SEX_CD,BENE_BRTH_DT,BENE_DEATH_DT"
+SSP_ROWS = ["1EG4TE5MK73,,ALEX,TESTPATIENT,2,01/02/1960,", "2EG4TE5MK74,,SAM,SAMPLE,1,05/06/1970,"]
+
+
+def ssp_file(tmp_path: Path, *rows: str, header: str = SSP_HEADER, name: str = "ssp.csv") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_roster_import_of_an_ssp_report_with_pcp_and_opt_out_files(tmp_path):
+    """An SSP table 1-1 with --aco, --pcp and --opt-out loads; roster versions lists the import."""
+    data = tmp_path / "data"
+    pcp = tmp_path / "pcp.csv"
+    pcp.write_text("mbi,pcp_npi,pcp_name\n1EG4TE5MK73,1234567893,Dr. Test\n", encoding="utf-8")
+    opt_out = tmp_path / "optout.csv"
+    opt_out.write_text("mbi\n2EG4TE5MK74\n", encoding="utf-8")
+    result = run(
+        "roster",
+        "import",
+        ssp_file(tmp_path, *SSP_ROWS),
+        "--aco",
+        "A1234",
+        "--pcp",
+        pcp,
+        "--opt-out",
+        opt_out,
+        "--effective",
+        "2026-10-01",
+        "--by",
+        "carol",
+        "--data",
+        data,
+    )
+    assert_clean_exit(result, 0)
+    assert "roster version 1 of A1234, effective 2026-10-01" in result.stdout, explain(result)
+    conn = open_roster_snapshot(data / "herald.db").conn
+    rows = conn.execute("SELECT member_id, pcp_npi, opted_out, effective_start FROM roster_members ORDER BY 1")
+    assert [tuple(r) for r in rows] == [
+        ("1EG4TE5MK73", "1234567893", 0, "2026-10-01"),
+        ("2EG4TE5MK74", "", 1, "2026-10-01"),
+    ]
+    versions = run("roster", "versions", "--data", data)
+    assert_clean_exit(versions, 0)
+    assert "ssp.csv (ssp, replace, by carol)" in versions.stdout, explain(versions)
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "where"),
+    [
+        (SSP_ROWS, SSP_HEADER.replace("BENE_SEX_CD", "SEX"), "line 1, column sex: required column is missing"),
+        ([SSP_ROWS[0].replace("01/02/1960", "1960/02/01")], SSP_HEADER, "line 2, column BENE_BRTH_DT: '1960/02/01'"),
+        ([SSP_ROWS[0].replace("1EG4TE5MK73", "1EG4TE5MK7O")], SSP_HEADER, "line 2, column BENE_MBI_ID: is not a valid"),
+        ([SSP_ROWS[0].replace(",2,", ",F,")], SSP_HEADER, "line 2, column BENE_SEX_CD: 'F' is not one of 0, 1, 2"),
+        ([SSP_ROWS[0], SSP_ROWS[1], SSP_ROWS[0]], SSP_HEADER, "line 4, column member_id: member 1EG4TE5MK73"),
+    ],
+)
+def test_bad_ssp_report_exits_2_naming_line_and_column(tmp_path, rows, header, where):
+    """Wrong columns, bad dates, bad MBIs, bad sex codes and duplicates are reported by line and column."""
+    data = tmp_path / "data"
+    path = ssp_file(tmp_path, *rows, header=header)
+    result = run("roster", "import", path, "--aco", "A1234", "--data", data)
+    assert_clean_exit(result, 2)
+    assert f"{path}: {where}" in result.stderr, explain(result)
+    assert "rejected, nothing was loaded" in result.stderr
+
+
+def test_ssp_report_without_aco_exits_2(tmp_path):
+    """A CMS file carries no ACO id: without --aco (or [roster] aco_id) it is refused."""
+    path = ssp_file(tmp_path, *SSP_ROWS)
+    result = run("roster", "import", path, "--data", tmp_path / "data")
+    assert_clean_exit(result, 2)
+    assert f"{path}: line 1, column aco_id: the file has no ACO id column: give --aco" in result.stderr
+
+
+def test_bad_pcp_file_exits_2_naming_that_file(tmp_path):
+    """A problem in the --pcp file names the PCP file, its line and column, and loads nothing."""
+    pcp = tmp_path / "pcp.csv"
+    pcp.write_text("mbi,pcp_npi\n1EG4TE5MK73,42\n", encoding="utf-8")
+    result = run("roster", "import", ssp_file(tmp_path, *SSP_ROWS), "--aco", "A1", "--pcp", pcp, "--data", tmp_path)
+    assert_clean_exit(result, 2)
+    assert f"{pcp}: line 2, column pcp_npi: is not a 10-digit NPI" in result.stderr, explain(result)
+    assert not (tmp_path / "herald.db").exists()
+
+
+def test_roster_aco_from_config(tmp_path):
+    """[roster] aco_id gives the ACO of files that carry none."""
+    config = tmp_path / "herald.toml"
+    config.write_text('[roster]\naco_id = "A7777"\n', encoding="utf-8")
+    result = run("roster", "import", ssp_file(tmp_path, *SSP_ROWS), "--config", config, "--data", tmp_path / "d")
+    assert_clean_exit(result, 0)
+    assert "of A7777" in result.stdout, explain(result)
 
 
 # -- log ---------------------------------------------------------------------

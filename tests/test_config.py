@@ -244,3 +244,65 @@ directory = "{elsewhere}"
 def test_data_dir_expands_the_home_folder():
     """A data_dir starting with ~ is expanded."""
     assert load_config(None, data_dir="~/herald").data_dir == Path.home() / "herald"
+
+
+def test_roster_and_matching_sections_are_read(tmp_path):
+    """[roster] and [matching] settings reach the Config; the model loads with the thresholds."""
+    from gateway.config import match_model
+
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
+[roster]
+aco_id = "A1234"
+format = "ssp"
+columns = { member_id = "Patient No", birth_date = "DOB" }
+
+[matching]
+certain = 40
+probable = 25.5
+possible = 15
+route_probable = false
+""",
+        )
+    )
+    assert (cfg.roster_aco_id, cfg.roster_format) == ("A1234", "ssp")
+    assert cfg.roster_columns == {"member_id": "Patient No", "birth_date": "DOB"}
+    assert (cfg.matching_certain, cfg.matching_probable, cfg.matching_possible) == (40, 25.5, 15)
+    assert cfg.matching_route_probable is False
+    model = match_model(cfg)
+    assert (model.certain, model.probable, model.possible) == (40.0, 25.5, 15.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ('[roster]\nformat = "xlsx"', "roster.format", "is not one of"),
+        ("[roster]\naco_id = 7", "roster.aco_id", "expected str"),
+        ('[roster]\ncolumns = { shoe_size = "Shoe" }', "roster.columns.shoe_size", "unknown roster column"),
+        ('[roster]\ncolumns = { member_id = "" }', "roster.columns.member_id", "header name"),
+        ("[roster]\nsheet = 1", "roster.sheet", "unknown setting"),
+        ("[matching]\nprobable = 50", "matching.probable", "need certain >= probable >= possible"),
+        ("[matching]\ncertain = 30\nprobable = 30", "matching.probable", "must be below matching.certain"),
+        ("[matching]\npossible = 30", "matching.possible", "thresholds"),
+        ('[matching]\nroute_probable = "yes"', "matching.route_probable", "expected bool"),
+        ('[matching]\nmodel = "nowhere.toml"', "matching.model", "does not exist"),
+        ("[matching]\ncertain = nan", "matching.certain", "finite"),
+    ],
+)
+def test_bad_roster_or_matching_setting_names_the_key(tmp_path, text, key, words):
+    """A bad [roster] or [matching] setting fails at start naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert caught.value.key == key, caught.value
+    assert words in caught.value.reason
+
+
+def test_matching_model_path_is_relative_to_the_config_file(tmp_path):
+    """A model file named in the config is found next to the config, and a broken one names the key."""
+    (tmp_path / "model.toml").write_text("[thresholds]\nroster_size = 'large'\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[matching]\nmodel = "model.toml"'))
+    assert caught.value.key == "matching.model"
+    assert "model.toml: thresholds.roster_size" in caught.value.reason

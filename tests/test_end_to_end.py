@@ -22,10 +22,10 @@ from twisted.web.server import Site
 from gateway.config import load_config
 from gateway.errors import StoreError
 from gateway.replay import read_ack, split_messages
-from gateway.roster import load_roster_file
+from gateway.roster import import_roster_file
 from gateway.routing import notification_payload
 from gateway.service import make_service
-from gateway.store import IntakeRecord, Notification, Store, import_members_sync, open_database
+from gateway.store import IntakeRecord, Notification, Store, open_database
 from mllp import connect, frame
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
@@ -119,8 +119,7 @@ directory = "drop/care-team"
 """
         )
         self.config = load_config(config_file, data_dir=self.data)
-        roster = load_roster_file(SAMPLES / "roster.csv")
-        import_members_sync(self.config.database, roster.members, "roster.csv", 0)
+        import_roster_file(self.config.database, SAMPLES / "roster.csv", by="tests")
         yield self.start()
 
     @defer.inlineCallbacks

@@ -20,10 +20,13 @@ from gateway.matching import (
     make_person,
     match_patient,
     nickname_groups,
+    pack_person,
     person_from_member,
     person_from_patient,
+    prefilter,
     query_from_patient,
     score,
+    shortlist,
 )
 from gateway.matching import PatientQuery as Query
 
@@ -85,13 +88,15 @@ class MemoryRoster:
         linked = {m for v, a, m in self.links if (v, a) == (mrn, authority)}
         return [r for r in self.rows if (r["mrn"], r["mrn_authority"]) == (mrn, authority) or r["member_id"] in linked]
 
-    def by_blocking_keys(self, keys: list[str]) -> Iterable[Mapping]:
+    def blocking_buckets(self, keys: list[str], cap: int) -> dict[str, list[int]]:
         self.calls.append("blocking")
-        seen: dict[int, None] = {}
-        for key in keys:
-            for i in self.index.get(key, ()):
-                seen[i] = None
-        return [self.rows[i] for i in seen]
+        return {key: self.index[key][: cap + 1] for key in keys if key in self.index}
+
+    def persons(self, refs: list[int]) -> dict[int, str]:
+        return {i: pack_person(person_from_member(self.rows[i])) for i in refs}
+
+    def members(self, refs: list[int]) -> Iterable[Mapping]:
+        return [self.rows[i] for i in refs]
 
 
 def query(mbi: str = "", mrns: tuple[tuple[str, str], ...] = (), **person) -> Query:
@@ -354,7 +359,9 @@ def test_thresholds_follow_roster_size_and_posteriors(model):
         (lambda t: t.replace("levels.exact = { m = ", "levels.exact = { m = 1.5, x = "), "m and u"),
         (lambda t: t.replace("probable_posterior = ", "probable_posterior = 'high' #"), "probable_posterior"),
         (lambda t: t.replace("roster_size = ", "roster_size = 0 #"), "roster_size"),
-        (lambda t: t.replace('both_differ = "none"', 'both_differ = "never"'), "household.both_differ"),
+        (lambda t: t.replace('both_differ = "possible"', 'both_differ = "never"'), "household.both_differ"),
+        (lambda t: t.replace("max_compared = ", "max_compared = 0 #"), "blocking.max_compared"),
+        (lambda t: t.replace("max_bucket = ", "max_bucket = 'big' #"), "blocking.max_bucket"),
     ],
 )
 def test_bad_model_files_name_the_problem(tmp_path, edit, reason):
@@ -539,7 +546,7 @@ CASES = [
             "street": "311 Birch Ave",
             "zip": "44120",
         },
-        "none",
+        "possible",  # household rule: a person decides, nobody is chosen
         None,
     ),
     (
@@ -567,12 +574,14 @@ def test_a_smaller_roster_needs_less_evidence():
 
 
 def test_household_members_are_not_taken_for_each_other(tmp_path):
-    """Same surname and address: spouse (given and birth date differ) none; twin limited when so configured."""
+    """Same surname and address: a spouse (given and birth date differ) goes to review; a twin is limited when
+    so configured."""
     rows = [member("H-1", **{**ALICE, "phone": ""})]
     spouse = {**ALICE_QUERY, "given": "Theodore", "middle": "", "birth_date": "1949-08-30", "sex": "", "phone": ""}
     twin = {**ALICE_QUERY, "given": "Beatrix", "middle": "", "phone": ""}
     default = load_model()
-    assert match_patient(query(**spouse), "2026-03-01", MemoryRoster(rows), default).grade == "none"
+    spouse_match = match_patient(query(**spouse), "2026-03-01", MemoryRoster(rows), default)
+    assert (spouse_match.grade, spouse_match.detail["household_limited"]) == ("possible", 1)
     path = tmp_path / "matching.toml"
     path.write_text(
         (MAPPINGS_DIR / "matching.toml").read_text().replace('one_differs = "certain"', 'one_differs = "possible"')
@@ -595,3 +604,64 @@ def test_mapping_files_exist():
     """The model and its reference tables are in mappings/."""
     for name in ("matching.toml", "nicknames.csv", "street_abbreviations.csv"):
         assert (Path(MAPPINGS_DIR) / name).is_file()
+
+
+# -- blocking at scale: shortlist and prefilter -----------------------------------
+
+GIVEN_NAMES = ["Bruno", "Clara", "Dorian", "Elsa", "Felix", "Gemma", "Hugo", "Iris", "Jonas", "Katya"]
+
+
+def born_with_alice(n: int) -> dict:
+    """A member who shares Alice's birth date (the broad ``d:`` key) and nothing else."""
+    return member(
+        f"D-{n:03d}",
+        first_name=GIVEN_NAMES[n % 10],
+        last_name=f"Quorrington{'abcdefghij'[n // 10 % 10]}",
+        birth_date="1951-03-14",
+        address_line=f"{100 + n} Harbor Way",
+        city="Stonebridge",
+        state="IN",
+        zip=f"{46000 + n:05d}",
+    )
+
+
+def test_shortlist_ranks_members_by_the_evidence_of_shared_keys():
+    """A member sharing a key few others have ranks above members sharing only a broad key."""
+    buckets = {"d:19510314": [1, 2, 3, 4, 5, 9], "fz:F563|44101": [9], "sz:48|44101": [9, 7]}
+    short = shortlist(buckets, load_model(roster_size=1_000_000, max_prefiltered=3))
+    assert short.refs[:2] == (9, 7) and len(short.refs) == 3
+    assert (short.blocked, short.over_full) == (7, 0)
+
+
+def test_over_full_buckets_are_skipped_and_counted():
+    """A key with more members than max_bucket is not used (it would cost most and say least)."""
+    buckets = {"d:19510314": list(range(1, 7)), "fz:F563|44101": [9]}
+    short = shortlist(buckets, load_model(max_bucket=5))
+    assert (short.refs, short.blocked, short.over_full) == ((9,), 1, 1)
+
+
+def test_prefilter_ranks_exact_and_near_agreement_first():
+    """The prefilter puts the member agreeing (exactly or nearly) on most fields first, whatever the order given."""
+    model = load_model()
+    true = pack_person(make_person(**{**ALICE_QUERY, "given": "Alicai", "family": "Fenwrite", "zip": "44110"}))
+    strangers = {n: pack_person(person_from_member(born_with_alice(n))) for n in range(20)}
+    order = prefilter(make_person(**ALICE_QUERY), {**strangers, 99: true}, [*strangers, 99], model)
+    assert order[0] == 99
+
+
+def test_a_corrupted_member_sharing_only_its_birth_date_is_still_compared():
+    """Among 60 members born the same day, a true match whose names (their Soundex too) and ZIP are
+    mistyped shares only the birth-date key; the prefilter still puts it among the 4 compared."""
+    rows = [born_with_alice(n) for n in range(60)]
+    rows.insert(37, member("S-1", **ALICE))
+    corrupted = {**ALICE_QUERY, "given": "Elicia", "family": "Venwright", "zip": "44110", "phone": ""}
+    shared = set(blocking_keys(make_person(**corrupted))) & set(blocking_keys(person_from_member(rows[37])))
+    assert shared == {"d:19510314"}
+    roster = MemoryRoster(rows)
+    few = load_model(roster_size=100_000, max_compared=4)
+    everyone = load_model(roster_size=100_000, max_compared=1000, max_prefiltered=1000)
+    found = match_patient(query(**corrupted), "2026-03-01", roster, few)
+    assert (found.grade, found.member_id) == ("certain", "S-1"), found.detail
+    assert found.detail["compared"] == 4 and found.detail["blocked"] == 61
+    full = match_patient(query(**corrupted), "2026-03-01", roster, everyone)
+    assert (full.grade, full.member_id, full.score) == (found.grade, found.member_id, found.score)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sqlite3
 from datetime import UTC
@@ -12,9 +11,8 @@ import pytest
 
 from gateway import pipeline
 from gateway.config import Recipient, default_recipients
-from gateway.pipeline import MATCHED, UNMATCHED, RosterLookups, process_message
+from gateway.pipeline import MATCHED, UNMATCHED, process_message
 from gateway.replay import split_messages
-from gateway.roster import read_roster
 from gateway.routing import notification_payload
 from gateway.store import FAILED, IGNORED, ROUTED, PendingMessage
 from gateway.vocabulary import load_vocabulary
@@ -36,17 +34,39 @@ def vocab():
     return load_vocabulary()
 
 
-@pytest.fixture(scope="module")
-def roster_lookups():
-    """In-memory lookups over the sample roster (what the store's queries return)."""
-    parsed = read_roster((SAMPLES / "roster.csv").read_text(encoding="utf-8"))
-    assert parsed.problems == []
-    rows = [{**dataclasses.asdict(m), "name_key": m.name_key} for m in parsed.members]
-    return RosterLookups(
-        by_mbi=lambda mbi: [r for r in rows if r["mbi"] == mbi],
-        by_mrn=lambda mrn, authority: [r for r in rows if r["mrn"] == mrn and r["mrn_authority"] == authority],
-        by_name_key=lambda key: [r for r in rows if r["name_key"] == key],
-    )
+@pytest.fixture
+def roster_lookups(sample_roster):
+    """The sample roster in a real store, through the production lookups."""
+    return sample_roster
+
+
+class Lookups:
+    """Roster lookups over rows in memory (for a member the sample roster does not have)."""
+
+    def __init__(self, rows=(), fail=None):
+        self.rows = list(rows)
+        self.fail = fail
+
+    def _rows(self, keep):
+        if self.fail is not None:
+            raise self.fail
+        return [r for r in self.rows if keep(r)]
+
+    def by_mbi(self, mbi):
+        return self._rows(lambda r: r.get("mbi") == mbi)
+
+    def by_mrn(self, mrn, authority):
+        return self._rows(lambda r: (r.get("mrn"), r.get("mrn_authority")) == (mrn, authority))
+
+    def blocking_buckets(self, keys, cap):
+        self._rows(lambda r: False)  # raises self.fail, as every lookup does
+        return {}
+
+    def persons(self, refs):
+        return {}
+
+    def members(self, refs):
+        return self._rows(lambda r: False)
 
 
 @pytest.fixture
@@ -217,12 +237,14 @@ def test_invalid_bundle_fails_validation(vocab, roster_lookups, recipients, monk
     assert unchecked.state == ROUTED
 
 
-def test_charset_from_intake_is_used(vocab, roster_lookups, recipients):
+def test_charset_from_intake_is_used(vocab, roster_lookups, recipients, sample_policy):
     """The stored charset decodes the message (the patient's accented name matches the roster)."""
     raw = sample("meditech-v24-a01-admit-cp1252.hl7")
-    outcome = process_message(pending(raw, charset="WINDOWS-1252"), vocab, UTC, roster_lookups, recipients)
+    outcome = process_message(
+        pending(raw, charset="WINDOWS-1252"), vocab, UTC, roster_lookups, recipients, policy=sample_policy
+    )
     assert outcome.state == ROUTED
-    assert (outcome.match.method, outcome.match.member_id) == ("demographics", "SHR-000104")
+    assert (outcome.match.method, outcome.match.member_id) == ("probabilistic", "SHR-000104")
 
 
 def test_unreadable_receipt_time_does_not_fail_the_message(vocab, roster_lookups, recipients):
@@ -247,10 +269,7 @@ def test_a_bug_in_conversion_fails_one_message_without_patient_data(vocab, roste
 def test_roster_lookup_errors_propagate_so_the_batch_is_retried(vocab, recipients):
     """A database error in a roster lookup is not a message problem: it is raised, not recorded."""
 
-    def locked(*args):
-        raise sqlite3.OperationalError("database is locked")
-
-    lookups = RosterLookups(by_mbi=locked, by_mrn=locked, by_name_key=locked)
+    lookups = Lookups(fail=sqlite3.OperationalError("database is locked"))
     with pytest.raises(sqlite3.OperationalError):
         process_message(pending(sample(MATCHED_ADMIT)), vocab, UTC, lookups, recipients)
 
@@ -270,7 +289,7 @@ def test_pcp_is_skipped_for_a_member_without_a_pcp(vocab, recipients):
         "pcp_name": "",
         "care_manager": "",
     }
-    lookups = RosterLookups(by_mbi=lambda mbi: [row], by_mrn=lambda *a: [], by_name_key=lambda key: [])
+    lookups = Lookups([row])
     outcome = process_message(pending(sample(MATCHED_ADMIT)), vocab, UTC, lookups, recipients)
     assert [(n.recipient_role, n.recipient) for n in outcome.notifications] == [
         ("care_team", "ACO ACO-TEST care team"),

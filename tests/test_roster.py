@@ -1,19 +1,34 @@
-"""The ACO roster: CSV checks by line and column, and deterministic matching."""
+"""The ACO roster: file formats, checks by line and column, versions on import, lookups."""
 
 from __future__ import annotations
 
-import dataclasses
+from datetime import UTC, date, datetime
 
 import pytest
 
-from gateway.convert import PatientKeys
 from gateway.errors import RosterError
 from gateway.roster import (
-    load_roster_file,
-    match_patient,
-    name_key,
-    normalise_name,
+    RosterMember,
+    RosterOptions,
+    RosterSource,
+    import_roster_file,
+    open_roster,
+    read_opt_out_file,
+    read_pcp_file,
     read_roster,
+)
+from gateway.store import (
+    MEMBER_COLUMNS,
+    StoredRoster,
+    import_members_sync,
+    key_id,
+    migrate,
+    open_database,
+    open_roster_snapshot,
+    roster_count,
+    roster_imports,
+    roster_member,
+    roster_path,
 )
 
 HEADER = (
@@ -24,34 +39,40 @@ HEADER = (
 ROW_MBI = "M-001,1EG4TE5MK73,,,Testpatient,Alex,1960-01-02,F,ACO-TEST,1234567893,Dr. Test,care@aco.example,2026-01-01,"
 ROW_MRN = "M-002,,MRN456,TESTFAC,O'Brien-Smith,Zoë,1955-07-04,M,ACO-TEST,,,,2026-01-01,2026-06-30"
 ROW_NAME = "M-003,2EG4TE5MK74,,,Desrosiers,Hélène,1956-01-22,F,ACO-TEST,,,,,"
+NOW = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+TODAY = RosterOptions(today=date(2026, 11, 20))
+
+SSP_HEADER = "BENE_MBI_ID,BENE_HIC_NUM,BENE_1ST_NAME,BENE_LAST_NAME,BENE_SEX_CD,BENE_BRTH_DT,BENE_DEATH_DT"
+SSP_ROWS = [
+    "1EG4TE5MK73,,ALEX,TESTPATIENT,2,01/02/1960,",
+    "2EG4TE5MK74,,HELENE,DESROSIERS,2,01/22/1956,",
+    "3EG4TE5MK75,,SAM,SAMPLE,1,05/06/1970,",
+]
+CCLF8_HEADER = (
+    "BENE_MBI_ID|BENE_HIC_NUM|BENE_FIPS_STATE_CD|BENE_FIPS_CNTY_CD|BENE_ZIP_CD|BENE_DOB|BENE_SEX_CD|BENE_RACE_CD|"
+    "BENE_1ST_NAME|BENE_MIDL_NAME|BENE_LAST_NAME|BENE_LINE_1_ADR|GEO_ZIP_PLC_NAME|GEO_USPS_STATE_CD|GEO_ZIP5_CD"
+)
+CCLF8_ROW = "1EG4TE5MK73||17|167|62701|1960-01-02|2|1|ALEX|Q|TESTPATIENT|12 ORCHARD LN|SPRINGFIELD|IL|62701"
 
 
 def csv_text(*rows: str, header: str = HEADER) -> str:
     return "\n".join([header, *rows]) + "\n"
 
 
-def keys(**overrides) -> PatientKeys:
-    """Match keys of a message patient; empty unless given."""
-    base = {"mbi": "", "mrns": (), "family": "", "given": "", "birth_date": "", "sex": ""}
-    base.update(overrides)
-    return PatientKeys(**base)
+def problems_of(text: str, options: RosterOptions = TODAY) -> list[tuple[int, str, str]]:
+    return read_roster(text, options)[1]
 
 
-def lookups(members):
-    """In-memory versions of the store's three roster lookups over RosterMembers."""
-    rows = [{**dataclasses.asdict(m), "name_key": m.name_key} for m in members]
-    return (
-        lambda mbi: [r for r in rows if r["mbi"] == mbi],
-        lambda mrn, authority: [r for r in rows if r["mrn"] == mrn and r["mrn_authority"] == authority],
-        lambda key: [r for r in rows if r["name_key"] == key],
-    )
+def header_problems(text: str, options: RosterOptions = TODAY) -> list[tuple[int, str, str]]:
+    with pytest.raises(RosterError) as caught:
+        RosterSource.from_text(text, options)
+    return caught.value.problems
 
 
-@pytest.fixture
-def members():
-    parsed = read_roster(csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
-    assert parsed.problems == []
-    return parsed.members
+def write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 # -- reading -----------------------------------------------------------------
@@ -63,10 +84,9 @@ def test_good_file_reads_every_member_normalised():
         "M-001,1eg4-te5-mk73,,,Testpatient,Alex,01/02/1960,female,ACO-TEST,1234567893,Dr. Test,,20260101,",
         ROW_MRN,
     )
-    parsed = read_roster(text)
-    assert parsed.problems == []
-    assert parsed.rows == 2
-    first, second = parsed.members
+    members, problems = read_roster(text, TODAY)
+    assert problems == []
+    first, second = members
     assert (first.mbi, first.birth_date, first.sex, first.effective_start) == (
         "1EG4TE5MK73",
         "1960-01-02",
@@ -76,41 +96,45 @@ def test_good_file_reads_every_member_normalised():
     assert (second.mrn, second.mrn_authority, second.effective_end) == ("MRN456", "TESTFAC", "2026-06-30")
 
 
-def test_alternative_header_spellings_and_bom_are_accepted(tmp_path):
-    """CMS-style column names and a UTF-8 BOM are read."""
-    header = "MEMBER ID,BENE_MBI_ID,BENE_LAST_NAME,BENE_1ST_NAME,BENE_BRTH_DT,BENE_SEX_CD,ACO"
-    path = tmp_path / "cms.csv"
-    path.write_bytes(b"\xef\xbb\xbf" + f"{header}\nM-9,1EG4TE5MK73,Test,Alex,1960-01-02,2,ACO-TEST\n".encode())
-    parsed = load_roster_file(path)
-    assert [(m.member_id, m.mbi, m.sex) for m in parsed.members] == [("M-9", "1EG4TE5MK73", "F")]
+def test_member_carries_its_blocking_keys():
+    """Each member is given the matching engine's blocking keys for its demographics."""
+    (member,), _ = read_roster(csv_text(ROW_NAME), TODAY)
+    assert "d:19560122" in member.keys
+    assert len(member.keys) == len(set(member.keys)) > 1
 
 
 def test_blank_lines_and_empty_trailing_cells_are_harmless():
     """Empty rows are neither members nor problems; empty cells beyond the header are ignored."""
-    parsed = read_roster(csv_text(ROW_MBI + ",,", "", ",,,,", ROW_MRN))
-    assert parsed.problems == []
-    assert len(parsed.members) == 2
+    members, problems = read_roster(csv_text(ROW_MBI + ",,", "", ",,,,", ROW_MRN), TODAY)
+    assert problems == []
+    assert len(members) == 2
 
 
-@pytest.mark.parametrize("column", ["member_id", "last_name", "first_name", "birth_date", "sex", "aco_id"])
+@pytest.mark.parametrize("column", ["member_id", "last_name", "first_name", "birth_date", "sex"])
 def test_missing_required_column_is_reported_on_line_1(column):
-    """A header without a required column is one problem on line 1 naming the column."""
+    """A header without a required column is a problem on line 1 naming the column."""
     header = ",".join(c for c in HEADER.split(",") if c != column)
-    parsed = read_roster(csv_text(header=header))
-    assert parsed.problems == [(1, column, "required column is missing from the header")]
-    assert parsed.members == []
+    problems = header_problems(csv_text(header=header))
+    assert [(line, col) for line, col, _ in problems] == [(1, column)]
+    assert "required column is missing from the header" in problems[0][2]
+
+
+def test_no_aco_column_and_no_aco_option_is_reported():
+    """Without an ACO id column the file needs --aco (or [roster] aco_id)."""
+    header = HEADER.replace("aco_id", "plan")
+    problems = header_problems(csv_text(header=header))
+    assert problems == [(1, "aco_id", "the file has no ACO id column: give --aco or set [roster] aco_id")]
 
 
 def test_missing_both_mbi_and_mrn_columns_is_reported():
     """A roster needs an MBI or an MRN column."""
     header = ",".join(c for c in HEADER.split(",") if c not in ("mbi", "mrn", "mrn_authority"))
-    parsed = read_roster(csv_text(header=header))
-    assert parsed.problems == [(1, "mbi or mrn", "required column is missing from the header")]
+    assert header_problems(csv_text(header=header)) == [(1, "mbi", "the header has neither an MBI nor an MRN column")]
 
 
 def test_empty_file_is_a_problem():
     """An empty file is reported, not silently accepted."""
-    assert read_roster("").problems == [(1, "-", "the file is empty")]
+    assert header_problems("") == [(1, "-", "the file is empty")]
 
 
 @pytest.mark.parametrize(
@@ -118,8 +142,9 @@ def test_empty_file_is_a_problem():
     [
         (ROW_MBI.replace("1960-01-02", "1960-02-30"), "birth_date", "not a date"),
         (ROW_MBI.replace("1960-01-02", "02/01/60"), "birth_date", "not a date"),
+        (ROW_MBI.replace("1960-01-02", "2030-01-02"), "birth_date", "in the future"),
         (ROW_MBI.replace("1960-01-02", ""), "birth_date", "is empty"),
-        (ROW_MBI.replace(",F,", ",X,"), "sex", "not one of M, F, O, U"),
+        (ROW_MBI.replace(",F,", ",X,"), "sex", "is not one of"),
         (ROW_MBI.replace("1EG4TE5MK73", "1SG4TE5MK73"), "mbi", "not a valid MBI"),
         (ROW_MBI.replace("1EG4TE5MK73", "1EG4TE5MK7"), "mbi", "not a valid MBI"),
         (ROW_MBI.replace("1EG4TE5MK73", ""), "mbi", "neither an MBI nor an MRN"),
@@ -133,18 +158,17 @@ def test_empty_file_is_a_problem():
     ],
 )
 def test_bad_row_is_reported_by_line_and_column(row, column, words):
-    """Each bad value is a problem on its own line naming the column; good rows still load."""
-    parsed = read_roster(csv_text(ROW_MRN, row))
-    assert [(line, col) for line, col, _ in parsed.problems] == [(3, column)]
-    assert words in parsed.problems[0][2]
-    assert [m.member_id for m in parsed.members] == ["M-002"]
+    """Each bad value is a problem on its own line naming the column; good rows still read."""
+    members, problems = read_roster(csv_text(ROW_MRN, row), TODAY)
+    assert [(line, col) for line, col, _ in problems] == [(3, column)]
+    assert words in problems[0][2]
+    assert [m.member_id for m in members] == ["M-002"]
 
 
 def test_every_problem_of_a_row_is_reported():
     """A row with several bad values lists each one, in line order."""
     bad = ROW_MBI.replace("1960-01-02", "soon").replace(",F,", ",Q,")
-    parsed = read_roster(csv_text(bad, ROW_MRN, bad))
-    assert [(line, col) for line, col, _ in parsed.problems] == [
+    assert [(line, col) for line, col, _ in problems_of(csv_text(bad, ROW_MRN, bad))] == [
         (2, "birth_date"),
         (2, "sex"),
         (4, "birth_date"),
@@ -152,168 +176,451 @@ def test_every_problem_of_a_row_is_reported():
     ]
 
 
-def test_duplicate_member_is_reported_on_each_line_and_not_loaded():
-    """A member listed twice is a problem on both lines and neither copy is kept."""
-    other = ROW_MBI.replace("Alex", "Alexandra")
-    parsed = read_roster(csv_text(ROW_MBI, ROW_MRN, other))
-    assert [(line, col) for line, col, _ in parsed.problems] == [(2, "member_id"), (4, "member_id")]
-    assert "appears on lines 2, 4" in parsed.problems[0][2]
-    assert [m.member_id for m in parsed.members] == ["M-002"]
-
-
-def test_same_member_id_in_two_acos_is_not_a_duplicate():
-    """Member ids are unique per ACO only."""
-    parsed = read_roster(csv_text(ROW_MBI, ROW_MBI.replace("ACO-TEST", "ACO-OTHER")))
-    assert parsed.problems == []
-    assert len(parsed.members) == 2
-
-
-# -- load_roster_file and --skip-bad-rows ------------------------------------
-
-
-def test_load_rejects_a_file_with_bad_rows(tmp_path):
-    """Without skip_bad_rows any bad row rejects the whole file with every problem listed."""
-    path = tmp_path / "roster.csv"
-    path.write_text(csv_text(ROW_MBI, ROW_MRN.replace("1955-07-04", "bad")), encoding="utf-8")
-    with pytest.raises(RosterError) as caught:
-        load_roster_file(path)
-    assert caught.value.problems == [(3, "birth_date", "'bad' is not a date (use YYYY-MM-DD)")]
-    assert "line 3, column birth_date" in str(caught.value)
-
-
-def test_load_with_skip_bad_rows_keeps_the_good_rows(tmp_path):
-    """With skip_bad_rows the good rows load and the bad ones come back as problems."""
-    path = tmp_path / "roster.csv"
-    path.write_text(csv_text(ROW_MBI, ROW_MRN.replace("1955-07-04", "bad"), ROW_NAME), encoding="utf-8")
-    parsed = load_roster_file(path, skip_bad_rows=True)
-    assert [m.member_id for m in parsed.members] == ["M-001", "M-003"]
-    assert [(line, col) for line, col, _ in parsed.problems] == [(3, "birth_date")]
-
-
-def test_skip_bad_rows_does_not_excuse_a_broken_header(tmp_path):
-    """A header problem rejects the file even with skip_bad_rows."""
-    path = tmp_path / "roster.csv"
-    path.write_text(csv_text(ROW_MBI, header=HEADER.replace("sex", "gender_code")), encoding="utf-8")
-    with pytest.raises(RosterError) as caught:
-        load_roster_file(path, skip_bad_rows=True)
-    assert caught.value.problems == [(1, "sex", "required column is missing from the header")]
-
-
-def test_load_reads_a_windows_1252_file(tmp_path):
+def test_a_cp1252_file_is_read_with_its_accents(tmp_path):
     """A roster saved as windows-1252 (Excel) is read, accents intact."""
     path = tmp_path / "roster.csv"
     path.write_bytes(csv_text(ROW_NAME).encode("cp1252"))
-    assert load_roster_file(path).members[0].first_name == "Hélène"
+    source, _ = open_roster(path, TODAY)
+    (row,) = list(source.rows())
+    assert row.member.first_name == "Hélène"
 
 
 def test_roster_error_message_summarises_many_problems():
     """RosterError's text gives the first five problems and a count of the rest."""
-    problems = [(n, "sex", "bad") for n in range(2, 10)]
-    text = str(RosterError(problems))
+    text = str(RosterError([(n, "sex", "bad") for n in range(2, 10)]))
     assert text.startswith("8 problem(s) in roster: line 2, column sex: bad")
     assert "(and 3 more)" in text
 
 
-# -- matching ----------------------------------------------------------------
+def test_demographic_columns_and_opt_out_are_read():
+    """Middle name, address, ZIP, phone and the opt-out flag are kept; a bad ZIP or flag is a problem."""
+    header = HEADER + ",middle_name,address_line,city,state,zip,phone,opted_out"
+    good = ROW_MBI + ",Q,12 Orchard Lane,Springfield,IL,62701-1234,(217) 555-0123,Y"
+    (member,), problems = read_roster(csv_text(good, header=header), TODAY)
+    assert problems == []
+    assert (member.middle_name, member.city, member.state, member.zip, member.opted_out) == (
+        "Q",
+        "Springfield",
+        "IL",
+        "62701-1234",
+        True,
+    )
+    bad = ROW_MBI + ",Q,12 Orchard Lane,Springfield,Illinois,6270,555,maybe"
+    assert [col for _, col, _ in problems_of(csv_text(bad, header=header))] == ["zip", "state", "phone", "opted_out"]
+
+
+def test_column_map_from_config_reads_a_site_layout():
+    """[roster.columns] maps a site's own header names onto roster columns."""
+    text = "Patient No,Medicare ID,Surname,Forename,DOB,Gender\nP-7,1EG4TE5MK73,Test,Alex,1960-01-02,F\n"
+    options = RosterOptions(
+        aco_id="ACO-SITE",
+        columns={
+            "member_id": "Patient No",
+            "mbi": "Medicare ID",
+            "last_name": "Surname",
+            "first_name": "Forename",
+            "birth_date": "DOB",
+            "sex": "Gender",
+        },
+        today=date(2026, 11, 20),
+    )
+    (member,), problems = read_roster(text, options)
+    assert problems == []
+    assert (member.aco_id, member.member_id, member.last_name) == ("ACO-SITE", "P-7", "Test")
+
+
+# -- CMS formats ---------------------------------------------------------------
+
+
+def test_ssp_assignment_list_is_recognised_and_read():
+    """Table 1-1 of the SSP Assignment List Report: MBI as member id, 0/1/2 sex codes, MM/DD/YYYY dates."""
+    source = RosterSource.from_text(csv_text(*SSP_ROWS, header=SSP_HEADER), RosterOptions(aco_id="A1234"))
+    assert source.format.name == "ssp"
+    members = [r.member for r in source.rows()]
+    assert [(m.aco_id, m.member_id, m.sex, m.birth_date) for m in members] == [
+        ("A1234", "1EG4TE5MK73", "F", "1960-01-02"),
+        ("A1234", "2EG4TE5MK74", "F", "1956-01-22"),
+        ("A1234", "3EG4TE5MK75", "M", "1970-05-06"),
+    ]
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"),
-    [("O'Brien-Smith", "OBRIENSMITH"), ("Hélène", "HELENE"), ("zoë", "ZOE"), ("Van der Berg", "VANDERBERG")],
+    ("row", "column", "words"),
+    [
+        ("1EG4TE5MK73,,ALEX,TESTPATIENT,3,01/02/1960,", "BENE_SEX_CD", "'3' is not one of 0, 1, 2"),
+        ("1EG4TE5MK73,,ALEX,TESTPATIENT,2,13/02/1960,", "BENE_BRTH_DT", "is not a date (MM/DD/YYYY or YYYY-MM-DD)"),
+        ("1EG4TE5MKZ3,,ALEX,TESTPATIENT,2,01/02/1960,", "BENE_MBI_ID", "is not a valid MBI"),
+    ],
 )
-def test_normalise_name_folds_case_accents_and_punctuation(value, expected):
-    """Names compare after upper-casing, removing accents and dropping non-letters."""
-    assert normalise_name(value) == expected
+def test_ssp_problems_name_the_cms_column(row, column, words):
+    """Problems in a CMS file name the file's own column header."""
+    problems = problems_of(csv_text(row, header=SSP_HEADER), RosterOptions(aco_id="A1234", today=date(2026, 11, 20)))
+    assert [(line, col) for line, col, _ in problems] == [(2, column)]
+    assert words in problems[0][2]
 
 
-def test_match_by_mbi_is_certain(members):
-    """An MBI on the roster is a certain match."""
-    match = match_patient(keys(mbi="1EG4TE5MK73"), "2026-03-01", *lookups(members))
-    assert (match.grade, match.method, match.member_id, match.aco_id) == ("certain", "mbi", "M-001", "ACO-TEST")
-    assert match.matched
+def test_ssp_file_without_aco_option_is_rejected_at_the_header():
+    """An SSP report carries no ACO id: without --aco the header is refused."""
+    assert (1, "aco_id") in [(n, c) for n, c, _ in header_problems(csv_text(*SSP_ROWS, header=SSP_HEADER))]
 
 
-def test_match_by_mrn_and_authority_is_certain(members):
-    """An MRN with its assigning authority is a certain match."""
-    match = match_patient(keys(mrns=(("MRN456", "TESTFAC"),)), "2026-03-01", *lookups(members))
-    assert (match.grade, match.method, match.member_id) == ("certain", "mrn", "M-002")
+def test_cclf8_delimited_file_gives_address_and_zip():
+    """CCLF8 with field names for a header (pipe-delimited) fills middle name, address, city, state, ZIP."""
+    source = RosterSource.from_text(csv_text(CCLF8_ROW, header=CCLF8_HEADER), RosterOptions(aco_id="A1234"))
+    assert source.format.name == "cclf8" and not source.fixed
+    (row,) = list(source.rows())
+    m = row.member
+    assert (m.member_id, m.middle_name, m.address_line, m.city, m.state, m.zip) == (
+        "1EG4TE5MK73",
+        "Q",
+        "12 ORCHARD LN",
+        "SPRINGFIELD",
+        "IL",
+        "62701",
+    )
 
 
-def test_mrn_from_another_authority_does_not_match(members):
-    """The same MRN from a different facility is a different patient."""
-    match = match_patient(keys(mrns=(("MRN456", "OTHERFAC"),)), "2026-03-01", *lookups(members))
-    assert not match.matched
+def cclf8_record(**fields: str) -> str:
+    """One fixed-width CCLF8 record (549 characters) with the given fields at their positions."""
+    positions = {
+        "mbi": (1, 11),
+        "zip_cd": (28, 5),
+        "dob": (33, 10),
+        "sex": (43, 1),
+        "first": (82, 30),
+        "middle": (112, 15),
+        "last": (127, 40),
+        "line1": (189, 45),
+        "city": (439, 100),
+        "state": (539, 2),
+        "zip5": (541, 5),
+    }
+    record = [" "] * 549
+    for name, value in fields.items():
+        start, length = positions[name]
+        record[start - 1 : start - 1 + length] = list(value.ljust(length)[:length])
+    return "".join(record)
 
 
-def test_mrn_without_authority_is_not_tried(members):
-    """An MRN with no assigning authority is too weak to match on."""
-    match = match_patient(keys(mrns=(("MRN456", ""),)), "2026-03-01", *lookups(members))
-    assert not match.matched
-    assert match.detail == {"rules_tried": []}
+def test_cclf8_fixed_width_file_is_recognised_and_read():
+    """A fixed-width CCLF8 file (no header) is read by position."""
+    record = cclf8_record(
+        mbi="1EG4TE5MK73", dob="1960-01-02", sex="2", first="ALEX", last="TESTPATIENT", city="SPRINGFIELD", zip5="62701"
+    )
+    source = RosterSource.from_text(
+        record + "\n" + record.replace("1EG4TE5MK73", "2EG4TE5MK74") + "\n", RosterOptions(aco_id="A1234")
+    )
+    assert source.format.name == "cclf8" and source.fixed
+    members = [r.member for r in source.rows()]
+    assert [(m.member_id, m.last_name, m.birth_date, m.sex, m.zip) for m in members] == [
+        ("1EG4TE5MK73", "TESTPATIENT", "1960-01-02", "F", "62701"),
+        ("2EG4TE5MK74", "TESTPATIENT", "1960-01-02", "F", "62701"),
+    ]
+
+
+def test_cclf8_fixed_width_problem_names_the_positions():
+    """A bad field of a fixed-width record is reported with its positions."""
+    record = cclf8_record(mbi="1EG4TE5MK73", dob="1960-13-02", sex="2", first="ALEX", last="TESTPATIENT")
+    problems = problems_of(record + "\n", RosterOptions(aco_id="A1234", today=date(2026, 11, 20)))
+    assert problems == [(1, "birth_date (positions 33-42)", "'1960-13-02' is not a date (YYYY-MM-DD)")]
+
+
+def test_aco_column_that_disagrees_with_the_option_is_a_problem():
+    """--aco must agree with an aco_id column when the file has both."""
+    problems = problems_of(csv_text(ROW_MBI), RosterOptions(aco_id="ACO-OTHER", today=date(2026, 11, 20)))
+    assert problems == [(2, "aco_id", "is 'ACO-TEST' but --aco says 'ACO-OTHER'")]
+
+
+# -- second files: PCP and opt-outs --------------------------------------------
+
+
+def test_pcp_file_supplies_the_pcp_of_an_ssp_member(tmp_path):
+    """A --pcp file keyed by MBI fills the PCP of members whose file carries none."""
+    pcp = read_pcp_file(write(tmp_path, "pcp.csv", "BENE_MBI_ID,pcp_npi,pcp_name\n1EG4TE5MK73,1234567893,Dr. Test\n"))
+    options = RosterOptions(aco_id="A1234", pcp=pcp)
+    rows = list(RosterSource.from_text(csv_text(*SSP_ROWS, header=SSP_HEADER), options).rows())
+    assert [(r.member.member_id, r.member.pcp_npi, r.member.pcp_name) for r in rows] == [
+        ("1EG4TE5MK73", "1234567893", "Dr. Test"),
+        ("2EG4TE5MK74", "", ""),
+        ("3EG4TE5MK75", "", ""),
+    ]
 
 
 @pytest.mark.parametrize(
-    ("family", "given"),
-    [("DESROSIERS", "HELENE"), ("desrosiers", "hélène"), ("Des-Rosiers", "Hélène")],
+    ("text", "expected"),
+    [
+        ("mbi,pcp_npi\n1EG4TE5MK73,123\n", (2, "pcp_npi")),
+        ("mbi,pcp_npi\n1EG4TE5MK7Z,1234567893\n", (2, "mbi")),
+        ("mbi,pcp_npi\n1EG4TE5MK73,1234567893\n1EG4TE5MK73,1987654328\n", (3, "mbi")),
+        ("patient,pcp_npi\nX,1234567893\n", (1, "mbi")),
+    ],
 )
-def test_match_by_demographics_is_probable_and_ignores_case_and_accents(members, family, given):
-    """Last name + first name + birth date + sex match (probably) regardless of case, accents, hyphens."""
-    k = keys(family=family, given=given, birth_date="1956-01-22", sex="F")
-    match = match_patient(k, "2026-03-01", *lookups(members))
-    assert (match.grade, match.method, match.member_id) == ("probable", "demographics", "M-003")
+def test_bad_pcp_file_is_reported_by_line_and_column(tmp_path, text, expected):
+    """A PCP file's problems name its own line and column; the error says which file."""
+    path = write(tmp_path, "pcp.csv", text)
+    with pytest.raises(RosterError) as caught:
+        read_pcp_file(path)
+    assert [(line, col) for line, col, _ in caught.value.problems] == [expected]
+    assert caught.value.source == str(path)
+
+
+def test_opt_out_file_marks_members(tmp_path):
+    """Members listed in an --opt-out file are read as opted out of data sharing."""
+    opted = read_opt_out_file(write(tmp_path, "optout.csv", "mbi\n2EG4TE5MK74\n"))
+    rows = list(
+        RosterSource.from_text(
+            csv_text(*SSP_ROWS, header=SSP_HEADER), RosterOptions(aco_id="A1234", opted_out=opted)
+        ).rows()
+    )
+    assert [r.member.opted_out for r in rows] == [False, True, False]
+
+
+# -- import: versions, added / changed / ended / rejected -----------------------
+
+
+def import_text(tmp_path, text: str, name: str = "roster.csv", **kwargs):
+    path = write(tmp_path, name, text)
+    kwargs.setdefault("now", NOW)
+    return import_roster_file(tmp_path / "herald.db", path, kwargs.pop("options", TODAY), **kwargs)
+
+
+def test_first_import_adds_every_member_and_records_the_version(tmp_path):
+    """A first import adds each member, records a version with its counts and file digest."""
+    report = import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME), by="alice")
+    assert (report.added, report.changed, report.ended, report.unchanged, report.rejected) == (3, 0, 0, 0, 0)
+    conn = open_roster_snapshot(tmp_path / "herald.db")
+    (version,) = roster_imports(conn)
+    assert (version["imported_by"], version["added"], version["format"], version["mode"]) == (
+        "alice",
+        3,
+        "csv",
+        "replace",
+    )
+    assert len(version["sha256"]) == 64
+
+
+def test_second_import_reports_changed_unchanged_and_ended(tmp_path):
+    """A new version updates changed members, leaves the same ones, end-dates the missing (never deletes)."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    changed = ROW_MBI.replace("Dr. Test", "Dr. Other")
+    report = import_text(tmp_path, csv_text(changed, ROW_MRN), effective="2026-12-01")
+    assert (report.added, report.changed, report.ended, report.unchanged) == (0, 1, 1, 1)
+    conn = open_roster_snapshot(tmp_path / "herald.db")
+    assert roster_member(conn, "ACO-TEST", "M-001")["pcp_name"] == "Dr. Other"
+    gone = roster_member(conn, "ACO-TEST", "M-003")
+    assert gone is not None and gone["effective_end"] == "2026-11-30"
+    assert roster_count(conn) == 3
+    assert roster_count(conn, active_on="2026-12-01") == 1  # M-002's own end date passed in June
+
+
+def test_member_coming_back_starts_again(tmp_path):
+    """A member ended by one version and listed again by a later one is effective from the new version."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME))
+    import_text(tmp_path, csv_text(ROW_MBI), effective="2026-12-01")
+    report = import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME), effective="2027-01-01")
+    assert (report.added, report.changed, report.unchanged) == (0, 1, 1)
+    back = roster_member(open_roster_snapshot(tmp_path / "herald.db"), "ACO-TEST", "M-003")
+    assert (back["effective_start"], back["effective_end"]) == ("2027-01-01", "")
+
+
+def test_replacing_one_aco_leaves_the_others_alone(tmp_path):
+    """A file of ACO-A ends members of ACO-A only."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME.replace("ACO-TEST", "ACO-OTHER")))
+    report = import_text(tmp_path, csv_text(ROW_MRN))
+    assert report.ended == 1
+    conn = open_roster_snapshot(tmp_path / "herald.db")
+    assert roster_member(conn, "ACO-OTHER", "M-003")["effective_end"] == ""
+
+
+def test_update_mode_ends_nobody(tmp_path):
+    """An update (partial file) adds and changes members without ending the others."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME))
+    report = import_text(tmp_path, csv_text(ROW_MRN), replace=False)
+    assert (report.added, report.ended) == (1, 0)
+
+
+def test_bad_file_changes_nothing(tmp_path):
+    """A file with a bad row is rejected whole: the roster and its versions stay as they were."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME))
+    with pytest.raises(RosterError) as caught:
+        import_text(tmp_path, csv_text(ROW_MRN, ROW_MBI.replace(",F,", ",Z,")))
+    assert [(line, col) for line, col, _ in caught.value.problems] == [(3, "sex")]
+    conn = open_roster_snapshot(tmp_path / "herald.db")
+    assert len(roster_imports(conn)) == 1
+    assert roster_count(conn, active_on="2026-11-20") == 2
+
+
+def test_duplicate_member_is_reported_on_each_line(tmp_path):
+    """A member listed twice is a problem on both lines; with skip_bad_rows neither copy loads."""
+    text = csv_text(ROW_MBI, ROW_MRN, ROW_MBI.replace("Alex", "Alexandra"))
+    with pytest.raises(RosterError) as caught:
+        import_text(tmp_path, text)
+    assert [(line, col) for line, col, _ in caught.value.problems] == [(2, "member_id"), (4, "member_id")]
+    assert "appears on lines 2, 4" in caught.value.problems[0][2]
+    report = import_text(tmp_path, text, skip_bad_rows=True)
+    assert (report.added, report.rejected) == (1, 2)
+
+
+def test_same_member_id_in_two_acos_is_not_a_duplicate(tmp_path):
+    """Member ids are unique per ACO only."""
+    report = import_text(tmp_path, csv_text(ROW_MBI, ROW_MBI.replace("ACO-TEST", "ACO-OTHER")))
+    assert report.added == 2
+
+
+def test_a_skipped_row_does_not_end_its_member(tmp_path):
+    """With skip_bad_rows, a member whose new row is bad keeps its current attribution."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME))
+    report = import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME.replace(",F,", ",Z,")), skip_bad_rows=True)
+    assert (report.ended, report.rejected, report.unchanged) == (0, 1, 1)
+
+
+def test_a_file_with_no_good_rows_changes_nothing(tmp_path):
+    """Even with skip_bad_rows a file with no good row is refused (it would end the whole roster)."""
+    import_text(tmp_path, csv_text(ROW_MBI))
+    with pytest.raises(RosterError):
+        import_text(tmp_path, csv_text(ROW_MBI.replace("M-001", "M-009").replace(",F,", ",Z,")), skip_bad_rows=True)
+    assert roster_count(open_roster_snapshot(tmp_path / "herald.db"), active_on="2026-11-20") == 1
+
+
+# -- lookups -------------------------------------------------------------------
+
+
+def test_lookups_find_members_by_mbi_mrn_and_blocking_key(tmp_path):
+    """The store's lookups return roster rows with every contract column (and the normalised person)."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"))
+    (by_mbi,) = roster.by_mbi("1EG4TE5MK73")
+    assert set(by_mbi) == {*MEMBER_COLUMNS, "person"} and by_mbi["member_id"] == "M-001"
+    assert by_mbi["effective_end"] == "" and by_mbi["opted_out"] == 0
+    assert by_mbi["person"].startswith("ALEX\x1fTESTPATIENT\x1f")
+    assert roster.by_mbi("") == []
+    assert [r["member_id"] for r in roster.by_mrn("MRN456", "testfac")] == ["M-002"]
+    buckets = roster.blocking_buckets(["d:19560122", "nothing"], 10)
+    assert list(buckets) == ["d:19560122"]
+    assert [r["member_id"] for r in roster.members(buckets["d:19560122"])] == ["M-003"]
+    (ref,) = buckets["d:19560122"]
+    assert roster.persons([ref]) == {ref: roster.members([ref])[0]["person"]}
+    assert roster.blocking_buckets([], 10) == {} and roster.members([]) == [] and roster.persons([]) == {}
+
+
+def test_a_bucket_is_read_no_further_than_its_cap(tmp_path):
+    """blocking_buckets returns at most cap + 1 members of a key (an over-full bucket is recognisable)."""
+    # Six members born the same day (one bucket of the birth-date key), each with its own MRN.
+    same_day = ROW_NAME.replace("2EG4TE5MK74,,,", "{mbi},MRN{n},TESTFAC,").replace("M-003", "M-{n}")
+    import_text(tmp_path, csv_text(*(same_day.format(mbi="", n=n) for n in range(10, 16))))
+    roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"))
+    assert len(roster.blocking_buckets(["d:19560122"], 100)["d:19560122"]) == 6
+    assert len(roster.blocking_buckets(["d:19560122"], 3)["d:19560122"]) == 4
+
+
+def test_confirmed_links_find_members_by_mrn(tmp_path):
+    """by_mrn adds the members a reviewer linked to an MRN (main database) to the roster's own MRNs."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    conn = open_database(tmp_path / "herald.db")
+    conn.execute(
+        "INSERT INTO confirmed_links VALUES ('L-9', 'OTHERFAC', 'ACO-TEST', 'M-003', 1, 'alice', '2026-11-20')"
+    )
+    roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"), conn)
+    assert [r["member_id"] for r in roster.by_mrn("L-9", "OTHERFAC")] == ["M-003"]
+    assert StoredRoster(open_roster_snapshot(tmp_path / "herald.db")).by_mrn("L-9", "OTHERFAC") == []
 
 
 @pytest.mark.parametrize(
-    "change",
-    [{"birth_date": "1956-01-23"}, {"sex": "M"}, {"given": "HELEN"}, {"birth_date": ""}],
+    ("lookup", "args"),
+    [
+        ("by_mbi", ("1EG4TE5MK73",)),
+        ("by_mrn", ("MRN456", "TESTFAC")),
+        ("blocking_buckets", (["d:19560122", "n:D262|H450", "x"], 50)),
+        ("members", ([1, 2, 3],)),
+        ("persons", ([1, 2, 3],)),
+    ],
 )
-def test_demographics_must_all_agree(members, change):
-    """A different birth date, sex or first name, or a missing one, is no demographic match."""
-    k = keys(**{"family": "DESROSIERS", "given": "HELENE", "birth_date": "1956-01-22", "sex": "F", **change})
-    assert not match_patient(k, "2026-03-01", *lookups(members)).matched
+def test_lookups_never_scan_the_roster(tmp_path, lookup, args):
+    """Every lookup is one statement whose plan uses an index: no full scan of roster_members or roster_keys."""
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    snapshot = open_roster_snapshot(tmp_path / "herald.db")
+    conn = snapshot.conn
+    statements = []
+    conn.set_trace_callback(statements.append)
+    getattr(StoredRoster(snapshot), lookup)(*args)
+    conn.set_trace_callback(None)
+    (sql,) = statements  # the trace shows the statement with its values bound
+    plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+    assert "SEARCH" in plan, plan
+    assert "SCAN r" not in plan and "SCAN roster_keys" not in plan and "SCAN roster_members" not in plan, plan
 
 
-def test_mbi_is_tried_before_demographics(members):
-    """When the MBI finds a member, demographics pointing elsewhere are not used."""
-    k = keys(mbi="1EG4TE5MK73", family="DESROSIERS", given="HELENE", birth_date="1956-01-22", sex="F")
-    assert match_patient(k, "2026-03-01", *lookups(members)).member_id == "M-001"
+def test_keys_are_stored_as_64_bit_hashes():
+    """A blocking key's stored form is a stable signed 64-bit integer."""
+    assert key_id("d:19560122") == key_id("d:19560122") != key_id("d:19560123")
+    assert -(2**63) <= key_id("d:19560122") < 2**63
 
 
-@pytest.mark.parametrize(
-    ("on", "matched"),
-    [("2025-12-31", False), ("2026-01-01", True), ("2026-06-30", True), ("2026-07-01", False)],
-)
-def test_match_only_within_the_effective_period(members, on, matched):
-    """A member counts only on dates inside effective_start..effective_end (both inclusive)."""
-    match = match_patient(keys(mrns=(("MRN456", "TESTFAC"),)), on, *lookups(members))
-    assert match.matched is matched
+def test_import_members_sync_adds_without_ending(tmp_path):
+    """The in-memory import (benchmarks, tests) adds members and ends nobody."""
+    db = tmp_path / "herald.db"
+    members, _ = read_roster(csv_text(ROW_MBI, ROW_MRN), TODAY)
+    assert import_members_sync(db, members, "m.csv", now=NOW) == 2
+    assert import_members_sync(db, members[:1], "m.csv", now=NOW) == 1
+    assert roster_count(open_roster_snapshot(db), active_on="2026-03-01") == 2
 
 
-def test_ended_membership_does_not_match_without_an_encounter_date(members):
-    """With no encounter date, a membership that has ended does not count."""
-    assert not match_patient(keys(mrns=(("MRN456", "TESTFAC"),)), "", *lookups(members)).matched
-    assert match_patient(keys(mbi="1EG4TE5MK73"), "", *lookups(members)).matched
+def test_members_from_before_version_3_move_to_the_roster_file(tmp_path):
+    """Migrating a version-1 database publishes its members in roster.db (with blocking keys) and audits it."""
+    from gateway.store import _MIGRATIONS_TABLE, _SCHEMA_V1, _run_sql
+
+    db = tmp_path / "herald.db"
+    conn = open_database(db)
+    _run_sql(conn, _MIGRATIONS_TABLE)
+    _run_sql(conn, _SCHEMA_V1)
+    conn.execute("INSERT INTO migrations VALUES (1, '2026-01-01')")
+    conn.execute(
+        "INSERT INTO roster_members (aco_id, member_id, mbi, last_name, first_name, birth_date, sex, name_key, "
+        "imported_at) VALUES ('ACO-TEST', 'M-003', '', 'Desrosiers', 'Hélène', '1956-01-22', 'F', 'x', 'then')"
+    )
+    migrate(conn)
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'roster_members'").fetchone() is None
+    assert [r["kind"] for r in conn.execute("SELECT kind FROM events")] == ["roster-imported"]
+    roster = StoredRoster(open_roster_snapshot(db))
+    (ref,) = roster.blocking_buckets(["d:19560122"], 10)["d:19560122"]
+    assert [r["member_id"] for r in roster.members([ref])] == ["M-003"]
+    assert roster_imports(open_roster_snapshot(db))[0]["format"] == "migrated"
+    assert not roster_path(db).with_name("roster.db.importing").exists()
 
 
-def test_ambiguous_match_matches_nobody():
-    """Two active members found by the same rule is no match, with the rule and count given."""
-    twin = ROW_NAME.replace("M-003", "M-004").replace("2EG4TE5MK74", "3EG4TE5MK75")
-    parsed = read_roster(csv_text(ROW_NAME, twin))
-    k = keys(family="Desrosiers", given="Helene", birth_date="1956-01-22", sex="F")
-    match = match_patient(k, "2026-03-01", *lookups(parsed.members))
-    assert (match.grade, match.method, match.member) == ("none", "ambiguous", None)
-    assert match.detail == {"rule": "demographics", "candidates": 2}
+def test_roster_member_equals_its_row():
+    """RosterMember.row() has exactly the contract's columns, opt-out as 0/1."""
+    member = RosterMember("A", "M", "", "", "", "L", "F", "1960-01-02", "F", "", "", "", "", "", opted_out=True)
+    assert tuple(member.row()) == MEMBER_COLUMNS and member.row()["opted_out"] == 1
 
 
-def test_no_match_lists_the_rules_tried(members):
-    """An unknown patient is no match, saying which rules were tried."""
-    k = keys(mbi="9EG4TE5MK79", mrns=(("X", "FAC"),), family="NOBODY", given="NONE", birth_date="1999-01-01", sex="M")
-    match = match_patient(k, "2026-03-01", *lookups(members))
-    assert (match.grade, match.method) == ("none", "none")
-    assert match.detail == {"rules_tried": ["mbi", "mrn", "demographics"]}
+def test_a_file_with_many_problems_reports_the_first_and_counts_the_rest(tmp_path, monkeypatch):
+    """Problems beyond the report's limit are counted, not listed (a broken million-row file stays small)."""
+    import gateway.store
+
+    monkeypatch.setattr(gateway.store, "MAX_PROBLEMS", 3)
+    bad = [ROW_MBI.replace("M-001", f"M-{n:03d}").replace(",F,", ",Z,") for n in range(10)]
+    with pytest.raises(RosterError) as caught:
+        import_text(tmp_path, csv_text(*bad))
+    assert [line for line, _, _ in caught.value.problems] == [2, 3, 4]
+    assert caught.value.more == 7
 
 
-def test_name_key_is_what_members_store():
-    """name_key of message keys equals the member's key for the same person."""
-    member = read_roster(csv_text(ROW_NAME)).members[0]
-    assert name_key("DESROSIERS", "HELENE", "1956-01-22", "f") == member.name_key
+def test_an_import_recomputes_keys_and_persons_stored_under_another_recipe(tmp_path):
+    """A roster file written under an older blocking recipe gets every member's keys and normalised
+    person recomputed by the next import (matching reads only what the current recipe would store)."""
+    import sqlite3
+
+    import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    published = roster_path(tmp_path / "herald.db")
+    stale = sqlite3.connect(published)  # an older Herald's file, edited here to look like one
+    stale.execute("UPDATE roster_meta SET value = 'older' WHERE name = 'blocking_recipe'")
+    stale.execute("DELETE FROM roster_keys")
+    stale.execute("UPDATE roster_members SET person = ''")
+    stale.commit()
+    stale.close()
+    import_text(tmp_path, csv_text(ROW_MBI), replace=False)
+    roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"))
+    buckets = roster.blocking_buckets(["d:19560122"], 10)
+    (member,) = roster.members(buckets["d:19560122"])
+    assert member["member_id"] == "M-003" and member["person"].startswith("HELENE\x1fDESROSIERS\x1f")

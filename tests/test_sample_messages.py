@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC
 from pathlib import Path
 
@@ -11,9 +10,9 @@ import pytest
 from gateway.config import default_recipients
 from gateway.convert import convert, validate_bundle
 from gateway.header import read_header
-from gateway.pipeline import RosterLookups, process_message
+from gateway.pipeline import process_message
 from gateway.replay import collect_messages, split_messages
-from gateway.roster import load_roster_file
+from gateway.roster import open_roster
 from gateway.store import ROUTED, PendingMessage
 from gateway.v2 import V2Message
 from gateway.vocabulary import load_vocabulary
@@ -30,8 +29,8 @@ EXPECTED = {
     "epic-v251-a04-ed-registration.hl7": ("A04", "utf-8", "mbi", "SHR-000102"),
     "epic-v251-a04-ed-visit-utf8.hl7": ("A04", "utf-8", "mbi", "SHR-000103"),
     "epic-v251-a08-update-utf8.hl7": ("A08", "utf-8", "mbi", "SHR-000103"),
-    "meditech-v24-a01-admit-cp1252.hl7": ("A01", "cp1252", "demographics", "SHR-000104"),
-    "meditech-v24-a03-discharge-cp1252.hl7": ("A03", "cp1252", "demographics", "SHR-000104"),
+    "meditech-v24-a01-admit-cp1252.hl7": ("A01", "cp1252", "probabilistic", "SHR-000104"),
+    "meditech-v24-a03-discharge-cp1252.hl7": ("A03", "cp1252", "probabilistic", "SHR-000104"),
     "meditech-v24-a04-outpatient-unmatched.hl7": ("A04", "utf-8", "none", None),
     "meditech-v24-a11-cancel-outpatient-visit.hl7": ("A11", "utf-8", "none", None),
 }
@@ -42,15 +41,9 @@ def vocab():
     return load_vocabulary()
 
 
-@pytest.fixture(scope="module")
-def lookups():
-    members = load_roster_file(SAMPLES / "roster.csv").members
-    rows = [{**dataclasses.asdict(m), "name_key": m.name_key} for m in members]
-    return RosterLookups(
-        by_mbi=lambda mbi: [r for r in rows if r["mbi"] == mbi],
-        by_mrn=lambda mrn, authority: [r for r in rows if r["mrn"] == mrn and r["mrn_authority"] == authority],
-        by_name_key=lambda key: [r for r in rows if r["name_key"] == key],
-    )
+@pytest.fixture
+def lookups(sample_roster):
+    return sample_roster
 
 
 def raw(name: str) -> bytes:
@@ -97,17 +90,18 @@ def test_sample_converts_and_validates_without_warnings(name, vocab):
 
 def test_sample_roster_is_clean():
     """The sample roster loads with no problems."""
-    parsed = load_roster_file(SAMPLES / "roster.csv")
-    assert parsed.problems == []
-    assert len(parsed.members) == parsed.rows == 5
+    source, _ = open_roster(SAMPLES / "roster.csv")
+    rows = list(source.rows())
+    assert [p for r in rows for p in r.problems] == []
+    assert len(rows) == 5 and all(r.member is not None for r in rows)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_sample_matches_the_sample_roster_as_named(name, vocab, lookups, tmp_path):
+def test_sample_matches_the_sample_roster_as_named(name, vocab, lookups, sample_policy, tmp_path):
     """Each sample is routed and matched to the member (and by the rule) the corpus intends."""
     _, _, method, member = EXPECTED[name]
     pending = PendingMessage(1, raw(name), "2026-11-22T12:00:00+00:00", read_header(raw(name)).charset)
-    outcome = process_message(pending, vocab, UTC, lookups, default_recipients(tmp_path))
+    outcome = process_message(pending, vocab, UTC, lookups, default_recipients(tmp_path), policy=sample_policy)
     assert outcome.state == ROUTED, outcome.reason
     assert (outcome.match.method, outcome.match.member_id) == (method, member)
     expected_roles = ["pcp", "care_team", "hie"] if member else ["hie"]

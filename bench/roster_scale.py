@@ -1,0 +1,665 @@
+"""Roster at scale: import a synthetic roster of a million members, then time matching against it.
+
+Generates a roster CSV of N synthetic members (deterministic seed; invented
+names, streets and towns; MBIs in the CMS format), imports it with
+``herald roster import`` in a child process (the production path: a copy of
+the roster file, staged, applied, published by rename), and reports the
+import's wall time, the database and roster file sizes and the child's peak
+RSS. With ``--serve`` a ``herald serve`` runs on the same data folder during
+the import and a paced client sends it an ADT message every 50 ms: the ACK
+codes and their latency show whether intake ever waited on the import.
+Then it times ``gateway.matching.match_patient`` over
+``gateway.store.StoredRoster`` (the lookups the pipeline workers use, on the
+published roster file) for a bounded set of queries: members with typos and
+no identifiers, and people who are on no roster. Every phase is bounded; the
+temporary folder is deleted unless ``--keep``.
+
+    .venv/bin/python bench/roster_scale.py                      # 1,000,000 members, 2,000 queries
+    .venv/bin/python bench/roster_scale.py --members 100000 --queries 500 --serve --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from datetime import date, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ack_throughput import Server, free_port  # noqa: E402
+
+from gateway.matching import (  # noqa: E402
+    PatientQuery,
+    blocking_keys,
+    load_model,
+    make_person,
+    match_patient,
+    members_to_compare,
+)
+from gateway.store import StoredRoster, open_roster_snapshot, roster_count  # noqa: E402
+
+ACO = "ACO-BENCH"
+ENCOUNTER = "2026-11-20"
+# Syllables for invented names: combinations give tens of thousands of family names.
+FAMILY_HEADS = [
+    "Ash",
+    "Bel",
+    "Brack",
+    "Cal",
+    "Carr",
+    "Dal",
+    "Dun",
+    "Ell",
+    "Fair",
+    "Fen",
+    "Gal",
+    "Gar",
+    "Hal",
+    "Hart",
+    "Hol",
+    "Kel",
+    "Kin",
+    "Lang",
+    "Lind",
+    "Mar",
+    "Mel",
+    "Mor",
+    "Nor",
+    "Oak",
+    "Pem",
+    "Pen",
+    "Quill",
+    "Ral",
+    "Red",
+    "Ros",
+    "Sal",
+    "Sel",
+    "Stan",
+    "Tal",
+    "Thorn",
+    "Tre",
+    "Ul",
+    "Van",
+    "Wal",
+    "Wen",
+    "Whit",
+    "Wil",
+    "Win",
+    "Yar",
+    "Zel",
+    "Abe",
+    "Bran",
+    "Cor",
+    "Dra",
+    "Esk",
+    "Fal",
+    "Grim",
+    "Hask",
+    "Ivor",
+    "Jass",
+    "Kess",
+    "Lor",
+    "Mab",
+    "Nev",
+]
+FAMILY_TAILS = [
+    "berg",
+    "bright",
+    "brook",
+    "burn",
+    "by",
+    "dale",
+    "den",
+    "ford",
+    "gate",
+    "ham",
+    "hill",
+    "holt",
+    "ington",
+    "ley",
+    "low",
+    "mere",
+    "more",
+    "ner",
+    "orth",
+    "ridge",
+    "ros",
+    "sen",
+    "shaw",
+    "stead",
+    "ston",
+    "ter",
+    "ton",
+    "vale",
+    "wick",
+    "win",
+    "wood",
+    "worth",
+    "ard",
+    "ett",
+    "ick",
+    "is",
+    "kin",
+    "man",
+    "nett",
+    "ow",
+]
+GIVEN = [
+    "Ada",
+    "Alden",
+    "Alma",
+    "Amos",
+    "Anika",
+    "Ansel",
+    "Aria",
+    "Arlo",
+    "Astrid",
+    "Beatrix",
+    "Bennett",
+    "Bram",
+    "Calla",
+    "Cassius",
+    "Celeste",
+    "Cyrus",
+    "Dalia",
+    "Darius",
+    "Delphine",
+    "Desmond",
+    "Edith",
+    "Elias",
+    "Elowen",
+    "Emrys",
+    "Esme",
+    "Ezra",
+    "Fenna",
+    "Florian",
+    "Freya",
+    "Gideon",
+    "Greta",
+    "Hale",
+    "Hazel",
+    "Ida",
+    "Imogen",
+    "Ines",
+    "Ivo",
+    "Jasper",
+    "Juno",
+    "Kai",
+    "Kira",
+    "Lars",
+    "Leona",
+    "Linus",
+    "Lyra",
+    "Mabel",
+    "Magnus",
+    "Maren",
+    "Milo",
+    "Mira",
+    "Nell",
+    "Nico",
+    "Noor",
+    "Odile",
+    "Orla",
+    "Otto",
+    "Pella",
+    "Quentin",
+    "Rhea",
+    "Rowan",
+    "Sabine",
+    "Silas",
+    "Soren",
+    "Tamsin",
+    "Teodor",
+    "Thea",
+    "Tobias",
+    "Una",
+    "Vera",
+    "Viggo",
+    "Wren",
+    "Xander",
+    "Yara",
+    "Yusuf",
+    "Zara",
+    "Zeno",
+    "Agnes",
+    "Bruno",
+    "Clara",
+    "Dorian",
+    "Elsa",
+    "Felix",
+    "Gemma",
+    "Hugo",
+    "Iris",
+    "Jonas",
+    "Katya",
+    "Leo",
+    "Maeve",
+    "Nils",
+    "Olive",
+    "Pavel",
+    "Rosa",
+    "Stellan",
+    "Tova",
+    "Ulric",
+    "Vita",
+]
+STREETS = [
+    "Orchard",
+    "Birch",
+    "Maple",
+    "Harbor",
+    "Quarry",
+    "Willow",
+    "Meadow",
+    "Lantern",
+    "Copper",
+    "Juniper",
+    "Falcon",
+    "Heron",
+    "Granite",
+    "Saddle",
+    "Thistle",
+    "Clover",
+    "Ember",
+    "Hollow",
+    "Summit",
+    "Cedar",
+    "Alder",
+    "Bramble",
+]
+STREET_KINDS = ["Street", "Avenue", "Road", "Lane", "Drive", "Court", "Way", "Place"]
+TOWNS = [
+    "Ashford Springs",
+    "Belmere",
+    "Copperton",
+    "Dunmore Falls",
+    "Eastwick Hollow",
+    "Fairhaven Flats",
+    "Glenrock",
+    "Harrowgate",
+    "Ironvale",
+    "Juniper Bend",
+    "Kestrel Point",
+    "Larkspur",
+    "Millbrook Crossing",
+    "Northmere",
+    "Oakridge Junction",
+    "Pinecrest",
+    "Quarry Hill",
+    "Ravenholt",
+    "Stonebridge",
+    "Thornwick",
+    "Umberfield",
+]
+STATES = ["IL", "IN", "WI", "IA", "MO", "OH", "MI", "KY", "MN", "NE"]
+MBI_LETTERS = "ACDEFGHJKMNPQRTUVWXY"
+MBI_ALNUM = MBI_LETTERS + "0123456789"
+
+
+def mbi(rng: random.Random) -> str:
+    """A random identifier in the CMS MBI format (C A AN N A AN N A A N N)."""
+    return (
+        str(rng.randint(1, 9))
+        + rng.choice(MBI_LETTERS)
+        + rng.choice(MBI_ALNUM)
+        + str(rng.randint(0, 9))
+        + rng.choice(MBI_LETTERS)
+        + rng.choice(MBI_ALNUM)
+        + str(rng.randint(0, 9))
+        + rng.choice(MBI_LETTERS)
+        + rng.choice(MBI_LETTERS)
+        + f"{rng.randint(0, 99):02d}"
+    )
+
+
+def person(rng: random.Random, zips: list[str]) -> dict:
+    """One invented person with a plausible address."""
+    birth = date(1925, 1, 1) + timedelta(days=rng.randint(0, 80 * 365))
+    zip_code = rng.choice(zips)
+    return {
+        "last_name": rng.choice(FAMILY_HEADS) + rng.choice(FAMILY_TAILS),
+        "first_name": rng.choice(GIVEN),
+        "middle_name": rng.choice(GIVEN)[0] if rng.random() < 0.6 else "",
+        "birth_date": birth.isoformat(),
+        "sex": rng.choice("MF"),
+        "address_line": f"{rng.randint(1, 9999)} {rng.choice(STREETS)} {rng.choice(STREET_KINDS)}",
+        "city": TOWNS[int(zip_code) % len(TOWNS)],
+        "state": STATES[int(zip_code) % len(STATES)],
+        "zip": zip_code,
+        "phone": f"{rng.randint(201, 989)}555{rng.randint(0, 9999):04d}",
+    }
+
+
+COLUMNS = [
+    "member_id",
+    "mbi",
+    "last_name",
+    "first_name",
+    "middle_name",
+    "birth_date",
+    "sex",
+    "address_line",
+    "city",
+    "state",
+    "zip",
+    "phone",
+    "aco_id",
+    "pcp_npi",
+    "pcp_name",
+    "effective_start",
+]
+
+
+def write_roster(path: Path, members: int, seed: int) -> tuple[list[dict], list[str]]:
+    """Write ``members`` rows; return a sample of them (every 997th, for queries) and the ZIP codes used."""
+    rng = random.Random(seed)
+    zips = sorted({f"{rng.randint(10000, 99999)}" for _ in range(4000)})
+    sample = []
+    seen_mbi: set[str] = set()
+    with path.open("w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(COLUMNS)
+        for i in range(members):
+            p = person(rng, zips)
+            ident = mbi(rng)
+            while ident in seen_mbi:
+                ident = mbi(rng)
+            seen_mbi.add(ident)
+            row = {
+                "member_id": f"B{i:08d}",
+                "mbi": ident,
+                **p,
+                "aco_id": ACO,
+                "pcp_npi": "1234567893",
+                "pcp_name": "Dr. Bench",
+                "effective_start": "2026-01-01",
+            }
+            out.writerow([row[c] for c in COLUMNS])
+            if i % 997 == 0:
+                sample.append(row)
+    return sample, zips
+
+
+def typo(rng: random.Random, value: str) -> str:
+    """One keying error: a swapped pair, a dropped or a changed letter."""
+    if len(value) < 3:
+        return value
+    i = rng.randrange(len(value) - 1)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return value[:i] + value[i + 1] + value[i] + value[i + 2 :]
+    if kind == 1:
+        return value[:i] + value[i + 1 :]
+    return value[:i] + rng.choice("AEIOURSTLN") + value[i + 1 :]
+
+
+def queries(sample: list[dict], zips: list[str], count: int, seed: int) -> list[tuple[str, PatientQuery, str]]:
+    """Half members with a typo in one or two fields and no identifiers; half people on no roster."""
+    rng = random.Random(seed + 1)
+    out = []
+    for n in range(count):
+        if n % 2 == 0:
+            m = dict(sample[(n // 2) % len(sample)])
+            for field in rng.sample(["last_name", "first_name", "address_line", "phone"], k=rng.randint(1, 2)):
+                m[field] = typo(rng, m[field]) if field != "phone" else ""
+            kind, expected = "member", m["member_id"]
+        else:
+            m = person(rng, zips)
+            m["last_name"] = rng.choice(FAMILY_HEADS) + rng.choice(FAMILY_TAILS) + rng.choice(["e", "s", "er", ""])
+            kind, expected = "non-member", ""
+        p = make_person(
+            given=m["first_name"],
+            family=m["last_name"],
+            middle=m["middle_name"],
+            birth_date=m["birth_date"],
+            sex=m["sex"],
+            street=m["address_line"],
+            city=m["city"],
+            state=m["state"],
+            zip=m["zip"],
+            phone=m["phone"],
+        )
+        out.append((kind, PatientQuery("", (), p), expected))
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+ADMIT = ROOT / "sample_messages" / "epic-v251-a01-admit-from-ed.hl7"
+
+
+class PacedSender(threading.Thread):
+    """Sends an ADT message every ``interval`` seconds on one MLLP connection until stopped (bounded)."""
+
+    def __init__(self, port: int, interval: float = 0.05, limit: int = 100_000) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.interval = interval
+        self.limit = limit
+        self.stop = threading.Event()
+        self.codes: Counter = Counter()
+        self.latency_ms: list[float] = []
+        self.errors: list[str] = []
+        text = ADMIT.read_bytes().split(b"\x1c")[0].strip(b"\x0b\r\n")
+        self.template = text.replace(b"\n", b"\r")
+
+    def message(self, n: int) -> bytes:
+        segments = self.template.split(b"\r")
+        fields = segments[0].split(b"|")
+        fields[9] = f"ROSTERBENCH{n:07d}".encode()
+        segments[0] = b"|".join(fields)
+        return b"\x0b" + b"\r".join(segments) + b"\x1c\r"
+
+    def run(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+                for n in range(self.limit):
+                    if self.stop.is_set():
+                        break
+                    t = time.perf_counter()
+                    sock.sendall(self.message(n))
+                    reply = b""
+                    while not reply.endswith(b"\x1c\r"):
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise ConnectionError("the server closed the connection")
+                        reply += chunk
+                    self.latency_ms.append((time.perf_counter() - t) * 1000)
+                    msa = next((seg for seg in reply.strip(b"\x0b\x1c\r").split(b"\r") if seg.startswith(b"MSA")), b"")
+                    self.codes[msa.split(b"|")[1].decode() if msa else "?"] += 1
+                    self.stop.wait(self.interval)
+        except OSError as e:
+            self.errors.append(f"{type(e).__name__}: {e}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=20261120)
+    parser.add_argument("--import-timeout", type=float, default=1200.0, help="seconds the import may take")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="bound on the query phase")
+    parser.add_argument("--serve", action="store_true", help="run herald serve and a paced client during the import")
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="time queries only, on a folder an earlier run kept (--keep)"
+    )
+    parser.add_argument("--max-compared", type=int, default=None, help="override blocking.max_compared")
+    parser.add_argument("--max-bucket", type=int, default=None, help="override blocking.max_bucket")
+    parser.add_argument("--max-prefiltered", type=int, default=None, help="override blocking.max_prefiltered")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    if args.reuse:
+        return time_queries(args, args.reuse, {"reused": str(args.reuse), "queries": args.queries})
+    tmp = Path(tempfile.mkdtemp(prefix="herald-bench-roster-"))
+    result: dict = {"members": args.members, "queries": args.queries, "seed": args.seed}
+    server = None
+    try:
+        roster_csv = tmp / "roster.csv"
+        t0 = time.perf_counter()
+        sample, zips = write_roster(roster_csv, args.members, args.seed)
+        (tmp / "sample.json").write_text(json.dumps({"sample": sample, "zips": zips, "seed": args.seed}))
+        result["generate_s"] = round(time.perf_counter() - t0, 1)
+        result["csv_mb"] = round(roster_csv.stat().st_size / 1e6, 1)
+        data = tmp / "data"
+        data.mkdir()
+        sender = None
+        if args.serve:
+            server = Server("herald", True, data, free_port())
+            server.start()
+            sender = PacedSender(server.port)
+            sender.start()
+            time.sleep(1.0)  # a few ACKs before the import starts
+        herald = [sys.executable, "-m", "gateway.cli"]
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            [*herald, "roster", "import", str(roster_csv), "--data", str(data), "--by", "bench"],
+            capture_output=True,
+            text=True,
+            timeout=args.import_timeout,
+            cwd=ROOT,
+        )
+        result["import_s"] = round(time.perf_counter() - t0, 1)
+        # ru_maxrss of waited-for children, in KiB on Linux: so far only the import has been waited for.
+        result["import_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+        if sender is not None:
+            time.sleep(1.0)
+            sender.stop.set()
+            sender.join(timeout=30)
+            server.stop()  # before the query phase: it would compete for the two cores
+            lat = sender.latency_ms
+            result["intake_during_import"] = {
+                "acks": dict(sender.codes),
+                "ack_ms": {
+                    "p50": round(statistics.median(lat), 1),
+                    "p99": round(pct(lat, 0.99), 1),
+                    "max": round(max(lat), 1),
+                }
+                if lat
+                else None,
+                "client_errors": sender.errors,
+            }
+        if done.returncode != 0:
+            print(done.stdout, done.stderr, file=sys.stderr)
+            return 1
+        result["import_output"] = done.stdout.strip().splitlines()
+        sizes = {p.name: p.stat().st_size for p in data.iterdir() if p.name.startswith(("herald.db", "roster.db"))}
+        result["files_mb"] = {name: round(size / 1e6, 1) for name, size in sorted(sizes.items())}
+        result["db_mb"] = round(sum(sizes.values()) / 1e6, 1)
+        if args.keep:
+            result["kept"] = str(tmp)
+        return time_queries(args, tmp, result)
+    finally:
+        if server is not None:
+            server.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def time_queries(args, folder: Path, result: dict) -> int:
+    """Time matching over the roster published in ``folder``/data; print ``result`` with the figures."""
+    saved = json.loads((folder / "sample.json").read_text())
+    sample, zips, seed = saved["sample"], saved["zips"], saved["seed"]
+    data = folder / "data"
+    snapshot = open_roster_snapshot(data / "herald.db")
+    conn = snapshot.conn
+    result["keys_per_member"] = round(
+        conn.execute("SELECT COUNT(*) FROM roster_keys").fetchone()[0] / roster_count(snapshot), 2
+    )
+    blocking = {
+        k: getattr(args, k) for k in ("max_compared", "max_bucket", "max_prefiltered") if getattr(args, k) is not None
+    }
+    model = load_model(roster_size=snapshot.size(), **blocking)  # as the pipeline scales its thresholds
+    roster = StoredRoster(snapshot)
+    work = queries(sample, zips, args.queries, seed)
+    for _kind, q, _ in work[:20]:  # warm the page cache and the engine's caches
+        match_patient(q, ENCOUNTER, roster, model)
+    lookup_ms: list[float] = []
+    match_ms: list[float] = []
+    blocked: list[int] = []
+    compared: list[int] = []
+    found = wrong = false_positive = 0
+    outcomes: list[tuple] = []
+    deadline = time.monotonic() + args.max_seconds
+    ran = 0
+    for kind, q, expected in work:
+        if time.monotonic() > deadline:
+            break
+        t = time.perf_counter()
+        short, refs = members_to_compare(q.person, blocking_keys(q.person), roster, model)
+        roster.members(refs)
+        lookup_ms.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        match = match_patient(q, ENCOUNTER, roster, model)
+        match_ms.append((time.perf_counter() - t) * 1000)
+        blocked.append(short.blocked)
+        compared.append(len(refs))
+        ran += 1
+        if kind == "member":
+            if match.member_id == expected or any(c.member["member_id"] == expected for c in match.candidates):
+                found += 1
+            elif match.member_id:
+                wrong += 1
+        elif match.grade in ("certain", "probable"):
+            false_positive += 1
+        outcomes.append((match.grade, match.method, match.member_id))
+    # The same queries comparing every member that shares a usable key (no shortlist): what the cut costs.
+    everyone = load_model(roster_size=snapshot.size(), max_compared=10**9, max_prefiltered=10**9)
+    differ = 0
+    for (_kind, q, _), outcome in zip(work, outcomes, strict=False):  # work may have been cut by time
+        full = match_patient(q, ENCOUNTER, roster, everyone)
+        differ += outcome != (full.grade, full.method, full.member_id)
+    snapshot.close()
+    members_run = (ran + 1) // 2
+    result.update(
+        {
+            "blocking": {
+                "max_compared": model.max_compared,
+                "max_prefiltered": model.max_prefiltered,
+                "max_bucket": model.max_bucket,
+            },
+            "queries_run": ran,
+            "cut_by_time": ran < len(work),
+            "lookup_ms": {"p50": round(statistics.median(lookup_ms), 3), "p99": round(pct(lookup_ms, 0.99), 3)},
+            "match_ms": {
+                "p50": round(statistics.median(match_ms), 3),
+                "p99": round(pct(match_ms, 0.99), 3),
+                "max": round(max(match_ms), 3),
+            },
+            "sharing_a_key": {"mean": round(statistics.mean(blocked), 1), "max": max(blocked)},
+            "compared": {"mean": round(statistics.mean(compared), 1), "max": max(compared)},
+            "members_found_or_offered": f"{found}/{members_run}",
+            "members_given_the_wrong_member": wrong,
+            "non_members_routed": f"{false_positive}/{ran - members_run}",
+            "outcomes_differing_from_comparing_all": f"{differ}/{ran}",
+        }
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:>32}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
