@@ -47,6 +47,7 @@ import cProfile
 import io
 import json
 import pstats
+import random
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ack_throughput import Server, code_under_test, free_port, run_mllp_load, server_cpu  # noqa: E402
+from synthetic_people import mbi, person, typo  # noqa: E402
 
 from gateway.config import Config, default_recipients  # noqa: E402
 from gateway.convert import convert, validate_bundle  # noqa: E402
@@ -76,35 +78,11 @@ from gateway.vocabulary import load_vocabulary  # noqa: E402
 BATCH = Config.pipeline_batch  # the default [pipeline] batch_size
 ROSTER_AUTHORITY = "BENCHHOSP"
 OTHER_AUTHORITY = "OTHERHOSP"
-GIVEN = ["JOHN", "MARY", "ROBERT", "PATRICIA", "JAMES", "LINDA", "MICHAEL", "BARBARA", "WILLIAM", "ELIZABETH"]
-FAMILY = ["SMITH", "JOHNSON", "WILLIAMS", "BROWN", "JONES", "GARCIA", "MILLER", "DAVIS", "WILSON", "THOMAS"]
-MBI_LETTERS = "ACDEFGHJKMNPQRTUVWXY"  # the letters CMS allows in an MBI
 EVENTS = (("A01", "I", "ADT_A01"), ("A03", "I", "ADT_A03"), ("A04", "E", "ADT_A01"))
 BASE_TIME = datetime(2026, 11, 20, 8, 0, 0)
 
 
 # -- synthetic data ------------------------------------------------------------
-
-
-def _letters(i: int) -> str:
-    """A distinct letters-only suffix for ``i`` (names are compared letters-only)."""
-    out = ""
-    i += 1
-    while i:
-        i, r = divmod(i - 1, 26)
-        out = chr(65 + r) + out
-    return out
-
-
-def _mbi(i: int) -> str:
-    """A distinct MBI in the CMS format for ``i`` < 360,000 (mixed-radix digits of i)."""
-    i, d1 = divmod(i, 9)
-    i, l2 = divmod(i, 20)
-    i, c3 = divmod(i, 10)
-    i, d4 = divmod(i, 10)
-    i, l5 = divmod(i, 20)
-    L = MBI_LETTERS
-    return f"{d1 + 1}{L[l2]}{c3}{d4}{L[l5]}{L[i % 20]}{i % 10}{L[(i * 7) % 20]}{L[(i * 3) % 20]}{i % 100:02d}"
 
 
 def _npi(i: int) -> str:
@@ -121,39 +99,53 @@ def _npi(i: int) -> str:
     return base + str((10 - total % 10) % 10)
 
 
-def make_roster(count: int) -> list[RosterMember]:
-    """``count`` roster members with distinct MBI, MRN and demographics, in two ACOs and 50 practices."""
+def _zips(rng: random.Random) -> list[str]:
+    return sorted({f"{rng.randint(10000, 99999)}" for _ in range(400)})
+
+
+def make_roster(count: int, seed: int = 7) -> list[RosterMember]:
+    """``count`` invented members (``synthetic_people``) with distinct MBI and MRN, in two ACOs and 50 practices."""
+    rng = random.Random(seed)
+    zips = _zips(rng)
     members = []
+    seen: set[str] = set()
     for i in range(count):
+        ident = mbi(rng)
+        while ident in seen:
+            ident = mbi(rng)
+        seen.add(ident)
         pcp = i % 50
         members.append(
             RosterMember(
                 aco_id=f"ACO-{'AB'[i % 2]}",
                 member_id=f"M{i:07d}",
-                mbi=_mbi(i),
+                mbi=ident,
                 mrn=f"{10_000_000 + i}",
                 mrn_authority=ROSTER_AUTHORITY,
-                last_name=f"{FAMILY[i % len(FAMILY)]}{_letters(i)}",
-                first_name=GIVEN[(i // 7) % len(GIVEN)],
-                birth_date=f"{1930 + i % 60}-{1 + i % 12:02d}-{1 + i % 28:02d}",
-                sex="MF"[i % 2],
                 pcp_npi=_npi(pcp),
                 pcp_name=f"Dr. Bench Practice {pcp}",
                 care_manager=f"care-team-{'ab'[i % 2]}@aco.example",
                 effective_start="2020-01-01",
                 effective_end="",
+                **person(rng, zips),
             )
         )
     return members
 
 
-def make_messages(count: int, roster: list[RosterMember], match_ratio: float) -> tuple[list[bytes], Counter]:
+def make_messages(
+    count: int, roster: list[RosterMember], match_ratio: float, seed: int = 7
+) -> tuple[list[bytes], Counter]:
     """``count`` ADT messages, each a distinct patient; about ``match_ratio`` of them on the roster.
 
     Roster patients are found in turn by MBI, by MRN and by demographics
-    alone; the others are nowhere on the roster. Returns the messages and the
-    intended match methods (for checking the outcome).
+    alone (the hospital's copy of the name, birth date, sex, address and
+    phone, with one keying error in the street or the phone left out a
+    third of the time); the others are invented people on no roster. Returns
+    the messages and the intended match methods (for checking the outcome).
     """
+    rng = random.Random(seed + 1)
+    zips = _zips(random.Random(seed))
     messages: list[bytes] = []
     intended: Counter = Counter()
     matched = 0
@@ -166,29 +158,34 @@ def make_messages(count: int, roster: list[RosterMember], match_ratio: float) ->
             m = roster[matched]
             method = ("mbi", "mrn", "demographics")[matched % 3]
             matched += 1
-            family, given, sex = m.last_name, m.first_name, m.sex
-            dob = m.birth_date.replace("-", "")
+            who = {f: getattr(m, f) for f in ("last_name", "first_name", "middle_name", "birth_date", "sex")}
+            who.update({f: getattr(m, f) for f in ("address_line", "city", "state", "zip", "phone")})
             if method == "mbi":
                 pid3 = f"{60_000_000 + i}^^^{OTHER_AUTHORITY}^MR~{m.mbi}^^^CMS^MB"
             elif method == "mrn":
                 pid3 = f"{m.mrn}^^^{ROSTER_AUTHORITY}^MR"
             else:
                 pid3 = f"{60_000_000 + i}^^^{OTHER_AUTHORITY}^MR"
+                if i % 3 == 0:
+                    who["phone"] = ""
+                elif i % 3 == 1:
+                    who["address_line"] = typo(rng, who["address_line"])
         else:
             method = "none"
-            family = f"{FAMILY[i % len(FAMILY)]}X{_letters(i)}"  # never a roster name
-            given, sex = GIVEN[i % len(GIVEN)], "MF"[i % 2]
-            dob = f"{1930 + i % 60}{1 + i % 12:02d}{1 + i % 28:02d}"
+            who = person(rng, zips)
             pid3 = f"{80_000_000 + i}^^^{ROSTER_AUTHORITY}^MR"
         intended[method] += 1
         control_id = f"BENCH{i:09d}"
         end = ts + "-0500" if event == "A03" else ""
+        dob = who["birth_date"].replace("-", "")
+        phone = who["phone"]
+        telecom = f"^PRN^PH^^1^{phone[:3]}^{phone[3:]}" if phone else ""
         segments = [
             f"MSH|^~\\&|BENCHEHR|BENCHHOSP|HERALD|ACO|{ts}-0500||ADT^{event}^{structure}|{control_id}|P|2.5.1"
             "|||AL|NE||UNICODE UTF-8",
             f"EVN|{event}|{ts}-0500",
-            f"PID|1||{pid3}||{family}^{given}^Q^^^^L||{dob}|{sex}|||{1 + i % 9999} MAIN ST^^SPRINGFIELD^IL^62701^USA^H"
-            f"||^PRN^PH^^1^217^{5_550_000 + i % 10_000}",
+            f"PID|1||{pid3}||{who['last_name']}^{who['first_name']}^{who['middle_name']}^^^^L||{dob}|{who['sex']}"
+            f"|||{who['address_line']}^^{who['city']}^{who['state']}^{who['zip']}^USA^H||{telecom}",
             "PD1|||SPRINGFIELD PRIMARY CARE^^1234|1234567893^WELBY^MARCUS^^^^^^NPI",
             f"PV1|1|{patient_class}|4N^{400 + i % 50}^A^BENCHHOSP||||1112223334^JONES^ROBERT^^^^^^NPI|||MED||||7|||"
             f"1112223334^JONES^ROBERT^^^^^^NPI|IN|V{i:09d}^^^BENCHHOSP^VN|MCR|||||||||||||||||01||||BENCHHOSP||||"
