@@ -294,7 +294,7 @@ def time_queries(args, folder: Path, result: dict) -> int:
     match_ms: list[float] = []
     blocked: list[int] = []
     compared: list[int] = []
-    found = wrong = false_positive = 0
+    found = wrong = false_positive = non_member_possible = 0
     outcomes: list[tuple] = []
     deadline = time.monotonic() + args.max_seconds
     ran = 0
@@ -318,6 +318,8 @@ def time_queries(args, folder: Path, result: dict) -> int:
                 wrong += 1
         elif match.grade in ("certain", "probable"):
             false_positive += 1
+        elif match.grade == "possible":
+            non_member_possible += 1
         outcomes.append((match.grade, match.method, match.member_id))
     # The same queries comparing every member that shares a usable key (no shortlist): what the cut costs.
     everyone = load_model(roster_size=snapshot.size(), max_compared=10**9, max_prefiltered=10**9)
@@ -347,6 +349,7 @@ def time_queries(args, folder: Path, result: dict) -> int:
             "members_found_or_offered": f"{found}/{members_run}",
             "members_given_the_wrong_member": wrong,
             "non_members_routed": f"{false_positive}/{ran - members_run}",
+            "non_members_to_review": f"{non_member_possible}/{ran - members_run}",
             "outcomes_differing_from_comparing_all": f"{differ}/{ran}",
         }
     )
