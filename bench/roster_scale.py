@@ -294,7 +294,7 @@ def time_queries(args, folder: Path, result: dict) -> int:
     match_ms: list[float] = []
     blocked: list[int] = []
     compared: list[int] = []
-    found = wrong = false_positive = non_member_possible = 0
+    found = routed = wrong = false_positive = non_member_possible = 0
     outcomes: list[tuple] = []
     deadline = time.monotonic() + args.max_seconds
     ran = 0
@@ -314,6 +314,8 @@ def time_queries(args, folder: Path, result: dict) -> int:
         if kind == "member":
             if match.member_id == expected or any(c.member["member_id"] == expected for c in match.candidates):
                 found += 1
+            if match.member_id == expected and match.grade in ("certain", "probable"):
+                routed += 1
             elif match.member_id:
                 wrong += 1
         elif match.grade in ("certain", "probable"):
@@ -347,6 +349,7 @@ def time_queries(args, folder: Path, result: dict) -> int:
             "sharing_a_key": {"mean": round(statistics.mean(blocked), 1), "max": max(blocked)},
             "compared": {"mean": round(statistics.mean(compared), 1), "max": max(compared)},
             "members_found_or_offered": f"{found}/{members_run}",
+            "members_routed_certain_or_probable": f"{routed}/{members_run}",
             "members_given_the_wrong_member": wrong,
             "non_members_routed": f"{false_positive}/{ran - members_run}",
             "non_members_to_review": f"{non_member_possible}/{ran - members_run}",
