@@ -335,7 +335,7 @@ def render(model: MatchModel, m, u, notes: dict) -> str:
         "# replace whole given names and birth dates; see bench/README.md). `both_differ` is",
         '# "possible": a person decides (review queue) rather than the pair being dropped ("none")',
         "# or routed. Such a pair is also below the identity floor ([identity]), which caps it",
-        "# at possible on its own; `both_differ` matters when set to \"none\".",
+        '# at possible on its own; `both_differ` matters when set to "none".',
         "[household]",
         f'both_differ = "{model.household_both_differ}"',
         f'one_differs = "{model.household_one_differs}"',
