@@ -4,11 +4,16 @@ Deterministic first: the Medicare Beneficiary Identifier, then an MRN with its
 assigning authority (the roster's MRNs and the links a reviewer confirmed),
 each grade ``certain``. Otherwise probabilistic, Fellegi-Sunter style: the
 roster members that share a blocking key with the patient are compared field
-by field (given, family and middle name, birth date, sex, street, city, state,
-ZIP, phone); each field's agreement level adds its weight ``log2(m/u)`` and
-the total is graded ``certain`` / ``probable`` / ``possible`` / ``none`` (FHIR
-``$match``). Two members scoring too close to each other are never resolved by
-guessing: the result is ``possible`` with no member chosen (a reviewer picks).
+by field (given, family and middle name, birth date, sex, phone, and the
+address: street, city, state and ZIP scored once, at the finest place both
+share, since they are not independent); each comparison's agreement level adds
+its weight ``log2(m/u)`` and the total is graded ``certain`` / ``probable`` /
+``possible`` / ``none`` (FHIR ``$match``). Two members scoring too close to
+each other are never resolved by guessing: the result is ``possible`` with no
+member chosen (a reviewer picks). The place never makes a match alone: when
+given name, family name and birth date together carry too little evidence
+(the identity floor), or look like a relative at the same house (the household
+rule), the grade is at best ``possible``.
 
 The weights, levels' similarity thresholds and grade thresholds are data in
 ``mappings/matching.toml`` (with how they were obtained); given-name
