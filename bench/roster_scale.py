@@ -316,8 +316,8 @@ def time_queries(args, folder: Path, result: dict) -> int:
                 found += 1
             if match.member_id == expected and match.grade in ("certain", "probable"):
                 routed += 1
-            elif match.member_id:
-                wrong += 1
+            if match.member_id and match.member_id != expected:
+                wrong += 1  # another member chosen, whatever the grade
         elif match.grade in ("certain", "probable"):
             false_positive += 1
         elif match.grade == "possible":
