@@ -77,13 +77,23 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
     notes = result["notifications"]
     echo(f"  messages by state: {', '.join(f'{k} {v}' for k, v in sorted(result['states'].items()))}")
     echo(f"\n{len(notes)} notifications:")
-    echo(f"  {'EVENT (V2 TRIGGER)':<35} {'PATIENT':<22} {'FACILITY':<10} {'PCP':<22} TO")
+    rows = []
     for n in notes:
         s = json.loads(n["summary"])
-        pcp = s["pcp"] or "(not on roster)"
-        to = f"{n['recipient_role']} [{n['state']}]"
-        event = f"{s['event']} ({s.get('trigger', '?')})"
-        echo(f"  {event:<35} {s['patient'][:22]:<22} {s['facility'][:10]:<10} {pcp[:22]:<22} {to}")
+        trigger = s.get("trigger", "?") + (" cancel" if s.get("retraction") else "")
+        rows.append(
+            (
+                f"{s['event']} ({trigger})",
+                s["patient"][:22],
+                s["facility"][:10],
+                (s["pcp"] or "(not on roster)")[:22],
+                f"{n['recipient_role']} [{n['state']}]",
+            )
+        )
+    width = max([len("EVENT (V2 TRIGGER)"), *(len(r[0]) for r in rows)])
+    echo(f"  {'EVENT (V2 TRIGGER)':<{width}} {'PATIENT':<22} {'FACILITY':<10} {'PCP':<22} TO")
+    for event, patient, facility, pcp, to in rows:
+        echo(f"  {event:<{width}} {patient:<22} {facility:<10} {pcp:<22} {to}")
     for where, code, reason in report.acks:
         if code not in ("AA", "CA"):
             echo(f"  not accepted: {Path(where).name}: {code} {reason}")

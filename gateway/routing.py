@@ -47,6 +47,7 @@ def route(
         {
             "event": conversion.event_code,
             "trigger": conversion.trigger_event,
+            "retraction": conversion.retraction,
             "patient": conversion.patient_display,
             "facility": conversion.facility,
             "date": conversion.encounter_date,

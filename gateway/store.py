@@ -920,35 +920,7 @@ class Store:
         if o.match is not None:
             _record_match(conn, o.message_id, o.match, getattr(o, "review", None), now)
         for n in o.notifications:
-            conn.execute(
-                "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, "
-                "event_code, summary, payload, state, attempts, next_attempt_at, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
-                (
-                    n.id,
-                    n.message_id,
-                    n.recipient_role,
-                    n.recipient,
-                    n.channel,
-                    n.target,
-                    n.event_code,
-                    n.summary,
-                    n.payload,
-                    PENDING,
-                    now_seconds,
-                    now,
-                    now,
-                ),
-            )
-            _event(
-                conn,
-                now,
-                o.message_id,
-                n.id,
-                "router",
-                "routed",
-                {"role": n.recipient_role, "channel": n.channel, "target": n.target},
-            )
+            _insert_notification(conn, n, now, now_seconds)
         return 1
 
     # -- delivery ----------------------------------------------------------
@@ -1964,6 +1936,7 @@ def _decide(conn, review_id: int) -> sqlite3.Row:
 
 
 def _insert_notification(conn, n, now: str, due: float) -> None:
+    """One outbox row, pending from ``due`` (reactor seconds), and its ``routed`` audit event."""
     conn.execute(
         "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
         "summary, payload, state, attempts, next_attempt_at, created_at, updated_at) "
@@ -1984,7 +1957,15 @@ def _insert_notification(conn, n, now: str, due: float) -> None:
             now,
         ),
     )
-    _event(conn, now, n.message_id, n.id, "router", "routed", {"role": n.recipient_role, "channel": n.channel})
+    _event(
+        conn,
+        now,
+        n.message_id,
+        n.id,
+        "router",
+        "routed",
+        {"role": n.recipient_role, "channel": n.channel, "target": n.target},
+    )
 
 
 def accept_review(

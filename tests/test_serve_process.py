@@ -132,3 +132,20 @@ def test_serve_port_in_use_fails_cleanly(server, tmp_path):
 
 if os.name != "posix":  # pragma: no cover
     pytestmark = pytest.mark.skip("signals as on POSIX")
+
+
+def test_demo_replays_every_sample_and_prints_its_notifications():
+    """`herald demo` acknowledges every sample message, routes each, prints one line a notification, exits 0."""
+    samples = len(list((ROOT / "sample_messages").glob("*.hl7")))
+    result = herald("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert f"ACKs: {samples} accepted of {samples} sent" in out, out
+    assert f"messages by state: routed {samples}" in out, out
+    count = int(re.search(r"^(\d+) notifications:", out, re.M).group(1))
+    lines = [ln for ln in out.splitlines() if ln.startswith("  notification-")]
+    assert len(lines) == count > samples, out
+    assert all(ln.endswith("[sent]") for ln in lines), out
+    # The PCP of a matched patient is named; the cancel is shown as one.
+    assert any("Dr. Lena Marsh" in ln and ln.rstrip().endswith("pcp [sent]") for ln in lines), out
+    assert any("(A11 cancel)" in ln and "hie [sent]" in ln for ln in lines), out
