@@ -30,6 +30,7 @@ import math
 import random
 import sys
 import tempfile
+import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -39,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from match_accuracy import MemoryRoster, fhir_patient, roster_row  # noqa: E402
 
 from gateway.matching import (  # noqa: E402
-    FIELDS,
     LEVELS,
     MAPPINGS_DIR,
     MatchModel,
@@ -52,6 +52,13 @@ from gateway.matching import (  # noqa: E402
 )
 
 FITTED = ("given", "family", "birth_date", "street", "city", "state", "zip")
+#: The second fit: the address's parts as one comparison (see gateway.matching.address_level).
+JOINT = ("given", "family", "birth_date", "address")
+#: Address levels whose u is derived, not counted: FEBRL draws street, suburb and postcode
+#: independently of each other, so among its random pairs "same street in the same ZIP" is
+#: as rare as a coincidence of two independent draws, whereas in a real town neighbours share
+#: a street. u = u(zip exact) x the share of a ZIP's residents at that place (in the file).
+DERIVED_U = {"house": "house_share_of_zip", "street": "street_share_of_zip"}
 #: Levels whose weight is fixed by design (not a probability ratio).
 FIXED = {("family", "swapped")}
 #: Levels FEBRL (almost) never produces for the same person: it has no nicknames, no
@@ -85,17 +92,17 @@ def person_id(rec_id: str) -> str:
     return rec_id.split("-")[1]
 
 
-def vectors(pairs, people, model) -> Counter:
-    """Count of each comparison vector (a tuple of the fitted fields' levels)."""
+def vectors(pairs, people, model, fields=FITTED) -> Counter:
+    """Count of each comparison vector (a tuple of ``fields``' levels)."""
     counts: Counter = Counter()
     for a, b in pairs:
         levels = compare(people[a], people[b], model)
-        counts[tuple(levels[f] for f in FITTED)] += 1
+        counts[tuple(levels[f] for f in fields)] += 1
     return counts
 
 
-def estimate_u(datasets, model, n_pairs: int, rng: random.Random) -> dict[str, dict[str, float]]:
-    counts = {f: Counter() for f in FITTED}
+def estimate_u(datasets, model, n_pairs: int, rng: random.Random, fields=FITTED) -> dict[str, dict[str, float]]:
+    counts = {f: Counter() for f in fields}
     per_set = n_pairs // len(datasets)
     for rows in datasets:
         people = [person_from_member(r) for r in rows]
@@ -104,16 +111,25 @@ def estimate_u(datasets, model, n_pairs: int, rng: random.Random) -> dict[str, d
             a, b = rng.randrange(len(rows)), rng.randrange(len(rows))
             if a != b:
                 pairs.append((a, b))
-        for vec, n in vectors(pairs, people, model).items():
-            for f, level in zip(FITTED, vec, strict=True):
+        for vec, n in vectors(pairs, people, model, fields).items():
+            for f, level in zip(fields, vec, strict=True):
                 counts[f][level] += n
     u = {}
-    for f in FITTED:
+    for f in fields:
         observed = {lv: counts[f][lv] for lv in LEVELS[f] if (f, lv) not in FIXED}
         total = sum(observed.values())
         # Half a pseudo-count per level: a level never seen among random pairs still has u > 0.
         u[f] = {lv: (n + 0.5) / (total + 0.5 * len(observed)) for lv, n in observed.items()}
     return u
+
+
+def derive_address_u(counted: dict[str, float], u_zip: float, shares: dict[str, float]) -> dict[str, float]:
+    """u of the address levels: ``house`` and ``street`` derived as ``u_zip x share``, the others as
+    counted among FEBRL's random pairs, rescaled so that all sum to 1."""
+    derived = {level: u_zip * share for level, share in shares.items()}
+    rest = {lv: v for lv, v in counted.items() if lv not in derived}
+    scale = (1 - sum(derived.values())) / sum(rest.values())
+    return {lv: derived.get(lv, counted[lv] * scale) for lv in counted}
 
 
 def blocked_pairs(rows) -> list[tuple[int, int]]:
@@ -129,18 +145,22 @@ def blocked_pairs(rows) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
-def em_m(counts: Counter, u, m0, iterations: int = 200) -> tuple[dict, float, int]:
-    """m per field and level (and the match share) by EM with u fixed."""
-    m = {f: dict(m0[f]) for f in FITTED}
-    share = 0.05
+def em_m(
+    counts: Counter, u, m0, iterations: int = 200, fields=FITTED, held=(), share: float | None = None
+) -> tuple[dict, float, int]:
+    """m per field and level (and the match share) by EM with u fixed; the m of the ``held`` fields
+    stays as ``m0`` gives it, and so does the match share when ``share`` is given."""
+    m = {f: dict(m0[f]) for f in fields}
+    fixed_share = share is not None
+    share = share if fixed_share else 0.05
     for it in range(iterations):
-        expected = {f: Counter() for f in FITTED}
+        expected = {f: Counter() for f in fields}
         matches = 0.0
         total = 0
         for vec, n in counts.items():
             lm = math.log(share)
             lu = math.log(1 - share)
-            for f, level in zip(FITTED, vec, strict=True):
+            for f, level in zip(fields, vec, strict=True):
                 if level == "missing" or (f, level) in FIXED:
                     continue
                 lm += math.log(m[f][level])
@@ -148,35 +168,38 @@ def em_m(counts: Counter, u, m0, iterations: int = 200) -> tuple[dict, float, in
             g = 1 / (1 + math.exp(lu - lm))
             matches += n * g
             total += n
-            for f, level in zip(FITTED, vec, strict=True):
+            for f, level in zip(fields, vec, strict=True):
                 expected[f][level] += n * g
-        new_share = matches / total
+        new_share = share if fixed_share else matches / total
         new_m = {}
-        for f in FITTED:
+        for f in fields:
+            if f in held:
+                new_m[f] = m[f]
+                continue
             levels = [lv for lv in LEVELS[f] if (f, lv) not in FIXED]
             seen = sum(expected[f][lv] for lv in levels)
             # A small pseudo-count keeps a level EM never saw from getting m = 0.
             new_m[f] = {lv: (expected[f][lv] + 0.1) / (seen + 0.1 * len(levels)) for lv in levels}
-        delta = max(abs(new_m[f][lv] - m[f][lv]) for f in FITTED for lv in new_m[f])
+        delta = max(abs(new_m[f][lv] - m[f][lv]) for f in fields for lv in new_m[f])
         m, share = new_m, new_share
         if delta < 1e-7:
             return m, share, it + 1
     return m, share, iterations
 
 
-def labelled_m(datasets, model) -> dict[str, dict[str, float]]:
-    counts = {f: Counter() for f in FITTED}
+def labelled_m(datasets, model, fields=FITTED) -> dict[str, dict[str, float]]:
+    counts = {f: Counter() for f in fields}
     for rows in datasets:
         people = [person_from_member(r) for r in rows]
         by_person = defaultdict(list)
         for i, r in enumerate(rows):
             by_person[person_id(r["member_id"])].append(i)
         pairs = [(a, b) for ids in by_person.values() for x, a in enumerate(ids) for b in ids[x + 1 :]]
-        for vec, n in vectors(pairs, people, model).items():
-            for f, level in zip(FITTED, vec, strict=True):
+        for vec, n in vectors(pairs, people, model, fields).items():
+            for f, level in zip(fields, vec, strict=True):
                 counts[f][level] += n
     out = {}
-    for f in FITTED:
+    for f in fields:
         levels = [lv for lv in LEVELS[f] if (f, lv) not in FIXED]
         total = sum(counts[f][lv] for lv in levels)
         out[f] = {lv: counts[f][lv] / total if total else 0.0 for lv in levels}
@@ -242,6 +265,40 @@ BLOCKING_NOTE = [
 ]
 
 
+IDENTITY_NOTE = [
+    "# Herald: the place (address, phone) never makes a match alone: neighbours and relatives",
+    "# share it. When the weights of given name, family name and birth date together come to",
+    "# less than `floor` bits, the grade is at best `best_grade`. 6 bits lies above every",
+    "# combination of these weights in which one name agrees while another of the three",
+    "# disagrees and the third disagrees or is missing (at most 5.91 bits: family close, given",
+    "# disagree, no birth date; 2.37 for the same given name with another surname and birth",
+    "# date) and below the birth date agreeing alone against two other names (6.25 bits).",
+    "# Derived from the weights fitted on FEBRL1-3, not tuned on FEBRL4 (bench/README.md).",
+]
+PARTS_NOTE = [
+    "# The address's parts (street, city, state, zip): their own weights serve only the",
+    "# prefilter's cheap estimate (blocking); the score counts the address once, [fields.address].",
+]
+ADDRESS_NOTE = [
+    "# Herald: the address as ONE comparison (gateway.matching.address_level): the finest place",
+    "# both agree on (house; street; zip; town; street_elsewhere; state; disagree), because its",
+    "# parts are not independent (one ZIP is one town and state; 'the same street' is only",
+    "# evidence inside one town) and adding them counted one place three or four times.",
+    "# m: EM over FEBRL1-3's blocked pairs with the address as one field, the names' and birth",
+    "# date's m and the match share held as the first fit found them. A similar street line with",
+    "# the same house number is `house` (a typo), with another number `street` (a neighbour).",
+    "# u: counted among FEBRL1-3's random pairs, except house and street, which FEBRL cannot",
+    "# give (it draws street, suburb and postcode independently, so two strangers on one",
+    "# street in one postcode are as rare there as a coincidence of three draws): u = u(zip",
+    "# exact) x the share of a ZIP's residents at that place. A US ZIP code has about 8,000-",
+    "# 10,000 residents (~331 M people, ~33,800 ZCTAs; Census 2020) and a household ~2.5",
+    "# people, so one house is ~1/4,000 of its ZIP; `house_share_of_zip` = 1/1,000 allows for",
+    "# apartment buildings (one number and street, many households). `street_share_of_zip`",
+    "# = 1/20: a ZIP has dozens to hundreds of streets but residents crowd onto the long ones;",
+    "# set on that reasoning, on the high side (a larger u gives the level less weight).",
+]
+
+
 def render(model: MatchModel, m, u, notes: dict) -> str:
     out = [
         "# Herald's patient-matching model (gateway/matching.py): weights and thresholds.",
@@ -271,17 +328,22 @@ def render(model: MatchModel, m, u, notes: dict) -> str:
         "",
         "# Herald: relatives share a surname and an address or phone, so for them those",
         "# agreements are not the independent evidence the weights assume (FEBRL has no",
-        "# households, so this cannot be fitted). When the surname and the street (or phone)",
+        "# households, so this cannot be fitted). When the surname and the house (or phone)",
         "# agree, a pair whose given name AND birth date disagree (spouse, sibling) is at best",
         "# `both_differ`; one whose given name OR birth date disagrees (twin, Jr/Sr) at best",
-        '# `one_differs` ("possible" costs 7 points of recall on FEBRL4, whose corruptions',
+        '# `one_differs` ("possible" costs 4 points of F1 on FEBRL4, whose corruptions',
         "# replace whole given names and birth dates; see bench/README.md). `both_differ` is",
         '# "possible": a person decides (review queue) rather than the pair being dropped ("none")',
-        "# or routed; on FEBRL4 that leaves F1 as it is (0.9939) and sends 17 more of its",
-        "# 5000 queries to review, each listing the true record.",
+        "# or routed. Such a pair is also below the identity floor ([identity]), which caps it",
+        '# at possible on its own; `both_differ` matters when set to "none".',
         "[household]",
         f'both_differ = "{model.household_both_differ}"',
         f'one_differs = "{model.household_one_differs}"',
+        "",
+        *IDENTITY_NOTE,
+        "[identity]",
+        f"floor = {model.identity_floor}",
+        f'best_grade = "{model.identity_best_grade}"',
         "",
         *BLOCKING_NOTE,
         "[blocking]",
@@ -294,11 +356,18 @@ def render(model: MatchModel, m, u, notes: dict) -> str:
         "[similarity]",
         *(f"{k} = {v}" for k, v in model.similarity.items()),
     ]
-    for f in FIELDS:
+    for f in LEVELS:
         fm = model.fields[f]
         out.append("")
+        if f == "street":
+            out.extend(PARTS_NOTE)
+        if f == "address":
+            out.extend(ADDRESS_NOTE)
         out.append(f"[fields.{f}]")
-        if f in m:
+        if f == "address":
+            out.append(f'source = "{notes["address"]}"')
+            out.extend(f"{key} = {notes['shares'][key]}" for key in DERIVED_U.values())
+        elif f in m:
             out.append(f'source = "{notes["fitted"]}"')
         else:
             out.append(f'source = "{fm.source}"')
@@ -327,14 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     datasets = load_training()
     print(f"training: FEBRL1-3, {sum(len(d) for d in datasets)} records", file=sys.stderr)
 
-    u = estimate_u(datasets, model, args.random_pairs, rng)
+    u_all = estimate_u(datasets, model, args.random_pairs, rng, (*FITTED, "address"))
+    u = {f: u_all[f] for f in FITTED}
     counts: Counter = Counter()
+    joint_counts: Counter = Counter()
     n_pairs = 0
     for rows in datasets:
         people = [person_from_member(r) for r in rows]
         pairs = blocked_pairs(rows)
         n_pairs += len(pairs)
         counts.update(vectors(pairs, people, model))
+        joint_counts.update(vectors(pairs, people, model, JOINT))
     prior_m = {f: {lv: v for lv, v in model.fields[f].m.items() if (f, lv) not in FIXED} for f in FITTED}
     prior_u = {f: {lv: v for lv, v in model.fields[f].u.items() if (f, lv) not in FIXED} for f in FITTED}
     u = keep_prior(u, prior_u, KEPT_U)
@@ -358,6 +430,32 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
 
+    # The second fit: the address as one comparison. EM over the same blocked pairs with FEBRL's
+    # own u (the data EM sees), then the weights take the derived u of house and street.
+    u_joint = {f: u[f] for f in JOINT if f != "address"} | {"address": u_all["address"]}
+    m0_joint = {f: m[f] for f in JOINT if f != "address"} | {"address": dict(model.fields["address"].m)}
+    # The names' and birth date's m and the match share stay as the first fit found them: EM
+    # then only says how the address of the pairs it takes for matches compares.
+    held = [f for f in JOINT if f != "address"]
+    m_joint_em, share2, iterations2 = em_m(joint_counts, u_joint, m0_joint, fields=JOINT, held=held, share=share)
+    m_joint_ids = labelled_m(datasets, model, JOINT)
+    m_address = (m_joint_em if args.m_from == "em" else m_joint_ids)["address"]
+    address_spec = tomllib.loads(path.read_text(encoding="utf-8"))["fields"]["address"]
+    shares = {level: float(address_spec[key]) for level, key in DERIVED_U.items()}
+    u_address = derive_address_u(u_all["address"], u["zip"]["exact"], shares)
+    print(
+        f"address as one comparison: EM match share {share2:.4f}, {iterations2} iterations",
+        file=sys.stderr,
+    )
+    print(f"{'level':<17} {'m (EM)':>9} {'m (ids)':>9} {'u FEBRL':>10} {'u used':>10} {'weight':>7}", file=sys.stderr)
+    for lv in m_address:
+        print(
+            f"{lv:<17} {m_joint_em['address'][lv]:9.4f} {m_joint_ids['address'][lv]:9.4f} "
+            f"{u_all['address'][lv]:10.6f} {u_address[lv]:10.3g} {math.log2(m_address[lv] / u_address[lv]):+7.2f}",
+            file=sys.stderr,
+        )
+    m["address"], u["address"] = m_address, u_address
+
     how_m = (
         f"m by EM over {n_pairs} blocked pairs, unsupervised"
         if args.m_from == "em"
@@ -369,6 +467,14 @@ def main(argv: list[str] | None = None) -> int:
         f"m of {', '.join(f'{f}.{lv}' for f, lv in sorted(KEPT_M) if f in m)} and u of "
         f"{', '.join(f'{f}.{lv}' for f, lv in sorted(KEPT_U) if f in m)} kept as hand-set (FEBRL has none)",
     }
+    notes["address"] = (
+        f"FEBRL1-3: m by EM over {n_pairs} blocked pairs with the address as one field (u held at FEBRL's "
+        f"own, from {args.random_pairs} random pairs); the weights' u as counted there, except house and "
+        "street: u(zip exact) x the shares below (FEBRL's streets and postcodes are independent draws)"
+        if args.m_from == "em"
+        else "FEBRL1-3: m counted over the true pairs; u as for EM (see the comment above)"
+    )
+    notes["shares"] = {key: address_spec[key] for key in DERIVED_U.values()}
     notes["thresholds"] = "see the fit's output"
     text = render(model, m, u, notes)
     with tempfile.TemporaryDirectory() as folder:

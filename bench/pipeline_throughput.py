@@ -63,7 +63,7 @@ from synthetic_people import mbi, person, typo  # noqa: E402
 
 from gateway.config import Config, default_recipients  # noqa: E402
 from gateway.convert import convert, validate_bundle  # noqa: E402
-from gateway.pipeline import process_message  # noqa: E402
+from gateway.pipeline import MatchPolicy, process_message  # noqa: E402
 from gateway.roster import RosterMember  # noqa: E402
 from gateway.store import (  # noqa: E402
     PendingMessage,
@@ -135,27 +135,30 @@ def make_roster(count: int, seed: int = 7) -> list[RosterMember]:
 
 def make_messages(
     count: int, roster: list[RosterMember], match_ratio: float, seed: int = 7
-) -> tuple[list[bytes], Counter]:
+) -> tuple[list[bytes], list[tuple[str, str]]]:
     """``count`` ADT messages, each a distinct patient; about ``match_ratio`` of them on the roster.
 
     Roster patients are found in turn by MBI, by MRN and by demographics
     alone (the hospital's copy of the name, birth date, sex, address and
     phone, with one keying error in the street or the phone left out a
     third of the time); the others are invented people on no roster. Returns
-    the messages and the intended match methods (for checking the outcome).
+    the messages and, for each, the intended match method and member id ("" for
+    a patient on no roster), for checking the outcome.
     """
     rng = random.Random(seed + 1)
     zips = _zips(random.Random(seed))
     messages: list[bytes] = []
-    intended: Counter = Counter()
+    intended: list[tuple[str, str]] = []
     matched = 0
     for i in range(count):
         event, patient_class, structure = EVENTS[i % 3]
         moment = BASE_TIME + timedelta(seconds=i)
         ts = moment.strftime("%Y%m%d%H%M%S")
         on_roster = roster and (matched + 1) <= match_ratio * (i + 1) and matched < len(roster)
+        member_id = ""
         if on_roster:
             m = roster[matched]
+            member_id = m.member_id
             method = ("mbi", "mrn", "demographics")[matched % 3]
             matched += 1
             who = {f: getattr(m, f) for f in ("last_name", "first_name", "middle_name", "birth_date", "sex")}
@@ -174,7 +177,7 @@ def make_messages(
             method = "none"
             who = person(rng, zips)
             pid3 = f"{80_000_000 + i}^^^{ROSTER_AUTHORITY}^MR"
-        intended[method] += 1
+        intended.append((method, member_id))
         control_id = f"BENCH{i:09d}"
         end = ts + "-0500" if event == "A03" else ""
         dob = who["birth_date"].replace("-", "")
@@ -214,6 +217,8 @@ def run_inprocess(args) -> dict:
         import_members_sync(db, roster, "bench-roster.csv", 0)
         import_s = time.perf_counter() - t0
         raws, intended = make_messages(args.n, roster, args.match_ratio)
+        # The thresholds of this roster's size, as the pipeline's workers load them.
+        policy = MatchPolicy.from_config(Config(), roster_size=len(roster))
         received = datetime.now(UTC).isoformat(timespec="milliseconds")
         pending = [PendingMessage(i + 1, raw, received, "UNICODE UTF-8") for i, raw in enumerate(raws)]
         vocab = load_vocabulary()
@@ -237,7 +242,7 @@ def run_inprocess(args) -> dict:
                 conn.execute("BEGIN")  # one roster snapshot per batch, as the pipeline's workers do
                 try:
                     for p in batch[start : start + BATCH]:
-                        outcomes.append(process_message(p, vocab, tz, lookups, recipients))
+                        outcomes.append(process_message(p, vocab, tz, lookups, recipients, policy=policy))
                 finally:
                     conn.execute("COMMIT")
             return outcomes
@@ -247,7 +252,7 @@ def run_inprocess(args) -> dict:
             "mode": "inprocess",
             "roster_members": len(roster),
             "roster_import_s": round(import_s, 3),
-            "intended_matches": dict(intended),
+            "intended_matches": dict(Counter(method for method, _ in intended)),
         }
         stages = (("convert", convert_only), ("convert+validate", convert_validate), ("process_message", full))
         for name, fn in stages:
@@ -262,6 +267,7 @@ def run_inprocess(args) -> dict:
         results["states"] = dict(Counter(o.state for o in outcomes))
         results["match_methods"] = dict(Counter(o.match.method if o.match else "-" for o in outcomes))
         results["notifications"] = sum(len(o.notifications) for o in outcomes)
+        results["match_outcomes"] = match_outcomes(intended, [o.match for o in outcomes])
         failed = [o.reason for o in outcomes if o.state == "failed"]
         if failed:
             results["failed_reasons"] = dict(Counter(failed).most_common(3))
@@ -271,6 +277,44 @@ def run_inprocess(args) -> dict:
         return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def match_outcomes(intended: list[tuple[str, str]], matches: list) -> dict:
+    """How the patients on no roster and the roster patients found by demographics alone were graded.
+
+    A patient on no roster graded ``certain`` or ``probable`` is a wrong route
+    (their notification, PHI, goes to a member's PCP); ``possible`` puts them in
+    the review queue. A roster patient is ``found`` when graded certain or
+    probable with their own member chosen, ``offered`` when graded possible with
+    their member among the candidates, ``wrong`` when another member is chosen.
+    """
+    strangers: Counter = Counter()
+    members: Counter = Counter()
+    for (method, member_id), match in zip(intended, matches, strict=True):
+        grade = match.grade if match else "none"
+        if method == "none":
+            strangers["patients"] += 1
+            strangers[grade] += 1
+        elif method == "demographics":
+            members["patients"] += 1
+            chosen = match.member_id if match else None
+            if grade in ("certain", "probable") and chosen == member_id:
+                members["found"] += 1
+            elif chosen is not None and chosen != member_id:
+                members["wrong"] += 1
+            elif grade == "possible" and any(c.member["member_id"] == member_id for c in match.candidates):
+                members["offered"] += 1
+            else:
+                members["missed"] += 1
+    return {
+        "on_no_roster": {
+            "patients": strangers["patients"],
+            "certain_or_probable": strangers["certain"] + strangers["probable"],
+            "possible": strangers["possible"],
+            "none": strangers["none"],
+        },
+        "by_demographics": {k: members[k] for k in ("patients", "found", "offered", "wrong", "missed")},
+    }
 
 
 def profile_process_message(pending: list[PendingMessage], full, out: Path | None) -> str:
@@ -361,6 +405,7 @@ def run_e2e(args) -> dict:
         roster = make_roster(args.roster)
         import_members_sync(data / "herald.db", roster, "bench-roster.csv", 0)
         raws, intended = make_messages(args.n, roster, args.match_ratio)
+        intended = Counter(method for method, _ in intended)
         for i, raw in enumerate(raws):
             (files / f"{i:07d}.hl7").write_bytes(raw)
         load_args = ["--files", str(files)]
@@ -424,6 +469,13 @@ def print_inprocess(r: dict) -> None:
     )
     print(f"intended: {r['intended_matches']}; outcome states: {r['states']}; match methods: {r['match_methods']}")
     print(f"notifications built: {r['notifications']}")
+    off, demo = r["match_outcomes"]["on_no_roster"], r["match_outcomes"]["by_demographics"]
+    print(
+        f"patients on no roster: {off['patients']}, of them certain/probable (wrong routes) "
+        f"{off['certain_or_probable']}, possible (review) {off['possible']}; roster patients matched by "
+        f"demographics alone: {demo['patients']}, found {demo['found']}, offered for review {demo['offered']}, "
+        f"wrong member {demo['wrong']}, missed {demo['missed']}"
+    )
     if "failed_reasons" in r:
         print(f"FAILED messages (the figures are not comparable): {r['failed_reasons']}")
     print()

@@ -294,7 +294,7 @@ def time_queries(args, folder: Path, result: dict) -> int:
     match_ms: list[float] = []
     blocked: list[int] = []
     compared: list[int] = []
-    found = wrong = false_positive = 0
+    found = routed = wrong = false_positive = non_member_possible = 0
     outcomes: list[tuple] = []
     deadline = time.monotonic() + args.max_seconds
     ran = 0
@@ -314,10 +314,14 @@ def time_queries(args, folder: Path, result: dict) -> int:
         if kind == "member":
             if match.member_id == expected or any(c.member["member_id"] == expected for c in match.candidates):
                 found += 1
-            elif match.member_id:
-                wrong += 1
+            if match.member_id == expected and match.grade in ("certain", "probable"):
+                routed += 1
+            if match.member_id and match.member_id != expected:
+                wrong += 1  # another member chosen, whatever the grade
         elif match.grade in ("certain", "probable"):
             false_positive += 1
+        elif match.grade == "possible":
+            non_member_possible += 1
         outcomes.append((match.grade, match.method, match.member_id))
     # The same queries comparing every member that shares a usable key (no shortlist): what the cut costs.
     everyone = load_model(roster_size=snapshot.size(), max_compared=10**9, max_prefiltered=10**9)
@@ -345,8 +349,10 @@ def time_queries(args, folder: Path, result: dict) -> int:
             "sharing_a_key": {"mean": round(statistics.mean(blocked), 1), "max": max(blocked)},
             "compared": {"mean": round(statistics.mean(compared), 1), "max": max(compared)},
             "members_found_or_offered": f"{found}/{members_run}",
+            "members_routed_certain_or_probable": f"{routed}/{members_run}",
             "members_given_the_wrong_member": wrong,
             "non_members_routed": f"{false_positive}/{ran - members_run}",
+            "non_members_to_review": f"{non_member_possible}/{ran - members_run}",
             "outcomes_differing_from_comparing_all": f"{differ}/{ran}",
         }
     )

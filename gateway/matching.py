@@ -4,11 +4,16 @@ Deterministic first: the Medicare Beneficiary Identifier, then an MRN with its
 assigning authority (the roster's MRNs and the links a reviewer confirmed),
 each grade ``certain``. Otherwise probabilistic, Fellegi-Sunter style: the
 roster members that share a blocking key with the patient are compared field
-by field (given, family and middle name, birth date, sex, street, city, state,
-ZIP, phone); each field's agreement level adds its weight ``log2(m/u)`` and
-the total is graded ``certain`` / ``probable`` / ``possible`` / ``none`` (FHIR
-``$match``). Two members scoring too close to each other are never resolved by
-guessing: the result is ``possible`` with no member chosen (a reviewer picks).
+by field (given, family and middle name, birth date, sex, phone, and the
+address: street, city, state and ZIP scored once, at the finest place both
+share, since they are not independent); each comparison's agreement level adds
+its weight ``log2(m/u)`` and the total is graded ``certain`` / ``probable`` /
+``possible`` / ``none`` (FHIR ``$match``). Two members scoring too close to
+each other are never resolved by guessing: the result is ``possible`` with no
+member chosen (a reviewer picks). The place never makes a match alone: when
+given name, family name and birth date together carry too little evidence
+(the identity floor), or look like a relative at the same house (the household
+rule), the grade is at best ``possible``.
 
 The weights, levels' similarity thresholds and grade thresholds are data in
 ``mappings/matching.toml`` (with how they were obtained); given-name
@@ -46,9 +51,13 @@ MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
 
 #: Grades from strongest to weakest (FHIR ``$match`` match-grade, plus none).
 GRADES = ("certain", "probable", "possible", "none")
-#: Every field :func:`score` compares, in the order it reports them.
+#: Every field :func:`compare` compares, in the order of :class:`Person`.
 FIELDS = ("given", "family", "middle", "birth_date", "sex", "street", "city", "state", "zip", "phone")
-#: The agreement levels each field can take (besides ``missing``: a side is empty, weight 0).
+#: The parts of the address, scored together as one comparison, ``address`` (see :func:`address_level`).
+ADDRESS_PARTS = ("street", "city", "state", "zip")
+#: The comparisons :func:`score` adds up, in the order it reports them.
+SCORED = ("given", "family", "middle", "birth_date", "sex", "address", "phone")
+#: The agreement levels each comparison can take (besides ``missing``: a side is empty, weight 0).
 LEVELS: dict[str, tuple[str, ...]] = {
     "given": ("exact", "nickname", "compound", "close", "similar", "initial", "swapped", "disagree"),
     "family": ("exact", "compound", "close", "similar", "swapped", "disagree"),
@@ -60,6 +69,8 @@ LEVELS: dict[str, tuple[str, ...]] = {
     "state": ("exact", "disagree"),
     "zip": ("exact", "one_digit", "disagree"),
     "phone": ("exact", "one_digit", "disagree"),
+    # The finest place both agree on, from the parts' levels (see address_level).
+    "address": ("house", "street", "zip", "town", "street_elsewhere", "state", "disagree"),
 }
 #: Raised whenever the blocking keys' recipe or the normalisation changes: the store
 #: recomputes its stored keys and normalised persons when it differs from the roster's.
@@ -404,6 +415,10 @@ class MatchModel:
     # both disagree (a relative: spouse, sibling), or one of them does (twin, Jr/Sr).
     household_both_differ: str = "none"
     household_one_differs: str = "possible"
+    # Best grade when the evidence of given name, family name and birth date together is below
+    # ``identity_floor`` bits: the place (or phone) alone never makes a match probable.
+    identity_floor: float = -math.inf
+    identity_best_grade: str = "possible"
     # Blocking: members scored per query (the prefilter's best), members the prefilter
     # ranks (the best by shared keys), and the largest bucket of one key still used.
     max_compared: int = 16
@@ -531,10 +546,20 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
     for key in ("both_differ", "one_differs"):
         if household.get(key, "possible") not in GRADES:
             raise ConfigError("matching", where(f"household.{key}: not one of {', '.join(GRADES)}"))
+    identity = data.get("identity") or {}
+    unknown_identity = set(identity) - {"floor", "best_grade"}
+    if unknown_identity:
+        raise ConfigError("matching", where(f"identity: unknown key(s) {', '.join(sorted(unknown_identity))}"))
+    identity_floor = identity.get("floor", -math.inf)
+    if not isinstance(identity_floor, int | float) or isinstance(identity_floor, bool):
+        raise ConfigError("matching", where(f"identity.floor: expected a number (bits), got {identity_floor!r}"))
+    identity_best = identity.get("best_grade", "possible")
+    if identity_best not in GRADES:
+        raise ConfigError("matching", where(f"identity.best_grade: not one of {', '.join(GRADES)}"))
 
     fields: dict[str, FieldModel] = {}
     table = data.get("fields") or {}
-    for name in FIELDS:
+    for name in LEVELS:  # the fields, and the address their parts make together
         spec = table.get(name)
         if not isinstance(spec, dict) or not isinstance(spec.get("levels"), dict):
             raise ConfigError("matching", where(f"[fields.{name}.levels] is missing"))
@@ -569,6 +594,8 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
         similarity=similarity,
         household_both_differ=household.get("both_differ", "none"),
         household_one_differs=household.get("one_differs", "possible"),
+        identity_floor=float(identity_floor),
+        identity_best_grade=identity_best,
         max_compared=limits["max_compared"],
         max_bucket=limits["max_bucket"],
         max_prefiltered=limits["max_prefiltered"],
@@ -727,28 +754,75 @@ def _exact_level(a: str, b: str) -> str:
     return "exact" if a == b else "disagree"
 
 
+def address_level(street: str, city: str, state: str, zip_level: str, same_number: bool = False) -> str:
+    """The ``address`` level: the finest place two addresses share, from their parts' levels.
+
+    The parts are not independent: one ZIP almost always means one town and
+    state, and a street is only "the same" inside one town. So they are not
+    added up; the address counts once, at the finest of (first that applies):
+    ``house`` (street and number agree, up to a typo, in the same ZIP or town;
+    ``same_number``: a similar street line with the same house number counts
+    as the same house), ``street`` (a similar street line with another or no
+    house number: a neighbour, or a bigger slip, in the same ZIP or town), ``zip``, ``town`` (city, or a ZIP one
+    digit off), ``street_elsewhere`` (a street line alike in another town),
+    ``state``, ``disagree``; ``missing`` when no part can be compared.
+    """
+    if street == city == state == zip_level == "missing":
+        return "missing"
+    same_area = zip_level in ("exact", "one_digit") or city in ("exact", "close")
+    if same_area and (street in ("exact", "close") or (street == "similar" and same_number)):
+        return "house"
+    if same_area and street == "similar":
+        return "street"
+    if zip_level == "exact":
+        return "zip"
+    if same_area:
+        return "town"
+    if street in ("exact", "close", "similar"):
+        return "street_elsewhere"
+    if state == "exact":
+        return "state"
+    return "disagree"
+
+
+_HOUSE_NUMBER = re.compile(r"\d+")
+
+
+def _house_number(street: str) -> str:
+    """The leading number of a normalised street line ("" when it does not start with one)."""
+    number = _HOUSE_NUMBER.match(street)
+    return number.group() if number else ""
+
+
 def compare(query: Person, candidate: Person, model: MatchModel) -> dict[str, str]:
-    """The agreement level of every field of two people (``missing`` where either side is empty)."""
+    """The agreement level of every field of two people (``missing`` where either side is empty),
+    and of the ``address`` the street, city, state and ZIP make together."""
     sim = model.similarity
     given, family = _names(query, candidate, sim)
     sex_q = query.sex if query.sex in ("M", "F") else ""
     sex_c = candidate.sex if candidate.sex in ("M", "F") else ""
+    street = _street_level(query.street, candidate.street, sim)
+    city = _city_level(query.city, candidate.city, sim)
+    state = _exact_level(query.state, candidate.state)
+    zip_level = _digits_level(query.zip, candidate.zip)
     return {
         "given": given,
         "family": family,
         "middle": _middle_level(query.middle, candidate.middle, sim),
         "birth_date": _date_level(query.birth_date, candidate.birth_date),
         "sex": _exact_level(sex_q, sex_c),
-        "street": _street_level(query.street, candidate.street, sim),
-        "city": _city_level(query.city, candidate.city, sim),
-        "state": _exact_level(query.state, candidate.state),
-        "zip": _digits_level(query.zip, candidate.zip),
+        "street": street,
+        "city": city,
+        "state": state,
+        "zip": zip_level,
         "phone": _digits_level(query.phone, candidate.phone),
+        "address": address_level(
+            street, city, state, zip_level, _house_number(query.street) == _house_number(candidate.street) != ""
+        ),
     }
 
 
 _HOUSEHOLD_NAME = ("exact", "compound", "close")
-_HOUSEHOLD_PLACE = ("exact", "close")
 
 
 def household_limit(scored: Scored, model: MatchModel) -> str | None:
@@ -763,7 +837,7 @@ def household_limit(scored: Scored, model: MatchModel) -> str | None:
     level = {f.field: f.level for f in scored.fields}
     if level["family"] not in _HOUSEHOLD_NAME:
         return None
-    if level["street"] not in _HOUSEHOLD_PLACE and level["phone"] != "exact":
+    if level["address"] != "house" and level["phone"] != "exact":
         return None
     differ = (level["given"] == "disagree") + (level["birth_date"] == "disagree")
     if differ == 2:
@@ -773,11 +847,28 @@ def household_limit(scored: Scored, model: MatchModel) -> str | None:
     return None
 
 
+#: The comparisons that say who the person is (not where they live): :func:`identity_limit` sums them.
+IDENTITY = ("given", "family", "birth_date")
+
+
+def identity_limit(scored: Scored, model: MatchModel) -> str | None:
+    """The best grade a comparison may have when its name and birth date say too little, else None.
+
+    Address and phone are shared by neighbours and relatives, so they must
+    not carry a match alone: when the weights of the given name, family name
+    and birth date add up to less than ``model.identity_floor`` bits (say the
+    given name agrees but the surname and birth date do not), the grade is at
+    best ``model.identity_best_grade``.
+    """
+    evidence = sum(f.weight for f in scored.fields if f.field in IDENTITY)
+    return model.identity_best_grade if evidence < model.identity_floor else None
+
+
 def score(query: Person, candidate: Person, model: MatchModel) -> Scored:
-    """Compare two people field by field; the total is the sum of the levels' weights (log2 units)."""
+    """Compare two people (:data:`SCORED`); the total is the sum of the levels' weights (log2 units)."""
     levels = compare(query, candidate, model)
     table = model._table
-    parts = tuple([FieldComparison(name, levels[name], table[name][levels[name]]) for name in FIELDS])
+    parts = tuple([FieldComparison(name, levels[name], table[name][levels[name]]) for name in SCORED])
     return Scored(round(sum([p[2] for p in parts]), 6), parts)
 
 
@@ -1061,7 +1152,7 @@ def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLooku
     short, refs = members_to_compare(query.person, keys, lookups, model)
     rows = _effective(lookups.members(refs) if refs else (), encounter_date)
     ranked: list[Candidate] = []
-    conflicts = households = 0
+    conflicts = households = identities = 0
     for row in rows:
         scored = score(query.person, person_from_member(row), model)
         g = grade(scored.total, model)
@@ -1069,6 +1160,10 @@ def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLooku
         if limit and GRADES.index(g) < GRADES.index(limit):
             g = limit
             households += 1
+        limit = identity_limit(scored, model)
+        if limit and GRADES.index(g) < GRADES.index(limit):
+            g = limit
+            identities += 1
         member_mbi = _col(row, "mbi").replace("-", "").upper()
         if g != "none" and query.mbi and member_mbi and member_mbi != query.mbi:
             # The message's MBI names someone else: never better than the configured grade.
@@ -1090,6 +1185,8 @@ def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLooku
         detail["mbi_conflicts"] = conflicts
     if households:
         detail["household_limited"] = households
+    if identities:
+        detail["identity_limited"] = identities
     if not shortlisted:
         if ranked:
             detail["best"] = round(ranked[0].scored.total, 2)

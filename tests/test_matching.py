@@ -16,6 +16,7 @@ from gateway.matching import (
     blocking_keys,
     compare,
     grade,
+    identity_limit,
     load_model,
     make_person,
     match_patient,
@@ -276,6 +277,51 @@ def test_score_is_symmetric_for_symmetric_levels(model):
     assert score(a, b, model).total == score(b, a, model).total
 
 
+# -- the address as one comparison ------------------------------------------------
+
+HOME = {"street": "1761 Heron Rd", "city": "Ravenholt", "state": "KY", "zip": "17447"}
+
+
+@pytest.mark.parametrize(
+    "other,expected",
+    [
+        (HOME, "house"),
+        ({**HOME, "street": "1761 Heron Road"}, "house"),  # normalised: ROAD -> RD
+        ({**HOME, "street": "1716 Heron Rd"}, "house"),  # a typo in the number
+        ({**HOME, "street": "1761 Herron Dr"}, "house"),  # similar street line, same number
+        ({**HOME, "street": "4976 Heron Drive"}, "street"),  # the same street name, another house
+        ({**HOME, "street": "22 Copper Ct"}, "zip"),
+        ({**HOME, "street": "22 Copper Ct", "zip": "17448"}, "town"),  # ZIP one digit off
+        ({**HOME, "street": "22 Copper Ct", "zip": "60601", "city": "Ravenholt"}, "town"),
+        ({**HOME, "zip": "60601", "city": "Belmere"}, "street_elsewhere"),
+        ({"street": "22 Copper Ct", "city": "Belmere", "state": "KY", "zip": "60601"}, "state"),
+        ({"street": "22 Copper Ct", "city": "Belmere", "state": "OH", "zip": "60601"}, "disagree"),
+        ({"zip": "17447"}, "zip"),
+        ({"phone": "2165550148"}, "missing"),
+    ],
+)
+def test_address_is_graded_at_the_finest_place_both_share(model, other, expected):
+    """House, street, ZIP, town, a like street elsewhere, state: the finest agreement is the address's level."""
+    assert levels(model, HOME, other)["address"] == expected
+
+
+def test_the_address_counts_once_however_many_parts_agree(model):
+    """Same ZIP with or without the same town and state weighs the same: they add no independent evidence."""
+    q = make_person(given="Yusuf", **HOME)
+    only_zip = score(q, make_person(given="Yusuf", street="22 Copper Ct", zip="17447"), model)
+    zip_town_state = score(q, make_person(given="Yusuf", **{**HOME, "street": "22 Copper Ct"}), model)
+    assert (
+        only_zip.total
+        == zip_town_state.total
+        == pytest.approx(model.weight("given", "exact") + model.weight("address", "zip"))
+    )
+    assert [f.field for f in only_zip.fields] == ["given", "family", "middle", "birth_date", "sex", "address", "phone"]
+    # The finer the place, the stronger the evidence; a like street in another town is weak.
+    w = {lv: model.weight("address", lv) for lv in ("house", "street", "zip", "town", "street_elsewhere", "state")}
+    assert w["house"] > w["street"] > w["zip"] > w["town"] > 0
+    assert w["street_elsewhere"] < w["zip"] and w["state"] < 0
+
+
 # -- blocking --------------------------------------------------------------------
 
 
@@ -360,6 +406,10 @@ def test_thresholds_follow_roster_size_and_posteriors(model):
         (lambda t: t.replace("probable_posterior = ", "probable_posterior = 'high' #"), "probable_posterior"),
         (lambda t: t.replace("roster_size = ", "roster_size = 0 #"), "roster_size"),
         (lambda t: t.replace('both_differ = "possible"', 'both_differ = "never"'), "household.both_differ"),
+        (lambda t: t.replace("[identity]\nfloor = ", "[identity]\nfloor = 'high' #"), "identity.floor"),
+        (lambda t: t.replace('best_grade = "possible"', 'best_grade = "maybe"'), "identity.best_grade"),
+        (lambda t: t.replace("[identity]\n", "[identity]\nceiling = 3\n"), "identity: unknown key"),
+        (lambda t: t.replace("levels.street_elsewhere", "levels.street_far"), "address.levels.street_elsewhere"),
         (lambda t: t.replace("max_compared = ", "max_compared = 0 #"), "blocking.max_compared"),
         (lambda t: t.replace("max_bucket = ", "max_bucket = 'big' #"), "blocking.max_bucket"),
     ],
@@ -579,17 +629,87 @@ def test_household_members_are_not_taken_for_each_other(tmp_path):
     rows = [member("H-1", **{**ALICE, "phone": ""})]
     spouse = {**ALICE_QUERY, "given": "Theodore", "middle": "", "birth_date": "1949-08-30", "sex": "", "phone": ""}
     twin = {**ALICE_QUERY, "given": "Beatrix", "middle": "", "phone": ""}
-    default = load_model()
+    # A small roster: the spouse's surname and house alone would make them probable there.
+    default = load_model(roster_size=500)
+    assert grade(score(query(**spouse).person, person_from_member(rows[0]), default).total, default) == "probable"
     spouse_match = match_patient(query(**spouse), "2026-03-01", MemoryRoster(rows), default)
     assert (spouse_match.grade, spouse_match.detail["household_limited"]) == ("possible", 1)
     path = tmp_path / "matching.toml"
     path.write_text(
         (MAPPINGS_DIR / "matching.toml").read_text().replace('one_differs = "certain"', 'one_differs = "possible"')
     )
-    limited = load_model(path)
+    limited = load_model(path, roster_size=500)
     assert match_patient(query(**twin), "2026-03-01", MemoryRoster(rows), default).grade in ("certain", "probable")
     m = match_patient(query(**twin), "2026-03-01", MemoryRoster(rows), limited)
     assert (m.grade, m.detail["household_limited"]) == ("possible", 1)
+
+
+# The stranger the lead found among the pipeline bench's synthetic patients (invented people).
+NEIGHBOUR = member(
+    "N-1",
+    first_name="Yusuf",
+    last_name="Mabridge",
+    middle_name="P",
+    birth_date="1928-01-25",
+    sex="M",
+    address_line="4976 Heron Drive",
+    city="Ravenholt",
+    state="KY",
+    zip="17447",
+    phone="3485551829",
+)
+STRANGER = {
+    "given": "Yusuf",
+    "family": "Nevton",
+    "middle": "F",
+    "birth_date": "1976-02-17",
+    "sex": "M",
+    "street": "1761 Heron Rd",
+    "city": "Ravenholt",
+    "state": "KY",
+    "zip": "17447",
+    "phone": "8685557596",
+}
+
+
+@pytest.mark.parametrize("roster_size", [10_000, 1_000_000])
+def test_a_same_named_neighbour_with_another_surname_and_birth_date_is_not_matched(roster_size):
+    """Same given name, street name and ZIP, other surname and birth date: not matched (was probable, 25.7 bits)."""
+    model = load_model(roster_size=roster_size)
+    m = match_patient(query(**STRANGER), "2026-03-01", MemoryRoster([NEIGHBOUR]), model)
+    assert (m.grade, m.member_id) == ("none", None), m.score
+    assert m.score < model.possible
+    scored = score(query(**STRANGER).person, person_from_member(NEIGHBOUR), model)
+    assert (scored.level("address"), scored.total) == ("street", m.score)
+
+
+def test_the_place_alone_never_makes_a_match_probable():
+    """Given name, house and phone agreeing but surname and birth date not: at best possible, even on a roster
+    so small that the total would be certain (the identity floor)."""
+    model = load_model(roster_size=20)
+    housemate = {**STRANGER, "street": "4976 Heron Drive", "phone": "3485551829", "middle": "", "sex": ""}
+    scored = score(query(**housemate).person, person_from_member(NEIGHBOUR), model)
+    assert grade(scored.total, model) == "certain"
+    m = match_patient(query(**housemate), "2026-03-01", MemoryRoster([NEIGHBOUR]), model)
+    assert (m.grade, m.detail["identity_limited"]) == ("possible", 1)
+    # One name and the birth date agreeing is identity enough: the floor does not apply.
+    relative = {**housemate, "birth_date": "1928-01-25"}
+    m = match_patient(query(**relative), "2026-03-01", MemoryRoster([NEIGHBOUR]), model)
+    assert m.grade == "certain" and "identity_limited" not in m.detail
+
+
+def test_the_identity_floor_sums_given_family_and_birth_date(model):
+    """The floor compares given + family + birth date weights (the place and phone do not count) with its bits."""
+    q = make_person(given="Yusuf", family="Nevton", birth_date="1976-02-17", zip="17447", phone="8685557596")
+    c = make_person(given="Yusuf", family="Mabridge", birth_date="1928-01-25", zip="17447", phone="8685557596")
+    scored = score(q, c, model)
+    evidence = sum(
+        model.weight(f, lv) for f, lv in (("given", "exact"), ("family", "disagree"), ("birth_date", "disagree"))
+    )
+    assert evidence < model.identity_floor
+    assert identity_limit(scored, model) == model.identity_best_grade == "possible"
+    same_birth = score(q, make_person(given="Yusuf", family="Mabridge", birth_date="1976-02-17"), model)
+    assert identity_limit(same_birth, model) is None
 
 
 def test_person_is_a_frozen_value():
