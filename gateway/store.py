@@ -13,6 +13,7 @@ Reads from other threads (the pipeline, the CLI) open their own connections.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -1833,21 +1834,32 @@ def import_roster(
     )
 
 
-def _record_roster_event(db_path: Path | str, stamp: str, detail: dict) -> float:
-    """Audit a published import in the main database (one small transaction); returns the seconds it held the lock."""
+@contextlib.contextmanager
+def _write_transaction(db_path: Path | str, now: datetime | None = None, *, migrated: bool = True):
+    """A connection to the main database inside ``BEGIN IMMEDIATE``: committed when the block
+    ends, rolled back on any exception, closed either way. ``migrated`` brings the schema up
+    to date first (the CLI's commands may be the first to open an old database)."""
     conn = open_database(db_path)
     try:
-        started = time.perf_counter()
+        if migrated:
+            migrate(conn, now)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            _event(conn, stamp, None, None, "roster", "roster-imported", detail)
+            yield conn
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return time.perf_counter() - started
     finally:
         conn.close()
+
+
+def _record_roster_event(db_path: Path | str, stamp: str, detail: dict) -> float:
+    """Audit a published import in the main database (one small transaction); returns the seconds it held the lock."""
+    started = time.perf_counter()
+    with _write_transaction(db_path, migrated=False) as conn:
+        _event(conn, stamp, None, None, "roster", "roster-imported", detail)
+    return time.perf_counter() - started
 
 
 def import_members_sync(
@@ -1987,53 +1999,41 @@ def accept_review(
     by MRN. Returns the message's new state. Raises :class:`StoreError` when
     the review does not exist or was already decided.
     """
-    import time
-
     stamp = iso(now or _utc_now())
-    conn = open_database(db_path)
-    try:
-        migrate(conn, now)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            row = _decide(conn, review_id)
-            message_id = row["message_id"]
+    with _write_transaction(db_path, now) as conn:
+        row = _decide(conn, review_id)
+        message_id = row["message_id"]
+        conn.execute(
+            "UPDATE reviews SET state = ?, decided_by = ?, decided_at = ?, aco_id = ?, member_id = ? WHERE id = ?",
+            (REVIEW_ACCEPTED, by, stamp, aco_id, member_id, review_id),
+        )
+        conn.execute(
+            "UPDATE matches SET aco_id = ?, member_id = ?, method = 'review', "
+            "detail = json_set(COALESCE(detail, '{}'), '$.review', ?, '$.reviewed_by', ?) WHERE message_id = ?",
+            (aco_id, member_id, review_id, by, message_id),
+        )
+        _event(
+            conn,
+            stamp,
+            message_id,
+            None,
+            "review",
+            "review-accepted",
+            {"review": review_id, "by": by, "aco": aco_id, "member": member_id},
+        )
+        for kind, detail in events:
+            _event(conn, stamp, message_id, None, "review", kind, detail)
+        due = time.time()
+        for n in notifications:
+            _insert_notification(conn, n, stamp, due)
+        for mrn, authority in mrns:
             conn.execute(
-                "UPDATE reviews SET state = ?, decided_by = ?, decided_at = ?, aco_id = ?, member_id = ? WHERE id = ?",
-                (REVIEW_ACCEPTED, by, stamp, aco_id, member_id, review_id),
+                "INSERT OR REPLACE INTO confirmed_links (mrn, mrn_authority, aco_id, member_id, review_id, "
+                "confirmed_by, confirmed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (mrn, authority, aco_id, member_id, review_id, by, stamp),
             )
-            conn.execute(
-                "UPDATE matches SET aco_id = ?, member_id = ?, method = 'review', "
-                "detail = json_set(COALESCE(detail, '{}'), '$.review', ?, '$.reviewed_by', ?) WHERE message_id = ?",
-                (aco_id, member_id, review_id, by, message_id),
-            )
-            _event(
-                conn,
-                stamp,
-                message_id,
-                None,
-                "review",
-                "review-accepted",
-                {"review": review_id, "by": by, "aco": aco_id, "member": member_id},
-            )
-            for kind, detail in events:
-                _event(conn, stamp, message_id, None, "review", kind, detail)
-            due = time.time()
-            for n in notifications:
-                _insert_notification(conn, n, stamp, due)
-            for mrn, authority in mrns:
-                conn.execute(
-                    "INSERT OR REPLACE INTO confirmed_links (mrn, mrn_authority, aco_id, member_id, review_id, "
-                    "confirmed_by, confirmed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (mrn, authority, aco_id, member_id, review_id, by, stamp),
-                )
-            state = _settle(conn, message_id, MATCHED, stamp)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return state
-    finally:
-        conn.close()
+        state = _settle(conn, message_id, MATCHED, stamp)
+    return state
 
 
 def reject_review(
@@ -2041,39 +2041,29 @@ def reject_review(
 ) -> str:
     """Reject a review: the message is unmatched (its HIE notification stands). Returns its new state."""
     stamp = iso(now or _utc_now())
-    conn = open_database(db_path)
-    try:
-        migrate(conn, now)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            row = _decide(conn, review_id)
-            message_id = row["message_id"]
-            conn.execute(
-                "UPDATE reviews SET state = ?, decided_by = ?, decided_at = ?, note = ? WHERE id = ?",
-                (REVIEW_REJECTED, by, stamp, reason or None, review_id),
-            )
-            conn.execute(
-                "UPDATE matches SET aco_id = NULL, member_id = NULL, grade = 'none', method = 'review', "
-                "detail = json_set(COALESCE(detail, '{}'), '$.review', ?, '$.reviewed_by', ?) WHERE message_id = ?",
-                (review_id, by, message_id),
-            )
-            _event(
-                conn,
-                stamp,
-                message_id,
-                None,
-                "review",
-                "review-rejected",
-                {"review": review_id, "by": by, **({"reason": reason} if reason else {})},
-            )
-            state = _settle(conn, message_id, UNMATCHED, stamp)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return state
-    finally:
-        conn.close()
+    with _write_transaction(db_path, now) as conn:
+        row = _decide(conn, review_id)
+        message_id = row["message_id"]
+        conn.execute(
+            "UPDATE reviews SET state = ?, decided_by = ?, decided_at = ?, note = ? WHERE id = ?",
+            (REVIEW_REJECTED, by, stamp, reason or None, review_id),
+        )
+        conn.execute(
+            "UPDATE matches SET aco_id = NULL, member_id = NULL, grade = 'none', method = 'review', "
+            "detail = json_set(COALESCE(detail, '{}'), '$.review', ?, '$.reviewed_by', ?) WHERE message_id = ?",
+            (review_id, by, message_id),
+        )
+        _event(
+            conn,
+            stamp,
+            message_id,
+            None,
+            "review",
+            "review-rejected",
+            {"review": review_id, "by": by, **({"reason": reason} if reason else {})},
+        )
+        state = _settle(conn, message_id, UNMATCHED, stamp)
+    return state
 
 
 def _settle(conn, message_id: int, without_notifications: str, now: str) -> str:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +20,10 @@ from gateway.pipeline import MatchPolicy
 from gateway.roster import import_roster_file
 from gateway.store import StoredRoster, open_roster_snapshot
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_messages"
+#: Herald's CLI as a separate process, the way an operator runs it.
+HERALD = [sys.executable, "-m", "gateway.cli"]
 
 #: The moment every pinned ACK is stamped with (MSH-7 ``20260301120000+0000``).
 ACK_TIME = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -47,3 +56,44 @@ def sample_policy(tmp_path_factory) -> MatchPolicy:
         return MatchPolicy.from_config(load_config(None), roster.size())
     finally:
         roster.close()
+
+
+@pytest.fixture
+def herald_server(tmp_path):
+    """A `herald serve` process (defaults: pipeline on) on a free loopback port, its data in
+    ``tmp_path / "data"``. Yields ``(port, data, proc)``; stopped with SIGTERM afterwards."""
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*HERALD, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--data", str(data)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    port = None
+    deadline = time.monotonic() + 30
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"\(ports \[(\d+)\]\)", line)
+        if found:
+            port = int(found.group(1))
+            break
+    if port is None:
+        proc.kill()
+        proc.wait()
+        pytest.fail("herald serve did not start:\n" + "".join(lines))
+    # Keep reading its log so the pipe never fills and blocks the server.
+    drain = threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True)
+    drain.start()
+    yield port, data, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    drain.join(timeout=5)

@@ -10,7 +10,6 @@ picks up a new version without a restart.
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -177,45 +176,6 @@ def test_imports_one_at_a_time(tmp_path):
 # -- a running server while an import runs --------------------------------------------------------
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A `herald serve` process (pipeline on) on a free loopback port; stopped with SIGTERM afterwards."""
-    data = tmp_path / "data"
-    proc = subprocess.Popen(
-        [*HERALD, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--data", str(data)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    port = None
-    deadline = time.monotonic() + 30
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"\(ports \[(\d+)\]\)", line)
-        if found:
-            port = int(found.group(1))
-            break
-    if port is None:
-        proc.kill()
-        proc.wait()
-        pytest.fail("herald serve did not start:\n" + "".join(lines))
-    # Keep reading its log so the pipe never fills and blocks the server.
-    drain = threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True)
-    drain.start()
-    yield port, data
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def admit(control_id: str) -> bytes:
     """The sample A01 (patient on the MBI 2HX7RA1PK83) with its own control id, MLLP-framed."""
     text = ADMIT.read_bytes().replace(b"\n", b"\r").strip(b"\r")
@@ -257,10 +217,10 @@ class PacedClient(threading.Thread):
             self.error = f"{type(e).__name__}: {e}"
 
 
-def test_server_keeps_acknowledging_while_a_roster_import_runs(server, tmp_path):
+def test_server_keeps_acknowledging_while_a_roster_import_runs(herald_server, tmp_path):
     """A real server ACKs every message (CA, promptly) during a 10,000-member import, and its pipeline
     matches against the new version as soon as it is published, without a restart."""
-    port, data = server
+    port, data, _proc = herald_server
     patient = "SHR-000102,2HX7RA1PK83,,,Brightwater,Oswald,1952-07-04,M,ACO-TEST,Dr. Priya Halvorsen,,"
     roster = tmp_path / "big.csv"
     roster.write_text(roster_text(10000, "Dr Big", extra=(patient,)), encoding="utf-8")

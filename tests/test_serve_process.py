@@ -16,49 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 HERALD = [sys.executable, "-m", "gateway.cli"]
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A `herald serve` process on a free loopback port; stopped with SIGTERM afterwards."""
-    data = tmp_path / "data"
-    proc = subprocess.Popen(
-        [*HERALD, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--data", str(data)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    port = None
-    deadline = time.monotonic() + 30
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"\(ports \[(\d+)\]\)", line)
-        if m:
-            port = int(m.group(1))
-            break
-    if port is None:
-        proc.kill()
-        pytest.fail("herald serve did not start:\n" + "".join(lines))
-    yield port, data, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    proc.stderr.close()
-
-
 def herald(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*HERALD, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
 
 
-def test_send_replays_samples_and_log_lists_them(server, tmp_path):
+def test_send_replays_samples_and_log_lists_them(herald_server, tmp_path):
     """`herald send` replays a folder and exits 0; `herald log list` on the running server's data shows them."""
-    port, data, proc = server
+    port, data, proc = herald_server
     roster = herald("roster", "import", "sample_messages/roster.csv", "--data", str(data))
     assert roster.returncode == 0, roster.stderr
     sent = herald("send", f"127.0.0.1:{port}", "sample_messages/", "--quiet")
@@ -80,9 +44,9 @@ def test_send_replays_samples_and_log_lists_them(server, tmp_path):
     assert proc.wait(timeout=30) == 0
 
 
-def test_send_exits_1_when_a_message_is_rejected(server, tmp_path):
+def test_send_exits_1_when_a_message_is_rejected(herald_server, tmp_path):
     """`herald send` exits 1 and names the file and reason when a message is not accepted."""
-    port, data, proc = server
+    port, data, proc = herald_server
     bad = tmp_path / "bad.hl7"
     bad.write_bytes(b"MSH|^~\\&|EHR|FAC|||20260101||ADT^A01||P|2.5\rPID|1||1^^^F^MR\r")
     good = ROOT / "sample_messages" / "cerner-v23-a01-admit.hl7"
@@ -122,9 +86,9 @@ def test_serve_with_bad_endpoint_fails_at_start(tmp_path):
     assert "server.listen" in result.stderr and "tcp:notaport" in result.stderr
 
 
-def test_serve_port_in_use_fails_cleanly(server, tmp_path):
+def test_serve_port_in_use_fails_cleanly(herald_server, tmp_path):
     """A second server on a port already taken exits non-zero with a clear message."""
-    port, data, proc = server
+    port, data, proc = herald_server
     result = herald("serve", "--listen", f"tcp:{port}:interface=127.0.0.1", "--data", str(tmp_path / "d2"))
     assert result.returncode != 0
     assert "could not listen" in result.stderr
