@@ -83,9 +83,13 @@ def decide(match: Match, policy: MatchPolicy) -> MatchDecision:
         return MatchDecision(None, review=True)
     if match.member is None or match.grade not in ("certain", "probable"):
         return MatchDecision(None)
-    if match.member.get("opted_out") in (1, "1", True):
+    if _opted_out(match.member):
         return MatchDecision(None, withheld=OPT_OUT_WITHHELD)
     return MatchDecision(match.member)
+
+
+def _opted_out(member: dict) -> bool:
+    return member.get("opted_out") in (1, "1", True)
 
 
 def find_patient(bundle: dict) -> dict:
@@ -246,7 +250,7 @@ def route_reviewed(
     conversion = convert(msg, vocab, default_tz, _received_at(pending.received_at))
     query = query_from_patient(find_patient(conversion.bundle))
     chosen = dataclasses.replace(match, member=member)
-    if member.get("opted_out") in (1, "1", True):
+    if _opted_out(member):
         event = {
             "aco": member.get("aco_id"),
             "member": member.get("member_id"),

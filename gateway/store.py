@@ -267,7 +267,6 @@ def _migrate_v3(conn: sqlite3.Connection) -> None:
             roster_path(main),
             rows,
             moment=moment,
-            stamp=iso(moment),
             by="herald",
             file="herald.db (schema version 1)",
             sha256="",
@@ -919,7 +918,7 @@ class Store:
         for kind, detail in o.events:
             _event(conn, now, o.message_id, None, "pipeline", kind, detail)
         if o.match is not None:
-            _record_match(conn, o.message_id, o.match, getattr(o, "review", None), now)
+            _record_match(conn, o.message_id, o.match, o.review, now)
         for n in o.notifications:
             _insert_notification(conn, n, now, now_seconds)
         return 1
@@ -1281,10 +1280,6 @@ def open_roster_snapshot(db_path: Path | str) -> RosterSnapshot:
     return RosterSnapshot(roster_path(db_path))
 
 
-def _snapshot_conn(roster) -> sqlite3.Connection:
-    return roster.conn if isinstance(roster, RosterSnapshot) else roster
-
-
 @functools.lru_cache(maxsize=32)
 def _buckets_sql(keys: int) -> str:
     # One statement for every key of a query; each bucket is read no further than its LIMIT.
@@ -1301,7 +1296,6 @@ class StoredRoster:
     """
 
     def __init__(self, roster: RosterSnapshot, links: sqlite3.Connection | None = None) -> None:
-        self._roster = roster
         self._conn = roster.conn
         self._links = links
 
@@ -1364,9 +1358,9 @@ class StoredRoster:
         return [_row(r) for r in rows]
 
 
-def roster_count(roster, active_on: str | None = None) -> int:
+def roster_count(roster: RosterSnapshot, active_on: str | None = None) -> int:
     """How many members the roster holds (only those effective on ``active_on``, when given)."""
-    conn = _snapshot_conn(roster)
+    conn = roster.conn
     if active_on is None:
         return conn.execute("SELECT COUNT(*) FROM roster_members").fetchone()[0]
     return conn.execute(
@@ -1376,27 +1370,16 @@ def roster_count(roster, active_on: str | None = None) -> int:
     ).fetchone()[0]
 
 
-def roster_size(roster: RosterSnapshot, on: str | None = None) -> int:
-    """Members whose attribution has not ended by ``on`` (default today): matching's thresholds scale with it."""
-    return roster.size(on)
-
-
-def roster_version(roster: RosterSnapshot) -> int:
-    """The newest roster import's id (0 before any): it changes whenever the roster does."""
-    return roster.version
-
-
-def roster_member(roster, aco_id: str, member_id: str) -> dict | None:
+def roster_member(roster: RosterSnapshot, aco_id: str, member_id: str) -> dict | None:
     """One member by ACO and member id."""
     sql = f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?"
-    row = _snapshot_conn(roster).execute(sql, (aco_id, member_id)).fetchone()
+    row = roster.conn.execute(sql, (aco_id, member_id)).fetchone()
     return _row(row) if row else None
 
 
-def roster_imports(roster, limit: int = 20) -> list[dict]:
+def roster_imports(roster: RosterSnapshot, limit: int = 20) -> list[dict]:
     """The newest roster imports (versions), with their counts."""
-    conn = _snapshot_conn(roster)
-    cur = conn.execute("SELECT * FROM roster_imports ORDER BY id DESC LIMIT ?", (limit,))
+    cur = roster.conn.execute("SELECT * FROM roster_imports ORDER BY id DESC LIMIT ?", (limit,))
     names = [d[0] for d in cur.description]
     return [dict(zip(names, r, strict=True)) for r in cur]
 
@@ -1689,7 +1672,6 @@ def _import_roster_file(
     rows: Iterable,
     *,
     moment: datetime,
-    stamp: str,
     by: str,
     file: str,
     sha256: str,
@@ -1702,7 +1684,6 @@ def _import_roster_file(
     """Stage, apply and publish under the roster lock; returns what the report and the audit need."""
     from gateway.errors import RosterError
 
-    who = by or "unknown"
     with roster_lock(published):
         started = time.perf_counter()
         conn, work = _open_work_copy(published)
@@ -1723,8 +1704,8 @@ def _import_roster_file(
             started = time.perf_counter()
             import_id, counts, ended = _apply_import(
                 conn,
-                stamp=stamp,
-                by=who,
+                stamp=iso(moment),
+                by=by,
                 file=file,
                 sha256=sha256,
                 fmt=fmt,
@@ -1791,7 +1772,6 @@ def import_roster(
         published,
         rows,
         moment=moment,
-        stamp=stamp,
         by=who,
         file=file,
         sha256=sha256,

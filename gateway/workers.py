@@ -91,17 +91,13 @@ def process_batch_here(
         conn.execute("COMMIT")
 
 
-_policies: dict[int, tuple[RosterSnapshot, MatchPolicy]] = {}
-
-
 def policy_for(snapshot: RosterSnapshot, config: Config) -> MatchPolicy:
-    """The match policy for this roster version (its size sets the thresholds); counted again only
-    when a roster import has been published since."""
-    cached = _policies.get(id(config))
-    if cached is None or cached[0] is not snapshot:
-        cached = (snapshot, MatchPolicy.from_config(config, snapshot.size()))
-        _policies[id(config)] = cached
-    return cached[1]
+    """The match policy for this roster version (its size sets the thresholds).
+
+    No cache needed here: the snapshot counts its members once a day and
+    :meth:`MatchPolicy.from_config` loads each model once per setting.
+    """
+    return MatchPolicy.from_config(config, snapshot.size())
 
 
 def process_batch(batch: list[PendingMessage]) -> list[MessageOutcome]:
