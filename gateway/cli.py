@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from gateway.config import ROSTER_FORMATS
 from gateway.errors import ConfigError, HeraldError, MessageError, RosterError
 
 EXIT_BAD_INPUT = 2
@@ -257,7 +258,7 @@ def _print_problems(path, problems, suffix: str = "") -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["auto", "csv", "ssp", "cclf8"]),
+    type=click.Choice(ROSTER_FORMATS),
     default=None,
     help="File layout (default: [roster] format, else recognised from the header).",
 )

@@ -7,6 +7,7 @@ unknown key, wrong type or impossible value fails at start with
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,10 +260,9 @@ def _check_matching(cfg: Config) -> None:
     """Load the match model with the configured thresholds now, so a bad one fails at start."""
     if cfg.matching_model is not None and not cfg.matching_model.is_file():
         raise ConfigError("matching.model", f"{cfg.matching_model} does not exist")
-    given = [(k, getattr(cfg, f"matching_{k}")) for k in ("certain", "probable", "possible")]
-    given = [(k, v) for k, v in given if v is not None]
+    given = list(_thresholds(cfg).items())
     for key, value in given:
-        if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite
+        if not math.isfinite(value):
             raise ConfigError(f"matching.{key}", "must be a finite number")
     for (hi_key, hi), (lo_key, lo) in zip(given, given[1:], strict=False):
         if hi <= lo:
@@ -281,12 +281,13 @@ def match_model(cfg: Config):
     """The match model (``gateway.matching.MatchModel``) with the configured thresholds."""
     from gateway.matching import load_model
 
-    overrides = {
-        k: float(getattr(cfg, f"matching_{k}"))
-        for k in ("certain", "probable", "possible")
-        if getattr(cfg, f"matching_{k}") is not None
-    }
+    overrides = {k: float(v) for k, v in _thresholds(cfg).items()}
     return load_model(cfg.matching_model, **overrides)
+
+
+def _thresholds(cfg: Config) -> dict[str, float]:
+    """The grade thresholds the config sets (certain, probable, possible; unset ones left out)."""
+    return {k: v for k in ("certain", "probable", "possible") if (v := getattr(cfg, f"matching_{k}")) is not None}
 
 
 def check_listen(endpoints: tuple[str, ...], reactor) -> None:

@@ -53,8 +53,6 @@ MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
 GRADES = ("certain", "probable", "possible", "none")
 #: Every field :func:`compare` compares, in the order of :class:`Person`.
 FIELDS = ("given", "family", "middle", "birth_date", "sex", "street", "city", "state", "zip", "phone")
-#: The parts of the address, scored together as one comparison, ``address`` (see :func:`address_level`).
-ADDRESS_PARTS = ("street", "city", "state", "zip")
 #: The comparisons :func:`score` adds up, in the order it reports them.
 SCORED = ("given", "family", "middle", "birth_date", "sex", "address", "phone")
 #: The agreement levels each comparison can take (besides ``missing``: a side is empty, weight 0).
@@ -344,6 +342,15 @@ def _soundex(value: str) -> str:
     return jellyfish.soundex(value) if value else ""
 
 
+_HOUSE_NUMBER = re.compile(r"\d+")
+
+
+def _house_number(street: str) -> str:
+    """The leading number of a normalised street line ("" when it does not start with one)."""
+    number = _HOUSE_NUMBER.match(street)
+    return number.group() if number else ""
+
+
 def blocking_keys(p: Person) -> list[str]:
     """The keys under which the roster stores ``p`` and a query looks it up; stable strings.
 
@@ -379,9 +386,9 @@ def blocking_keys(p: Person) -> list[str]:
         keys.append(f"gz:{g}|{p.zip}")
     if p.given and p.family and p.zip:
         keys.append(f"iz:{_compact(p.given)[0]}{_compact(p.family)[0]}|{p.zip}")
-    number = re.match(r"\d+", p.street)
+    number = _house_number(p.street)
     if number and p.zip:
-        keys.append(f"sz:{number.group()}|{p.zip}")
+        keys.append(f"sz:{number}|{p.zip}")
     return list(dict.fromkeys(keys))
 
 
@@ -435,7 +442,7 @@ class MatchModel:
 
     @functools.cached_property
     def _table(self) -> dict[str, dict[str, float]]:
-        # Every level's weight in one lookup (``missing`` included): scoring asks ten times a member.
+        # Every level's weight in one lookup (``missing`` included): scoring asks once per comparison.
         return {name: {"missing": 0.0, **fm.weights} for name, fm in self.fields.items()}
 
     @functools.cached_property
@@ -612,7 +619,7 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
 class FieldComparison(NamedTuple):
     """How one field of two people compared: its agreement level and the weight that level carries.
 
-    A named tuple: a query builds ten of them per member it compares, and a
+    A named tuple: a query builds one per comparison (:data:`SCORED`) per member it compares, and a
     tuple is built several times faster than a frozen dataclass.
     """
 
@@ -785,15 +792,6 @@ def address_level(street: str, city: str, state: str, zip_level: str, same_numbe
     return "disagree"
 
 
-_HOUSE_NUMBER = re.compile(r"\d+")
-
-
-def _house_number(street: str) -> str:
-    """The leading number of a normalised street line ("" when it does not start with one)."""
-    number = _HOUSE_NUMBER.match(street)
-    return number.group() if number else ""
-
-
 def compare(query: Person, candidate: Person, model: MatchModel) -> dict[str, str]:
     """The agreement level of every field of two people (``missing`` where either side is empty),
     and of the ``address`` the street, city, state and ZIP make together."""
@@ -805,6 +803,8 @@ def compare(query: Person, candidate: Person, model: MatchModel) -> dict[str, st
     city = _city_level(query.city, candidate.city, sim)
     state = _exact_level(query.state, candidate.state)
     zip_level = _digits_level(query.zip, candidate.zip)
+    # The house numbers matter only to a "similar" street line (see address_level).
+    same_number = street == "similar" and _house_number(query.street) == _house_number(candidate.street) != ""
     return {
         "given": given,
         "family": family,
@@ -816,9 +816,7 @@ def compare(query: Person, candidate: Person, model: MatchModel) -> dict[str, st
         "state": state,
         "zip": zip_level,
         "phone": _digits_level(query.phone, candidate.phone),
-        "address": address_level(
-            street, city, state, zip_level, _house_number(query.street) == _house_number(candidate.street) != ""
-        ),
+        "address": address_level(street, city, state, zip_level, same_number),
     }
 
 

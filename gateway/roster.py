@@ -20,6 +20,7 @@ import codecs
 import csv
 import hashlib
 import io
+import itertools
 import re
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
@@ -80,7 +81,7 @@ class RosterMember:
             if not self.person:
                 object.__setattr__(self, "person", pack_person(person))
             if not self.keys:
-                object.__setattr__(self, "keys", tuple(dict.fromkeys(blocking_keys(person))))
+                object.__setattr__(self, "keys", tuple(blocking_keys(person)))
 
     def values(self) -> tuple:
         """The member's values in the order of :data:`ROSTER_COLUMNS` (opt-out as 0/1)."""
@@ -95,11 +96,6 @@ class RosterMember:
         """A digest of every column's value: an import compares it to tell changed members from unchanged."""
         text = "\x1f".join(str(v) for v in values)
         return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-    @property
-    def content_hash(self) -> bytes:
-        """:meth:`content_hash_of` the member's own values."""
-        return self.content_hash_of(self.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +301,7 @@ class RosterSource:
         need = max(start + length - 1 for start, length in spec.values())
         lines = self._lines
         if self._pending_first is not None:
-            lines = _chain([self._pending_first], lines)
+            lines = itertools.chain([self._pending_first], lines)
         for n, text in enumerate(lines, start=1):
             text = text.rstrip("\r\n")
             if not text.strip():
@@ -385,11 +381,6 @@ class RosterSource:
         v["opted_out"] = opted_out
         member = RosterMember(**v)
         return RosterRow(line, member, (), member.aco_id, member.member_id)
-
-
-def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
-    yield from first
-    yield from rest
 
 
 def _show_format(fmt: str) -> str:
