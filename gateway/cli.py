@@ -388,7 +388,9 @@ def match_command(paths, as_json, config_path, data_dir):
 
     cfg = _config(config_path, data_dir)
     conn = _read_conn(cfg)
-    failures = explain_messages(paths, cfg, conn, as_json, click.echo, lambda s: click.echo(s, err=True))
+    failures = explain_messages(
+        paths, cfg, _roster_snapshot(cfg), conn, as_json, click.echo, lambda s: click.echo(s, err=True)
+    )
     sys.exit(EXIT_BAD_INPUT if failures else 0)
 
 

@@ -18,7 +18,7 @@ from gateway.errors import MessageError
 from gateway.matching import Candidate, Match, Person, match_patient, person_from_member, query_from_patient
 from gateway.pipeline import MatchPolicy, decide, find_patient
 from gateway.replay import ReplayError, collect_messages
-from gateway.store import RosterSnapshot, StoredRoster, open_roster_snapshot, roster_member
+from gateway.store import RosterSnapshot, StoredRoster, roster_member
 from gateway.v2 import V2Message
 from gateway.vocabulary import load_vocabulary
 
@@ -62,12 +62,14 @@ def routing_of(match: Match, policy: MatchPolicy) -> str:
 def explain_messages(
     paths: Iterable[Path],
     cfg: Config,
+    roster: RosterSnapshot,
     conn: sqlite3.Connection,
     as_json: bool,
     out: Callable[[str], None],
     err: Callable[[str], None],
 ) -> int:
-    """Match each message of ``paths`` against the stored roster and print why; return the failures."""
+    """Match each message of ``paths`` against ``roster`` (with ``conn``'s confirmed links) and
+    print why; return the failures."""
     try:
         messages = collect_messages(paths)
     except ReplayError as e:
@@ -77,7 +79,6 @@ def explain_messages(
         err("herald match: no HL7 messages (text starting with MSH) in the given paths")
         return 1
     vocab = load_vocabulary()
-    roster = open_roster_snapshot(cfg.database)
     policy = MatchPolicy.from_config(cfg, roster.size())
     lookups = StoredRoster(roster, conn)
     failures = 0

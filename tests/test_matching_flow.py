@@ -350,6 +350,25 @@ def test_herald_match_of_an_unconvertible_message_exits_2(gateway):
     assert "PID" in json.loads(result.output.splitlines()[0])["error"]
 
 
+def test_herald_match_with_a_roster_file_from_a_newer_herald_is_a_clean_error(gateway):
+    """A roster file this Herald cannot read is reported in one line (exit 1), not as a traceback."""
+    import sqlite3
+
+    from gateway.store import roster_path
+
+    roster_file = roster_path(gateway.config.database)
+    conn = sqlite3.connect(roster_file)
+    conn.execute("PRAGMA user_version = 999")
+    conn.commit()
+    conn.close()
+    path = gateway.root / "one.hl7"
+    path.write_bytes(possible_message())
+    result = gateway.cli("match", path)
+    assert result.exit_code == 1, explain(result)
+    assert "upgrade Herald" in result.output and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_thresholds_follow_the_roster_size_until_the_config_sets_them(tmp_path):
     """The workers' policy scales the thresholds with the roster, recounted after each import."""
     from gateway.workers import policy_for
