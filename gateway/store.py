@@ -1557,7 +1557,7 @@ def _refresh_derived(conn: sqlite3.Connection) -> None:
         for r in rows:
             person = person_from_member(dict(zip(MEMBER_COLUMNS, r[1:], strict=True)))
             updates.append((pack_person(person), r[0]))
-            keys.extend((key_id(k), r[0]) for k in dict.fromkeys(blocking_keys(person)))
+            keys.extend((key_id(k), r[0]) for k in blocking_keys(person))
         conn.executemany("UPDATE roster_members SET person = ? WHERE id = ?", updates)
         conn.executemany("INSERT OR IGNORE INTO roster_keys (key, member) VALUES (?, ?)", keys)
         last = rows[-1][0]
@@ -1618,7 +1618,7 @@ def _apply_import(
     stale = [
         (key_id(k), member)
         for member, packed in old
-        for k in dict.fromkeys(blocking_keys(person_from_member({"person": packed})))
+        for k in blocking_keys(person_from_member({"person": packed}))
     ]
     conn.executemany("DELETE FROM roster_keys WHERE key = ? AND member = ?", stale)
     cols = ", ".join(c for c in MEMBER_COLUMNS if c != "effective_start")
