@@ -19,6 +19,7 @@ from gateway.config import load_config
 from gateway.pipeline import MatchPolicy
 from gateway.roster import import_roster_file
 from gateway.store import StoredRoster, open_roster_snapshot
+from gateway.vocabulary import Vocabulary, load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_messages"
@@ -34,6 +35,12 @@ def pinned_acks() -> AckBuilder:
     """An AckBuilder with a fixed clock and control ids ACK0001, ACK0002, ... so ACKs compare byte for byte."""
     counter = itertools.count(1)
     return AckBuilder("HERALD", "HIE", clock=lambda: ACK_TIME, next_control_id=lambda: f"ACK{next(counter):04d}")
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    """Herald's mapping tables (mappings/), loaded once per test module."""
+    return load_vocabulary()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Synthetic ADT messages for the conversion tests (no real people)."""
+"""Synthetic ADT messages for the conversion tests (no real people), and lookups in the Bundles they become."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def segment(name: str, fields: dict[int, str]) -> str:
 def adt_text(
     trigger: str = "A01",
     *,
+    msh9: str | None = None,
     control: str = "CTRL0001",
     version: str = "2.5.1",
     msh18: str = "",
@@ -31,9 +32,11 @@ def adt_text(
     pv1: dict[int, str] | None = None,
     after_pid: tuple[str, ...] = (),
     after_pv1: tuple[str, ...] = (),
+    drop: tuple[str, ...] = (),
     end: str = "\r",
 ) -> str:
-    """An ADT message as text; ``pid``/``pv1``/``evn`` override fields of the defaults."""
+    """An ADT message as text; ``pid``/``pv1``/``evn`` override fields of the defaults, ``msh9``
+    replaces ``ADT^<trigger>`` and ``drop`` leaves out the named segments (EVN, PID, PV1)."""
     pid_fields = {
         1: "1",
         3: f"MRN123^^^TESTFAC^MR~{MBI}^^^CMS^MB",
@@ -63,7 +66,7 @@ def adt_text(
             4: "HERALD",
             5: "ACO",
             6: "20260301120000",
-            8: f"ADT^{trigger}",
+            8: msh9 or f"ADT^{trigger}",
             9: control,
             10: "P",
             11: version,
@@ -73,10 +76,10 @@ def adt_text(
     # segment() numbers MSH like any segment (MSH-2 is at index 1): fields above are shifted by one.
     lines = [
         msh,
-        segment("EVN", evn_fields),
-        segment("PID", pid_fields),
+        *([] if "EVN" in drop else [segment("EVN", evn_fields)]),
+        *([] if "PID" in drop else [segment("PID", pid_fields)]),
         *after_pid,
-        segment("PV1", pv1_fields),
+        *([] if "PV1" in drop else [segment("PV1", pv1_fields)]),
         *after_pv1,
     ]
     return end.join(lines) + end
@@ -85,3 +88,23 @@ def adt_text(
 def adt(trigger: str = "A01", **kwargs) -> V2Message:
     """:func:`adt_text` parsed."""
     return V2Message(adt_text(trigger, **kwargs).encode("utf-8"))
+
+
+def resources(bundle: dict, resource_type: str) -> list[dict]:
+    """The Bundle's resources of ``resource_type``, in entry order."""
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
+
+
+def only(bundle: dict, resource_type: str) -> dict:
+    """The Bundle's one resource of ``resource_type`` (fails when there are none or several)."""
+    found = resources(bundle, resource_type)
+    assert len(found) == 1, f"{len(found)} {resource_type} resources"
+    return found[0]
+
+
+def resolve(bundle: dict, reference: str) -> dict:
+    """The resource a urn:uuid reference points at inside the Bundle."""
+    for e in bundle["entry"]:
+        if e["fullUrl"] == reference:
+            return e["resource"]
+    raise AssertionError(f"{reference} does not resolve inside the Bundle")

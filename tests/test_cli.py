@@ -9,17 +9,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_intake import accepted_record
 
 from gateway.cli import main
 from gateway.config import default_recipients
 from gateway.convert import validate_bundle
-from gateway.header import read_header
 from gateway.pipeline import process_message
 from gateway.replay import split_messages
 from gateway.roster import import_roster_file
 from gateway.store import (
-    RECEIVED,
-    IntakeRecord,
     Store,
     StoredRoster,
     open_roster_snapshot,
@@ -77,21 +75,7 @@ def stored_messages(data: Path, paths: list[Path]) -> None:
     now = NOW.isoformat(timespec="milliseconds")
     for path in paths:
         raw = split_messages(path.read_bytes())[0]
-        h = read_header(raw)
-        record = IntakeRecord(
-            raw=raw,
-            peer="tcp:127.0.0.1:50000",
-            state=RECEIVED,
-            ack_code="AA",
-            sending_application=h.sending_application,
-            sending_facility=h.sending_facility,
-            message_type=h.message_type,
-            trigger_event=h.trigger_event,
-            control_id=h.control_id,
-            version=h.version,
-            charset=h.charset,
-        )
-        store._record_frame(conn, record, now)
+        store._record_frame(conn, accepted_record(raw), now)
     lookups = StoredRoster(open_roster_snapshot(db), conn)
     vocab = load_vocabulary()
     recipients = default_recipients(data)

@@ -8,6 +8,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from synthetic_adt import MBI, NPI, adt, only, resolve
 
 from gateway.convert import (
     MBI_SYSTEM,
@@ -19,7 +20,6 @@ from gateway.convert import (
 from gateway.errors import MessageError
 from gateway.replay import split_messages
 from gateway.v2 import V2Message
-from gateway.vocabulary import load_vocabulary
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.glob("*.hl7"))
@@ -36,87 +36,9 @@ EVENT_CODES = {
 OUTPATIENT_A04 = "notification-outpatient-visit"
 RECEIVED = datetime(2026, 3, 1, 17, 0, 0, tzinfo=UTC)
 
-# A synthetic patient: CMS's published example MBI and a test NPI that passes the check digit.
-MBI = "1EG4TE5MK73"
-NPI = "1234567893"
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return load_vocabulary()
-
-
-def segment(name: str, fields: dict[int, str]) -> str:
-    """A segment with ``fields`` (HL7 numbering) set and the others empty."""
-    values = [""] * (max(fields) + 1)
-    values[0] = name
-    for n, v in fields.items():
-        values[n] = v
-    return "|".join(values)
-
-
-def adt(
-    trigger: str = "A01",
-    *,
-    msh9: str | None = None,
-    control: str = "CTRL0001",
-    evn: dict[int, str] | None = None,
-    pid: dict[int, str] | None = None,
-    pv1: dict[int, str] | None = None,
-    extra: tuple[str, ...] = (),
-    drop: tuple[str, ...] = (),
-) -> V2Message:
-    """A synthetic ADT message; ``pid``/``pv1``/``evn`` override fields of the defaults."""
-    pid_fields = {
-        1: "1",
-        3: f"MRN123^^^TESTFAC^MR~{MBI}^^^CMS^MB",
-        5: "TESTPATIENT^ALEX^Q^^^^L",
-        7: "19600102",
-        8: "F",
-        11: "1 TEST STREET^^TESTVILLE^CT^06000^USA^H",
-    }
-    pv1_fields = {
-        1: "1",
-        2: "I",
-        3: "WARD1^101^A^TESTFAC",
-        7: f"{NPI}^DOCTOR^DANA^^^DR^^^NPI^L^^^NPI",
-        19: "VISIT001^^^TESTFAC^VN",
-        44: "20260301100000",
-    }
-    evn_fields = {1: trigger, 2: "20260301120000"}
-    pid_fields.update(pid or {})
-    pv1_fields.update(pv1 or {})
-    evn_fields.update(evn or {})
-    msh = f"MSH|^~\\&|TESTAPP|TESTFAC|HERALD|ACO|20260301120000||{msh9 or 'ADT^' + trigger}|{control}|P|2.5.1"
-    segments = {
-        "EVN": segment("EVN", evn_fields),
-        "PID": segment("PID", pid_fields),
-        "PV1": segment("PV1", pv1_fields),
-    }
-    text = "\r".join([msh, *(s for name, s in segments.items() if name not in drop), *extra]) + "\r"
-    return V2Message(text.encode("utf-8"))
-
 
 def sample(name: str) -> V2Message:
     return V2Message(split_messages((SAMPLES / name).read_bytes())[0])
-
-
-def resources(bundle: dict, resource_type: str) -> list[dict]:
-    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
-
-
-def only(bundle: dict, resource_type: str) -> dict:
-    found = resources(bundle, resource_type)
-    assert len(found) == 1, f"{len(found)} {resource_type} resources"
-    return found[0]
-
-
-def resolve(bundle: dict, reference: str) -> dict:
-    """The resource a urn:uuid reference points at inside the Bundle."""
-    for e in bundle["entry"]:
-        if e["fullUrl"] == reference:
-            return e["resource"]
-    raise AssertionError(f"{reference} does not resolve inside the Bundle")
 
 
 def references(value) -> list[str]:
@@ -398,7 +320,7 @@ def test_dg1_becomes_an_icd10cm_condition_of_the_encounter(vocab):
 def test_several_dg1_are_ranked_in_order(vocab):
     """Two DG1 segments give two Conditions ranked 1 and 2."""
     extra = ("DG1|1||J18.9^Pneumonia^I10", "DG1|2||I10^Hypertension^I10")
-    bundle = convert(adt(extra=extra), vocab, UTC, RECEIVED).bundle
+    bundle = convert(adt(after_pv1=extra), vocab, UTC, RECEIVED).bundle
     encounter = only(bundle, "Encounter")
     codes = [resolve(bundle, d["condition"]["reference"])["code"]["coding"][0]["code"] for d in encounter["diagnosis"]]
     assert codes == ["J18.9", "I10"]

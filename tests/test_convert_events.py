@@ -5,36 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from synthetic_adt import MBI, NPI, PCP_NPI, adt, segment
+from synthetic_adt import MBI, NPI, PCP_NPI, adt, only, resolve, resources, segment
 
 from gateway.convert import MBI_SYSTEM, NOTIFICATION_EVENT_SYSTEM, NPI_SYSTEM, convert, validate_bundle
-from gateway.vocabulary import load_vocabulary
 
 RECEIVED = datetime(2026, 3, 1, 17, 0, 0, tzinfo=UTC)
 V2_0003 = "http://terminology.hl7.org/CodeSystem/v2-0003"
 DISCHARGE_DISPOSITION = "http://terminology.hl7.org/CodeSystem/discharge-disposition"
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return load_vocabulary()
-
-
-def resources(bundle: dict, resource_type: str) -> list[dict]:
-    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
-
-
-def only(bundle: dict, resource_type: str) -> dict:
-    found = resources(bundle, resource_type)
-    assert len(found) == 1, f"{len(found)} {resource_type} resources"
-    return found[0]
-
-
-def resolve(bundle: dict, reference: str) -> dict:
-    for e in bundle["entry"]:
-        if e["fullUrl"] == reference:
-            return e["resource"]
-    raise AssertionError(f"{reference} does not resolve inside the Bundle")
 
 
 def assert_notification_shape(bundle: dict) -> None:

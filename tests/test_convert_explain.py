@@ -12,14 +12,8 @@ from synthetic_adt import adt, adt_text, segment
 from gateway.cli import main
 from gateway.convert import convert
 from gateway.explain import explain_lines
-from gateway.vocabulary import load_vocabulary
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return load_vocabulary()
 
 
 def test_trace_is_recorded_only_when_asked(vocab):

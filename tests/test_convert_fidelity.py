@@ -9,20 +9,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from synthetic_adt import adt, adt_text, segment
+from synthetic_adt import adt, adt_text, resolve, segment
 
 from gateway.convert import convert, validate_bundle
 from gateway.convert_datatypes import MessageContext
 from gateway.v2 import V2Message
-from gateway.vocabulary import load_vocabulary
 
 RECEIVED = datetime(2026, 3, 1, 17, 0, 0, tzinfo=UTC)
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return load_vocabulary()
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +33,6 @@ def bundle_of(msg: V2Message, vocab) -> dict:
 
 def first(bundle: dict, resource_type: str) -> dict:
     return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type)
-
-
-def resolve(bundle: dict, reference: str) -> dict:
-    return next(e["resource"] for e in bundle["entry"] if e["fullUrl"] == reference)
 
 
 def with_msh(text: str, msh: str) -> V2Message:

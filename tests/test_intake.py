@@ -20,9 +20,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.header import ERROR_TEXT
+from gateway.header import ERROR_TEXT, read_header
 from gateway.intake import Intake
-from gateway.store import Store, open_database
+from gateway.store import RECEIVED, IntakeRecord, Store, open_database
 from mllp import MLLPServerFactory, frame
 
 STORED_AT = datetime(2026, 3, 1, 11, 59, 30, tzinfo=UTC)
@@ -39,6 +39,24 @@ AA_FOR_ADT = b"MSH|^~\\&|HERALD|HIE|EPIC|GENHOSP|20260301120000+0000||ACK^A01^AC
 
 _sync = SynchronousTestCase()
 success, failure = _sync.successResultOf, _sync.failureResultOf
+
+
+def accepted_record(raw: bytes) -> IntakeRecord:
+    """``raw`` as intake records a frame it accepted (AA, state received), with its MSH fields read."""
+    h = read_header(raw)
+    return IntakeRecord(
+        raw=raw,
+        peer="tcp:127.0.0.1:50000",
+        state=RECEIVED,
+        ack_code="AA",
+        sending_application=h.sending_application,
+        sending_facility=h.sending_facility,
+        message_type=h.message_type,
+        trigger_event=h.trigger_event,
+        control_id=h.control_id,
+        version=h.version,
+        charset=h.charset,
+    )
 
 
 class QueueReactor:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_cli import explain
+from test_intake import accepted_record
 
 from gateway.cli import main
 from gateway.config import load_config
-from gateway.header import read_header
 from gateway.roster import import_roster_file
-from gateway.store import RECEIVED, IntakeRecord, RosterReader, Store, message_detail, open_database, stored_match
+from gateway.store import RosterReader, Store, message_detail, open_database, stored_match
 from gateway.vocabulary import load_vocabulary
 from gateway.workers import process_batch_here
 
@@ -101,21 +102,7 @@ class Gateway:
         now = NOW.isoformat(timespec="milliseconds")
         ids = []
         for raw in raws:
-            h = read_header(raw)
-            record = IntakeRecord(
-                raw=raw,
-                peer="tcp:127.0.0.1:50000",
-                state=RECEIVED,
-                ack_code="AA",
-                sending_application=h.sending_application,
-                sending_facility=h.sending_facility,
-                message_type=h.message_type,
-                trigger_event=h.trigger_event,
-                control_id=h.control_id,
-                version=h.version,
-                charset=h.charset,
-            )
-            ids.append(store._record_frame(conn, record, now).message_id)
+            ids.append(store._record_frame(conn, accepted_record(raw), now).message_id)
         pending = Store._pending_messages(conn, 0, 100)
         reader = open_database(self.config.database, readonly=True)
         roster = RosterReader(self.config.database)
@@ -140,10 +127,6 @@ class Gateway:
 
     def cli(self, *args: str):
         return CliRunner().invoke(main, [*map(str, args), "--config", str(self.config_file)])
-
-
-def explain(result) -> str:
-    return f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from gateway.pipeline import MATCHED, UNMATCHED, process_message
 from gateway.replay import split_messages
 from gateway.routing import notification_payload
 from gateway.store import FAILED, IGNORED, ROUTED, PendingMessage
-from gateway.vocabulary import load_vocabulary
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 MATCHED_ADMIT = "epic-v251-a01-admit-from-ed.hl7"  # on the sample roster by MBI
@@ -27,11 +26,6 @@ ORU = (
     "PID|1||MRN123^^^TESTFAC^MR||TESTPATIENT^ALEX\r"
     "OBR|1|||GLU^Glucose\r"
 )
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return load_vocabulary()
 
 
 @pytest.fixture

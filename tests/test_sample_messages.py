@@ -15,7 +15,6 @@ from gateway.replay import collect_messages, split_messages
 from gateway.roster import open_roster
 from gateway.store import ROUTED, PendingMessage
 from gateway.v2 import V2Message
-from gateway.vocabulary import load_vocabulary
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 
@@ -34,11 +33,6 @@ EXPECTED = {
     "meditech-v24-a04-outpatient-unmatched.hl7": ("A04", "utf-8", "none", None),
     "meditech-v24-a11-cancel-outpatient-visit.hl7": ("A11", "utf-8", "none", None),
 }
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return load_vocabulary()
 
 
 @pytest.fixture

@@ -104,11 +104,27 @@ def corpus_cases(corpus: str) -> list[CorpusCase]:
     return cases
 
 
+def index_rows(corpus: str) -> list[list[str]]:
+    """The rows of ``corpus``'s INDEX.tsv below its header line, split at tabs."""
+    index = CORPUS / corpus / "INDEX.tsv"
+    return [r.split("\t") for r in index.read_text(encoding="utf-8").splitlines()[1:] if r.strip()]
+
+
 def index_files(corpus: str) -> list[str]:
     """The message files an INDEX.tsv names (first column), relative to the corpus folder."""
-    index = CORPUS / corpus / "INDEX.tsv"
-    rows = index.read_text(encoding="utf-8").splitlines()[1:]
-    return [r.split("\t")[0] for r in rows if r.strip()]
+    return [r[0] for r in index_rows(corpus)]
+
+
+def bundle_index(bundle: dict) -> dict[str, dict]:
+    """Reference -> resource for every entry: by fullUrl, ``Type/id`` and ``urn:uuid:id``."""
+    index: dict[str, dict] = {}
+    for entry in bundle.get("entry", []):
+        r = entry.get("resource", {})
+        if entry.get("fullUrl"):
+            index[entry["fullUrl"]] = r
+        index[f"{r.get('resourceType')}/{r.get('id')}"] = r
+        index[f"urn:uuid:{r.get('id')}"] = r
+    return index
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 
-from oracles.corpus import CORPUS, herald_outcome, load_table, matches
+from oracles.corpus import CORPUS, bundle_index, herald_outcome, index_rows, load_table, matches
 
 FOLDER = CORPUS / "msft-fhir-converter"
 
@@ -78,12 +78,10 @@ class Difference:
 
 def pairs() -> list[Pair]:
     """The A01/A03/A04 pairs of INDEX.tsv ([] when the corpus is absent)."""
-    index = FOLDER / "INDEX.tsv"
-    if not index.is_file():
+    if not (FOLDER / "INDEX.tsv").is_file():
         return []
     out = []
-    for row in index.read_text(encoding="utf-8").splitlines()[1:]:
-        message, template, expected = row.split("\t")
+    for message, template, expected in index_rows(FOLDER.name):
         if template in TEMPLATES:
             out.append(Pair(message.rsplit("/", 1)[-1].removesuffix(".hl7"), message, expected))
     return out
@@ -148,13 +146,7 @@ def explained(d: Difference) -> dict | None:
 
 def facts(bundle: dict, side: str) -> dict[str, dict[str, str]]:
     """Aspect -> {element path: text} for one Bundle; ``side`` is "msft" or "herald"."""
-    index: dict[str, dict] = {}
-    for entry in bundle.get("entry", []):
-        r = entry.get("resource", {})
-        if entry.get("fullUrl"):
-            index[entry["fullUrl"]] = r
-        index[f"{r.get('resourceType')}/{r.get('id')}"] = r
-        index[f"urn:uuid:{r.get('id')}"] = r
+    index = bundle_index(bundle)
 
     def first(rtype: str) -> dict:
         return next((e["resource"] for e in bundle.get("entry", []) if e["resource"]["resourceType"] == rtype), {})

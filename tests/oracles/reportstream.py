@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 
-from oracles.corpus import CORPUS, herald_outcome, load_table, matches
+from oracles.corpus import CORPUS, bundle_index, herald_outcome, index_rows, load_table, matches
 
 FOLDER = CORPUS / "reportstream-mappinginventory"
 
@@ -83,12 +83,11 @@ class Leaf:
 
 def pairs() -> list[Pair]:
     """The asserted pairs for the segments compared ([] when the corpus is absent)."""
-    index = FOLDER / "INDEX.tsv"
-    if not index.is_file():
+    if not (FOLDER / "INDEX.tsv").is_file():
         return []
     out = []
-    for row in index.read_text(encoding="utf-8").splitlines()[1:]:
-        hl7, fhir, status, _ = (row.split("\t") + ["", "", "", ""])[:4]
+    for row in index_rows(FOLDER.name):
+        hl7, fhir, status, _ = (row + ["", "", "", ""])[:4]
         if status != "asserted hl7->fhir":
             continue
         for segment, (folder, _) in SEGMENTS.items():
@@ -218,12 +217,7 @@ def explained(pair: Pair, leaf: Leaf) -> dict | None:
 
 def _resources(bundle: dict, resource_type: str) -> list[dict]:
     """The resources of ``resource_type``, stripped, with references replaced by what they name."""
-    index: dict[str, dict] = {}
-    for entry in bundle.get("entry", []):
-        r = entry.get("resource", {})
-        for key in (entry.get("fullUrl"), f"{r.get('resourceType')}/{r.get('id')}", f"urn:uuid:{r.get('id')}"):
-            if key:
-                index[key] = r
+    index = bundle_index(bundle)
     found = [
         e["resource"] for e in bundle.get("entry", []) if e.get("resource", {}).get("resourceType") == resource_type
     ]
