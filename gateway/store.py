@@ -1616,9 +1616,7 @@ def _apply_import(
         "ON r.aco_id = s.aco_id AND r.member_id = s.member_id WHERE s.action = 'change'"
     ).fetchall()
     stale = [
-        (key_id(k), member)
-        for member, packed in old
-        for k in blocking_keys(person_from_member({"person": packed}))
+        (key_id(k), member) for member, packed in old for k in blocking_keys(person_from_member({"person": packed}))
     ]
     conn.executemany("DELETE FROM roster_keys WHERE key = ? AND member = ?", stale)
     cols = ", ".join(c for c in MEMBER_COLUMNS if c != "effective_start")
