@@ -23,15 +23,18 @@ from datetime import UTC, datetime, tzinfo
 
 from gateway import convert_segments as segments
 from gateway.convert_datatypes import (
+    HD,
     HERALD_NAMESPACE,
     MBI_PATTERN,
     MBI_SYSTEM,
     NPI_SYSTEM,
     MessageContext,
     authority_system,
+    code_value,
     looks_like_npi,
     ref,
     resource_id,
+    system_uri,
 )
 from gateway.convert_segments import PatientKeys
 from gateway.errors import MessageError
@@ -112,9 +115,12 @@ def convert(
         raise MessageError("MSH-10 message control id is empty", ERR_REQUIRED_FIELD_MISSING, "MSH-10")
 
     trace: list | None = [] if explain else None
+    # MSH-3 and MSH-4 are HDs; their names scope the ids, so they are read before the context is made.
     probe = MessageContext(msg, vocab, default_tz, "", None)
-    sending_app = probe.hd_field(msh.reps(3)[0]).text if msh.reps(3) else ""
-    sending_fac = probe.hd_field(msh.reps(4)[0]).text if msh.reps(4) else ""
+    app_hd = probe.hd_field(msh.reps(3)[0]) if msh.reps(3) else None
+    fac_hd = probe.hd_field(msh.reps(4)[0]) if msh.reps(4) else None
+    sending_app = app_hd.text if app_hd is not None else ""
+    sending_fac = fac_hd.text if fac_hd is not None else ""
     scope = f"{sending_app}|{sending_fac}"
     ctx = MessageContext(msg, vocab, default_tz, scope, trace)
     ctx.used(msh, 9, "MessageHeader.eventCoding (by mappings/tables.toml events) and MessageHeader.reason")
@@ -160,16 +166,15 @@ def convert(
     if country and "address" not in sender_org:
         ctx.used(msh, 17, "MessageHeader.sender -> Organization.address.country")
         sender_org["address"] = [{"country": country}]
-    if msh.reps(4):
+    if fac_hd is not None:
         ctx.used(msh, 4, "MessageHeader.sender -> Organization")
         # IG HD[Organization]: the universal id (HD-2, typed by HD-3) is an identifier.
-        universal = ctx.hd_field(msh.reps(4)[0])
-        if universal.universal_uri:
-            kind = universal.kind.upper() or "ISO"  # untyped: universal_uri accepts only an OID
+        if fac_hd.universal_uri:
+            kind = fac_hd.kind.upper() or "ISO"  # untyped: universal_uri accepts only an OID
             ident = {
                 "type": {"coding": [{"system": V2_0301, "code": kind}]},
                 "system": "urn:ietf:rfc:3986",
-                "value": universal.universal_uri,
+                "value": fac_hd.universal_uri,
             }
             if ident not in sender_org.setdefault("identifier", []):
                 sender_org["identifier"].append(ident)
@@ -183,7 +188,7 @@ def convert(
 
     # Encounter.
     patient_class = ctx.field_text(pv1, 2).upper()
-    notification, status_rule = rule.for_class(" ".join(patient_class.split()))
+    notification, status_rule = rule.for_class(code_value(patient_class))
     encounter = segments.encounter(
         ctx, pv1, msg.segment("PV2"), evn, status_rule, rule.starts_encounter, rule.ends_encounter, facility, org_ref
     )
@@ -213,7 +218,7 @@ def convert(
         "resourceType": "MessageHeader",
         "id": resource_id("MessageHeader", scope, control_id),
         "eventCoding": {"system": NOTIFICATION_EVENT_SYSTEM, "code": notification},
-        "source": _source(ctx, sending_app, sending_fac),
+        "source": _source(ctx, app_hd, sending_fac),
         "sender": {"reference": ref(sender_org["id"]), "display": sender_org["name"]},
         "responsible": _responsible(ctx, org_ref, facility),
         "reason": {"coding": [{"system": V2_0003, "code": trigger}]},
@@ -284,7 +289,7 @@ def _insurance_groups(msg: V2Message) -> list:
     return [tuple(g) for g in groups]
 
 
-def _source(ctx: MessageContext, app: str, facility: str) -> dict:
+def _source(ctx: MessageContext, sending: HD | None, facility: str) -> dict:
     """MessageHeader.source: MSH-3 (name); endpoint from MSH-24, else MSH-3 (IG HD[MessageHeader.source-endpoint]).
 
     The endpoint is the first universal id (HD-2) that is valid for its type
@@ -294,11 +299,11 @@ def _source(ctx: MessageContext, app: str, facility: str) -> dict:
     """
     msh = ctx.msg.msh
     source: dict = {}
+    app = sending.text if sending is not None else ""
     if app:
         source["name"] = app
         ctx.used(msh, 3, "MessageHeader.source.name")
     network = ctx.hd_field(msh.reps(24)[0]) if msh.reps(24) else None
-    sending = ctx.hd_field(msh.reps(3)[0]) if msh.reps(3) else None
     endpoint = ""
     for n, hd in ((24, network), (3, sending)):
         if hd is not None and hd.universal_uri:
@@ -311,7 +316,7 @@ def _source(ctx: MessageContext, app: str, facility: str) -> dict:
             endpoint = system
             ctx.used(msh, 24, "MessageHeader.source.endpoint")
     if not endpoint:
-        endpoint = authority_system(f"{app}.{facility}").replace("urn:herald:id:", "urn:herald:source:", 1)
+        endpoint = system_uri(f"{app}.{facility}", "source")
     source["endpoint"] = endpoint
     sft = ctx.msg.segment("SFT")
     if sft is not None:

@@ -67,12 +67,29 @@ def code_value(text: str) -> str:
 
 def authority_system(authority: str) -> str:
     """A system URI for an assigning authority: OIDs as urn:oid, URIs as given, others as a Herald URN."""
-    a = authority.strip()
+    return system_uri(authority, "id")
+
+
+def system_uri(name: str, kind: str) -> str:
+    """``name`` as a URI: an OID as urn:oid, a URI as given, anything else as ``urn:herald:<kind>:<name>``."""
+    a = name.strip()
     if _OID.match(a):
         return f"urn:oid:{a}"
     if a.lower().startswith(("http://", "https://", "urn:")) and not any(c.isspace() for c in a):
         return a
-    return "urn:herald:id:" + (_URN_UNSAFE.sub("-", a).strip("-") or "local")
+    return f"urn:herald:{kind}:" + (_URN_UNSAFE.sub("-", a).strip("-") or "local")
+
+
+def period_of(start: str, end: str) -> dict | None:
+    """A FHIR Period of the bounds that are known; None when neither is."""
+    if not start and not end:
+        return None
+    out = {}
+    if start:
+        out["start"] = start
+    if end:
+        out["end"] = end
+    return out
 
 
 def looks_like_npi(value: str) -> bool:
@@ -259,11 +276,7 @@ class MessageContext:
         m = _TABLE_NAME.match(upper)
         if m:
             return f"http://terminology.hl7.org/CodeSystem/v2-{m.group(1)}"
-        if name.lower().startswith(("http://", "https://", "urn:")) and not any(c.isspace() for c in name):
-            return name
-        if _OID.match(name):
-            return f"urn:oid:{name}"
-        return "urn:herald:codesystem:" + (_URN_UNSAFE.sub("-", name).strip("-") or "local")
+        return system_uri(name, "codesystem")
 
     def cwe(self, raw: str, table: str = "", v2_system: str = "") -> dict | None:
         """A CWE/CE/CNE repetition as a CodeableConcept.
@@ -372,8 +385,9 @@ class MessageContext:
         if n > 6:
             start = self.date(self.text(c[6]), "CX-7") if c[6] else ""
             end = self.date(self.text(c[7]), "CX-8") if n > 7 and c[7] else ""
-            if start or end:
-                ident["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+            valid = period_of(start, end)
+            if valid:
+                ident["period"] = valid
         if authority:
             ident["assigner"] = {"display": authority.text}
         return ident
@@ -408,8 +422,9 @@ class MessageContext:
         if n > 11 and (c[11] or (n > 12 and c[12])):
             start = self.dtm(text(c[11]), "XPN-12")[0]
             end = self.dtm(text(c[12]), "XPN-13")[0] if n > 12 else ""
-            if start or end:
-                name["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+            valid = period_of(start, end)
+            if valid:
+                name["period"] = valid
         return name if ("family" in name or "given" in name) else None
 
     def xad(self, raw: str) -> dict | None:
@@ -456,8 +471,9 @@ class MessageContext:
         if n > 12 and (c[12] or (n > 13 and c[13])):
             start = self.dtm(text(c[12]), "XAD-13")[0]
             end = self.dtm(text(c[13]), "XAD-14")[0] if n > 13 else ""
-            if start or end:
-                addr["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+            valid = period_of(start, end)
+            if valid:
+                addr["period"] = valid
         if len(addr) == (1 if "use" in addr else 0) + (1 if "type" in addr else 0):
             return None  # a type code alone is not an address
         return addr
@@ -579,10 +595,9 @@ class MessageContext:
             validity = c[16].split(self._sub)
             start, end = text(validity[0]), text(validity[1]) if len(validity) > 1 else ""
         if start or end:
-            start = self.dtm(start, "XCN-19")[0]
-            end = self.dtm(end, "XCN-20")[0]
-            if start or end:
-                name["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+            valid = period_of(self.dtm(start, "XCN-19")[0], self.dtm(end, "XCN-20")[0])
+            if valid:
+                name["period"] = valid
         if "family" in name or "given" in name:
             practitioner["name"] = [name]
         degree = code_value(text(c[6])) if n > 6 else ""

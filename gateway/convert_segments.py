@@ -13,12 +13,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gateway.convert_datatypes import MBI_PATTERN, MBI_SYSTEM, MessageContext, code_value, ref, resource_id
+from gateway.convert_datatypes import (
+    MBI_PATTERN,
+    MBI_SYSTEM,
+    NPI_SYSTEM,
+    V2_0203,
+    MessageContext,
+    code_value,
+    period_of,
+    ref,
+    resource_id,
+)
 from gateway.errors import MessageError
 from gateway.header import ERR_REQUIRED_FIELD_MISSING
 from gateway.v2 import Segment
 
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+#: An HL7 v2 table as a FHIR code system is this and its number.
+V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-"
 PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 V3_NULL_FLAVOR = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
@@ -40,15 +51,19 @@ class PatientKeys:
     sex: str  # M / F / O / U or ""
 
 
-def _period(start: str, end: str) -> dict | None:
-    if not start and not end:
+def _coded_field(ctx: MessageContext, seg: Segment, n: int, target: str, v2_table: str, table: str = "") -> dict | None:
+    """The first repetition of field ``n`` as a CodeableConcept, recorded as going to ``target``.
+
+    ``v2_table`` is the field's HL7 table (its code system when CWE-3 is
+    empty), ``table`` the Herald code table, if any (see :meth:`MessageContext.cwe`).
+    """
+    reps = seg.reps(n)
+    if not reps:
         return None
-    out = {}
-    if start:
-        out["start"] = start
-    if end:
-        out["end"] = end
-    return out
+    concept = ctx.cwe(reps[0], table, V2_TABLE + v2_table)
+    if concept:
+        ctx.used(seg, n, target)
+    return concept
 
 
 def _number(text: str) -> int | float | None:
@@ -199,12 +214,9 @@ def patient(
         if concept:
             ctx.used(pid, 15, "Patient.communication.language")
             res["communication"] = [{"language": concept}]
-    marital = pid.reps(16)
+    marital = _coded_field(ctx, pid, 16, "Patient.maritalStatus", "0002", "0002-marital-status")
     if marital:
-        concept = ctx.cwe(marital[0], "0002-marital-status", "http://terminology.hl7.org/CodeSystem/v2-0002")
-        if concept:
-            ctx.used(pid, 16, "Patient.maritalStatus")
-            res["maritalStatus"] = concept
+        res["maritalStatus"] = marital
     if pid.reps(17):
         ctx.used(pid, 17, "(left out: religion is not needed for a notification)")
     order = _number(ctx.field_text(pid, 25))
@@ -272,17 +284,14 @@ def _language(ctx: MessageContext, raw: str) -> dict | None:
 def _contact(ctx: MessageContext, nk1: Segment) -> dict | None:
     """NK1 as a Patient.contact (the IG's NK1[Patient] map)."""
     contact: dict = {}
-    relationship = []
-    for raw in nk1.reps(3)[:1]:
-        concept = ctx.cwe(raw, "0063-relationship", "http://terminology.hl7.org/CodeSystem/v2-0063")
-        if concept:
-            ctx.used(nk1, 3, "Patient.contact.relationship")
-            relationship.append(concept)
-    for raw in nk1.reps(7)[:1]:
-        concept = ctx.cwe(raw, "0131-contact-role", "http://terminology.hl7.org/CodeSystem/v2-0131")
-        if concept:
-            ctx.used(nk1, 7, "Patient.contact.relationship")
-            relationship.append(concept)
+    relationship = [
+        concept
+        for concept in (
+            _coded_field(ctx, nk1, 3, "Patient.contact.relationship", "0063", "0063-relationship"),
+            _coded_field(ctx, nk1, 7, "Patient.contact.relationship", "0131", "0131-contact-role"),
+        )
+        if concept
+    ]
     if relationship:
         contact["relationship"] = relationship
     names = [nm for nm in map(ctx.xpn, nk1.reps(2)) if nm]
@@ -306,7 +315,7 @@ def _contact(ctx: MessageContext, nk1: Segment) -> dict | None:
     if gender:
         ctx.used(nk1, 15, "Patient.contact.gender")
         contact["gender"] = gender
-    period = _period(ctx.date(ctx.field_text(nk1, 8), "NK1-8"), ctx.date(ctx.field_text(nk1, 9), "NK1-9"))
+    period = period_of(ctx.date(ctx.field_text(nk1, 8), "NK1-8"), ctx.date(ctx.field_text(nk1, 9), "NK1-9"))
     if period:
         ctx.used(nk1, 8, "Patient.contact.period")
         contact["period"] = period
@@ -375,7 +384,7 @@ def organization(ctx: MessageContext, name: str, npi: str = "") -> dict:
         return found
     org: dict = {"resourceType": "Organization", "id": rid, "name": name}
     if npi:
-        org["identifier"] = [{"system": "http://hl7.org/fhir/sid/us-npi", "value": npi}]
+        org["identifier"] = [{"system": NPI_SYSTEM, "value": npi}]
     ctx.add(org)
     return org
 
@@ -453,33 +462,24 @@ def encounter(
             ctx.used(evn, 6 if evn_occurred else 2, "Encounter.period.end (PV1-45 is empty)")
     elif pv1.reps(45):
         ctx.used(pv1, 45, f"(not used: the encounter is {status})")
-    period = _period(start, end)
+    period = period_of(start, end)
     if period:
         enc["period"] = period
 
-    admission_type = pv1.reps(4)
+    admission_type = _coded_field(ctx, pv1, 4, "Encounter.type", "0007", "0007-admission-type")
     if admission_type:
-        concept = ctx.cwe(admission_type[0], "0007-admission-type", "http://terminology.hl7.org/CodeSystem/v2-0007")
-        if concept:
-            ctx.used(pv1, 4, "Encounter.type")
-            enc["type"] = [concept]
-    service = pv1.reps(10)
+        enc["type"] = [admission_type]
+    service = _coded_field(ctx, pv1, 10, "Encounter.serviceType", "0069")
     if service:
-        concept = ctx.cwe(service[0], "", "http://terminology.hl7.org/CodeSystem/v2-0069")
-        if concept:
-            ctx.used(pv1, 10, "Encounter.serviceType")
-            enc["serviceType"] = concept
+        enc["serviceType"] = service
     if pv2 is not None:
         reasons = [c for c in map(ctx.cwe, pv2.reps(3)) if c]
         if reasons:
             ctx.used(pv2, 3, "Encounter.reasonCode")
             enc["reasonCode"] = reasons
-        priority = pv2.reps(25)
+        priority = _coded_field(ctx, pv2, 25, "Encounter.priority", "0217", "0217-encounter-priority")
         if priority:
-            concept = ctx.cwe(priority[0], "0217-encounter-priority", "http://terminology.hl7.org/CodeSystem/v2-0217")
-            if concept:
-                ctx.used(pv2, 25, "Encounter.priority")
-                enc["priority"] = concept
+            enc["priority"] = priority
 
     participants = []
     for n, code, display in PV1_PARTICIPANTS:
@@ -509,22 +509,17 @@ def encounter(
         if ident:
             ctx.used(pv1, 5, "Encounter.hospitalization.preAdmissionIdentifier")
             hosp["preAdmissionIdentifier"] = ident
-    for n, key, system in (
-        (14, "admitSource", "http://terminology.hl7.org/CodeSystem/v2-0023"),
-        (13, "reAdmission", "http://terminology.hl7.org/CodeSystem/v2-0092"),
-    ):
-        reps = pv1.reps(n)
-        if reps:
-            concept = ctx.cwe(reps[0], "", system)
-            if concept:
-                ctx.used(pv1, n, f"Encounter.hospitalization.{key}")
-                hosp[key] = concept
-    disposition = pv1.reps(36)
+    admit_source = _coded_field(ctx, pv1, 14, "Encounter.hospitalization.admitSource", "0023")
+    if admit_source:
+        hosp["admitSource"] = admit_source
+    readmission = _coded_field(ctx, pv1, 13, "Encounter.hospitalization.reAdmission", "0092")
+    if readmission:
+        hosp["reAdmission"] = readmission
+    disposition = _coded_field(
+        ctx, pv1, 36, "Encounter.hospitalization.dischargeDisposition", "0112", "0112-discharge-disposition"
+    )
     if disposition:
-        concept = ctx.cwe(disposition[0], "0112-discharge-disposition", "http://terminology.hl7.org/CodeSystem/v2-0112")
-        if concept:
-            ctx.used(pv1, 36, "Encounter.hospitalization.dischargeDisposition")
-            hosp["dischargeDisposition"] = concept
+        hosp["dischargeDisposition"] = disposition
     destination = pv1.reps(37)
     if destination:
         place = _discharged_to(ctx, destination[0])
@@ -632,7 +627,7 @@ def roles(ctx: MessageContext, segments: list[Segment], patient_res: dict, enc: 
                 entry = {"type": [{"coding": [coding]}], "individual": {"reference": reference}}
                 start = ctx.field_dtm(seg, 5 if seg.name == "ROL" else 11)
                 end = ctx.field_dtm(seg, 6 if seg.name == "ROL" else 12)
-                period = _period(start, end)
+                period = period_of(start, end)
                 if period:
                     entry["period"] = period
                 enc.setdefault("participant", []).append(entry)
@@ -794,12 +789,9 @@ def coverages(ctx: MessageContext, groups: list[tuple[Segment, Segment | None]],
         if plan:
             ctx.used(in1, 2, "Coverage.identifier")
             res["identifier"] = [{"system": ctx.scope_system, "value": plan}]
-        plan_type = in1.reps(15)
+        plan_type = _coded_field(ctx, in1, 15, "Coverage.type", "0086")
         if plan_type:
-            concept = ctx.cwe(plan_type[0], "", "http://terminology.hl7.org/CodeSystem/v2-0086")
-            if concept:
-                ctx.used(in1, 15, "Coverage.type")
-                res["type"] = concept
+            res["type"] = plan_type
         subscriber = ctx.field_text(in1, 49) or policy
         if subscriber:
             ctx.used(in1, 49 if ctx.field_text(in1, 49) else 36, "Coverage.subscriberId")
@@ -807,14 +799,11 @@ def coverages(ctx: MessageContext, groups: list[tuple[Segment, Segment | None]],
         holder = _policy_holder(ctx, in1)
         if holder is not None:
             res["policyHolder"] = {"reference": ctx.add(holder)}
-        relationship = in1.reps(17)
+        relationship = _coded_field(ctx, in1, 17, "Coverage.relationship", "0063")
         relation_code = ""
         if relationship:
-            concept = ctx.cwe(relationship[0], "", "http://terminology.hl7.org/CodeSystem/v2-0063")
-            if concept:
-                ctx.used(in1, 17, "Coverage.relationship")
-                res["relationship"] = concept
-                relation_code = concept.get("coding", [{}])[0].get("code", "").upper()
+            res["relationship"] = relationship
+            relation_code = relationship.get("coding", [{}])[0].get("code", "").upper()
         # IN1-16/17 (IG IN1[Coverage]): the insured is the patient (SEL), else a RelatedPerson.
         if relation_code == "SEL":
             ctx.used(in1, 16, "Coverage.subscriber (the patient: IN1-17 SEL)")
@@ -824,7 +813,7 @@ def coverages(ctx: MessageContext, groups: list[tuple[Segment, Segment | None]],
             if insured is not None:
                 res["subscriber"] = {"reference": ctx.add(insured)}
         res["beneficiary"] = {"reference": pat_ref}
-        period = _period(ctx.date(ctx.field_text(in1, 12), "IN1-12"), ctx.date(ctx.field_text(in1, 13), "IN1-13"))
+        period = period_of(ctx.date(ctx.field_text(in1, 12), "IN1-12"), ctx.date(ctx.field_text(in1, 13), "IN1-13"))
         if period:
             ctx.used(in1, 12, "Coverage.period")
             res["period"] = period

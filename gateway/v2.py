@@ -160,10 +160,9 @@ class V2Message:
             raise MessageError(
                 "MSH-2 must hold four (or, from v2.7, five) distinct encoding characters", ERR_DATA_TYPE, "MSH-2"
             )
+        # A fifth character (v2.7's truncation character) is accepted and not
+        # used: values are read as sent, a truncated value is the best we have.
         self.comp, self.rep, self.esc, self.sub = enc[0], enc[1], enc[2], enc[3]
-        #: v2.7's truncation character (MSH-2.5), "" before v2.7. Values are
-        #: read as sent: a truncated value is still the best we have.
-        self.trunc = enc[4] if len(enc) == 5 else ""
         self.segments: list[Segment] = []
         for line in _SEGMENT_END.split(text):
             if not line.strip():

@@ -98,15 +98,6 @@ class Vocabulary:
     npi_authorities: frozenset[str]
     primary_care_roles: frozenset[str]
 
-    def table(self, name: str) -> dict[str, Coding]:
-        """The code table ``name`` (file stem, e.g. ``0001-administrative-gender``)."""
-        return self.tables[name]
-
-    @property
-    def gender(self) -> dict[str, str]:
-        """Table 0001 as v2 code -> FHIR administrative-gender code."""
-        return {k: v.code for k, v in self.tables["0001-administrative-gender"].items()}
-
 
 def load_vocabulary(path: Path | None = None) -> Vocabulary:
     """Read ``tables.toml`` and ``tables/*.csv`` beside it.
