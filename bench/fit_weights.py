@@ -45,6 +45,7 @@ from gateway.matching import (  # noqa: E402
     MatchModel,
     blocking_keys,
     compare,
+    identity_floor_bounds,
     load_model,
     match_patient,
     person_from_member,
@@ -265,16 +266,19 @@ BLOCKING_NOTE = [
 ]
 
 
-IDENTITY_NOTE = [
-    "# Herald: the place (address, phone) never makes a match alone: neighbours and relatives",
-    "# share it. When the weights of given name, family name and birth date together come to",
-    "# less than `floor` bits, the grade is at best `best_grade`. 6 bits lies above every",
-    "# combination of these weights in which one name agrees while another of the three",
-    "# disagrees and the third disagrees or is missing (at most 5.91 bits: family close, given",
-    "# disagree, no birth date; 2.37 for the same given name with another surname and birth",
-    "# date) and below the birth date agreeing alone against two other names (6.25 bits).",
-    "# Derived from the weights fitted on FEBRL1-3, not tuned on FEBRL4 (bench/README.md).",
-]
+def identity_note(low: float, high: float, floor: float) -> list[str]:
+    return [
+        "# Herald: the place (address, phone) never makes a match alone: neighbours and relatives",
+        "# share it. When the weights of given name, family name and birth date together come to",
+        f"# less than `floor` bits, the grade is at best `best_grade`. {floor} bits is the midpoint",
+        "# of gateway.matching.identity_floor_bounds: above every combination of these weights in",
+        "# which one name agrees while another of the three disagrees and the third disagrees or",
+        f"# is missing (at most {low:.2f} bits) and below the birth date agreeing alone against two",
+        f"# other names ({high:.2f} bits). Computed by bench/fit_weights.py from the weights fitted",
+        "# on FEBRL1-3, not tuned on FEBRL4 (bench/README.md).",
+    ]
+
+
 PARTS_NOTE = [
     "# The address's parts (street, city, state, zip): their own weights serve only the",
     "# prefilter's cheap estimate (blocking); the score counts the address once, [fields.address].",
@@ -340,9 +344,9 @@ def render(model: MatchModel, m, u, notes: dict) -> str:
         f'both_differ = "{model.household_both_differ}"',
         f'one_differs = "{model.household_one_differs}"',
         "",
-        *IDENTITY_NOTE,
+        *identity_note(*notes["identity"]),
         "[identity]",
-        f"floor = {model.identity_floor}",
+        f"floor = {notes['identity'][2]}",
         f'best_grade = "{model.identity_best_grade}"',
         "",
         *BLOCKING_NOTE,
@@ -476,10 +480,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     notes["shares"] = {key: address_spec[key] for key in DERIVED_U.values()}
     notes["thresholds"] = "see the fit's output"
-    text = render(model, m, u, notes)
+    notes["identity"] = (0.0, 0.0, model.identity_floor)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder) / "matching.toml"
-        tmp.write_text(text)
+        tmp.write_text(render(model, m, u, notes))
+        # The identity floor follows the fitted weights: the midpoint of its interval.
+        low, high = identity_floor_bounds(load_model(tmp))
+        if not low < high:
+            raise SystemExit(f"fit_weights: no identity floor fits these weights (low {low:.2f} >= high {high:.2f})")
+        notes["identity"] = (low, high, round((low + high) / 2, 2))
+        print(f"identity floor: {notes['identity'][2]} (between {low:.2f} and {high:.2f})", file=sys.stderr)
+        tmp.write_text(render(model, m, u, notes))
         counts = training_grades(datasets, tmp)
     lines = []
     for g in ("certain", "probable", "possible", "none"):

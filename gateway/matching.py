@@ -720,6 +720,16 @@ def _date_level(a: str, b: str) -> str:
     return "disagree"
 
 
+def _number_and_name(street: str) -> tuple[str, str]:
+    """The house number of a normalised street line and the word after it, the street's name
+    (``("8", "CAHALAN")`` of ``"8 CAHALAN PL IRON SHOE LODGE"``; ``""`` for what is absent)."""
+    number = _house_number(street)
+    if not number:
+        return "", ""
+    rest = street[len(number) :].split(maxsplit=1)
+    return number, rest[0] if rest else ""
+
+
 def _street_level(a: str, b: str, sim: Mapping[str, float]) -> str:
     if not a or not b:
         return "missing"
@@ -729,6 +739,23 @@ def _street_level(a: str, b: str, sim: Mapping[str, float]) -> str:
     similarity = max(fuzz.ratio(ca, cb), fuzz.token_sort_ratio(a, b))
     if similarity >= sim["street_close"]:
         return "close"
+    # One line may carry what the other leaves out (a unit, a building, an estate or a
+    # locality after the street: "8 CAHALAN PL" and "8 CAHALAN PL IRON SHOE LODGE"), which
+    # pulls the whole-line similarity down. The same street name (the word after the house
+    # number, up to a typo in a name of four letters or more) is the same street whatever
+    # follows: with the same number `close` (the same house), with another `similar` (which
+    # address_level grades as a neighbour on that street).
+    number_a, name_a = _number_and_name(a)
+    number_b, name_b = _number_and_name(b)
+    if (
+        name_a
+        and name_b
+        and (
+            name_a == name_b
+            or (min(len(name_a), len(name_b)) >= 4 and JaroWinkler.similarity(name_a, name_b) >= sim["name_close"])
+        )
+    ):
+        return "close" if number_a == number_b else "similar"
     if similarity >= sim["street_similar"]:
         return "similar"
     return "disagree"
@@ -847,6 +874,34 @@ def household_limit(scored: Scored, model: MatchModel) -> str | None:
 
 #: The comparisons that say who the person is (not where they live): :func:`identity_limit` sums them.
 IDENTITY = ("given", "family", "birth_date")
+
+
+def identity_floor_bounds(model: MatchModel) -> tuple[float, float]:
+    """The interval the identity floor must lie in, from the model's weights: ``(low, high)``.
+
+    ``low`` is the most that given + family + birth date can weigh when one name
+    agrees (at any level) while another of the three disagrees and the third
+    disagrees or is missing: a relative (the surname) or a namesake (the given
+    name) at the same place. ``high`` is the birth date agreeing exactly
+    against two other names, which is identity enough. A floor in
+    ``(low, high]`` caps the first and not the second; ``bench/fit_weights.py``
+    writes the midpoint, and a test holds the shipped model to the interval.
+    """
+
+    def agreeing(name: str) -> float:
+        levels = model.fields[name].weights
+        return max(w for lv, w in levels.items() if lv not in ("disagree", "swapped"))
+
+    disagree = {f: model.weight(f, "disagree") for f in IDENTITY}
+    low = -math.inf
+    for name in ("given", "family"):
+        for other in IDENTITY:
+            if other == name:
+                continue
+            (third,) = set(IDENTITY) - {name, other}
+            low = max(low, agreeing(name) + disagree[other] + max(disagree[third], 0.0))
+    high = model.weight("birth_date", "exact") + disagree["given"] + disagree["family"]
+    return low, high
 
 
 def identity_limit(scored: Scored, model: MatchModel) -> str | None:

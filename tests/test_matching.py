@@ -16,6 +16,7 @@ from gateway.matching import (
     blocking_keys,
     compare,
     grade,
+    identity_floor_bounds,
     identity_limit,
     load_model,
     make_person,
@@ -298,11 +299,45 @@ HOME = {"street": "1761 Heron Rd", "city": "Ravenholt", "state": "KY", "zip": "1
         ({"street": "22 Copper Ct", "city": "Belmere", "state": "OH", "zip": "60601"}, "disagree"),
         ({"zip": "17447"}, "zip"),
         ({"phone": "2165550148"}, "missing"),
+        # A second line on one side only (a unit, a building, an estate): the street still agrees.
+        ({**HOME, "street": "1761 Heron Rd Bayview Apartments"}, "house"),
+        ({**HOME, "street": "1761 Herron Rd Unit 4B"}, "house"),  # and a typo in the name
+        ({**HOME, "street": "4976 Heron Rd Bayview Apartments"}, "street"),  # another number: a neighbour
+        ({**HOME, "street": "1761 Copper Ct Heron Village"}, "zip"),  # the same number on another street
+        ({**HOME, "street": "1761"}, "zip"),  # a number alone names no street
     ],
 )
 def test_address_is_graded_at_the_finest_place_both_share(model, other, expected):
     """House, street, ZIP, town, a like street elsewhere, state: the finest agreement is the address's level."""
     assert levels(model, HOME, other)["address"] == expected
+
+
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        ("8 CAHALAN PL", "8 CAHALAN PL IRON SHOE LODGE", "close"),
+        ("12 MAPLE ST", "12 MAPLEWOOD DR", "disagree"),  # a name's prefix is another street
+        ("12 OAK ST BRIARWOOD ESTATE", "12 OAKS LN", "disagree"),  # short names must agree exactly
+        ("30 VOGELSANG PL", "30 VOGELSNAG PL ALBION HEIGHTS", "close"),  # a typo in a long name
+        ("30 VOGELSANG PL", "31 VOGELSANG PL ALBION HEIGHTS", "similar"),
+        ("BAYVIEW TERRACE", "BAYVIEW ST HARBOUR ESTATE", "disagree"),  # no house number: no street name
+    ],
+)
+def test_street_line_with_a_second_line_on_one_side(model, a, b, expected):
+    """The same house number and street name agree, whatever one line adds after them."""
+    assert levels(model, {"street": a}, {"street": b})["street"] == expected
+
+
+def test_the_shipped_identity_floor_lies_in_its_derived_interval(model):
+    """The floor is above one name agreeing against the other two fields and below the birth date
+    agreeing against both names (gateway.matching.identity_floor_bounds; bench/fit_weights.py)."""
+    low, high = identity_floor_bounds(model)
+    assert low < model.identity_floor <= high
+    # The interval's ends are the sums they claim to be.
+    w = model.weight
+    assert high == pytest.approx(w("birth_date", "exact") + w("given", "disagree") + w("family", "disagree"))
+    assert low >= w("family", "exact") + w("given", "disagree") + w("birth_date", "disagree")
+    assert low >= w("given", "exact") + w("family", "disagree")
 
 
 def test_the_address_counts_once_however_many_parts_agree(model):
