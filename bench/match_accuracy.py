@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.matching import (  # noqa: E402
     blocking_keys,
+    compare,
     load_model,
     match_patient,
     members_to_compare,
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 c["ambiguous"] += result.method == "ambiguous"
             else:
                 c["none"] += 1
+            if not (result.grade in ("certain", "probable") and chosen == truth):
+                c["miss_" + miss_class(query.person, rows[position[truth]], position[truth] in compared, model)] += 1
         if (
             args.errors
             and len(errors) < args.errors
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         precision, recall, score = f1(c["tp"], c["fp"], n - c["tp"])
         bp, br, bf = f1(c["base_tp"], c["base_fp"], n - c["base_tp"])
+        two = c["miss_two_or_more"] + c["miss_two_or_more_not_compared"]
         report["halves"][h] = {
             "queries": n,
             "true_pairs": n,
@@ -325,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             "possible_with_true_candidate": c["possible_true_listed"],
             "ambiguous": c["ambiguous"],
             "none": c["none"],
+            "misses": {k: c["miss_" + k] for k in MISS_CLASSES},
+            # F1 if every miss agreeing on two or more of given name, family name and birth
+            # date were found (blocked or not), with no more wrong matches.
+            "f1_ceiling_two_identity_fields": round(f1(c["tp"] + two, c["fp"], n - c["tp"] - two)[2], 5),
             "baseline_precision": round(bp, 4),
             "baseline_recall": round(br, 4),
             "baseline_f1": round(bf, 4),
@@ -471,6 +479,23 @@ def at_scale(args, rows: list[dict], queries_b, overrides: dict) -> int:
     return 0
 
 
+#: What a missed true pair shares (see :func:`miss_class`).
+MISS_CLASSES = ("one_identity_field", "two_or_more_not_compared", "two_or_more")
+
+
+def miss_class(person, truth_row: dict, compared: bool, model) -> str:
+    """What a missed true pair shares: ``one_identity_field`` when at most one of given name,
+    family name and birth date agrees at any level (the rest of the evidence is the place,
+    which relatives and neighbours share: a model that finds these also routes them), else
+    ``two_or_more``, or ``two_or_more_not_compared`` when blocking or the shortlist lost the
+    true record."""
+    levels = compare(person, person_from_member(truth_row), model)
+    agreeing = sum(levels[f] not in ("disagree", "missing") for f in ("given", "family", "birth_date"))
+    if agreeing < 2:
+        return "one_identity_field"
+    return "two_or_more" if compared else "two_or_more_not_compared"
+
+
 def _explain(query_id: str, result, truth_row: dict, query, model) -> str:
     from gateway.matching import score
 
@@ -510,6 +535,17 @@ def _print(report: dict) -> None:
             f"{r['false_positives']:>4}  {r['precision']:.5f}    {r['recall']:.5f}  {r['f1']:.5f}  "
             f"{r['possible_queue']:>8} ({r['possible_with_true_candidate']})          {r['none']:>5} | "
             f"{r['baseline_precision']:.4f} / {r['baseline_recall']:.4f} / {r['baseline_f1']:.4f}"
+        )
+    print(
+        "misses by what the true pair shares: at most one of given name, family name, birth date agrees"
+        " / two or more agree (of them not compared); F1 if every 'two or more' were found with no wrong match"
+    )
+    for h, r in report["halves"].items():
+        miss = r["misses"]
+        two = miss["two_or_more"] + miss["two_or_more_not_compared"]
+        print(
+            f"{h:<5} {miss['one_identity_field']:>4} / {two:>4} ({miss['two_or_more_not_compared']}); "
+            f"F1 ceiling {r['f1_ceiling_two_identity_fields']:.5f}"
         )
     print(
         f"time: {report['match_ms_per_query']} ms per query (match_patient, in-memory index); "
