@@ -315,6 +315,20 @@ def street_abbreviations() -> dict[str, str]:
     return dict(_read_csv(MAPPINGS_DIR / "street_abbreviations.csv", ("word", "abbreviation")))
 
 
+@cache
+def street_word_kinds() -> dict[str, str]:
+    """USPS abbreviation -> what it is in a street line: ``type`` (ST, AVE), ``directional`` (N, SW)
+    or ``unit`` (APT, STE); from the ``kind`` column of ``street_abbreviations.csv``."""
+    kinds = dict(_read_csv(MAPPINGS_DIR / "street_abbreviations.csv", ("abbreviation", "kind")))
+    unknown = set(kinds.values()) - {"TYPE", "DIRECTIONAL", "UNIT"}
+    if unknown:
+        raise ConfigError(
+            "matching",
+            f"street_abbreviations.csv: kind must be type, directional or unit, not {', '.join(sorted(unknown))}",
+        )
+    return {abbreviation: kind.lower() for abbreviation, kind in kinds.items()}
+
+
 # -- blocking --------------------------------------------------------------------
 
 
@@ -720,14 +734,27 @@ def _date_level(a: str, b: str) -> str:
     return "disagree"
 
 
-def _number_and_name(street: str) -> tuple[str, str]:
-    """The house number of a normalised street line and the word after it, the street's name
-    (``("8", "CAHALAN")`` of ``"8 CAHALAN PL IRON SHOE LODGE"``; ``""`` for what is absent)."""
+@lru_cache(maxsize=65536)
+def _number_name_type(street: str) -> tuple[str, str, str]:
+    """A normalised street line's house number, street name and street type, ``""`` for what is absent.
+
+    The name runs from after the number to its first word of three letters or more, so
+    a directional or a short prefix stays part of it (``N MAIN``, ``ST KILDA``); the type
+    is the word after the name when it is a street type (``PL``, ``AVE``). What follows
+    (a unit, a building, an estate) is left out: ``("8", "CAHALAN", "PL")`` of
+    ``"8 CAHALAN PL IRON SHOE LODGE"``.
+    """
     number = _house_number(street)
     if not number:
-        return "", ""
-    rest = street[len(number) :].split(maxsplit=1)
-    return number, rest[0] if rest else ""
+        return "", "", ""
+    words = street[len(number) :].split()
+    kinds = street_word_kinds()
+    i = 0
+    while i < len(words) - 1 and (len(words[i]) <= 2 or kinds.get(words[i]) == "directional"):
+        i += 1
+    name = " ".join(words[: i + 1])
+    after = words[i + 1] if i + 1 < len(words) else ""
+    return number, name, after if kinds.get(after) == "type" else ""
 
 
 def _street_level(a: str, b: str, sim: Mapping[str, float]) -> str:
@@ -741,15 +768,16 @@ def _street_level(a: str, b: str, sim: Mapping[str, float]) -> str:
         return "close"
     # One line may carry what the other leaves out (a unit, a building, an estate or a
     # locality after the street: "8 CAHALAN PL" and "8 CAHALAN PL IRON SHOE LODGE"), which
-    # pulls the whole-line similarity down. The same street name (the word after the house
-    # number, up to a typo in a name of four letters or more) is the same street whatever
-    # follows: with the same number `close` (the same house), with another `similar` (which
-    # address_level grades as a neighbour on that street).
-    number_a, name_a = _number_and_name(a)
-    number_b, name_b = _number_and_name(b)
+    # pulls the whole-line similarity down. The same street name (up to a typo in a name of
+    # four letters or more) and no two different street types (5TH AVE is not 5TH ST) is
+    # the same street whatever follows: with the same number `close` (the same house), with
+    # another `similar` (which address_level grades as a neighbour on that street).
+    number_a, name_a, type_a = _number_name_type(a)
+    number_b, name_b, type_b = _number_name_type(b)
     if (
         name_a
         and name_b
+        and (not type_a or not type_b or type_a == type_b)
         and (
             name_a == name_b
             or (min(len(name_a), len(name_b)) >= 4 and JaroWinkler.similarity(name_a, name_b) >= sim["name_close"])

@@ -321,6 +321,11 @@ def test_address_is_graded_at_the_finest_place_both_share(model, other, expected
         ("30 VOGELSANG PL", "30 VOGELSNAG PL ALBION HEIGHTS", "close"),  # a typo in a long name
         ("30 VOGELSANG PL", "31 VOGELSANG PL ALBION HEIGHTS", "similar"),
         ("BAYVIEW TERRACE", "BAYVIEW ST HARBOUR ESTATE", "disagree"),  # no house number: no street name
+        ("8 CAHALAN", "8 CAHALAN PL IRON SHOE LODGE", "close"),  # the type left out on one side
+        ("12 5TH AVE", "12 5TH ST APT 3", "disagree"),  # two street types: two streets
+        ("12 N MAIN ST", "12 N ELM ST BLDG 2", "disagree"),  # a directional is part of the name
+        ("12 ST KILDA RD", "12 ST GEORGES RD UNIT 4", "disagree"),  # and so is a short prefix
+        ("12 N MAIN ST", "12 N MAIN ST REAR", "close"),
     ],
 )
 def test_street_line_with_a_second_line_on_one_side(model, a, b, expected):
@@ -753,6 +758,30 @@ def test_person_is_a_frozen_value():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.given = "X"  # type: ignore[misc]
     assert p == make_person(given="ALICIA")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("word,abbreviation,kind\nSTREET,ST,road\n", "kind must be type, directional or unit, not ROAD"),
+        ("word,abbreviation\nSTREET,ST\n", "the header must have columns abbreviation, kind"),
+        ("word,abbreviation,kind\nSTREET,ST,\n", "line 2: abbreviation and kind are required"),
+    ],
+)
+def test_a_bad_street_abbreviations_file_is_named(tmp_path, monkeypatch, text, message):
+    """A street word's kind that is not type/directional/unit, or a missing kind column, is a ConfigError."""
+    import gateway.matching as matching
+
+    (tmp_path / "street_abbreviations.csv").write_text(text)
+    monkeypatch.setattr(matching, "MAPPINGS_DIR", tmp_path)
+    matching.street_word_kinds.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=message):
+            matching.street_word_kinds()
+    finally:
+        monkeypatch.undo()
+        matching.street_word_kinds.cache_clear()
+    assert matching.street_word_kinds()["AVE"] == "type"
 
 
 def test_mapping_files_exist():
