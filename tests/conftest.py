@@ -104,3 +104,30 @@ def herald_server(tmp_path):
             proc.kill()
             proc.wait()
     drain.join(timeout=5)
+
+
+# -- a running Store without a running reactor (test_intake, test_store_threads) ----------
+
+
+@pytest.fixture
+def reactor():
+    """test_intake's QueueReactor: the Store's threads hand results back through it and the test drains it."""
+    from test_intake import QueueReactor
+
+    return QueueReactor()
+
+
+@pytest.fixture
+def store(tmp_path, reactor):
+    """A running Store on a fresh SQLite file; stopped (and its threads joined) after the test.
+
+    test_store.py has its own ``store``: a Store that is never started.
+    """
+    from test_intake import STORED_AT, drain, success
+
+    from gateway.store import Store
+
+    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
+    s.start()
+    yield s
+    success(drain(reactor, s.stop()))

@@ -103,20 +103,6 @@ def drain(reactor: QueueReactor, d: defer.Deferred) -> defer.Deferred:
 
 
 @pytest.fixture
-def reactor() -> QueueReactor:
-    return QueueReactor()
-
-
-@pytest.fixture
-def store(tmp_path, reactor):
-    """A running Store on a fresh SQLite file; stopped (and its thread joined) after the test."""
-    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
-    s.start()
-    yield s
-    success(drain(reactor, s.stop()))
-
-
-@pytest.fixture
 def intake(store, pinned_acks):
     stored = []
     i = Intake(store, pinned_acks, on_stored=lambda: stored.append(True), max_length=2048)

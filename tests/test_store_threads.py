@@ -9,25 +9,10 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-from test_intake import STORED_AT, QueueReactor, drain, success
+from test_intake import STORED_AT, drain, success
 
 from gateway.errors import StoreError
 from gateway.store import RECEIVED, IntakeRecord, Store
-
-
-@pytest.fixture
-def reactor() -> QueueReactor:
-    return QueueReactor()
-
-
-@pytest.fixture
-def store(tmp_path, reactor):
-    """A running Store; stopped (threads joined) after the test."""
-    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
-    s.start()
-    yield s
-    success(drain(reactor, s.stop()))
 
 
 def record(control_id: str) -> IntakeRecord:
