@@ -477,8 +477,8 @@ def serve_instrumented(argv: list[str]) -> None:
     from twisted.internet import defer, task
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from gateway.app.service import make_service
     from gateway.config import load_config
-    from gateway.service import make_service
 
     cfg = load_config(opts.config, data_dir=opts.data, listen=[opts.listen])
 

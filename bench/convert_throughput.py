@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.convert import convert, validate_bundle  # noqa: E402
-from gateway.v2 import V2Message  # noqa: E402
-from gateway.vocabulary import load_vocabulary  # noqa: E402
+from gateway.conversion.convert import convert, validate_bundle  # noqa: E402
+from gateway.conversion.v2 import V2Message  # noqa: E402
+from gateway.conversion.vocabulary import load_vocabulary  # noqa: E402
 
 EVENTS = [("A01", "I"), ("A03", "I"), ("A04", "E"), ("A08", "O"), ("A11", "I")]
 NPI = "1234567893"

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from match_accuracy import MemoryRoster, fhir_patient, roster_row  # noqa: E402
 
-from gateway.matching import (  # noqa: E402
+from gateway.matching.model import (  # noqa: E402
     LEVELS,
     MAPPINGS_DIR,
     MatchModel,
@@ -53,7 +53,7 @@ from gateway.matching import (  # noqa: E402
 )
 
 FITTED = ("given", "family", "birth_date", "street", "city", "state", "zip")
-#: The second fit: the address's parts as one comparison (see gateway.matching.address_level).
+#: The second fit: the address's parts as one comparison (see gateway.matching.model.address_level).
 JOINT = ("given", "family", "birth_date", "address")
 #: Address levels whose u is derived, not counted: FEBRL draws street, suburb and postcode
 #: independently of each other, so among its random pairs "same street in the same ZIP" is
@@ -271,7 +271,7 @@ def identity_note(low: float, high: float, floor: float) -> list[str]:
         "# Herald: the place (address, phone) never makes a match alone: neighbours and relatives",
         "# share it. When the weights of given name, family name and birth date together come to",
         f"# less than `floor` bits, the grade is at best `best_grade`. {floor} bits is the midpoint",
-        "# of gateway.matching.identity_floor_bounds: above every combination of these weights in",
+        "# of gateway.matching.model.identity_floor_bounds: above every combination of these weights in",
         "# which one name agrees while another of the three disagrees and the third disagrees or",
         f"# is missing (at most {low:.2f} bits) and below the birth date agreeing alone against two",
         f"# other names ({high:.2f} bits). Computed by bench/fit_weights.py from the weights fitted",
@@ -284,7 +284,7 @@ PARTS_NOTE = [
     "# prefilter's cheap estimate (blocking); the score counts the address once, [fields.address].",
 ]
 ADDRESS_NOTE = [
-    "# Herald: the address as ONE comparison (gateway.matching.address_level): the finest place",
+    "# Herald: the address as ONE comparison (gateway.matching.model.address_level): the finest place",
     "# both agree on (house; street; zip; town; street_elsewhere; state; disagree), because its",
     "# parts are not independent (one ZIP is one town and state; 'the same street' is only",
     "# evidence inside one town) and adding them counted one place three or four times.",

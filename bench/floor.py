@@ -46,8 +46,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _TWISTED_SERVER = r"""
 import sys
 from twisted.internet import reactor
-from gateway.ack import ACCEPTED, AckBuilder
-from gateway.header import read_header
+from gateway.intake.ack import ACCEPTED, AckBuilder
+from gateway.intake.header import read_header
 from mllp import MLLPServerFactory
 
 acks = AckBuilder()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.matching import (  # noqa: E402
+from gateway.matching.model import (  # noqa: E402
     blocking_keys,
     compare,
     load_model,
@@ -374,7 +374,7 @@ def at_scale(args, rows: list[dict], queries_b, overrides: dict) -> int:
     import shutil
     import tempfile
 
-    from gateway.roster import RosterMember, RosterRow
+    from gateway.matching.roster import RosterMember, RosterRow
     from gateway.store import StoredRoster, import_roster, open_roster_snapshot, roster_path
 
     tmp = Path(tempfile.mkdtemp(prefix="herald-bench-febrl-scale-"))
@@ -497,7 +497,7 @@ def miss_class(person, truth_row: dict, compared: bool, model) -> str:
 
 
 def _explain(query_id: str, result, truth_row: dict, query, model) -> str:
-    from gateway.matching import score
+    from gateway.matching.model import score
 
     true_score = score(query.person, person_from_member(truth_row), model)
     levels = " ".join(f"{f.field}={f.level}" for f in true_score.fields if f.level != "missing")

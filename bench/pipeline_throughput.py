@@ -62,9 +62,11 @@ from ack_throughput import Server, code_under_test, free_port, run_mllp_load, se
 from synthetic_people import mbi, person, typo  # noqa: E402
 
 from gateway.config import Config, default_recipients  # noqa: E402
-from gateway.convert import convert, validate_bundle  # noqa: E402
-from gateway.pipeline import MatchPolicy, process_message  # noqa: E402
-from gateway.roster import RosterMember  # noqa: E402
+from gateway.conversion.convert import convert, validate_bundle  # noqa: E402
+from gateway.conversion.v2 import V2Message  # noqa: E402
+from gateway.conversion.vocabulary import load_vocabulary  # noqa: E402
+from gateway.matching.roster import RosterMember  # noqa: E402
+from gateway.pipeline.process import MatchPolicy, process_message  # noqa: E402
 from gateway.store import (  # noqa: E402
     PendingMessage,
     StoredRoster,
@@ -72,8 +74,6 @@ from gateway.store import (  # noqa: E402
     open_database,
     open_roster_snapshot,
 )
-from gateway.v2 import V2Message  # noqa: E402
-from gateway.vocabulary import load_vocabulary  # noqa: E402
 
 BATCH = Config.pipeline_batch  # the default [pipeline] batch_size
 ROSTER_AUTHORITY = "BENCHHOSP"

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ack import AckBuilder
 from gateway.config import load_config
-from gateway.pipeline import MatchPolicy
-from gateway.roster import import_roster_file
+from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
+from gateway.intake.ack import AckBuilder
+from gateway.matching.roster import import_roster_file
+from gateway.pipeline.process import MatchPolicy
 from gateway.store import StoredRoster, open_roster_snapshot
-from gateway.vocabulary import Vocabulary, load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_messages"
 #: Herald's CLI as a separate process, the way an operator runs it.
-HERALD = [sys.executable, "-m", "gateway.cli"]
+HERALD = [sys.executable, "-m", "gateway.app.cli"]
 
 #: The moment every pinned ACK is stamped with (MSH-7 ``20260301120000+0000``).
 ACK_TIME = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)

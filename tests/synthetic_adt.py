@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.v2 import V2Message
+from gateway.conversion.v2 import V2Message
 
 #: CMS's published example MBI and a test NPI that passes the check digit.
 MBI = "1EG4TE5MK73"

@@ -11,19 +11,19 @@ import pytest
 from click.testing import CliRunner
 from test_intake import accepted_record
 
-from gateway.cli import main
+from gateway.app.cli import main
+from gateway.app.replay import split_messages
 from gateway.config import default_recipients
-from gateway.convert import validate_bundle
-from gateway.pipeline import process_message
-from gateway.replay import split_messages
-from gateway.roster import import_roster_file
+from gateway.conversion.convert import validate_bundle
+from gateway.conversion.vocabulary import load_vocabulary
+from gateway.matching.roster import import_roster_file
+from gateway.pipeline.process import process_message
 from gateway.store import (
     Store,
     StoredRoster,
     open_roster_snapshot,
     roster_count,
 )
-from gateway.vocabulary import load_vocabulary
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 ADMIT = SAMPLES / "epic-v251-a01-admit-from-ed.hl7"

@@ -10,16 +10,16 @@ from zoneinfo import ZoneInfo
 import pytest
 from synthetic_adt import MBI, NPI, adt, only, resolve
 
-from gateway.convert import (
+from gateway.app.replay import split_messages
+from gateway.conversion.convert import (
     MBI_SYSTEM,
     NOTIFICATION_EVENT_SYSTEM,
     NPI_SYSTEM,
     convert,
     validate_bundle,
 )
+from gateway.conversion.v2 import V2Message
 from gateway.errors import MessageError
-from gateway.replay import split_messages
-from gateway.v2 import V2Message
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.glob("*.hl7"))

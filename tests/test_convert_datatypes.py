@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.convert_datatypes import MBI_SYSTEM, NPI_SYSTEM, MessageContext, authority_system
-from gateway.v2 import V2Message
-from gateway.vocabulary import load_vocabulary
+from gateway.conversion.datatypes import MBI_SYSTEM, NPI_SYSTEM, MessageContext, authority_system
+from gateway.conversion.v2 import V2Message
+from gateway.conversion.vocabulary import load_vocabulary
 
 MSH = "MSH|^~\\&|APP|FAC|HERALD|ACO|20260301120000||ADT^A01|C1|P|2.5.1\r"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"

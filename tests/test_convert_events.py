@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from synthetic_adt import MBI, NPI, PCP_NPI, adt, only, resolve, resources, segment
 
-from gateway.convert import MBI_SYSTEM, NOTIFICATION_EVENT_SYSTEM, NPI_SYSTEM, convert, validate_bundle
+from gateway.conversion.convert import MBI_SYSTEM, NOTIFICATION_EVENT_SYSTEM, NPI_SYSTEM, convert, validate_bundle
 
 RECEIVED = datetime(2026, 3, 1, 17, 0, 0, tzinfo=UTC)
 V2_0003 = "http://terminology.hl7.org/CodeSystem/v2-0003"
@@ -425,7 +425,7 @@ def test_resource_ids_are_uuid5_of_herald_namespace():
     """resource_id is uuid5(HERALD_NAMESPACE, parts joined by |): ids stay those of earlier releases."""
     import uuid
 
-    from gateway.convert import HERALD_NAMESPACE, resource_id
+    from gateway.conversion.convert import HERALD_NAMESPACE, resource_id
 
     for parts in [("Patient", "APP|FAC", "urn:herald:id:H", "M1"), ("Encounter", "é", ""), ("",)]:
         assert resource_id(*parts) == str(uuid.uuid5(HERALD_NAMESPACE, "|".join(parts)))

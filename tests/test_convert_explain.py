@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from synthetic_adt import adt, adt_text, segment
 
-from gateway.cli import main
-from gateway.convert import convert
-from gateway.explain import explain_lines
+from gateway.app.cli import main
+from gateway.conversion.convert import convert
+from gateway.conversion.explain import explain_lines
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 import pytest
 from synthetic_adt import adt, adt_text, resolve, segment
 
-from gateway.convert import convert, validate_bundle
-from gateway.convert_datatypes import MessageContext
-from gateway.v2 import V2Message
+from gateway.conversion.convert import convert, validate_bundle
+from gateway.conversion.datatypes import MessageContext
+from gateway.conversion.v2 import V2Message
 
 RECEIVED = datetime(2026, 3, 1, 17, 0, 0, tzinfo=UTC)
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.convert import NOTIFICATION_EVENT_SYSTEM, convert, validate_bundle
+from gateway.conversion.convert import NOTIFICATION_EVENT_SYSTEM, convert, validate_bundle
+from gateway.conversion.v2 import V2Message
+from gateway.conversion.vocabulary import load_vocabulary
 from gateway.errors import MessageError
-from gateway.v2 import V2Message
-from gateway.vocabulary import load_vocabulary
 
 VOCAB = load_vocabulary()
 SEPARATORS = set("|^~\\&#\r\n")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.conversion.vocabulary import MAPPINGS_DIR, REQUIRED_TABLES, load_vocabulary
 from gateway.errors import ConfigError
-from gateway.vocabulary import MAPPINGS_DIR, REQUIRED_TABLES, load_vocabulary
 
 
 @pytest.fixture

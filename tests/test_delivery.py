@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gateway import delivery
-from gateway.delivery import backoff_delay, write_files_atomically
+from gateway.delivery import worker as delivery
+from gateway.delivery.worker import backoff_delay, write_files_atomically
 
 
 @pytest.fixture(params=["syncfs", "fsync"])

@@ -19,12 +19,12 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from gateway.app.replay import read_ack, split_messages
+from gateway.app.service import make_service
 from gateway.config import load_config
+from gateway.delivery.routing import notification_payload
 from gateway.errors import StoreError
-from gateway.replay import read_ack, split_messages
-from gateway.roster import import_roster_file
-from gateway.routing import notification_payload
-from gateway.service import make_service
+from gateway.matching.roster import import_roster_file
 from gateway.store import IntakeRecord, Notification, Store, open_database
 from mllp import connect, frame
 
@@ -465,7 +465,7 @@ class TlsTests(unittest.TestCase):
         from twisted.internet import ssl
         from twisted.internet.endpoints import SSL4ClientEndpoint
 
-        from gateway.certs import make_dev_certs, server_endpoint
+        from gateway.app.certs import make_dev_certs, server_endpoint
 
         data = temporary_folder(self)
         certs = data / "certs"

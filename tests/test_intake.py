@@ -20,8 +20,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.header import ERROR_TEXT, read_header
-from gateway.intake import Intake
+from gateway.intake.header import ERROR_TEXT, read_header
+from gateway.intake.receiver import Intake
 from gateway.store import RECEIVED, IntakeRecord, Store, open_database
 from mllp import MLLPServerFactory, frame
 

@@ -1,7 +1,7 @@
 """Matching grades end to end: roster import, the pipeline's match step, the review queue, opt-outs.
 
 Messages are stored by intake's SQL and processed by the production batch
-function (``gateway.workers.process_batch_here``) on a real SQLite file; the
+function (``gateway.pipeline.workers.process_batch_here``) on a real SQLite file; the
 review queue and ``herald match`` are driven through the CLI.
 """
 
@@ -16,12 +16,12 @@ from click.testing import CliRunner
 from test_cli import explain
 from test_intake import accepted_record
 
-from gateway.cli import main
+from gateway.app.cli import main
 from gateway.config import load_config
-from gateway.roster import import_roster_file
+from gateway.conversion.vocabulary import load_vocabulary
+from gateway.matching.roster import import_roster_file
+from gateway.pipeline.workers import process_batch_here
 from gateway.store import RosterReader, Store, message_detail, open_database, stored_match
-from gateway.vocabulary import load_vocabulary
-from gateway.workers import process_batch_here
 
 NOW = datetime(2026, 11, 20, 8, 0, 0, tzinfo=UTC)
 HEADER = (
@@ -354,7 +354,7 @@ def test_herald_match_with_a_roster_file_from_a_newer_herald_is_a_clean_error(ga
 
 def test_thresholds_follow_the_roster_size_until_the_config_sets_them(tmp_path):
     """The workers' policy scales the thresholds with the roster, recounted after each import."""
-    from gateway.workers import policy_for
+    from gateway.pipeline.workers import policy_for
 
     gw = Gateway(tmp_path)
     default = load_config(None, data_dir=gw.data)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import pipeline
+from gateway.app.replay import split_messages
 from gateway.config import Recipient, default_recipients
-from gateway.pipeline import MATCHED, UNMATCHED, process_message
-from gateway.replay import split_messages
-from gateway.routing import notification_payload
+from gateway.delivery.routing import notification_payload
+from gateway.pipeline import process as pipeline
+from gateway.pipeline.process import MATCHED, UNMATCHED, process_message
 from gateway.store import FAILED, IGNORED, ROUTED, PendingMessage
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from synthetic_adt import adt_text
 
-from gateway.cli import main
-from gateway.replay import ReplayError, collect_messages, split_messages
+from gateway.app.cli import main
+from gateway.app.replay import ReplayError, collect_messages, split_messages
 
 MSG = adt_text().rstrip("\r").split("\r")  # MSH, EVN, PID, PV1
 

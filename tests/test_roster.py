@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 import pytest
 
 from gateway.errors import RosterError
-from gateway.roster import (
+from gateway.matching.roster import (
     RosterMember,
     RosterOptions,
     RosterSource,

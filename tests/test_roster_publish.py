@@ -24,7 +24,7 @@ import pytest
 
 import gateway.store
 from gateway.errors import RosterError
-from gateway.roster import RosterOptions, import_roster_file
+from gateway.matching.roster import RosterOptions, import_roster_file
 from gateway.store import (
     RosterReader,
     StoredRoster,
@@ -35,7 +35,7 @@ from gateway.store import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-HERALD = [sys.executable, "-m", "gateway.cli"]
+HERALD = [sys.executable, "-m", "gateway.app.cli"]
 ADMIT = ROOT / "sample_messages" / "epic-v251-a01-admit-from-ed.hl7"
 NOW = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 TODAY = RosterOptions(today=date(2026, 11, 20))

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.convert import convert
-from gateway.routing import bundle_json, destination_endpoint, payload_builder
+from gateway.conversion.convert import convert
+from gateway.conversion.v2 import V2Message
+from gateway.conversion.vocabulary import load_vocabulary
+from gateway.delivery.routing import bundle_json, destination_endpoint, payload_builder
 from gateway.store import Notification
-from gateway.v2 import V2Message
-from gateway.vocabulary import load_vocabulary
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "sample_messages").glob("*.hl7"))
 

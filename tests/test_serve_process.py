@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HERALD = [sys.executable, "-m", "gateway.cli"]
+HERALD = [sys.executable, "-m", "gateway.app.cli"]
 
 
 def herald(*args, **kw) -> subprocess.CompletedProcess:

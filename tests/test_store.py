@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.pipeline import MessageOutcome
+from gateway.pipeline.process import MessageOutcome
 from gateway.store import RECEIVED, IntakeRecord, Notification, Store
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)

@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from gateway.conversion.v2 import V2Message, declared_charset, decode, parse_dtm
 from gateway.errors import MessageError
-from gateway.v2 import V2Message, declared_charset, decode, parse_dtm
 
 MSH = "MSH|^~\\&|TESTAPP|TESTFAC|HERALD|ACO|20260301120000||ADT^A01^ADT_A01|CTRL0001|P|2.5.1"
 

@@ -5,7 +5,7 @@ takes in Herald: intake reads the MSH (``read_header``: a refusal there is an
 AR), the pipeline parses it with the charset intake recorded, converts it
 (``convert``: an event Herald does not notify on is "not converted") and
 validates the Bundle (``validate_bundle``). Files are split into messages with
-``gateway.replay.split_messages``, as ``herald send`` and ``herald convert``
+``gateway.app.replay.split_messages``, as ``herald send`` and ``herald convert``
 read them; a file with no message in it is refused the way ``herald convert``
 refuses it. Any exception other than ``MessageError`` is a crash and is left
 to propagate.
@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
-from gateway.convert import Conversion, convert, validate_bundle
+from gateway.app.replay import NO_MESSAGE, ReplayError, split_messages
+from gateway.conversion.convert import Conversion, convert, validate_bundle
+from gateway.conversion.v2 import V2Message
+from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
 from gateway.errors import MessageError
-from gateway.header import ERR_UNSUPPORTED_EVENT, ERR_UNSUPPORTED_MESSAGE_TYPE, read_header
-from gateway.replay import NO_MESSAGE, ReplayError, split_messages
-from gateway.v2 import V2Message
-from gateway.vocabulary import Vocabulary, load_vocabulary
+from gateway.intake.header import ERR_UNSUPPORTED_EVENT, ERR_UNSUPPORTED_MESSAGE_TYPE, read_header
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"

@@ -91,7 +91,7 @@ def pairs() -> list[Pair]:
 def _pair_bundles(stem: str) -> tuple[dict, dict | None, str]:
     pair = next(p for p in pairs() if p.stem == stem)
     expected = json.loads((FOLDER / pair.expected).read_text(encoding="utf-8"))
-    from gateway.replay import split_messages
+    from gateway.app.replay import split_messages
 
     raw = split_messages((FOLDER / pair.message).read_bytes())[0]
     outcome = herald_outcome(raw)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from gateway.header import DEFAULT_SEPARATORS, ERROR_TEXT, MessageHeader
+from gateway.intake.header import DEFAULT_SEPARATORS, ERROR_TEXT, MessageHeader
 
 #: Acceptance outcomes, named for what they mean.
 ACCEPTED = "accepted"  # stored: AA / CA

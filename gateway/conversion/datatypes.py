@@ -16,9 +16,9 @@ import uuid
 from datetime import datetime, tzinfo
 from hashlib import sha1
 
+from gateway.conversion.v2 import Segment, V2Message, parse_dtm
+from gateway.conversion.vocabulary import Vocabulary
 from gateway.errors import MessageError
-from gateway.v2 import Segment, V2Message, parse_dtm
-from gateway.vocabulary import Vocabulary
 
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
 MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"

@@ -14,8 +14,8 @@ import json
 from collections.abc import Callable, Mapping
 
 from gateway.config import Recipient
-from gateway.convert import Conversion, resource_id
-from gateway.matching import Match
+from gateway.conversion.convert import Conversion, resource_id
+from gateway.matching.model import Match
 from gateway.store import Notification
 
 

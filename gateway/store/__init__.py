@@ -254,7 +254,7 @@ def _migrate_v3(conn: sqlite3.Connection) -> None:
     _run_sql(conn, _SCHEMA_V3)
     # Members imported by version 1 move to the roster file (published like an
     # import, audited here), so matching finds them without a new import.
-    from gateway.roster import RosterMember, RosterRow
+    from gateway.matching.roster import RosterMember, RosterRow
 
     cols = ", ".join(_V1_MEMBER_COLUMNS)
     legacy = conn.execute(f"SELECT {cols} FROM roster_members ORDER BY aco_id, member_id").fetchall()
@@ -345,7 +345,7 @@ class DeliveryAttempt:
 
 @dataclass(frozen=True, slots=True)
 class Notification:
-    """One outbox row: a Bundle for one recipient over one channel (see :mod:`gateway.routing`)."""
+    """One outbox row: a Bundle for one recipient over one channel (see :mod:`gateway.delivery.routing`)."""
 
     id: str
     message_id: int
@@ -1124,7 +1124,7 @@ MEMBER_COLUMNS = (
     "opted_out",
 )
 #: What a lookup returns of a member: the contract's columns and the normalised
-#: person (``gateway.matching.pack_person``), so scoring does no normalising.
+#: person (``gateway.matching.model.pack_person``), so scoring does no normalising.
 _ROW_COLUMNS = (*MEMBER_COLUMNS, "person")
 _MEMBER_SELECT = ", ".join(f"r.{c}" for c in _ROW_COLUMNS)
 
@@ -1287,7 +1287,7 @@ def _buckets_sql(keys: int) -> str:
 
 
 class StoredRoster:
-    """The roster lookups matching needs (``gateway.matching.RosterLookups``).
+    """The roster lookups matching needs (``gateway.matching.model.RosterLookups``).
 
     Reads one roster version (``roster``) and the main database's confirmed
     MRN links (``links``, optional). Every lookup goes through an index: the
@@ -1542,7 +1542,7 @@ def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set, 
 
 def _refresh_derived(conn: sqlite3.Connection) -> None:
     """Recompute every member's normalised person and blocking keys (the recipe changed since they were stored)."""
-    from gateway.matching import blocking_keys, pack_person, person_from_member
+    from gateway.matching.model import blocking_keys, pack_person, person_from_member
 
     conn.execute("DELETE FROM roster_keys")
     cols = ", ".join(MEMBER_COLUMNS)
@@ -1580,7 +1580,7 @@ def _apply_import(
     rejected: int,
 ) -> tuple[int, dict[str, int], int]:
     """Apply the staged rows to the work copy as a new version: (import id, counts by action, ended)."""
-    from gateway.matching import BLOCKING_RECIPE, blocking_keys, person_from_member
+    from gateway.matching.model import BLOCKING_RECIPE, blocking_keys, person_from_member
 
     conn.execute("BEGIN")
     stored_recipe = conn.execute("SELECT value FROM roster_meta WHERE name = 'blocking_recipe'").fetchone()
@@ -1743,7 +1743,7 @@ def import_roster(
 ) -> RosterImportReport:
     """Import a roster as one new version per ACO, published atomically.
 
-    ``rows`` are :class:`gateway.roster.RosterRow`. The published roster file
+    ``rows`` are :class:`gateway.matching.roster.RosterRow`. The published roster file
     is copied; the rows are staged in the copy's TEMP tables, then new members
     are added, changed ones updated (their blocking keys too), and with
     ``replace`` every member of the file's ACOs (and of ``aco_ids``) missing
@@ -1843,8 +1843,8 @@ def _record_roster_event(db_path: Path | str, stamp: str, detail: dict) -> float
 def import_members_sync(
     db_path: Path | str, members: list, source: str, rejected: int = 0, now: datetime | None = None
 ) -> int:
-    """Add or update ``members`` (:class:`gateway.roster.RosterMember`), ending nobody. Returns how many."""
-    from gateway.roster import RosterRow
+    """Add or update ``members`` (:class:`gateway.matching.roster.RosterMember`), ending nobody. Returns how many."""
+    from gateway.matching.roster import RosterRow
 
     rows = (RosterRow(n, m, (), m.aco_id, m.member_id) for n, m in enumerate(members, start=2))
     report = import_roster(db_path, rows, file=source, fmt="members", replace=False, by="herald", now=now)

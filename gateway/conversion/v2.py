@@ -13,7 +13,7 @@ import re
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 from gateway.errors import MessageError
-from gateway.header import ERR_DATA_TYPE, ERR_SEGMENT_SEQUENCE
+from gateway.intake.header import ERR_DATA_TYPE, ERR_SEGMENT_SEQUENCE
 
 #: MSH-18 values (HL7 table 0211, and spellings seen in the wild) and the
 #: Python codecs that read them.
@@ -155,7 +155,7 @@ class V2Message:
         enc = text[4:head_end] if head_end > 0 else ""
         distinct = len(set(enc)) == len(enc) and fs not in enc
         if len(enc) not in (4, 5) or not distinct or any(c.isalnum() or c == " " for c in enc):
-            # The same rule as intake's MSH reader (gateway.header), so a message
+            # The same rule as intake's MSH reader (gateway.intake.header), so a message
             # that was acknowledged can always be split here.
             raise MessageError(
                 "MSH-2 must hold four (or, from v2.7, five) distinct encoding characters", ERR_DATA_TYPE, "MSH-2"

@@ -20,9 +20,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from gateway.config import Config
-from gateway.pipeline import MatchPolicy, MessageOutcome, process_message
+from gateway.conversion.vocabulary import load_vocabulary
+from gateway.pipeline.process import MatchPolicy, MessageOutcome, process_message
 from gateway.store import PendingMessage, RosterReader, RosterSnapshot, StoredRoster, open_database
-from gateway.vocabulary import load_vocabulary
 
 _state: dict = {}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gateway.convert_datatypes import (
+from gateway.conversion.datatypes import (
     MBI_PATTERN,
     MBI_SYSTEM,
     NPI_SYSTEM,
@@ -24,9 +24,9 @@ from gateway.convert_datatypes import (
     ref,
     resource_id,
 )
+from gateway.conversion.v2 import Segment
 from gateway.errors import MessageError
-from gateway.header import ERR_REQUIRED_FIELD_MISSING
-from gateway.v2 import Segment
+from gateway.intake.header import ERR_REQUIRED_FIELD_MISSING
 
 #: An HL7 v2 table as a FHIR code system is this and its number.
 V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-"

@@ -3,8 +3,8 @@
 A plain function of its input: :func:`convert` takes a parsed message and the
 vocabulary and returns a :class:`Conversion`, or raises
 :class:`~gateway.errors.MessageError`. Resources are built as plain dicts
-(fast) by the datatype maps in :mod:`gateway.convert_datatypes` and the
-segment maps in :mod:`gateway.convert_segments`; the whole Bundle is then
+(fast) by the datatype maps in :mod:`gateway.conversion.datatypes` and the
+segment maps in :mod:`gateway.conversion.segments`; the whole Bundle is then
 validated with fhir.resources (R4B) by :func:`validate_bundle`.
 
 Resource ids are UUIDv5 of the sender and the business identifiers, so a
@@ -12,7 +12,7 @@ retransmission converts to the same ids, two patients or visits never share
 one, and a cancel (A11, A12, A13) names the Encounter it retracts.
 
 With ``explain=True`` every field used is recorded as it is mapped (see
-:mod:`gateway.explain`); without it the recording is a no-op.
+:mod:`gateway.conversion.explain`); without it the recording is a no-op.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
-from gateway import convert_segments as segments
-from gateway.convert_datatypes import (
+from gateway.conversion import segments
+from gateway.conversion.datatypes import (
     HD,
     HERALD_NAMESPACE,
     MBI_PATTERN,
@@ -36,11 +36,11 @@ from gateway.convert_datatypes import (
     resource_id,
     system_uri,
 )
-from gateway.convert_segments import PatientKeys
+from gateway.conversion.segments import PatientKeys
+from gateway.conversion.v2 import V2Message
+from gateway.conversion.vocabulary import Vocabulary
 from gateway.errors import MessageError
-from gateway.header import ERR_REQUIRED_FIELD_MISSING, ERR_SEGMENT_SEQUENCE, ERR_UNSUPPORTED_EVENT
-from gateway.v2 import V2Message
-from gateway.vocabulary import Vocabulary
+from gateway.intake.header import ERR_REQUIRED_FIELD_MISSING, ERR_SEGMENT_SEQUENCE, ERR_UNSUPPORTED_EVENT
 
 __all__ = [
     "HERALD_NAMESPACE",

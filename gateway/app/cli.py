@@ -87,8 +87,8 @@ def serve(config_path, listen, data_dir):
     from twisted.internet import defer, task
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from gateway.app.service import make_service
     from gateway.config import check_listen
-    from gateway.service import make_service
 
     cfg = _config(config_path, data_dir, list(listen) or None)
 
@@ -135,7 +135,7 @@ def serve(config_path, listen, data_dir):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def send(target, paths, timeout, quiet):
     """Replay HL7 files or folders over MLLP; exit 1 unless every message got AA/CA."""
-    from gateway.replay import ReplayError, collect_messages, replay
+    from gateway.app.replay import ReplayError, collect_messages, replay
 
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
@@ -177,11 +177,11 @@ def convert(file, config_path, no_validate, explain):
     """Convert the ADT message(s) in FILE to FHIR Bundle JSON on stdout."""
     from datetime import datetime
 
-    from gateway.convert import convert as convert_message
-    from gateway.convert import validate_bundle
-    from gateway.replay import ReplayError, collect_messages
-    from gateway.v2 import V2Message
-    from gateway.vocabulary import load_vocabulary
+    from gateway.app.replay import ReplayError, collect_messages
+    from gateway.conversion.convert import convert as convert_message
+    from gateway.conversion.convert import validate_bundle
+    from gateway.conversion.v2 import V2Message
+    from gateway.conversion.vocabulary import load_vocabulary
 
     cfg = _config(config_path, None)
     try:
@@ -203,7 +203,7 @@ def convert(file, config_path, no_validate, explain):
             click.echo(f"herald convert: {where}: {e} (HL7 error {e.code})", err=True)
             sys.exit(EXIT_BAD_INPUT)
         if explain:
-            from gateway.explain import explain_lines
+            from gateway.conversion.explain import explain_lines
 
             explained += [f"{where}: " + (lines := explain_lines(msg, conversion))[0], *lines[1:], ""]
             continue
@@ -291,7 +291,7 @@ def roster_import(
     """
     from datetime import date
 
-    from gateway.roster import RosterOptions, import_roster_file, read_opt_out_file, read_pcp_file
+    from gateway.matching.roster import RosterOptions, import_roster_file, read_opt_out_file, read_pcp_file
 
     cfg = _config(config_path, data_dir)
     if effective is not None:
@@ -384,7 +384,7 @@ def match_command(paths, as_json, config_path, data_dir):
     Prints the candidates, each field's agreement level and weight, the total
     and the grade. Reads the roster of --data/--config; writes nothing.
     """
-    from gateway.match_report import explain_messages
+    from gateway.matching.report import explain_messages
 
     cfg = _config(config_path, data_dir)
     conn = _read_conn(cfg)
@@ -409,7 +409,7 @@ def review():
 @data_option
 def review_list(state, limit, config_path, data_dir):
     """List reviews with the message's patient and the candidate members."""
-    from gateway.match_report import describe_review
+    from gateway.matching.report import describe_review
     from gateway.store import list_reviews
 
     cfg = _config(config_path, data_dir)
@@ -432,9 +432,9 @@ def review_list(state, limit, config_path, data_dir):
 @data_option
 def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
     """Accept a review: notify the member's PCP and care team now, and remember the MRN link."""
-    from gateway.pipeline import route_reviewed
+    from gateway.conversion.vocabulary import load_vocabulary
+    from gateway.pipeline.process import route_reviewed
     from gateway.store import PendingMessage, StoreError, accept_review, review_detail, roster_member
-    from gateway.vocabulary import load_vocabulary
 
     cfg = _config(config_path, data_dir)
     conn = _read_conn(cfg)
@@ -517,8 +517,8 @@ def review_reject(review_id, reason, by, config_path, data_dir):
 
 
 def _stored_match(conn, message_id: int):
-    """The message's stored match as a ``gateway.matching.Match`` (grade, method, score; no candidates)."""
-    from gateway.matching import Match
+    """The message's stored match as a ``gateway.matching.model.Match`` (grade, method, score; no candidates)."""
+    from gateway.matching.model import Match
     from gateway.store import stored_match
 
     row = stored_match(conn, message_id)
@@ -569,9 +569,9 @@ def log_list(state, limit, config_path, data_dir):
 @data_option
 def log_show(message_id, fields, config_path, data_dir):
     """Show one message: raw v2, FHIR, match, notifications, deliveries and audit events."""
-    from gateway.fieldnames import describe_location
+    from gateway.conversion.fieldnames import describe_location
+    from gateway.conversion.v2 import declared_charset, decode
     from gateway.store import message_detail
-    from gateway.v2 import declared_charset, decode
 
     cfg = _config(config_path, data_dir)
     conn = _read_conn(cfg)
@@ -638,9 +638,9 @@ def log_show(message_id, fields, config_path, data_dir):
 
 def _field_lines(raw: bytes, charset: str, version: str) -> list[str]:
     """Each non-empty field as ``PID-5 Patient name: value`` (names from hl7apy)."""
+    from gateway.conversion.fieldnames import field_info
+    from gateway.conversion.v2 import V2Message
     from gateway.errors import MessageError
-    from gateway.fieldnames import field_info
-    from gateway.v2 import V2Message
 
     try:
         msg = V2Message(raw, charset)
@@ -665,7 +665,7 @@ def _field_lines(raw: bytes, charset: str, version: str) -> list[str]:
 @click.option("--keep", is_flag=True, help="Keep the temporary data folder and print its path.")
 def demo(keep):
     """Start Herald on embedded defaults, replay sample_messages/ and print the notifications."""
-    from gateway.demo import run_demo
+    from gateway.app.demo import run_demo
 
     try:
         code = run_demo(keep=keep)
@@ -683,7 +683,7 @@ def demo(keep):
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 def certs(directory, hostnames, force):
     """Make development TLS material (CA, server and client certificates) in DIRECTORY."""
-    from gateway.certs import FILES, make_dev_certs, server_endpoint
+    from gateway.app.certs import FILES, make_dev_certs, server_endpoint
 
     existing = [f for f in FILES if (directory / f).exists()]
     if existing and not force:

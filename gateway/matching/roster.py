@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
-from gateway.convert import MBI_PATTERN
+from gateway.conversion.convert import MBI_PATTERN
 from gateway.errors import RosterError
-from gateway.matching import blocking_keys, pack_person, person_from_member
+from gateway.matching.model import blocking_keys, pack_person, person_from_member
+from gateway.resources import mappings_dir
 from gateway.store import MEMBER_COLUMNS, import_roster
 
-FORMATS_FILE = Path(__file__).resolve().parent.parent / "mappings" / "roster_formats.toml"
+FORMATS_FILE = mappings_dir() / "roster_formats.toml"
 
 #: The roster's columns, as the store keeps them and matching reads them.
 ROSTER_COLUMNS = MEMBER_COLUMNS
@@ -72,7 +73,7 @@ class RosterMember:
     phone: str = ""
     opted_out: bool = False
     keys: tuple[str, ...] = ()
-    person: str = ""  # the normalised person (gateway.matching.pack_person), computed when not given
+    person: str = ""  # the normalised person (gateway.matching.model.pack_person), computed when not given
 
     def __post_init__(self) -> None:
         if not self.keys or not self.person:

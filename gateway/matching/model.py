@@ -45,8 +45,9 @@ from rapidfuzz import fuzz
 from rapidfuzz.distance import DamerauLevenshtein, Hamming, JaroWinkler
 
 from gateway.errors import ConfigError
+from gateway.resources import mappings_dir
 
-MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
+MAPPINGS_DIR = mappings_dir()
 MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
 
 #: Grades from strongest to weakest (FHIR ``$match`` match-grade, plus none).

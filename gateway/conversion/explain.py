@@ -9,9 +9,9 @@ it went, then every field that is present but was not mapped.
 
 from __future__ import annotations
 
-from gateway.convert import Conversion
-from gateway.fieldnames import field_info
-from gateway.v2 import V2Message
+from gateway.conversion.convert import Conversion
+from gateway.conversion.fieldnames import field_info
+from gateway.conversion.v2 import V2Message
 
 _VALUE_WIDTH = 60
 

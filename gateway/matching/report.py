@@ -12,15 +12,15 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.app.replay import ReplayError, collect_messages
 from gateway.config import Config
-from gateway.convert import convert
+from gateway.conversion.convert import convert
+from gateway.conversion.v2 import V2Message
+from gateway.conversion.vocabulary import load_vocabulary
 from gateway.errors import MessageError
-from gateway.matching import Candidate, Match, Person, match_patient, person_from_member, query_from_patient
-from gateway.pipeline import MatchPolicy, decide, find_patient
-from gateway.replay import ReplayError, collect_messages
+from gateway.matching.model import Candidate, Match, Person, match_patient, person_from_member, query_from_patient
+from gateway.pipeline.process import MatchPolicy, decide, find_patient
 from gateway.store import RosterSnapshot, StoredRoster, roster_member
-from gateway.v2 import V2Message
-from gateway.vocabulary import load_vocabulary
 
 
 def match_summary(where: str, control_id: str, encounter_date: str, match: Match, routing: str) -> dict:

@@ -16,9 +16,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from gateway.config import Config, Recipient
-from gateway.convert import convert, validate_bundle
+from gateway.conversion.convert import convert, validate_bundle
+from gateway.conversion.v2 import V2Message
+from gateway.conversion.vocabulary import Vocabulary
+from gateway.delivery.routing import bundle_json, route
 from gateway.errors import MessageError
-from gateway.matching import (
+from gateway.matching.model import (
     Match,
     MatchModel,
     PatientQuery,
@@ -27,10 +30,7 @@ from gateway.matching import (
     match_patient,
     query_from_patient,
 )
-from gateway.routing import bundle_json, route
 from gateway.store import FAILED, IGNORED, MATCHED, REVIEW, ROUTED, UNMATCHED, Notification, PendingMessage
-from gateway.v2 import V2Message
-from gateway.vocabulary import Vocabulary
 
 __all__ = ["MATCHED", "UNMATCHED", "MatchPolicy", "MessageOutcome", "RosterLookups", "process_message"]
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import ConfigError
+from gateway.resources import mappings_dir
 
-MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
+MAPPINGS_DIR = mappings_dir()
 
 #: Encounter.status values an event rule may name; "from-visit" means: as the
 #: IG's PV1 map derives it (finished when PV1-45 is valued, else table 0004).

@@ -17,13 +17,14 @@ from pathlib import Path
 import click
 from twisted.internet import defer, task
 
+from gateway.app.replay import collect_messages, replay_async
+from gateway.app.service import make_service
 from gateway.config import load_config
-from gateway.replay import collect_messages, replay_async
-from gateway.roster import import_roster_file
-from gateway.service import make_service
+from gateway.matching.roster import import_roster_file
+from gateway.resources import samples_dir
 from gateway.store import PENDING, RETRYING, notifications_for, open_database
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
+SAMPLES = samples_dir()
 WAIT_SECONDS = 60.0
 
 

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from gateway.routing import payload_builder
+from gateway.delivery.routing import payload_builder
 from gateway.store import DEAD, RETRYING, SENT, DeliveryAttempt, Notification, Store
 
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from gateway.ack import ACCEPTED, ERROR, REJECTED, AckBuilder, ack_code, should_acknowledge
 from gateway.errors import MessageError
-from gateway.header import (
+from gateway.intake.ack import ACCEPTED, ERROR, REJECTED, AckBuilder, ack_code, should_acknowledge
+from gateway.intake.header import (
     ERR_INTERNAL,
     ERR_VALUE_TOO_LONG,
     MessageHeader,

@@ -17,14 +17,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from gateway.ack import AckBuilder
 from gateway.config import ROLES, Config
-from gateway.delivery import DeliveryWorker
-from gateway.intake import Intake
-from gateway.pipeline import MessageOutcome
+from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
+from gateway.delivery.worker import DeliveryWorker
+from gateway.intake.ack import AckBuilder
+from gateway.intake.receiver import Intake
+from gateway.pipeline.process import MessageOutcome
+from gateway.pipeline.workers import make_pool, process_batch, process_batch_here
 from gateway.store import RosterReader, Store, open_database
-from gateway.vocabulary import Vocabulary, load_vocabulary
-from gateway.workers import make_pool, process_batch, process_batch_here
 from mllp import MLLPServerFactory
 
 
@@ -32,7 +32,7 @@ class PipelineWorker(Service):
     """Takes stored messages in batches, processes them off the reactor, writes the outcomes back.
 
     With ``pipeline.workers`` > 0 a batch is split across that many worker
-    processes (see :mod:`gateway.workers`); with 0 it runs on one thread of
+    processes (see :mod:`gateway.pipeline.workers`); with 0 it runs on one thread of
     this process, which is simpler to debug but competes with intake for the
     GIL. Outcomes of a batch are written in one transaction. On start it picks
     up anything left ``received`` by an earlier run, so an acknowledged
