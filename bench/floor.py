@@ -47,7 +47,7 @@ _TWISTED_SERVER = r"""
 import sys
 from twisted.internet import reactor
 from gateway.intake.ack import ACCEPTED, AckBuilder
-from gateway.intake.header import read_header
+from gateway.header import read_header
 from mllp import MLLPServerFactory
 
 acks = AckBuilder()

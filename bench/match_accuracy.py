@@ -374,8 +374,9 @@ def at_scale(args, rows: list[dict], queries_b, overrides: dict) -> int:
     import shutil
     import tempfile
 
+    from gateway.app.roster import import_roster
     from gateway.matching.roster import RosterMember, RosterRow
-    from gateway.store import StoredRoster, import_roster, open_roster_snapshot, roster_path
+    from gateway.store import StoredRoster, open_roster_snapshot, roster_path
 
     tmp = Path(tempfile.mkdtemp(prefix="herald-bench-febrl-scale-"))
     try:

@@ -61,19 +61,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ack_throughput import Server, code_under_test, free_port, run_mllp_load, server_cpu  # noqa: E402
 from synthetic_people import mbi, person, typo  # noqa: E402
 
+from gateway.app.roster import import_members  # noqa: E402
 from gateway.config import Config, default_recipients  # noqa: E402
 from gateway.conversion.convert import convert, validate_bundle  # noqa: E402
 from gateway.conversion.v2 import V2Message  # noqa: E402
 from gateway.conversion.vocabulary import load_vocabulary  # noqa: E402
 from gateway.matching.roster import RosterMember  # noqa: E402
 from gateway.pipeline.process import MatchPolicy, process_message  # noqa: E402
-from gateway.store import (  # noqa: E402
-    PendingMessage,
-    StoredRoster,
-    import_members_sync,
-    open_database,
-    open_roster_snapshot,
-)
+from gateway.records import PendingMessage  # noqa: E402
+from gateway.store import StoredRoster, open_database, open_roster_snapshot  # noqa: E402
 
 BATCH = Config.pipeline_batch  # the default [pipeline] batch_size
 ROSTER_AUTHORITY = "BENCHHOSP"
@@ -214,7 +210,7 @@ def run_inprocess(args) -> dict:
         roster = make_roster(args.roster)
         db = tmp / "herald.db"
         t0 = time.perf_counter()
-        import_members_sync(db, roster, "bench-roster.csv", 0)
+        import_members(db, roster, "bench-roster.csv", 0)
         import_s = time.perf_counter() - t0
         raws, intended = make_messages(args.n, roster, args.match_ratio)
         # The thresholds of this roster's size, as the pipeline's workers load them.
@@ -403,7 +399,7 @@ def run_e2e(args) -> dict:
         files = tmp / "messages"
         files.mkdir()
         roster = make_roster(args.roster)
-        import_members_sync(data / "herald.db", roster, "bench-roster.csv", 0)
+        import_members(data / "herald.db", roster, "bench-roster.csv", 0)
         raws, intended = make_messages(args.n, roster, args.match_ratio)
         intended = Counter(method for method, _ in intended)
         for i, raw in enumerate(raws):

@@ -15,8 +15,8 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
+from gateway.records import MEMBER_COLUMNS, ROLES
 
-ROLES = ("pcp", "care_team", "hie")
 CHANNELS = ("file", "fhir")
 
 
@@ -247,8 +247,6 @@ def _check_roster(cfg: Config) -> None:
         raise ConfigError("roster.format", f"{cfg.roster_format!r} is not one of {', '.join(ROSTER_FORMATS)}")
     if cfg.roster_aco_id != cfg.roster_aco_id.strip():
         raise ConfigError("roster.aco_id", "must not start or end with spaces")
-    from gateway.store import MEMBER_COLUMNS
-
     for column, header in cfg.roster_columns.items():
         if column not in MEMBER_COLUMNS:
             raise ConfigError(f"roster.columns.{column}", f"unknown roster column (known: {', '.join(MEMBER_COLUMNS)})")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.app.roster import import_roster_file
 from gateway.config import load_config
 from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
 from gateway.intake.ack import AckBuilder
-from gateway.matching.roster import import_roster_file
 from gateway.pipeline.process import MatchPolicy
 from gateway.store import StoredRoster, open_roster_snapshot
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from gateway.header import read_header, read_header_leniently
 from gateway.intake.ack import ACCEPTED, ERROR, REJECTED, AckBuilder, ack_code, should_acknowledge
-from gateway.intake.header import read_header, read_header_leniently
 
 ADT_A01 = b"MSH|^~\\&|EPIC|GENHOSP^1.2.3^ISO|HERALD|HIE|20260301115900||ADT^A01^ADT_A01|MSG00001|P|2.5.1\rPID|1\r"
 ENHANCED_A04 = b"MSH|^~\\&|EPIC|GENHOSP|HERALD|HIE|20260301115900||ADT^A04^ADT_A01|MSG00002|T|2.5.1|||AL|NE\rPID|1\r"

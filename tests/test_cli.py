@@ -13,17 +13,13 @@ from test_intake import accepted_record
 
 from gateway.app.cli import main
 from gateway.app.replay import split_messages
+from gateway.app.roster import import_roster_file
 from gateway.config import default_recipients
 from gateway.conversion.convert import validate_bundle
 from gateway.conversion.vocabulary import load_vocabulary
-from gateway.matching.roster import import_roster_file
 from gateway.pipeline.process import process_message
-from gateway.store import (
-    Store,
-    StoredRoster,
-    open_roster_snapshot,
-    roster_count,
-)
+from gateway.store import Store, StoredRoster, open_roster_snapshot, roster_count
+from gateway.store.messages import apply_outcomes, pending_messages, record_frame
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 ADMIT = SAMPLES / "epic-v251-a01-admit-from-ed.hl7"
@@ -75,12 +71,12 @@ def stored_messages(data: Path, paths: list[Path]) -> None:
     now = NOW.isoformat(timespec="milliseconds")
     for path in paths:
         raw = split_messages(path.read_bytes())[0]
-        store._record_frame(conn, accepted_record(raw), now)
+        record_frame(conn, accepted_record(raw), now)
     lookups = StoredRoster(open_roster_snapshot(db), conn)
     vocab = load_vocabulary()
     recipients = default_recipients(data)
-    outcomes = [process_message(p, vocab, UTC, lookups, recipients) for p in Store._pending_messages(conn, 0, 100)]
-    Store._record_outcomes(conn, outcomes, now, 0.0)
+    outcomes = [process_message(p, vocab, UTC, lookups, recipients) for p in pending_messages(conn, 0, 100)]
+    apply_outcomes(conn, outcomes, now, 0.0)
     conn.close()
 
 

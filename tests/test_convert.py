@@ -20,6 +20,7 @@ from gateway.conversion.convert import (
 )
 from gateway.conversion.v2 import V2Message
 from gateway.errors import MessageError
+from gateway.matching.model import query_from_facts
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.glob("*.hl7"))
@@ -105,7 +106,7 @@ def test_mbi_in_pid3_gets_the_us_mbi_system(vocab):
     patient = only(conversion.bundle, "Patient")
     mbis = [i["value"] for i in patient["identifier"] if i["system"] == MBI_SYSTEM]
     assert mbis == ["2HX7RA1PK83"]
-    assert conversion.keys.mbi == "2HX7RA1PK83"
+    assert conversion.patient.mbi == "2HX7RA1PK83"
 
 
 @pytest.mark.parametrize(
@@ -119,14 +120,14 @@ def test_mbi_in_pid3_gets_the_us_mbi_system(vocab):
 def test_mbi_is_recognised_by_authority_or_type(cx, vocab):
     """An MBI is recognised from a Medicare assigning authority or the MC type code."""
     conversion = convert(adt(pid={3: f"MRN123^^^TESTFAC^MR~{cx}"}), vocab, UTC, RECEIVED)
-    assert conversion.keys.mbi == MBI
+    assert conversion.patient.mbi == MBI
     assert MBI_SYSTEM in [i["system"] for i in only(conversion.bundle, "Patient")["identifier"]]
 
 
 def test_mbi_match_key_drops_dashes_and_case(vocab):
     """An MBI written with dashes or in lower case gives the roster's canonical key."""
     conversion = convert(adt(pid={3: "1eg4-te5-mk73^^^CMS^MB"}), vocab, UTC, RECEIVED)
-    assert conversion.keys.mbi == MBI
+    assert query_from_facts(conversion.patient).mbi == MBI
 
 
 def test_mrn_in_pid2_is_read_for_v23_senders(vocab):
@@ -135,8 +136,8 @@ def test_mrn_in_pid2_is_read_for_v23_senders(vocab):
     patient = only(conversion.bundle, "Patient")
     assert [(i["value"], i["assigner"]["display"]) for i in patient["identifier"]] == [("NR448812", "NRG")]
     assert patient["identifier"][0]["type"]["coding"][0]["code"] == "MR"
-    assert conversion.keys.mrns == (("NR448812", "NRG"),)
-    assert conversion.keys.mbi == ""
+    assert conversion.patient.mrns == (("NR448812", "NRG"),)
+    assert conversion.patient.mbi == ""
 
 
 def test_ssn_is_never_forwarded(vocab):
@@ -154,9 +155,15 @@ def test_patient_demographics_map_to_the_patient(vocab):
     assert patient["birthDate"] == "1960-01-02"
     assert patient["gender"] == "female"
     assert patient["address"][0]["city"] == "TESTVILLE"
-    keys = conversion.keys
-    assert (keys.family, keys.given, keys.birth_date, keys.sex) == ("TESTPATIENT", "ALEX", "1960-01-02", "F")
-    assert conversion.patient_display == "ALEX TESTPATIENT"
+    facts = conversion.patient
+    assert (facts.family, facts.given, facts.middle, facts.birth_date, facts.gender) == (
+        "TESTPATIENT",
+        "ALEX",
+        "Q",
+        "1960-01-02",
+        "female",
+    )
+    assert facts.city == "TESTVILLE"
 
 
 @pytest.mark.parametrize(
@@ -408,7 +415,7 @@ def test_invalid_birth_date_is_a_warning_and_left_out(value, vocab):
     conversion = convert(adt(pid={7: value}), vocab, UTC, RECEIVED)
     patient = only(conversion.bundle, "Patient")
     assert "birthDate" not in patient
-    assert conversion.keys.birth_date == ""
+    assert conversion.patient.birth_date == ""
     assert [w for w in conversion.warnings if w.startswith("PID-7:")], conversion.warnings
     validate_bundle(conversion.bundle)
 
@@ -426,7 +433,7 @@ def test_unknown_sex_is_a_warning(vocab):
     """A PID-8 outside table 0001 is left out with a warning."""
     conversion = convert(adt(pid={8: "X"}), vocab, UTC, RECEIVED)
     assert "gender" not in only(conversion.bundle, "Patient")
-    assert conversion.keys.sex == ""
+    assert conversion.patient.gender == ""
     assert any(w.startswith("PID-8") for w in conversion.warnings)
 
 

@@ -324,7 +324,7 @@ def test_in1_in2_is_a_coverage_and_in2_medicare_number_is_the_mbi(vocab):
     assert coverage["period"] == {"start": "2020-01-01"}
     patient = only(conversion.bundle, "Patient")
     assert {"system": MBI_SYSTEM, "value": "9AA0A00AA00"} in patient["identifier"]
-    assert conversion.keys.mbi == "9AA0A00AA00"
+    assert conversion.patient.mbi == "9AA0A00AA00"
 
 
 def test_in1_without_insurer_is_left_out_with_a_warning(vocab):

@@ -286,9 +286,9 @@ def test_the_mbi_is_read_from_in2_6_not_the_medicaid_number_in_in2_8(vocab):
     """IN2-6 is the Medicare card number (an MBI there is the patient's); IN2-8, the Medicaid case number, is not."""
     in1 = segment("IN1", {1: "1", 4: "MEDICARE"})
     medicaid = adt(pid={3: "MRN123^^^TESTFAC^MR"}, after_pv1=(in1, segment("IN2", {1: "1", 8: "9AA0A00AA00"})))
-    assert convert(medicaid, vocab, UTC, RECEIVED).keys.mbi == ""
+    assert convert(medicaid, vocab, UTC, RECEIVED).patient.mbi == ""
     medicare = adt(pid={3: "MRN123^^^TESTFAC^MR"}, after_pv1=(in1, segment("IN2", {1: "1", 6: "9AA0A00AA00"})))
-    assert convert(medicare, vocab, UTC, RECEIVED).keys.mbi == "9AA0A00AA00"
+    assert convert(medicare, vocab, UTC, RECEIVED).patient.mbi == "9AA0A00AA00"
 
 
 def test_msh_17_19_22_country_language_and_responsible_organization(vocab):

@@ -62,11 +62,9 @@ def test_backoff_doubles_up_to_the_cap(attempt, expected):
 
 
 def _note(nid: str, payload=None, bundle=None, channel="file", target="/drop/pcp", message_id=1):
-    from gateway.store import Notification
+    from gateway.records import Notification
 
-    return Notification(
-        nid, message_id, "pcp", "Dr. A", channel, target, "notification-admit", "{}", payload, bundle=bundle
-    )
+    return Notification(nid, message_id, "pcp", "Dr. A", channel, target, "notification-admit", payload, bundle=bundle)
 
 
 BUNDLE = json.dumps(

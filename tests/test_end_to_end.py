@@ -20,12 +20,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from gateway.app.replay import read_ack, split_messages
+from gateway.app.roster import import_roster_file
 from gateway.app.service import make_service
 from gateway.config import load_config
 from gateway.delivery.routing import notification_payload
 from gateway.errors import StoreError
-from gateway.matching.roster import import_roster_file
-from gateway.store import IntakeRecord, Notification, Store, open_database
+from gateway.records import IntakeRecord, Notification
+from gateway.store import Store, open_database
+from gateway.store import messages as store_messages
 from mllp import connect, frame
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
@@ -43,7 +45,6 @@ NOTIFICATION_FIELDS = (
     "channel",
     "target",
     "event_code",
-    "summary",
     "payload",
 )
 
@@ -292,7 +293,7 @@ class EndToEndTests(GatewayTestCase):
         def broken(*args, **kwargs):
             raise sqlite3.OperationalError("disk I/O error")
 
-        self.patch(self.gw.store, "_record_frame", broken)
+        self.patch(store_messages, "record_frame", broken)
         c = yield self.client()
         enhanced = yield c.send(sample(ADMIT), timeout=10)
         original = yield c.send(sample(UNMATCHED), timeout=10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import MessageError
-from gateway.intake.header import (
+from gateway.header import (
     ERR_DATA_TYPE,
     ERR_REQUIRED_FIELD_MISSING,
     ERR_SEGMENT_SEQUENCE,

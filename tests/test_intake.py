@@ -20,9 +20,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.intake.header import ERROR_TEXT, read_header
+from gateway.header import ERROR_TEXT, read_header
 from gateway.intake.receiver import Intake
-from gateway.store import RECEIVED, IntakeRecord, Store, open_database
+from gateway.records import RECEIVED, IntakeRecord
+from gateway.store import Store, open_database
+from gateway.store import messages as store_messages
 from mllp import MLLPServerFactory, frame
 
 STORED_AT = datetime(2026, 3, 1, 11, 59, 30, tzinfo=UTC)
@@ -330,11 +332,11 @@ def test_same_control_id_from_another_sender_is_not_a_retransmission(reactor, st
 def test_store_failure_answers_ae_with_code_207_and_stores_nothing(reactor, store, intake, monkeypatch, raw, code):
     """If the insert fails, the sender gets AE (CE in enhanced mode) with ERR code 207, and no row remains."""
 
-    def fail(self, conn, record, now):
+    def fail(conn, record, now):
         conn.execute("INSERT INTO events (at, actor, kind) VALUES ('x', 'test', 'partial write')")
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(Store, "_record_frame", fail)
+    monkeypatch.setattr(store_messages, "record_frame", fail)
     ack = answer(reactor, intake.frameReceived(raw, PEER))
     msh, msa, err = segments(ack)
     assert msa == b"MSA|" + code + b"|MSG00001|the message could not be stored; it was not accepted, send it again"
@@ -348,7 +350,7 @@ def test_store_failure_answers_ae_with_code_207_and_stores_nothing(reactor, stor
 
 def test_rejection_is_answered_even_if_logging_it_fails(reactor, store, intake, monkeypatch):
     """A rejected frame gets its AR even when the store cannot log it."""
-    monkeypatch.setattr(Store, "_record_frame", lambda self, conn, record, now: 1 / 0)
+    monkeypatch.setattr(store_messages, "record_frame", lambda conn, record, now: 1 / 0)
     ack = answer(reactor, intake.frameReceived(b"garbage", PEER))
     assert segments(ack)[1].startswith(b"MSA|AR||")
 

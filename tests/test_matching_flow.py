@@ -17,11 +17,12 @@ from test_cli import explain
 from test_intake import accepted_record
 
 from gateway.app.cli import main
+from gateway.app.roster import import_roster_file
 from gateway.config import load_config
 from gateway.conversion.vocabulary import load_vocabulary
-from gateway.matching.roster import import_roster_file
 from gateway.pipeline.workers import process_batch_here
 from gateway.store import RosterReader, Store, message_detail, open_database, stored_match
+from gateway.store.messages import apply_outcomes, pending_messages, record_frame
 
 NOW = datetime(2026, 11, 20, 8, 0, 0, tzinfo=UTC)
 HEADER = (
@@ -102,15 +103,15 @@ class Gateway:
         now = NOW.isoformat(timespec="milliseconds")
         ids = []
         for raw in raws:
-            ids.append(store._record_frame(conn, accepted_record(raw), now).message_id)
-        pending = Store._pending_messages(conn, 0, 100)
+            ids.append(record_frame(conn, accepted_record(raw), now).message_id)
+        pending = pending_messages(conn, 0, 100)
         reader = open_database(self.config.database, readonly=True)
         roster = RosterReader(self.config.database)
         recipients = {role: self.config.recipient(role) for role in ("pcp", "care_team", "hie")}
         outcomes = process_batch_here(pending, reader, roster, self.config, load_vocabulary(), recipients, UTC)
         roster.close()
         reader.close()
-        Store._record_outcomes(conn, outcomes, now, 0.0)
+        apply_outcomes(conn, outcomes, now, 0.0)
         conn.close()
         return ids
 
@@ -260,8 +261,8 @@ def test_opted_out_member_gets_no_pcp_or_care_team_notification(gateway):
     assert d["roles"] == ["hie"]
     (event,) = [json.loads(e["detail"]) for e in d["events"] if e["kind"] == "opt-out-honoured"]
     assert event["withheld"] == ["pcp", "care_team"] and "opted out of data sharing" in event["reason"]
-    hie = json.loads(d["notifications"][0]["summary"])
-    assert (hie["aco"], hie["pcp"]) == ("", "")  # the HIE learns nothing of the attribution
+    # The HIE learns nothing of the attribution: its outbox row names only the HIE.
+    assert [(n["recipient_role"], n["recipient"]) for n in d["notifications"]] == [("hie", "HIE")]
 
 
 def test_a_member_ended_by_a_new_roster_is_unmatched_later(gateway):

@@ -14,7 +14,7 @@ from gateway.config import Recipient, default_recipients
 from gateway.delivery.routing import notification_payload
 from gateway.pipeline import process as pipeline
 from gateway.pipeline.process import MATCHED, UNMATCHED, process_message
-from gateway.store import FAILED, IGNORED, ROUTED, PendingMessage
+from gateway.records import FAILED, IGNORED, ROUTED, PendingMessage
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 MATCHED_ADMIT = "epic-v251-a01-admit-from-ed.hl7"  # on the sample roster by MBI
@@ -114,8 +114,19 @@ def test_notifications_name_their_recipient_in_the_message_header(vocab, roster_
     pcp = outcome.notifications[0]
     assert pcp.recipient == "Dr. Priya Halvorsen (NPI 1987654328)"
     assert pcp.target == str(recipients["pcp"].directory)
-    summary = json.loads(pcp.summary)
-    assert (summary["aco"], summary["pcp_npi"], summary["grade"]) == ("ACO-SHORELINE", "1987654328", "certain")
+    assert (outcome.match.aco_id, outcome.match.grade) == ("ACO-SHORELINE", "certain")
+
+
+def test_outbox_rows_carry_no_patient_data(vocab, roster_lookups, recipients):
+    """A notification row says who is told, where and how; the patient's name is only in the message's Bundle."""
+    outcome = process_message(pending(sample(MATCHED_ADMIT)), vocab, UTC, roster_lookups, recipients)
+    patient = next(
+        e["resource"] for e in json.loads(outcome.fhir_json)["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    family = patient["name"][0]["family"]
+    for n in outcome.notifications:
+        assert not hasattr(n, "summary")
+        assert family not in repr(n)
 
 
 def test_notification_ids_are_stable_and_distinct(vocab, roster_lookups, recipients):
@@ -138,7 +149,7 @@ def test_unmatched_patient_is_routed_to_the_hie_only(vocab, roster_lookups, reci
     assert [n.recipient_role for n in outcome.notifications] == ["hie"]
     assert not outcome.match.matched
     assert kinds(outcome) == ["parsed", "converted", "unmatched"]
-    assert json.loads(outcome.notifications[0].summary)["aco"] == ""
+    assert outcome.match.aco_id is None
 
 
 def test_unmatched_with_no_hie_is_unmatched_with_no_notifications(vocab, roster_lookups, recipients):

@@ -22,17 +22,11 @@ from pathlib import Path
 
 import pytest
 
-import gateway.store
+import gateway.store.roster_import
+from gateway.app.roster import import_roster_file
 from gateway.errors import RosterError
-from gateway.matching.roster import RosterOptions, import_roster_file
-from gateway.store import (
-    RosterReader,
-    StoredRoster,
-    open_database,
-    open_roster_snapshot,
-    roster_count,
-    roster_path,
-)
+from gateway.matching.roster import RosterOptions
+from gateway.store import RosterReader, StoredRoster, open_database, open_roster_snapshot, roster_count, roster_path
 
 ROOT = Path(__file__).resolve().parent.parent
 HERALD = [sys.executable, "-m", "gateway.app.cli"]
@@ -111,7 +105,7 @@ def test_an_import_holds_no_lock_intake_waits_on(tmp_path, monkeypatch):
     old = reader.current()
     kept = open_roster_snapshot(tmp_path / "herald.db")
     checked: list[str] = []
-    real_publish = gateway.store._publish
+    real_publish = gateway.store.roster_import._publish
 
     def publish_after_checks(conn, work, published):
         main = sqlite3.connect(tmp_path / "herald.db", timeout=0, isolation_level=None)
@@ -123,7 +117,7 @@ def test_an_import_holds_no_lock_intake_waits_on(tmp_path, monkeypatch):
         checked.append("before publish")
         return real_publish(conn, work, published)
 
-    monkeypatch.setattr(gateway.store, "_publish", publish_after_checks)
+    monkeypatch.setattr(gateway.store.roster_import, "_publish", publish_after_checks)
     report = import_text(tmp_path, roster_text(400, "Dr Two"), name="v2.csv")
     assert checked == ["before publish"]
     assert report.lock_seconds < 5

@@ -12,7 +12,7 @@ from gateway.conversion.convert import convert
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.delivery.routing import bundle_json, destination_endpoint, payload_builder
-from gateway.store import Notification
+from gateway.records import Notification
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "sample_messages").glob("*.hl7"))
 

@@ -11,10 +11,10 @@ from gateway.app.replay import collect_messages, split_messages
 from gateway.config import default_recipients
 from gateway.conversion.convert import convert, validate_bundle
 from gateway.conversion.v2 import V2Message
-from gateway.intake.header import read_header
+from gateway.header import read_header
 from gateway.matching.roster import open_roster
 from gateway.pipeline.process import process_message
-from gateway.store import ROUTED, PendingMessage
+from gateway.records import ROUTED, PendingMessage
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 

@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.pipeline.process import MessageOutcome
-from gateway.store import RECEIVED, IntakeRecord, Notification, Store
+from gateway.records import RECEIVED, IntakeRecord, MessageOutcome, Notification
+from gateway.store import Store
+from gateway.store.messages import apply_outcomes, record_frame
+from gateway.store.outbox import due_notifications
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 STAMP = NOW.isoformat(timespec="milliseconds")
@@ -33,7 +35,7 @@ def stored(store: Store, control_id: str) -> int:
         trigger_event="A01",
         control_id=control_id,
     )
-    return store._record_frame(store._conn, record, STAMP).message_id
+    return record_frame(store._conn, record, STAMP).message_id
 
 
 def outcome(message_id: int, notification_id: str) -> MessageOutcome:
@@ -45,7 +47,6 @@ def outcome(message_id: int, notification_id: str) -> MessageOutcome:
         channel="file",
         target="/tmp/x",
         event_code="notification-admit",
-        summary="{}",
         payload="{}",
     )
     return MessageOutcome(message_id, "routed", None, "{}", None, [note], [("converted", {})])
@@ -55,9 +56,7 @@ def test_one_conflicting_outcome_fails_alone(store):
     """An outcome that cannot be stored marks its own message failed; the rest of the batch is applied."""
     first, second, third = stored(store, "C1"), stored(store, "C2"), stored(store, "C3")
     conn = store._conn
-    applied = Store._record_outcomes(
-        conn, [outcome(first, "n-1"), outcome(second, "n-1"), outcome(third, "n-3")], STAMP, 0.0
-    )
+    applied = apply_outcomes(conn, [outcome(first, "n-1"), outcome(second, "n-1"), outcome(third, "n-3")], STAMP, 0.0)
     assert applied == 2
     states = dict(conn.execute("SELECT id, state FROM messages").fetchall())
     assert states == {first: "routed", second: "failed", third: "routed"}
@@ -72,8 +71,8 @@ def test_outcome_applies_only_once(store):
     """A message already past 'received' is not turned into notifications a second time."""
     mid = stored(store, "C1")
     conn = store._conn
-    assert Store._record_outcomes(conn, [outcome(mid, "n-1")], STAMP, 0.0) == 1
-    assert Store._record_outcomes(conn, [outcome(mid, "n-2")], STAMP, 0.0) == 0
+    assert apply_outcomes(conn, [outcome(mid, "n-1")], STAMP, 0.0) == 1
+    assert apply_outcomes(conn, [outcome(mid, "n-2")], STAMP, 0.0) == 0
     assert conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0] == 1
 
 
@@ -90,7 +89,7 @@ def test_retransmission_after_a_rejection_is_not_flagged(store):
         control_id="C9",
         reason="bad",
     )
-    store._record_frame(conn, rejected, STAMP)
+    record_frame(conn, rejected, STAMP)
     mid = stored(store, "C9")
     flag = conn.execute("SELECT flag FROM messages WHERE id = ?", (mid,)).fetchone()[0]
     assert flag is None
@@ -104,7 +103,7 @@ def test_a_failing_job_alone_in_its_commit_leaves_nothing_behind(store):
         c.execute("INSERT INTO events (at, actor, kind) VALUES ('t', 'test', 'half')")
         raise RuntimeError("boom")
 
-    from gateway.store import _Job
+    from gateway.store.writer import _Job
 
     job = _Job(half_then_fail, (), None)
     [(_, ok, error)] = store._run_batch(conn, [job])
@@ -115,7 +114,7 @@ def test_a_failing_job_alone_in_its_commit_leaves_nothing_behind(store):
 def test_a_failing_job_among_others_fails_alone(store):
     """In a group commit, one failing job is undone and the others are committed."""
     conn = store._conn
-    from gateway.store import _Job
+    from gateway.store.writer import _Job
 
     def good(c):
         c.execute("INSERT INTO events (at, actor, kind) VALUES ('t', 'test', 'good')")
@@ -132,7 +131,8 @@ def test_a_failing_job_among_others_fails_alone(store):
 
 def test_migrations_run_once_and_are_recorded(tmp_path):
     """A new database gets every migration, each recorded once; migrating again changes nothing."""
-    from gateway.store import MIGRATIONS, SCHEMA_VERSION, migrate, open_database, schema_version
+    from gateway.store import SCHEMA_VERSION, migrate, open_database, schema_version
+    from gateway.store.schema import MIGRATIONS
 
     conn = open_database(tmp_path / "h.db")
     assert schema_version(conn) == 0
@@ -157,8 +157,8 @@ def test_a_database_from_a_newer_herald_is_refused(tmp_path):
 
 def test_version_2_keeps_stored_payloads_and_allows_none(tmp_path, monkeypatch):
     """Upgrading a version-1 file keeps each stored notification payload; new rows store none and read the Bundle."""
-    from gateway import store as store_module
     from gateway.store import SCHEMA_VERSION, migrate, open_database, schema_version
+    from gateway.store import schema as store_module
 
     conn = open_database(tmp_path / "old.db")
     monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
@@ -176,12 +176,15 @@ def test_version_2_keeps_stored_payloads_and_allows_none(tmp_path, monkeypatch):
     monkeypatch.undo()
     migrate(conn)
     assert schema_version(conn) == SCHEMA_VERSION >= 2
+    # Version 4: the summary (a copy of the patient's name) is gone from the rows and the schema.
+    columns = {r["name"] for r in conn.execute("PRAGMA table_info(notifications)")}
+    assert "summary" not in columns and {"recipient", "payload", "event_code"} <= columns
     conn.execute(
         "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
-        "summary, payload, state, next_attempt_at, created_at, updated_at) "
-        "VALUES ('new', 1, 'pcp', 'PCP', 'file', '/x', 'e', '{}', NULL, 'pending', 0, 't', 't')"
+        "payload, state, next_attempt_at, created_at, updated_at) "
+        "VALUES ('new', 1, 'pcp', 'PCP', 'file', '/x', 'e', NULL, 'pending', 0, 't', 't')"
     )
-    due = {n.id: n for n in Store._due(conn, 1.0, 10, ())}
+    due = {n.id: n for n in due_notifications(conn, 1.0, 10, ())}
     assert (due["old"].payload, due["old"].bundle) == ('{"stored":true}', None)
     assert (due["new"].payload, due["new"].bundle) == (None, '{"b":1}')
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'notifications'")}

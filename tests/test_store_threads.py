@@ -12,7 +12,8 @@ import threading
 from test_intake import STORED_AT, drain, success
 
 from gateway.errors import StoreError
-from gateway.store import RECEIVED, IntakeRecord, Store
+from gateway.records import RECEIVED, IntakeRecord
+from gateway.store import Store
 
 
 def record(control_id: str) -> IntakeRecord:

@@ -7,8 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.conversion.v2 import V2Message, declared_charset, decode, parse_dtm
+from gateway.conversion.v2 import V2Message, decode, parse_dtm
 from gateway.errors import MessageError
+from gateway.header import read_header_leniently
 
 MSH = "MSH|^~\\&|TESTAPP|TESTFAC|HERALD|ACO|20260301120000||ADT^A01^ADT_A01|CTRL0001|P|2.5.1"
 
@@ -101,9 +102,17 @@ def test_utf8_byte_order_mark_is_dropped_and_means_utf8(declared):
         (b"", ""),
     ],
 )
-def test_declared_charset_reads_first_msh18_repetition(raw, expected):
-    """declared_charset returns the first MSH-18 repetition, or "" when there is none."""
-    assert declared_charset(raw) == expected
+def test_the_header_reader_gives_the_first_msh18_repetition(raw, expected):
+    """The one MSH reader gives the first MSH-18 repetition ("" when there is none, None when no MSH)."""
+    header = read_header_leniently(raw)
+    assert (header.charset if header else "") == expected
+
+
+def test_v2message_reuses_the_header_it_is_given():
+    """V2Message takes the MSH intake read instead of reading it again, and exposes it."""
+    raw = message("PID|1||X").encode()
+    header = read_header_leniently(raw)
+    assert V2Message(raw, header=header).header is header
 
 
 def test_decode_returns_text_and_codec():
@@ -134,7 +143,7 @@ def test_blank_lines_and_leading_whitespace_are_ignored():
     [
         (b"PID|1||X1\rMSH|^~\\&|A", "MSH"),
         (b"", "MSH"),
-        (b"MSH|", "MSH"),
+        (b"MSH|", "MSH-2"),  # the one MSH reader: too short to hold the encoding characters
         (b"hello world, this is not HL7", "MSH"),
         (b"MSH|^~|APP|FAC", "MSH-2"),
     ],

@@ -291,7 +291,8 @@ def roster_import(
     """
     from datetime import date
 
-    from gateway.matching.roster import RosterOptions, import_roster_file, read_opt_out_file, read_pcp_file
+    from gateway.app.roster import import_roster_file
+    from gateway.matching.roster import RosterOptions, read_opt_out_file, read_pcp_file
 
     cfg = _config(config_path, data_dir)
     if effective is not None:
@@ -314,15 +315,16 @@ def roster_import(
         opted_out=opted_out,
     )
     try:
-        report = import_roster_file(
-            cfg.database,
-            file,
-            options,
-            replace=not update,
-            effective=effective,
-            skip_bad_rows=skip_bad_rows,
-            by=_who(by),
-        )
+        if True:  # the file is read and checked before the database is opened
+            report = import_roster_file(
+                cfg.database,
+                file,
+                options,
+                replace=not update,
+                effective=effective,
+                skip_bad_rows=skip_bad_rows,
+                by=_who(by),
+            )
     except RosterError as e:
         _print_problems(file, e.problems)
         more = f" (and {e.more} more)" if e.more else ""
@@ -384,7 +386,7 @@ def match_command(paths, as_json, config_path, data_dir):
     Prints the candidates, each field's agreement level and weight, the total
     and the grade. Reads the roster of --data/--config; writes nothing.
     """
-    from gateway.matching.report import explain_messages
+    from gateway.app.match_report import explain_messages
 
     cfg = _config(config_path, data_dir)
     conn = _read_conn(cfg)
@@ -409,7 +411,7 @@ def review():
 @data_option
 def review_list(state, limit, config_path, data_dir):
     """List reviews with the message's patient and the candidate members."""
-    from gateway.matching.report import describe_review
+    from gateway.app.match_report import describe_review
     from gateway.store import list_reviews
 
     cfg = _config(config_path, data_dir)
@@ -432,68 +434,27 @@ def review_list(state, limit, config_path, data_dir):
 @data_option
 def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
     """Accept a review: notify the member's PCP and care team now, and remember the MRN link."""
-    from gateway.conversion.vocabulary import load_vocabulary
-    from gateway.pipeline.process import route_reviewed
-    from gateway.store import PendingMessage, StoreError, accept_review, review_detail, roster_member
+    from gateway.app.operations import OperationError, accept_review, opened_store
 
     cfg = _config(config_path, data_dir)
-    conn = _read_conn(cfg)
-    item = review_detail(conn, review_id)
-    if item is None:
-        raise click.ClickException(f"no review with id {review_id}")
-    if item["state"] != "open":
-        raise click.ClickException(f"review {review_id} is already {item['state']} (by {item['decided_by']})")
-    candidates = item["candidates"]
-    chosen = [
-        c
-        for c in candidates
-        if (member_id is None or c["member_id"] == member_id) and (aco_id is None or c["aco_id"] == aco_id)
-    ]
-    if not chosen:
-        ids = ", ".join(f"{c['member_id']} ({c['aco_id']})" for c in candidates) or "none"
-        click.echo(
-            f"herald review accept: {member_id or aco_id} is not a candidate of review {review_id} (candidates: {ids})",
-            err=True,
-        )
-        sys.exit(EXIT_BAD_INPUT)
-    if member_id is not None and len(chosen) > 1:
-        click.echo(f"herald review accept: member {member_id} is a candidate in several ACOs: give --aco", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    pick = chosen[0]
-    member = roster_member(_roster_snapshot(cfg), pick["aco_id"], pick["member_id"])
-    if member is None:
-        raise click.ClickException(f"member {pick['member_id']} of ACO {pick['aco_id']} is no longer on the roster")
-    match = _stored_match(conn, item["message_id"])
-    pending = PendingMessage(item["message_id"], item["raw"], item["received_at"], item["charset"] or "")
-    recipients = {role: cfg.recipient(role) for role in ("pcp", "care_team", "hie")}
-    try:
-        notifications, events, query = route_reviewed(pending, load_vocabulary(), cfg.tzinfo, match, member, recipients)
-    except MessageError as e:
-        raise click.ClickException(f"message {item['message_id']} no longer converts: {e}") from None
-    mrns = [(value, authority) for value, authority in query.mrns if value and authority]
+    _read_conn(cfg).close()
     who = _who(by)
     try:
-        state = accept_review(
-            cfg.database,
-            review_id,
-            aco_id=pick["aco_id"],
-            member_id=pick["member_id"],
-            notifications=notifications,
-            events=events,
-            mrns=mrns,
-            by=who,
-        )
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
-    roles = ", ".join(n.recipient_role for n in notifications) or "none"
+        with opened_store(cfg.database) as store:
+            decision = accept_review(
+                store, _roster_snapshot(cfg), cfg, review_id, by=who, member_id=member_id, aco_id=aco_id
+            )
+    except OperationError as e:
+        _fail("review accept", e)
+    roles = ", ".join(decision.roles) or "none"
     click.echo(
-        f"review {review_id} accepted by {who}: message {item['message_id']} is member {pick['member_id']} of "
-        f"ACO {pick['aco_id']}; notifications queued: {roles}; message now {state}"
+        f"review {review_id} accepted by {who}: message {decision.message_id} is member {decision.member_id} of "
+        f"ACO {decision.aco_id}; notifications queued: {roles}; message now {decision.state}"
     )
-    if events:
+    if decision.opted_out:
         click.echo("  the member opted out of data sharing: no PCP or care-team notification")
-    if mrns:
-        click.echo(f"  remembered {len(mrns)} MRN link(s): the next message with one matches certain by MRN")
+    if decision.links:
+        click.echo(f"  remembered {decision.links} MRN link(s): the next message with one matches certain by MRN")
 
 
 @review.command("reject")
@@ -504,27 +465,25 @@ def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
 @data_option
 def review_reject(review_id, reason, by, config_path, data_dir):
     """Reject a review: none of the candidates is the patient; the message stays unmatched."""
-    from gateway.store import StoreError, reject_review
+    from gateway.app.operations import OperationError, opened_store, reject_review
 
     cfg = _config(config_path, data_dir)
     _read_conn(cfg).close()
     who = _who(by)
     try:
-        state = reject_review(cfg.database, review_id, by=who, reason=reason)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"review {review_id} rejected by {who}: message now {state}")
+        with opened_store(cfg.database) as store:
+            decision = reject_review(store, review_id, by=who, reason=reason)
+    except OperationError as e:
+        _fail("review reject", e)
+    click.echo(f"review {review_id} rejected by {who}: message now {decision.state}")
 
 
-def _stored_match(conn, message_id: int):
-    """The message's stored match as a ``gateway.matching.model.Match`` (grade, method, score; no candidates)."""
-    from gateway.matching.model import Match
-    from gateway.store import stored_match
-
-    row = stored_match(conn, message_id)
-    if row is None:
-        return Match("possible", "review", None, None)
-    return Match(row["grade"], row["method"], row["score"], None, (), row["detail"])
+def _fail(command: str, error) -> None:
+    """End a command that could not be done: exit 2 when the request was wrong, else 1."""
+    if error.bad_input:
+        click.echo(f"herald {command}: {error}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    raise click.ClickException(str(error))
 
 
 # -- log ---------------------------------------------------------------------
@@ -569,21 +528,15 @@ def log_list(state, limit, config_path, data_dir):
 @data_option
 def log_show(message_id, fields, config_path, data_dir):
     """Show one message: raw v2, FHIR, match, notifications, deliveries and audit events."""
-    from gateway.conversion.fieldnames import describe_location
-    from gateway.conversion.v2 import declared_charset, decode
-    from gateway.store import message_detail
+    from gateway.app.operations import OperationError, message_view
 
     cfg = _config(config_path, data_dir)
     conn = _read_conn(cfg)
-    detail = message_detail(conn, message_id)
-    if detail is None:
-        raise click.ClickException(f"no message with id {message_id}")
-    m = detail["message"]
-    reason = m["reason"] or ""
-    if reason and ": " in reason:
-        # "PID-7: not a valid date" -> "PID-7 (Date/time of birth): not a valid date"
-        where, _, why = reason.partition(": ")
-        reason = f"{describe_location(where, m['version'] or '')}: {why}"
+    try:
+        view = message_view(conn, message_id, fields=fields)
+    except OperationError as e:
+        _fail("log show", e)
+    detail, m, reason = view.detail, view.detail["message"], view.reason
     click.echo(f"Message {m['id']}  state: {m['state']}" + (f"  ({reason})" if reason else ""))
     click.echo(
         f"  received {m['received_at']} from {m['peer']}; sender {m['sending_application']}|{m['sending_facility']}; "
@@ -592,13 +545,11 @@ def log_show(message_id, fields, config_path, data_dir):
     if m["flag"]:
         click.echo(f"  flag: {m['flag']}")
     click.echo("\nRaw HL7 v2:")
-    raw, _ = decode(m["raw"], m["charset"] or declared_charset(m["raw"]))
-    for seg in raw.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
-        if seg:
-            click.echo(f"  {seg}")
+    for seg in view.segments:
+        click.echo(f"  {seg}")
     if fields:
         click.echo("\nFields:")
-        for line in _field_lines(m["raw"], m["charset"] or "", m["version"] or ""):
+        for line in view.fields:
             click.echo(f"  {line}")
     click.echo("\nMatch:")
     match = detail["match"]
@@ -634,28 +585,6 @@ def log_show(message_id, fields, config_path, data_dir):
         click.echo(json.dumps(json.loads(m["fhir"]), indent=2, ensure_ascii=False))
     else:
         click.echo("  (not converted)")
-
-
-def _field_lines(raw: bytes, charset: str, version: str) -> list[str]:
-    """Each non-empty field as ``PID-5 Patient name: value`` (names from hl7apy)."""
-    from gateway.conversion.fieldnames import field_info
-    from gateway.conversion.v2 import V2Message
-    from gateway.errors import MessageError
-
-    try:
-        msg = V2Message(raw, charset)
-    except MessageError as e:
-        return [f"(cannot be split into fields: {e})"]
-    lines = []
-    for seg in msg.segments:
-        for n in range(1, len(seg.fields)):
-            value = seg.fields[n]
-            if not value:
-                continue
-            info = field_info(seg.name, n, version or "2.5.1")
-            name = f" {info[0]} ({info[1]})" if info else ""
-            lines.append(f"{seg.name}-{n}{name}: {value}")
-    return lines
 
 
 # -- demo --------------------------------------------------------------------

@@ -17,12 +17,16 @@ from pathlib import Path
 import click
 from twisted.internet import defer, task
 
+from gateway.app.operations import opened_store
 from gateway.app.replay import collect_messages, replay_async
+from gateway.app.roster import import_roster_file
 from gateway.app.service import make_service
 from gateway.config import load_config
-from gateway.matching.roster import import_roster_file
+from gateway.conversion.vocabulary import load_vocabulary
+from gateway.records import PENDING, RETRYING
 from gateway.resources import samples_dir
-from gateway.store import PENDING, RETRYING, notifications_for, open_database
+from gateway.store import notifications_for, open_database, open_roster_snapshot, roster_member, stored_match
+from gateway.store.messages import messages_bundles
 
 SAMPLES = samples_dir()
 WAIT_SECONDS = 60.0
@@ -33,7 +37,8 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
     out = out or sys.stdout
     folder = Path(tempfile.mkdtemp(prefix="herald-demo-"))
     cfg = load_config(None, data_dir=folder, listen=["tcp:0:interface=127.0.0.1"])
-    roster = import_roster_file(cfg.database, samples / "roster.csv", by="herald demo")
+    with opened_store(cfg.database) as store:
+        roster = import_roster_file(store, samples / "roster.csv", by="herald demo")
     messages = collect_messages(sorted(samples.glob("*.hl7")))
     echo = lambda s="": click.echo(s, file=out)  # noqa: E731
     echo(f"Herald demo: data in {folder}")
@@ -62,7 +67,17 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
                 if busy == 0:
                     break
                 yield task.deferLater(reactor, 0.05, lambda: None)
-            result["notifications"] = [dict(r) for r in notifications_for(conn)]
+            notes = [dict(r) for r in notifications_for(conn)]
+            bundles = messages_bundles(conn, {n["message_id"] for n in notes})
+            matches = {n["message_id"]: stored_match(conn, n["message_id"]) for n in notes}
+            roster = open_roster_snapshot(cfg.database)
+            for n in notes:
+                n["about"] = describe_bundle(json.loads(bundles[n["message_id"]]))
+                m = matches[n["message_id"]]
+                member = roster_member(roster, m["aco_id"], m["member_id"]) if m and m["member_id"] else None
+                n["pcp"] = (member or {}).get("pcp_name") or ""
+            roster.close()
+            result["notifications"] = notes
             result["states"] = dict(conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
             conn.close()
         finally:
@@ -76,18 +91,20 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
             return 1
     report = result["report"]
     notes = result["notifications"]
+    vocab = load_vocabulary()
     echo(f"  messages by state: {', '.join(f'{k} {v}' for k, v in sorted(result['states'].items()))}")
     echo(f"\n{len(notes)} notifications:")
     rows = []
     for n in notes:
-        s = json.loads(n["summary"])
-        trigger = s.get("trigger", "?") + (" cancel" if s.get("retraction") else "")
+        s = n["about"]
+        rule = vocab.events.get(s["trigger"])
+        trigger = s["trigger"] + (" cancel" if rule is not None and rule.retraction else "")
         rows.append(
             (
                 f"{s['event']} ({trigger})",
                 s["patient"][:22],
                 s["facility"][:10],
-                (s["pcp"] or "(not on roster)")[:22],
+                (n["pcp"] or "(not on roster)")[:22],
                 f"{n['recipient_role']} [{n['state']}]",
             )
         )
@@ -104,3 +121,24 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     undelivered = [n for n in notes if n["state"] != "sent"]
     return 0 if notes and not undelivered and report.accepted == report.sent else 1
+
+
+def describe_bundle(bundle: dict) -> dict[str, str]:
+    """What a person reads first about a notification, taken from its Bundle.
+
+    The event code and the v2 trigger (MessageHeader), the patient's name
+    (the first Patient.name), the facility (the Encounter's serviceProvider).
+    The outbox keeps none of this: it is PHI, and the Bundle already holds it.
+    """
+    resources = {e["fullUrl"]: e["resource"] for e in bundle.get("entry", ())}
+    kinds = {r["resourceType"]: r for r in reversed(list(resources.values()))}
+    header, patient, encounter = kinds.get("MessageHeader", {}), kinds.get("Patient", {}), kinds.get("Encounter", {})
+    name = (patient.get("name") or [{}])[0]
+    given = (name.get("given") or [""])[0]
+    provider = resources.get((encounter.get("serviceProvider") or {}).get("reference", ""), {})
+    return {
+        "event": header.get("eventCoding", {}).get("code", "?"),
+        "trigger": ((header.get("reason") or {}).get("coding") or [{}])[0].get("code", "?"),
+        "patient": " ".join(x for x in (given, name.get("family", "")) if x) or "(no name)",
+        "facility": provider.get("name", ""),
+    }

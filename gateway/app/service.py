@@ -12,18 +12,19 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from gateway.config import ROLES, Config
+from gateway.app.roster import adopt_legacy_roster
+from gateway.config import Config
 from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
 from gateway.delivery.worker import DeliveryWorker
 from gateway.intake.ack import AckBuilder
 from gateway.intake.receiver import Intake
-from gateway.pipeline.process import MessageOutcome
 from gateway.pipeline.workers import make_pool, process_batch, process_batch_here
+from gateway.records import ROLES, MessageOutcome
 from gateway.store import RosterReader, Store, open_database
 from mllp import MLLPServerFactory
 
@@ -57,6 +58,8 @@ class PipelineWorker(Service):
         self._conn = None
         self._roster: RosterReader | None = None
         self._running_batch = False
+        #: Fires when the drain loop in progress ends (None when none runs).
+        self._drained: defer.Deferred | None = None
         self._again = False
         self._last_id = 0
         self.processed = 0
@@ -77,8 +80,8 @@ class PipelineWorker(Service):
         super().stopService()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        while self._running_batch:
-            yield task.deferLater(self.reactor, 0.01, lambda: None)
+        if self._drained is not None:
+            yield self._drained  # the batch in hand is written before the pool goes
         if self._pool is not None:
             pool, self._pool = self._pool, None
             yield threads.deferToThread(pool.shutdown, True)
@@ -93,7 +96,7 @@ class PipelineWorker(Service):
         if self._running_batch:
             self._again = True
             return
-        self._drain()
+        self._drained = self._drain()
 
     @defer.inlineCallbacks
     def _drain(self):
@@ -132,6 +135,7 @@ class PipelineWorker(Service):
                 self._retry = self.reactor.callLater(5, self.wake)
         finally:
             self._running_batch = False
+            self._drained = None
 
     def _process(self, pending) -> defer.Deferred:
         if self._pool is None:
@@ -250,6 +254,7 @@ def make_service(
         def startService(self) -> None:
             super().startService()
             store.start()
+            adopt_legacy_roster(store)  # a version-1 database's roster, once
 
         def stopService(self):
             super().stopService()

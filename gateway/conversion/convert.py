@@ -36,11 +36,16 @@ from gateway.conversion.datatypes import (
     resource_id,
     system_uri,
 )
-from gateway.conversion.segments import PatientKeys
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import Vocabulary
 from gateway.errors import MessageError
-from gateway.intake.header import ERR_REQUIRED_FIELD_MISSING, ERR_SEGMENT_SEQUENCE, ERR_UNSUPPORTED_EVENT
+from gateway.header import (
+    ERR_REQUIRED_FIELD_MISSING,
+    ERR_SEGMENT_SEQUENCE,
+    ERR_UNSUPPORTED_EVENT,
+    ERR_UNSUPPORTED_MESSAGE_TYPE,
+)
+from gateway.records import PatientFacts
 
 __all__ = [
     "HERALD_NAMESPACE",
@@ -49,8 +54,9 @@ __all__ = [
     "NOTIFICATION_EVENT_SYSTEM",
     "NPI_SYSTEM",
     "Conversion",
-    "PatientKeys",
     "convert",
+    "is_notification_event",
+    "message_event",
     "looks_like_npi",
     "resource_id",
     "validate_bundle",
@@ -69,15 +75,34 @@ class Conversion:
     bundle: dict
     event_code: str
     trigger_event: str
-    keys: PatientKeys
+    #: What matching needs of the patient, read from the Patient built here.
+    patient: PatientFacts
     encounter_date: str
     facility: str
-    patient_display: str
     warnings: list[str] = field(default_factory=list)
     #: True for a cancel (A11, A12, A13): it retracts the notification of the same Encounter.
     retraction: bool = False
     #: (segment, field number, FHIR target) per field used; None unless converted with explain=True.
     trace: list | None = None
+
+
+def message_event(msg: V2Message) -> tuple[str, str]:
+    """The message type and trigger event (MSH-9.1 and 9.2; EVN-1 when MSH-9.2 is empty, as older
+    senders write it), trimmed and the trigger upper-cased: what the pipeline filters on and the
+    converter maps."""
+    msh = msg.msh
+    trigger = msh.get(9, 2).strip().upper()
+    if not trigger:
+        evn = msg.segment("EVN")
+        if evn is not None:
+            trigger = evn.get(1).strip().upper()
+    return msh.get(9, 1).strip(), trigger
+
+
+def is_notification_event(msg: V2Message, vocab: Vocabulary) -> bool:
+    """Whether the message is an ADT event Herald turns into a notification (``mappings/tables.toml``)."""
+    message_type, trigger = message_event(msg)
+    return message_type == "ADT" and trigger in vocab.events
 
 
 def convert(
@@ -94,13 +119,12 @@ def convert(
     ``received_at`` the Bundle's timestamp when MSH-7 has no time.
     """
     msh = msg.msh
-    message_type = msh.get(9, 1).strip()
-    trigger = msh.get(9, 2).strip().upper()
+    message_type, trigger = message_event(msg)
     evn = msg.segment("EVN")
-    if not trigger and evn is not None:
-        trigger = evn.get(1).strip().upper()
     if message_type != "ADT":
-        raise MessageError(f"message type {message_type or '(empty)'} is not ADT", "200", "MSH-9")
+        raise MessageError(
+            f"message type {message_type or '(empty)'} is not ADT", ERR_UNSUPPORTED_MESSAGE_TYPE, "MSH-9"
+        )
     rule = vocab.events.get(trigger)
     if rule is None:
         raise MessageError(f"ADT event {trigger or '(empty)'} is not converted", ERR_UNSUPPORTED_EVENT, "MSH-9")
@@ -182,7 +206,7 @@ def convert(
     # Patient.
     pd1 = msg.segment("PD1")
     in2s = msg.all("IN2")
-    patient, keys = segments.patient(ctx, pid, pd1, msg.all("NK1"), in2s)
+    patient, facts = segments.patient(ctx, pid, pd1, msg.all("NK1"), in2s)
     pat_id = patient["id"]
     pat_ref = ref(pat_id)
 
@@ -252,15 +276,13 @@ def convert(
     period = encounter.get("period", {})
     start, end = period.get("start", ""), period.get("end", "")
     encounter_date = (end if encounter["status"] == "finished" and end else start)[:10]
-    display = " ".join(x for x in (keys.given, keys.family) if x) or "(no name)"
     return Conversion(
         bundle=bundle,
         event_code=notification,
         trigger_event=trigger,
-        keys=keys,
+        patient=facts,
         encounter_date=encounter_date,
         facility=facility,
-        patient_display=display,
         warnings=ctx.warnings,
         retraction=rule.retraction,
         trace=trace,

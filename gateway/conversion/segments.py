@@ -11,7 +11,6 @@ docs/mapping-decisions.md lists where Herald departs from the IG.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from gateway.conversion.datatypes import (
     MBI_PATTERN,
@@ -24,9 +23,11 @@ from gateway.conversion.datatypes import (
     ref,
     resource_id,
 )
+from gateway.conversion.facts import facts_of_patient
 from gateway.conversion.v2 import Segment
 from gateway.errors import MessageError
-from gateway.intake.header import ERR_REQUIRED_FIELD_MISSING
+from gateway.header import ERR_REQUIRED_FIELD_MISSING
+from gateway.records import PatientFacts
 
 #: An HL7 v2 table as a FHIR code system is this and its number.
 V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-"
@@ -37,18 +38,6 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$", re.ASCII)
 
 #: PV1 fields naming practitioners: (field, v3 ParticipationType code, display).
 PV1_PARTICIPANTS = ((7, "ATND", "attender"), (8, "REF", "referrer"), (9, "CON", "consultant"), (17, "ADM", "admitter"))
-
-
-@dataclass(frozen=True, slots=True)
-class PatientKeys:
-    """What matching needs from the message, normalised."""
-
-    mbi: str
-    mrns: tuple[tuple[str, str], ...]  # (value, assigning authority)
-    family: str
-    given: str
-    birth_date: str  # YYYY-MM-DD or ""
-    sex: str  # M / F / O / U or ""
 
 
 def _coded_field(ctx: MessageContext, seg: Segment, n: int, target: str, v2_table: str, table: str = "") -> dict | None:
@@ -85,8 +74,8 @@ def patient(
     pd1: Segment | None,
     nk1s: list[Segment],
     in2s: list[Segment],
-) -> tuple[dict, PatientKeys]:
-    """PID (with PD1, NK1 and IN2-6) as a Patient, and the match keys.
+) -> tuple[dict, PatientFacts]:
+    """PID (with PD1, NK1 and IN2-6) as a Patient, and what matching needs of it.
 
     The Patient's id is from the sender and its identifier (the MR-typed
     one of PID-3 when there is one), so every message about this patient
@@ -94,8 +83,6 @@ def patient(
     """
     identifiers: list[dict] = []
     seen: set[tuple[str, str]] = set()
-    mrns: list[tuple[str, str]] = []
-    mbi = ""
     # PID-3 is the identifier list; PID-2 (external id) is how older (v2.3)
     # senders carry their MRN; PID-4 the alternate id.
     for n in (3, 2, 4):
@@ -113,10 +100,6 @@ def patient(
                 continue
             seen.add(key)
             identifiers.append(ident)
-            if ident["system"] == MBI_SYSTEM:
-                mbi = mbi or ident["value"]
-            else:
-                mrns.append((ident["value"], ident.get("assigner", {}).get("display", "")))
         ctx.used(pid, n, "Patient.identifier")
         if dropped:
             ctx.used(pid, n, "(an SSN repetition: left out, SSNs are not forwarded)")
@@ -131,7 +114,6 @@ def patient(
             if (MBI_SYSTEM, value) not in seen:
                 seen.add((MBI_SYSTEM, value))
                 identifiers.append({"system": MBI_SYSTEM, "value": value})
-                mbi = mbi or value
     if not identifiers:
         raise MessageError("PID-3 has no patient identifier", ERR_REQUIRED_FIELD_MISSING, "PID-3")
     primary = next(
@@ -253,16 +235,7 @@ def patient(
         if gps:
             res["generalPractitioner"] = gps
 
-    first = names[0] if names else {}
-    keys = PatientKeys(
-        mbi=mbi,
-        mrns=tuple(mrns),
-        family=first.get("family", ""),
-        given=(first.get("given") or [""])[0],
-        birth_date=res.get("birthDate", "") if len(res.get("birthDate", "")) == 10 else "",
-        sex=sex if sex in ("M", "F", "O", "U") else "",
-    )
-    return res, keys
+    return res, facts_of_patient(res)
 
 
 def _language(ctx: MessageContext, raw: str) -> dict | None:

@@ -13,7 +13,7 @@ import re
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 from gateway.errors import MessageError
-from gateway.intake.header import ERR_DATA_TYPE, ERR_SEGMENT_SEQUENCE
+from gateway.header import ERR_DATA_TYPE, ERR_SEGMENT_SEQUENCE, MessageHeader, read_msh
 
 #: MSH-18 values (HL7 table 0211, and spellings seen in the wild) and the
 #: Python codecs that read them.
@@ -40,25 +40,6 @@ CHARSETS = {
 }
 
 _SEGMENT_END = re.compile(r"\r\n|\r|\n")
-_SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
-
-
-def declared_charset(raw: bytes) -> str:
-    """MSH-18 (its first repetition) read from the raw bytes; "" when absent or unreadable.
-
-    The MSH segment is ASCII in every charset HL7 allows over MLLP, so it can
-    be read before the message is decoded.
-    """
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    line = raw.lstrip(b"\r\n \t").split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
-    if not line.startswith("MSH") or len(line) < 8:
-        return ""
-    fields = line.split(line[3])
-    # fields[0] is "MSH" and fields[1] is MSH-2, so MSH-n is fields[n - 1].
-    if len(fields) < 18 or len(fields[1]) < 2:
-        return ""
-    return fields[17].split(fields[1][1])[0].strip()
 
 
 def decode(raw: bytes, charset: str = "") -> tuple[str, str]:
@@ -144,22 +125,19 @@ class Segment:
 class V2Message:
     """A decoded HL7 v2 message split into segments."""
 
-    def __init__(self, raw: bytes, charset: str = "") -> None:
-        """Decode ``raw`` with ``charset`` (an MSH-18 value), else with the MSH-18 it declares."""
-        text, self.codec = decode(raw, charset or declared_charset(raw))
+    def __init__(self, raw: bytes, charset: str = "", header: MessageHeader | None = None) -> None:
+        """Decode ``raw`` with ``charset`` (an MSH-18 value), else with the MSH-18 it declares.
+
+        ``header`` is the message's MSH as intake read it (:func:`gateway.header.read_msh`);
+        it is read here when not given. Raises :class:`MessageError` when the MSH cannot be read.
+        """
+        self.header = header = header or read_msh(raw)
+        text, self.codec = decode(raw, charset or header.charset.strip())
         text = text.lstrip("\r\n \t")
-        if not text.startswith("MSH") or len(text) < 8:
+        if not text.startswith("MSH"):
             raise MessageError("the message does not start with an MSH segment", ERR_SEGMENT_SEQUENCE, "MSH")
-        self.fs = fs = text[3]
-        head_end = text.find(fs, 4)
-        enc = text[4:head_end] if head_end > 0 else ""
-        distinct = len(set(enc)) == len(enc) and fs not in enc
-        if len(enc) not in (4, 5) or not distinct or any(c.isalnum() or c == " " for c in enc):
-            # The same rule as intake's MSH reader (gateway.intake.header), so a message
-            # that was acknowledged can always be split here.
-            raise MessageError(
-                "MSH-2 must hold four (or, from v2.7, five) distinct encoding characters", ERR_DATA_TYPE, "MSH-2"
-            )
+        self.fs = fs = header.field_separator
+        enc = header.encoding_characters
         # A fifth character (v2.7's truncation character) is accepted and not
         # used: values are read as sent, a truncated value is the best we have.
         self.comp, self.rep, self.esc, self.sub = enc[0], enc[1], enc[2], enc[3]

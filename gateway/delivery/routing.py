@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from gateway.config import Recipient
 from gateway.conversion.convert import Conversion, resource_id
 from gateway.matching.model import Match
-from gateway.store import Notification
+from gateway.records import Notification
 
 
 def route(
@@ -43,20 +43,6 @@ def route(
     if recipients.get("hie"):
         wanted.append(("hie", "HIE"))
 
-    summary = json.dumps(
-        {
-            "event": conversion.event_code,
-            "trigger": conversion.trigger_event,
-            "retraction": conversion.retraction,
-            "patient": conversion.patient_display,
-            "facility": conversion.facility,
-            "date": conversion.encounter_date,
-            "pcp": (member or {}).get("pcp_name") or "",
-            "pcp_npi": (member or {}).get("pcp_npi") or "",
-            "aco": (member or {}).get("aco_id") or "",
-            "grade": match.grade,
-        }
-    )
     out = []
     base = conversion.bundle
     for role, who in wanted:
@@ -75,7 +61,6 @@ def route(
                 channel=recipient.channel,
                 target=recipient.target,
                 event_code=conversion.event_code,
-                summary=summary,
                 payload=None,  # built from the message's Bundle when sent
             )
         )

@@ -25,8 +25,10 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
+from gateway.config import Config
 from gateway.delivery.routing import payload_builder
-from gateway.store import DEAD, RETRYING, SENT, DeliveryAttempt, Notification, Store
+from gateway.records import DEAD, RETRYING, SENT, DeliveryAttempt, Notification
+from gateway.store import Store
 
 
 class DeliveryFailed(Exception):
@@ -201,12 +203,12 @@ class DeliveryWorker(Service):
         self,
         store: Store,
         reactor,
-        max_attempts: int = 8,
-        backoff_initial: float = 2.0,
-        backoff_max: float = 600.0,
-        timeout: float = 30.0,
-        concurrency: int = 16,
-        poll_interval: float = 1.0,
+        max_attempts: int = Config.delivery_max_attempts,
+        backoff_initial: float = Config.delivery_backoff_initial,
+        backoff_max: float = Config.delivery_backoff_max,
+        timeout: float = Config.delivery_timeout,
+        concurrency: int = Config.delivery_concurrency,
+        poll_interval: float = Config.delivery_poll_interval,
         agent=None,
     ) -> None:
         self.store = store

@@ -7,7 +7,8 @@ import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from gateway.intake.header import DEFAULT_SEPARATORS, ERROR_TEXT, MessageHeader
+from gateway.config import Config
+from gateway.header import DEFAULT_SEPARATORS, ERROR_TEXT, MessageHeader
 
 #: Acceptance outcomes, named for what they mean.
 ACCEPTED = "accepted"  # stored: AA / CA
@@ -26,12 +27,12 @@ def ack_code(outcome: str, enhanced: bool) -> str:
 def should_acknowledge(header: MessageHeader | None, outcome: str) -> bool:
     """Whether MSH-15 asks for an accept acknowledgement in this case.
 
-    Original mode (MSH-15 empty) always gets one. In enhanced mode AL asks for
+    Original mode (MSH-15 empty, or not a table 0155 value) always gets one. In enhanced mode AL asks for
     all, NE for none, ER only for errors and SU only for successes.
     """
-    if header is None or not header.accept_ack_type:
+    if header is None or not header.enhanced_mode:
         return True
-    kind = header.accept_ack_type.upper()
+    kind = header.accept_ack_type.strip().upper()
     if kind == "NE":
         return False
     if kind == "ER":
@@ -50,8 +51,8 @@ class AckBuilder:
 
     def __init__(
         self,
-        application: str = "HERALD",
-        facility: str = "HERALD",
+        application: str = Config.application,
+        facility: str = Config.facility,
         clock: Callable[[], datetime] = _utc_now,
         next_control_id: Callable[[], str] | None = None,
     ) -> None:

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from gateway.config import Config
 from gateway.errors import MessageError
-from gateway.intake.ack import ACCEPTED, ERROR, REJECTED, AckBuilder, ack_code, should_acknowledge
-from gateway.intake.header import (
+from gateway.header import (
     ERR_INTERNAL,
     ERR_VALUE_TOO_LONG,
     MessageHeader,
@@ -22,8 +22,10 @@ from gateway.intake.header import (
     read_header,
     read_header_leniently,
 )
-from gateway.store import RECEIVED, IntakeRecord, IntakeResult, Store
-from gateway.store import REJECTED as STATE_REJECTED
+from gateway.intake.ack import ACCEPTED, ERROR, REJECTED, AckBuilder, ack_code, should_acknowledge
+from gateway.records import RECEIVED, IntakeRecord, IntakeResult
+from gateway.records import REJECTED as STATE_REJECTED
+from gateway.store import Store
 
 
 class Intake:
@@ -36,7 +38,7 @@ class Intake:
         store: Store,
         acks: AckBuilder | None = None,
         on_stored: Callable[[], None] | None = None,
-        max_length: int = 1024 * 1024,
+        max_length: int = Config.max_frame_bytes,
     ) -> None:
         self.store = store
         self.acks = acks or AckBuilder()

@@ -44,7 +44,9 @@ import jellyfish
 from rapidfuzz import fuzz
 from rapidfuzz.distance import DamerauLevenshtein, Hamming, JaroWinkler
 
+from gateway.conversion.facts import facts_of_patient
 from gateway.errors import ConfigError
+from gateway.records import PatientFacts
 from gateway.resources import mappings_dir
 
 MAPPINGS_DIR = mappings_dir()
@@ -191,45 +193,25 @@ def make_person(
 _GENDER = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
 
 
-def _pick_name(names: list[dict]) -> dict:
-    for wanted in ("official", "usual"):
-        for n in names:
-            if n.get("use") == wanted:
-                return n
-    for n in names:
-        if n.get("use") not in ("old", "maiden", "nickname", "anonymous"):
-            return n
-    return names[0] if names else {}
-
-
-def _pick(entries: list[dict], good: Callable[[dict], bool]) -> dict:
-    for e in entries:
-        if good(e) and e.get("use") in (None, "home"):
-            return e
-    for e in entries:
-        if good(e) and e.get("use") != "old":
-            return e
-    return {}
+def person_from_facts(facts: PatientFacts) -> Person:
+    """The normalised :class:`Person` of what the converter read about the patient."""
+    return make_person(
+        given=facts.given,
+        family=facts.family,
+        middle=facts.middle,
+        birth_date=facts.birth_date,
+        sex=_GENDER.get(facts.gender, ""),
+        street=facts.street,
+        city=facts.city,
+        state=facts.state,
+        zip=facts.zip,
+        phone=facts.phone,
+    )
 
 
 def person_from_patient(patient: dict) -> Person:
     """The :class:`Person` of a FHIR Patient resource (as a dict): official name, home address and phone."""
-    name = _pick_name(patient.get("name") or [])
-    givens = name.get("given") or []
-    address = _pick(patient.get("address") or [], lambda a: bool(a.get("line") or a.get("postalCode")))
-    phone = _pick(patient.get("telecom") or [], lambda t: t.get("system") == "phone" and bool(t.get("value")))
-    return make_person(
-        given=givens[0] if givens else "",
-        family=name.get("family", ""),
-        middle=" ".join(givens[1:]),
-        birth_date=patient.get("birthDate", ""),
-        sex=_GENDER.get(patient.get("gender", ""), ""),
-        street=" ".join(address.get("line") or []),
-        city=address.get("city", ""),
-        state=address.get("state", ""),
-        zip=address.get("postalCode", ""),
-        phone=phone.get("value", ""),
-    )
+    return person_from_facts(facts_of_patient(patient))
 
 
 def _col(row: Mapping, key: str) -> str:
@@ -977,19 +959,19 @@ class PatientQuery:
     person: Person
 
 
+def query_from_facts(facts: PatientFacts) -> PatientQuery:
+    """The :class:`PatientQuery` of the converter's :class:`~gateway.records.PatientFacts` (the MBI without dashes)."""
+    mbi = facts.mbi.replace("-", "").upper()
+    return PatientQuery(mbi=mbi, mrns=facts.mrns, person=person_from_facts(facts))
+
+
 def query_from_patient(patient: dict) -> PatientQuery:
-    """The :class:`PatientQuery` of a FHIR Patient (MBI by system us-mbi; MRNs with ``assigner.display``)."""
-    mbi = ""
-    mrns: list[tuple[str, str]] = []
-    for ident in patient.get("identifier") or []:
-        value = (ident.get("value") or "").strip()
-        if not value:
-            continue
-        if ident.get("system") == MBI_SYSTEM:
-            mbi = mbi or value.replace("-", "").upper()
-        else:
-            mrns.append((value, ((ident.get("assigner") or {}).get("display") or "").strip()))
-    return PatientQuery(mbi=mbi, mrns=tuple(mrns), person=person_from_patient(patient))
+    """The :class:`PatientQuery` of a FHIR Patient (MBI by system us-mbi; MRNs with ``assigner.display``).
+
+    For a Patient from elsewhere (a benchmark's, a test's); the pipeline has
+    the converter's facts and calls :func:`query_from_facts`.
+    """
+    return query_from_facts(facts_of_patient(patient))
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ A roster file is read one row at a time (a million-member file never sits in
 memory as objects): :func:`open_roster` reads the header (or recognises a
 fixed-width CCLF8 record), :meth:`RosterSource.rows` yields each row as a
 :class:`RosterRow`, a good member or the problems found in it. The store
-stages the rows and replaces the ACO's roster in one transaction
-(:func:`gateway.store.import_roster`); duplicates are found there.
+stages the rows and publishes the ACO's new roster version whole
+(:func:`gateway.app.roster.import_roster_file`); duplicates are found there.
+:data:`DERIVATION` is how a member's normalised person and blocking keys are
+computed; the import hands it to the store, which imports no stage.
 
 Formats are data (``mappings/roster_formats.toml``): Herald's CSV (any
 layout through the config's ``[roster.columns]``), the CMS SSP Assignment List
@@ -30,9 +32,9 @@ from pathlib import Path
 
 from gateway.conversion.convert import MBI_PATTERN
 from gateway.errors import RosterError
-from gateway.matching.model import blocking_keys, pack_person, person_from_member
+from gateway.matching.model import BLOCKING_RECIPE, blocking_keys, pack_person, person_from_member
+from gateway.records import MEMBER_COLUMNS, RosterDerivation
 from gateway.resources import mappings_dir
-from gateway.store import MEMBER_COLUMNS, import_roster
 
 FORMATS_FILE = mappings_dir() / "roster_formats.toml"
 
@@ -445,7 +447,7 @@ def read_roster(
     """Parse roster text in memory: the good members and every row problem (header problems raise).
 
     Duplicates are not looked for here: the import finds them (see
-    :func:`gateway.store.import_roster`).
+    :func:`gateway.store.roster_import.publish_roster_version`).
     """
     members, problems = [], []
     for row in RosterSource.from_text(text, options).rows():
@@ -519,34 +521,14 @@ def read_opt_out_file(path: Path) -> frozenset[str]:
     return frozenset(_read_keyed(path, "opt_out", ()))
 
 
-def import_roster_file(
-    db_path: Path | str,
-    path: Path,
-    options: RosterOptions | None = None,
-    *,
-    replace: bool = True,
-    effective: str | None = None,
-    skip_bad_rows: bool = False,
-    by: str = "",
-    now: datetime | None = None,
-):
-    """Read ``path`` row by row into the store as a new roster version (see :func:`gateway.store.import_roster`).
+def _derive(row: dict) -> tuple[str, list[str]]:
+    person = person_from_member(row)
+    return pack_person(person), blocking_keys(person)
 
-    Raises :class:`RosterError` with every problem (by line and column) when
-    the file is rejected; nothing is written then.
-    """
-    options = options or RosterOptions()
-    source, digest = open_roster(path, options)
-    return import_roster(
-        db_path,
-        source.rows(),
-        file=str(path),
-        sha256=digest,
-        fmt=source.format.name + (" (fixed width)" if source.fixed else ""),
-        replace=replace,
-        aco_ids=(options.aco_id,) if options.aco_id else (),
-        effective=effective,
-        skip_bad_rows=skip_bad_rows,
-        by=by,
-        now=now,
-    )
+
+def _keys_of(packed: str) -> list[str]:
+    return blocking_keys(person_from_member({"person": packed}))
+
+
+#: Matching's normalisation as the store needs it to keep a roster version's derived columns.
+DERIVATION = RosterDerivation(BLOCKING_RECIPE, _derive, _keys_of)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from functools import lru_cache
 from pathlib import Path
 
 from gateway.config import Config, Recipient
-from gateway.conversion.convert import convert, validate_bundle
+from gateway.conversion.convert import convert, is_notification_event, message_event, validate_bundle
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import Vocabulary
 from gateway.delivery.routing import bundle_json, route
@@ -28,14 +28,26 @@ from gateway.matching.model import (
     RosterLookups,
     load_model,
     match_patient,
-    query_from_patient,
+    query_from_facts,
 )
-from gateway.store import FAILED, IGNORED, MATCHED, REVIEW, ROUTED, UNMATCHED, Notification, PendingMessage
+from gateway.records import (
+    FAILED,
+    IGNORED,
+    MATCHED,
+    MEMBER_ROLES,
+    REVIEW,
+    ROUTED,
+    UNMATCHED,
+    MatchRecord,
+    MessageOutcome,
+    Notification,
+    PendingMessage,
+)
 
-__all__ = ["MATCHED", "UNMATCHED", "MatchPolicy", "MessageOutcome", "RosterLookups", "process_message"]
+__all__ = ["MatchPolicy", "decide", "match_record", "process_message", "review_candidates", "route_reviewed"]
 
 #: Who an opted-out member's notification is withheld from (see README, "Opt-outs").
-OPT_OUT_WITHHELD = ("pcp", "care_team")
+OPT_OUT_WITHHELD = MEMBER_ROLES
 
 
 @dataclass(frozen=True)
@@ -92,15 +104,6 @@ def _opted_out(member: dict) -> bool:
     return member.get("opted_out") in (1, "1", True)
 
 
-def find_patient(bundle: dict) -> dict:
-    """The Patient resource of a notification Bundle."""
-    for entry in bundle.get("entry", ()):
-        resource = entry.get("resource") or {}
-        if resource.get("resourceType") == "Patient":
-            return resource
-    raise MessageError("the Bundle has no Patient", location="PID")
-
-
 def review_candidates(match: Match) -> list[dict]:
     """The candidates a reviewer chooses from: ids, scores and grades (no demographics)."""
     return [
@@ -114,18 +117,9 @@ def review_candidates(match: Match) -> list[dict]:
     ]
 
 
-@dataclass
-class MessageOutcome:
-    """What the pipeline decided for one message."""
-
-    message_id: int
-    state: str
-    reason: str | None = None
-    fhir_json: str | None = None
-    match: Match | None = None
-    notifications: list = field(default_factory=list)
-    events: list[tuple[str, dict]] = field(default_factory=list)
-    review: dict | None = None  # the review to open: {"candidates": [...]}
+def match_record(match: Match) -> MatchRecord:
+    """The match as the store keeps it."""
+    return MatchRecord(match.grade, match.method, match.score, match.aco_id, match.member_id, match.detail)
 
 
 def process_message(
@@ -151,11 +145,8 @@ def process_message(
     except Exception as e:
         return _internal_error(mid, "parse", e, [])
     events: list[tuple[str, dict]] = [("parsed", {"segments": len(msg.segments), "charset": msg.codec})]
-    message_type, trigger = msg.msh.get(9, 1), msg.msh.get(9, 2)
-    evn = msg.segment("EVN")
-    if not trigger and evn is not None:
-        trigger = evn.get(1)  # as convert() does: older senders put the event in EVN-1 only
-    if message_type != "ADT" or trigger not in vocab.events:
+    if not is_notification_event(msg, vocab):
+        message_type, trigger = message_event(msg)
         known = ", ".join(sorted(vocab.events))
         reason = f"{message_type or '?'}^{trigger or '?'} is not a notification event (ADT {known})"
         events.append(("ignored", {"reason": reason}))
@@ -181,7 +172,7 @@ def process_message(
     )
     policy = policy or MatchPolicy(_default_model())
     try:
-        query = query_from_patient(find_patient(conversion.bundle))
+        query = query_from_facts(conversion.patient)
     except Exception as e:
         return _internal_error(mid, "match", e, events)
     match = match_patient(query, conversion.encounter_date, lookups, policy.model)
@@ -223,7 +214,7 @@ def process_message(
         state,
         None,
         bundle_json(conversion.bundle),
-        match,
+        match_record(match),
         notifications,
         events,
         review,
@@ -248,7 +239,7 @@ def route_reviewed(
     """
     msg = V2Message(pending.raw, pending.charset)
     conversion = convert(msg, vocab, default_tz, _received_at(pending.received_at))
-    query = query_from_patient(find_patient(conversion.bundle))
+    query = query_from_facts(conversion.patient)
     chosen = dataclasses.replace(match, member=member)
     if _opted_out(member):
         event = {
@@ -258,7 +249,7 @@ def route_reviewed(
             "reason": "the member opted out of data sharing",
         }
         return [], [("opt-out-honoured", event)], query
-    held = {role: recipients.get(role) for role in ("pcp", "care_team")}
+    held = {role: recipients.get(role) for role in MEMBER_ROLES}
     return route(conversion, chosen, held, pending.id), [], query
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from gateway.config import Config
 from gateway.conversion.vocabulary import load_vocabulary
-from gateway.pipeline.process import MatchPolicy, MessageOutcome, process_message
-from gateway.store import PendingMessage, RosterReader, RosterSnapshot, StoredRoster, open_database
+from gateway.pipeline.process import MatchPolicy, process_message
+from gateway.records import MessageOutcome, PendingMessage
+from gateway.store import RosterReader, RosterSnapshot, StoredRoster, open_database
 
 _state: dict = {}
 

@@ -25,7 +25,7 @@ from gateway.conversion.convert import Conversion, convert, validate_bundle
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
 from gateway.errors import MessageError
-from gateway.intake.header import ERR_UNSUPPORTED_EVENT, ERR_UNSUPPORTED_MESSAGE_TYPE, read_header
+from gateway.header import ERR_UNSUPPORTED_EVENT, ERR_UNSUPPORTED_MESSAGE_TYPE, read_header
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"

@@ -18,8 +18,16 @@ from gateway.conversion.convert import convert
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.errors import MessageError
-from gateway.matching.model import Candidate, Match, Person, match_patient, person_from_member, query_from_patient
-from gateway.pipeline.process import MatchPolicy, decide, find_patient
+from gateway.matching.model import (
+    Candidate,
+    Match,
+    Person,
+    match_patient,
+    person_from_member,
+    query_from_facts,
+    query_from_patient,
+)
+from gateway.pipeline.process import MatchPolicy, decide
 from gateway.store import RosterSnapshot, StoredRoster, roster_member
 
 
@@ -92,7 +100,6 @@ def explain_messages(
         try:
             msg = V2Message(raw)
             conversion = convert(msg, vocab, cfg.tzinfo, datetime.now(UTC))
-            patient = find_patient(conversion.bundle)
         except MessageError as e:
             failures += 1
             if as_json:
@@ -100,7 +107,7 @@ def explain_messages(
             else:
                 err(f"herald match: {where}: {e} (HL7 error {e.code})")
             continue
-        query = query_from_patient(patient)
+        query = query_from_facts(conversion.patient)
         match = match_patient(query, conversion.encounter_date, lookups, policy.model)
         control_id = msg.msh.get(10)
         routing = routing_of(match, policy)
@@ -151,7 +158,7 @@ def describe_review(roster: RosterSnapshot, item: dict) -> list[str]:
     ]
     if item.get("fhir"):
         try:
-            patient = find_patient(json.loads(item["fhir"]))
+            patient = _stored_patient(json.loads(item["fhir"]))
             lines.append(f"  patient: {_person(query_from_patient(patient).person)}")
         except (MessageError, ValueError):
             lines.append("  patient: (stored FHIR unreadable)")
@@ -163,3 +170,12 @@ def describe_review(roster: RosterSnapshot, item: dict) -> list[str]:
         chosen = f" -> member {item['member_id']} of ACO {item['aco_id']}" if item["member_id"] else ""
         lines.append(f"  {item['state']} by {item['decided_by']} at {item['decided_at']}{chosen}")
     return lines
+
+
+def _stored_patient(bundle: dict) -> dict:
+    """The Patient of a stored Bundle (for showing a review; the pipeline uses the converter's facts)."""
+    for entry in bundle.get("entry", ()):
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Patient":
+            return resource
+    raise ValueError("the Bundle has no Patient")

@@ -14,11 +14,9 @@ from gateway.errors import MessageError
 ERR_SEGMENT_SEQUENCE = "100"
 ERR_REQUIRED_FIELD_MISSING = "101"
 ERR_DATA_TYPE = "102"
-ERR_TABLE_VALUE = "103"
 ERR_VALUE_TOO_LONG = "104"
 ERR_UNSUPPORTED_MESSAGE_TYPE = "200"
 ERR_UNSUPPORTED_EVENT = "201"
-ERR_UNSUPPORTED_VERSION = "203"
 ERR_INTERNAL = "207"
 
 ERROR_TEXT = {
@@ -34,6 +32,7 @@ ERROR_TEXT = {
 }
 
 DEFAULT_SEPARATORS = "|^~\\&"
+#: HL7 table 0155 (accept/application acknowledgement conditions): MSH-15 values that select enhanced mode.
 ENHANCED_ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})
 
 
@@ -60,8 +59,12 @@ class MessageHeader:
 
     @property
     def enhanced_mode(self) -> bool:
-        """True when MSH-15 asks for enhanced-mode acknowledgements (CA/CE/CR)."""
-        return bool(self.accept_ack_type)
+        """True when MSH-15 holds a table 0155 value (AL, NE, ER, SU): enhanced-mode acknowledgements (CA/CE/CR).
+
+        Anything else in MSH-15 (a typo, a value from another field) is not a
+        request for enhanced mode: the sender gets an original-mode ACK.
+        """
+        return self.accept_ack_type.strip().upper() in ENHANCED_ACK_TYPES
 
     @property
     def separators(self) -> str:
@@ -89,7 +92,7 @@ def _first_component(value: str, component: str) -> str:
 
 def read_header(raw: bytes) -> MessageHeader:
     """Read the MSH segment of ``raw``; raise :class:`MessageError` when it cannot be read."""
-    header = _read_msh(raw)
+    header = read_msh(raw)
     if not header.control_id.strip():
         raise MessageError("MSH-10 message control id is empty", ERR_REQUIRED_FIELD_MISSING, "MSH-10")
     if not header.message_type:
@@ -104,12 +107,13 @@ def read_header_leniently(raw: bytes) -> MessageHeader | None:
     refusal can be addressed to the sender in the mode it asked for.
     """
     try:
-        return _read_msh(raw)
+        return read_msh(raw)
     except MessageError:
         return None
 
 
-def _read_msh(raw: bytes) -> MessageHeader:
+def read_msh(raw: bytes) -> MessageHeader:
+    """The MSH of ``raw`` with none of its fields required; raise :class:`MessageError` when unreadable."""
     line = first_segment(raw.lstrip(b"\r\n \t"))
     # Latin-1 maps every byte, so this never fails; MSH fields that matter are ASCII.
     text = line.decode("latin-1")

@@ -1,0 +1,240 @@
+"""Roster imports, as the CLI and a console run them: read a file, publish a version, audit it.
+
+This sits above the store and matching: it reads the file with
+:mod:`gateway.matching.roster`, hands the rows and matching's normalisation
+(:data:`~gateway.matching.roster.DERIVATION`) to the store to publish, and
+writes the audit event through the store's writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from gateway.matching.roster import DERIVATION, RosterMember, RosterOptions, RosterRow, open_roster
+from gateway.store import Store, roster_path
+from gateway.store.roster_import import publish_roster_version
+
+__all__ = [
+    "RosterImportReport",
+    "adopt_legacy_roster",
+    "import_members",
+    "import_roster",
+    "import_roster_file",
+    "opened_store",
+]
+
+
+@contextlib.contextmanager
+def opened_store(database: Path | str, clock: Callable[[], datetime] | None = None) -> Iterator[Store]:
+    """A running store for a process that has no gateway of its own (the CLI), closed on leaving.
+
+    Its writes go through the same writer, stamped by the same clock, as the
+    server's. A version-1 database's roster is carried over first.
+    """
+    store = Store(database, **({"clock": clock} if clock else {}))
+    store.start()
+    try:
+        adopt_legacy_roster(store)
+        yield store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _running(target: Store | Path | str) -> Iterator[Store]:
+    # A running store is used as it is; a database path gets one for the call.
+    if isinstance(target, Store):
+        yield target
+    else:
+        with opened_store(target) as store:
+            yield store
+
+
+@dataclass(frozen=True)
+class RosterImportReport:
+    """What one roster import did: rows added / changed / ended / unchanged / rejected.
+
+    ``lock_seconds``: how long the main database's write lock was held (the
+    audit event only); ``publish_seconds``: making the new file durable and
+    renaming it into place; ``read_seconds`` and ``apply_seconds``: the
+    import's other phases (nothing waits on them).
+    """
+
+    import_id: int
+    acos: tuple[str, ...]
+    rows: int
+    added: int
+    changed: int
+    ended: int
+    unchanged: int
+    rejected: int
+    problems: list[tuple[int, str, str]]
+    lock_seconds: float
+    publish_seconds: float = 0.0
+    read_seconds: float = 0.0
+    apply_seconds: float = 0.0
+
+
+def import_roster(
+    target: Store | Path | str,
+    rows: Iterable[RosterRow],
+    *,
+    file: str,
+    sha256: str = "",
+    fmt: str = "csv",
+    replace: bool = True,
+    aco_ids: Iterable[str] = (),
+    effective: str | None = None,
+    skip_bad_rows: bool = False,
+    by: str = "",
+    now: datetime | None = None,
+) -> RosterImportReport:
+    """Publish ``rows`` as one new roster version per ACO and audit it in the main database.
+
+    ``target`` is a running store, or the main database's path (a store is
+    opened for the call).
+
+    See :func:`gateway.store.roster_import.publish_roster_version` for what a
+    version does; nothing the server does waits on it. Raises
+    :class:`~gateway.errors.RosterError` (nothing published) when the file is
+    rejected.
+    """
+    with _running(target) as store:
+        return _import(store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_bad_rows, by, now)
+
+
+def _import(store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_bad_rows, by, now) -> RosterImportReport:
+    moment = now or store.clock()
+    who = by or "unknown"
+    version = publish_roster_version(
+        roster_path(store.path),
+        rows,
+        DERIVATION,
+        moment=moment,
+        by=who,
+        file=file,
+        sha256=sha256,
+        fmt=fmt,
+        replace=replace,
+        aco_ids=aco_ids,
+        effective=effective,
+        skip_bad_rows=skip_bad_rows,
+    )
+    detail = {
+        "import": version.import_id,
+        "file": Path(file).name,
+        "format": fmt,
+        "acos": list(version.acos),
+        "by": who,
+        "effective": effective,
+        "added": version.added,
+        "changed": version.changed,
+        "ended": version.ended,
+        "unchanged": version.unchanged,
+        "rejected": version.rejected,
+    }
+    started = time.perf_counter()
+    store.record_roster_event(detail)
+    lock_seconds = time.perf_counter() - started
+    return RosterImportReport(
+        version.import_id,
+        version.acos,
+        version.rows,
+        version.added,
+        version.changed,
+        version.ended,
+        version.unchanged,
+        version.rejected,
+        version.problems,
+        lock_seconds,
+        version.publish_seconds,
+        version.read_seconds,
+        version.apply_seconds,
+    )
+
+
+def import_roster_file(
+    target: Store | Path | str,
+    path: Path,
+    options: RosterOptions | None = None,
+    *,
+    replace: bool = True,
+    effective: str | None = None,
+    skip_bad_rows: bool = False,
+    by: str = "",
+    now: datetime | None = None,
+) -> RosterImportReport:
+    """Read ``path`` row by row into ``store`` as a new roster version (see :func:`import_roster`).
+
+    Raises :class:`~gateway.errors.RosterError` with every problem (by line
+    and column) when the file is rejected; nothing is written then.
+    """
+    options = options or RosterOptions()
+    source, digest = open_roster(path, options)
+    return import_roster(
+        target,
+        source.rows(),
+        file=str(path),
+        sha256=digest,
+        fmt=source.format.name + (" (fixed width)" if source.fixed else ""),
+        replace=replace,
+        aco_ids=(options.aco_id,) if options.aco_id else (),
+        effective=effective,
+        skip_bad_rows=skip_bad_rows,
+        by=by,
+        now=now,
+    )
+
+
+def import_members(
+    target: Store | Path | str, members: list[RosterMember], source: str, now: datetime | None = None
+) -> int:
+    """Add or update ``members``, ending nobody (tests and benchmarks). Returns how many are on the roster."""
+    rows = (RosterRow(n, m, (), m.aco_id, m.member_id) for n, m in enumerate(members, start=2))
+    report = import_roster(target, rows, file=source, fmt="members", replace=False, by="herald", now=now)
+    return report.added + report.changed + report.unchanged
+
+
+def adopt_legacy_roster(store: Store) -> int:
+    """Publish the members a schema-version-1 database kept in itself to the roster file, once.
+
+    Version 1 stored the roster in ``herald.db``; the migration to version 3
+    set those rows aside (the store cannot normalise them: that is matching's
+    work). Run at start-up by the service and the CLI: when the rows are
+    there and no roster file exists yet, they become its first version; the
+    rows are then dropped. Returns how many members were published.
+    """
+    legacy = store.legacy_roster()
+    if legacy is None:
+        return 0
+    published = roster_path(store.path)
+    if not legacy or published.exists():
+        store.drop_legacy_roster(None)
+        return 0
+    members = (RosterMember(**row) for row in legacy)
+    rows = (RosterRow(n, m, (), m.aco_id, m.member_id) for n, m in enumerate(members, start=1))
+    version = publish_roster_version(
+        published,
+        rows,
+        DERIVATION,
+        moment=store.clock(),
+        by="herald",
+        file="herald.db (schema version 1)",
+        fmt="migrated",
+        replace=False,
+        skip_bad_rows=True,
+    )
+    detail = {
+        "import": version.import_id,
+        "file": "herald.db",
+        "format": "migrated",
+        "acos": list(version.acos),
+        "added": version.rows,
+    }
+    store.drop_legacy_roster(detail)
+    return version.added

@@ -1,0 +1,218 @@
+"""Herald's records: the states and value objects that every stage and the store share.
+
+A stage (conversion, matching, routing, the pipeline) describes what it
+decided with these; the store writes them. Neither imports the other: this
+module imports nothing from Herald, so anything may import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# -- states of a message (see ARCHITECTURE.md) ------------------------------------
+
+RECEIVED = "received"
+REJECTED = "rejected"
+IGNORED = "ignored"
+FAILED = "failed"
+ROUTED = "routed"
+#: A possible roster match (or a probable one, when not routed automatically)
+#: waits in the review queue; the HIE notification is already written.
+REVIEW = "review"
+#: Matched (or not) and no recipient is to be told.
+MATCHED = "matched"
+UNMATCHED = "unmatched"
+
+# -- states of a notification -----------------------------------------------------
+
+PENDING = "pending"
+SENT = "sent"
+RETRYING = "retrying"
+DEAD = "dead"
+
+# -- states of a review -----------------------------------------------------------
+
+REVIEW_OPEN = "open"
+REVIEW_ACCEPTED = "accepted"
+REVIEW_REJECTED = "rejected"
+
+# -- recipients -------------------------------------------------------------------
+
+#: Every recipient role, in the order notifications are listed.
+ROLES = ("pcp", "care_team", "hie")
+#: The roles told about a roster member (the HIE is told about every patient).
+MEMBER_ROLES = ("pcp", "care_team")
+
+#: Roster columns as matching reads them (see MATCHING_CONTRACT.md), in stored order.
+MEMBER_COLUMNS = (
+    "aco_id",
+    "member_id",
+    "mbi",
+    "mrn",
+    "mrn_authority",
+    "last_name",
+    "first_name",
+    "middle_name",
+    "birth_date",
+    "sex",
+    "address_line",
+    "city",
+    "state",
+    "zip",
+    "phone",
+    "pcp_npi",
+    "pcp_name",
+    "care_manager",
+    "effective_start",
+    "effective_end",
+    "opted_out",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeRecord:
+    """What intake stores for one frame (header fields may be blank when unreadable)."""
+
+    raw: bytes
+    peer: str
+    state: str
+    ack_code: str
+    sending_application: str = ""
+    sending_facility: str = ""
+    message_type: str = ""
+    trigger_event: str = ""
+    control_id: str = ""
+    version: str = ""
+    processing_id: str = ""
+    accept_ack_type: str = ""
+    application_ack_type: str = ""
+    charset: str = ""
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeResult:
+    """The outcome of storing a frame: its row id and whether it repeated an earlier one."""
+
+    message_id: int
+    duplicate_of: int | None = None
+    flag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMessage:
+    """A stored message waiting for the pipeline."""
+
+    id: int
+    raw: bytes
+    received_at: str
+    charset: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One outbox row: a Bundle for one recipient over one channel (see :mod:`gateway.delivery.routing`).
+
+    It holds no patient data: who the recipient is, where and how it is sent.
+    The Bundle is built from the message's stored Bundle when it is sent.
+    """
+
+    id: str
+    message_id: int
+    recipient_role: str
+    recipient: str
+    channel: str
+    target: str
+    event_code: str
+    #: The Bundle as sent, in rows written before schema version 2; None in
+    #: newer rows, whose Bundle is built from the message's (``bundle``).
+    payload: str | None = None
+    state: str = PENDING
+    attempts: int = 0
+    #: The message's stored Bundle (``messages.fhir``), read with a due
+    #: notification that has no stored payload.
+    bundle: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAttempt:
+    """One try at delivering a notification, and the state it leaves the notification in."""
+
+    notification_id: str
+    message_id: int
+    attempt: int  # 1-based
+    outcome: str  # ok / error
+    detail: str
+    state: str  # sent / retrying / dead
+    next_attempt_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRecord:
+    """A match as the store keeps it: grade, method, score and the member chosen (if any)."""
+
+    grade: str  # certain / probable / possible / none
+    method: str  # mbi / mrn / probabilistic / ambiguous / review / none
+    score: float | None = None
+    aco_id: str | None = None
+    member_id: str | None = None
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def matched(self) -> bool:
+        """Whether a member was chosen."""
+        return self.member_id is not None
+
+
+@dataclass
+class MessageOutcome:
+    """What the pipeline decided for one message, for the store to apply in one transaction."""
+
+    message_id: int
+    state: str
+    reason: str | None = None
+    fhir_json: str | None = None
+    match: MatchRecord | None = None
+    notifications: list[Notification] = field(default_factory=list)
+    events: list[tuple[str, dict]] = field(default_factory=list)
+    #: The review to open: {"candidates": [...]} (ids, scores and grades; no demographics).
+    review: dict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PatientFacts:
+    """What a message says about its patient, as the converter read it: what matching needs.
+
+    Values are as the Patient resource carries them (not yet normalised):
+    ``mrns`` are (value, assigning authority) of every identifier but the MBI;
+    ``gender`` is the FHIR administrative gender.
+    """
+
+    mbi: str = ""
+    mrns: tuple[tuple[str, str], ...] = ()
+    given: str = ""
+    family: str = ""
+    middle: str = ""
+    birth_date: str = ""
+    gender: str = ""
+    street: str = ""
+    city: str = ""
+    state: str = ""
+    zip: str = ""
+    phone: str = ""
+
+
+@dataclass(frozen=True)
+class RosterDerivation:
+    """How a member's derived columns are computed (matching's normalisation, given to the store).
+
+    ``recipe`` names the blocking recipe: when the stored one differs, every
+    member's person and keys are computed again. ``derive`` gives a roster
+    row's packed person and blocking keys; ``keys_of`` the blocking keys of a
+    stored packed person (to delete a changed member's old keys).
+    """
+
+    recipe: str
+    derive: Callable[[dict], tuple[str, list[str]]]
+    keys_of: Callable[[str], list[str]]

@@ -1,0 +1,187 @@
+"""The message log: each frame as received, its header fields, state and Bundle.
+
+Jobs for the writer (``record_frame``, ``apply_outcomes``) and reads for the
+pipeline, the CLI and a console. Every function takes a connection and runs in
+its caller's transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+from gateway.records import FAILED, RECEIVED, REJECTED, IntakeRecord, IntakeResult, MessageOutcome, PendingMessage
+from gateway.store.events import append_event, events_of
+from gateway.store.outbox import attempts_of, insert_notification, notifications_of
+from gateway.store.reviews import record_match
+
+__all__ = [
+    "apply_outcomes",
+    "count_by_state",
+    "list_messages",
+    "message_detail",
+    "pending_messages",
+    "record_frame",
+]
+
+
+def record_frame(conn: sqlite3.Connection, r: IntakeRecord, now: str) -> IntakeResult:
+    """Store a frame and its ``received`` event, or recognise it as a retransmission.
+
+    A retransmission is the same sender, MSH-10 and bytes as a stored,
+    non-rejected message: it gets an event, not a row. The same MSH-10 with
+    other bytes is stored and flagged ``control-id-reused``.
+    """
+    digest = hashlib.sha256(r.raw).hexdigest()
+    flag = None
+    if r.control_id and r.state == RECEIVED:
+        earlier = conn.execute(
+            "SELECT id, sha256 FROM messages WHERE sending_facility = ? AND sending_application = ? "
+            "AND control_id = ? AND state != ? ORDER BY id",
+            (r.sending_facility, r.sending_application, r.control_id, REJECTED),
+        ).fetchall()
+        for row in earlier:
+            if row["sha256"] == digest:
+                append_event(conn, now, row["id"], None, "intake", "retransmission", {"peer": r.peer})
+                return IntakeResult(row["id"], row["id"], None)
+        if earlier:
+            flag = "control-id-reused"
+    cur = conn.execute(
+        "INSERT INTO messages (received_at, peer, sending_application, sending_facility, message_type, "
+        "trigger_event, control_id, version, processing_id, accept_ack_type, application_ack_type, charset, "
+        "sha256, raw, state, reason, flag, ack_code, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            now,
+            r.peer,
+            r.sending_application,
+            r.sending_facility,
+            r.message_type,
+            r.trigger_event,
+            r.control_id,
+            r.version,
+            r.processing_id,
+            r.accept_ack_type,
+            r.application_ack_type,
+            r.charset,
+            digest,
+            r.raw,
+            r.state,
+            r.reason,
+            flag,
+            r.ack_code,
+            now,
+        ),
+    )
+    message_id = cur.lastrowid
+    detail: dict[str, Any] = {"peer": r.peer, "bytes": len(r.raw)}
+    if flag:
+        detail["flag"] = flag
+    append_event(conn, now, message_id, None, "intake", "received", detail)
+    if r.state == REJECTED:
+        append_event(conn, now, message_id, None, "intake", "rejected", {"reason": r.reason})
+    return IntakeResult(message_id, None, flag)
+
+
+def pending_messages(conn: sqlite3.Connection, after_id: int, limit: int) -> list[PendingMessage]:
+    """Messages still in state ``received`` with id > ``after_id``, oldest first."""
+    rows = conn.execute(
+        "SELECT id, raw, received_at, charset FROM messages WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
+        (RECEIVED, after_id, limit),
+    ).fetchall()
+    return [PendingMessage(r["id"], r["raw"], r["received_at"], r["charset"] or "") for r in rows]
+
+
+def pending_message(conn: sqlite3.Connection, message_id: int) -> PendingMessage | None:
+    """One stored message as the pipeline reads it, whatever its state."""
+    r = conn.execute("SELECT id, raw, received_at, charset FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return None if r is None else PendingMessage(r["id"], r["raw"], r["received_at"], r["charset"] or "")
+
+
+def apply_outcomes(conn: sqlite3.Connection, outcomes: list[MessageOutcome], now: str, due: float) -> int:
+    """Apply pipeline outcomes (state, FHIR, match, outbox rows, events); return how many applied.
+
+    Each applies only if its message is still ``received``, so a message is
+    never turned into notifications twice; each is whole in its savepoint, so
+    one message's conflict does not hold up the rest.
+    """
+    applied = 0
+    for o in outcomes:
+        conn.execute("SAVEPOINT outcome")
+        try:
+            applied += _apply_outcome(conn, o, now, due)
+            conn.execute("RELEASE outcome")
+        except sqlite3.IntegrityError as e:
+            conn.execute("ROLLBACK TO outcome")
+            conn.execute("RELEASE outcome")
+            reason = f"its outcome could not be stored: {e}"
+            conn.execute(
+                "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (FAILED, reason, now, o.message_id, RECEIVED),
+            )
+            append_event(conn, now, o.message_id, None, "pipeline", "failed", {"stage": "store", "reason": reason})
+    return applied
+
+
+def _apply_outcome(conn: sqlite3.Connection, o: MessageOutcome, now: str, due: float) -> int:
+    cur = conn.execute(
+        "UPDATE messages SET state = ?, reason = ?, fhir = ?, updated_at = ? WHERE id = ? AND state = ?",
+        (o.state, o.reason, o.fhir_json, now, o.message_id, RECEIVED),
+    )
+    if cur.rowcount != 1:
+        return 0
+    for kind, detail in o.events:
+        append_event(conn, now, o.message_id, None, "pipeline", kind, detail)
+    if o.match is not None:
+        record_match(conn, o.message_id, o.match, o.review, now)
+    for n in o.notifications:
+        insert_notification(conn, n, now, due)
+    return 1
+
+
+def list_messages(conn: sqlite3.Connection, limit: int = 50, state: str | None = None) -> list[sqlite3.Row]:
+    """The newest messages, with header fields and state (no raw bytes)."""
+    sql = (
+        "SELECT m.id, m.received_at, m.sending_application, m.sending_facility, m.message_type, m.trigger_event, "
+        "m.control_id, m.state, m.reason, m.flag, m.ack_code, "
+        "(SELECT COUNT(*) FROM notifications n WHERE n.message_id = m.id) AS notifications "
+        "FROM messages m"
+    )
+    args: list[Any] = []
+    if state:
+        sql += " WHERE m.state = ?"
+        args.append(state)
+    sql += " ORDER BY m.id DESC LIMIT ?"
+    args.append(limit)
+    return conn.execute(sql, args).fetchall()
+
+
+def message_detail(conn: sqlite3.Connection, message_id: int) -> dict | None:
+    """Everything about one message: row, match, notifications, attempts and events."""
+    row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None:
+        return None
+    match = conn.execute("SELECT * FROM matches WHERE message_id = ?", (message_id,)).fetchone()
+    return {
+        "message": dict(row),
+        "match": dict(match) if match else None,
+        "notifications": notifications_of(conn, message_id),
+        "attempts": attempts_of(conn, message_id),
+        "events": events_of(conn, message_id),
+    }
+
+
+def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    """Messages per state."""
+    return {r[0]: r[1] for r in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")}
+
+
+def messages_bundles(conn: sqlite3.Connection, message_ids: Iterable[int]) -> dict[int, str | None]:
+    """The stored Bundles (JSON text) of these messages, by id."""
+    ids = list(message_ids)
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    return dict(conn.execute(f"SELECT id, fhir FROM messages WHERE id IN ({marks})", ids).fetchall())

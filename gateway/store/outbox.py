@@ -1,0 +1,120 @@
+"""The outbox: one row per notification (recipient and channel), and every delivery attempt.
+
+A notification row holds who is told, where and how, never the patient's
+data: its Bundle is built from the message's stored Bundle when it is sent
+(:mod:`gateway.delivery.routing`). Rows are written in the transaction that
+routes the message, so a message's notifications exist exactly once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+
+from gateway.records import DEAD, PENDING, RETRYING, SENT, DeliveryAttempt, Notification
+from gateway.store.events import append_event, append_events
+
+__all__ = [
+    "attempts_of",
+    "due_notifications",
+    "insert_notification",
+    "notifications_for",
+    "notifications_of",
+    "record_attempts",
+]
+
+_LISTED = "id, message_id, recipient_role, recipient, channel, target, event_code, state, attempts"
+
+
+def insert_notification(conn: sqlite3.Connection, n: Notification, now: str, due: float) -> None:
+    """One outbox row, pending from ``due`` (reactor seconds), and its ``routed`` audit event."""
+    conn.execute(
+        "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
+        "payload, state, attempts, next_attempt_at, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        (n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, n.payload, PENDING)
+        + (due, now, now),
+    )
+    detail = {"role": n.recipient_role, "channel": n.channel, "target": n.target}
+    append_event(conn, now, n.message_id, n.id, "router", "routed", detail)
+
+
+def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, exclude: tuple) -> list[Notification]:
+    """Notifications pending or retrying whose next attempt is due, with the Bundle they are built from."""
+    rows = conn.execute(
+        "SELECT n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, "
+        "n.payload, n.state, n.attempts, CASE WHEN n.payload IS NULL THEN m.fhir END AS bundle "
+        "FROM notifications n JOIN messages m ON m.id = n.message_id "
+        "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? ORDER BY n.next_attempt_at LIMIT ?",
+        (PENDING, RETRYING, now_seconds, limit + len(exclude)),
+    ).fetchall()
+    return [Notification(**dict(r)) for r in rows if r["id"] not in exclude][:limit]
+
+
+def record_attempts(conn: sqlite3.Connection, attempts: list[DeliveryAttempt], now: str) -> int:
+    """Record delivery attempts, their notifications' new states and an audit event each."""
+    conn.executemany(
+        "UPDATE notifications SET attempts = ?, state = ?, next_attempt_at = ?, last_error = ?, "
+        "updated_at = ? WHERE id = ?",
+        [
+            (a.attempt, a.state, a.next_attempt_at, None if a.outcome == "ok" else a.detail, now, a.notification_id)
+            for a in attempts
+        ],
+    )
+    conn.executemany(
+        "INSERT INTO delivery_attempts (notification_id, attempt, at, outcome, detail) VALUES (?, ?, ?, ?, ?)",
+        [(a.notification_id, a.attempt, now, a.outcome, a.detail) for a in attempts],
+    )
+    kinds = {SENT: "delivered", DEAD: "dead-letter"}
+    append_events(
+        conn,
+        [
+            (
+                now,
+                a.message_id,
+                a.notification_id,
+                "delivery",
+                kinds.get(a.state, "delivery-failed"),
+                {"attempt": a.attempt, "detail": a.detail},
+            )
+            for a in attempts
+        ],
+    )
+    return len(attempts)
+
+
+def notifications_for(conn: sqlite3.Connection, message_ids: Iterable[int] | None = None) -> list[sqlite3.Row]:
+    """Notifications (without payloads), optionally for some messages only."""
+    sql = f"SELECT {_LISTED} FROM notifications"
+    if message_ids is not None:
+        ids = list(message_ids)
+        sql += f" WHERE message_id IN ({','.join('?' * len(ids))})"
+        return conn.execute(sql + " ORDER BY message_id, recipient_role", ids).fetchall()
+    return conn.execute(sql + " ORDER BY message_id, recipient_role").fetchall()
+
+
+def notifications_of(conn: sqlite3.Connection, message_id: int) -> list[dict]:
+    """One message's notifications with their delivery state and last error."""
+    rows = conn.execute(
+        "SELECT id, recipient_role, recipient, channel, target, event_code, state, attempts, last_error "
+        "FROM notifications WHERE message_id = ? ORDER BY recipient_role",
+        (message_id,),
+    )
+    return [dict(n) for n in rows]
+
+
+def attempts_of(conn: sqlite3.Connection, message_id: int) -> list[dict]:
+    """Every delivery attempt of a message's notifications, oldest first."""
+    rows = conn.execute(
+        "SELECT a.* FROM delivery_attempts a JOIN notifications n ON n.id = a.notification_id "
+        "WHERE n.message_id = ? ORDER BY a.id",
+        (message_id,),
+    )
+    return [dict(a) for a in rows]
+
+
+def has_notifications(conn: sqlite3.Connection, message_id: int) -> bool:
+    """Whether any notification was written for the message."""
+    return (
+        conn.execute("SELECT 1 FROM notifications WHERE message_id = ? LIMIT 1", (message_id,)).fetchone() is not None
+    )

@@ -1,0 +1,304 @@
+"""The roster file, read side: one published version of the attribution roster, and its lookups.
+
+The roster lives in ``roster.db`` beside the main database and is never
+modified in place once published: an import (:mod:`gateway.store.roster_import`)
+copies it, applies the new version to the copy and renames it over
+``roster.db``. Readers open the file read-only and ``immutable`` and reopen
+it when it has been replaced (between pipeline batches), so intake never
+waits on an import and a query never sees half of one. Confirmed MRN links
+and the review queue stay in the main database (the server writes them).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sqlite3
+import urllib.parse
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.errors import StoreError
+from gateway.records import MEMBER_COLUMNS
+from gateway.store.schema import run_sql
+
+__all__ = [
+    "ROSTER_FILE",
+    "ROSTER_SCHEMA_VERSION",
+    "RosterReader",
+    "RosterSnapshot",
+    "StoredRoster",
+    "key_id",
+    "open_roster_snapshot",
+    "roster_count",
+    "roster_imports",
+    "roster_member",
+    "roster_path",
+]
+
+#: The roster file's name, in the main database's folder.
+ROSTER_FILE = "roster.db"
+#: Its schema version (``PRAGMA user_version``); a newer one is refused.
+ROSTER_SCHEMA_VERSION = 1
+
+
+#: What a lookup returns of a member: the contract's columns and the normalised
+#: person (``gateway.matching.model.pack_person``), so scoring does no normalising.
+_ROW_COLUMNS = (*MEMBER_COLUMNS, "person")
+_MEMBER_SELECT = ", ".join(f"r.{c}" for c in _ROW_COLUMNS)
+
+ROSTER_SCHEMA = (
+    "CREATE TABLE roster_members (id INTEGER PRIMARY KEY, "
+    + ", ".join(
+        f"{c} INTEGER NOT NULL DEFAULT 0" if c == "opted_out" else f"{c} TEXT NOT NULL DEFAULT ''"
+        for c in MEMBER_COLUMNS
+    )
+    + """,
+    person TEXT NOT NULL DEFAULT '',
+    row_hash BLOB,
+    import_id INTEGER NOT NULL,
+    ended_by INTEGER,
+    UNIQUE (aco_id, member_id)
+);
+CREATE INDEX roster_mbi ON roster_members (mbi) WHERE mbi != '';
+CREATE INDEX roster_mrn ON roster_members (mrn, mrn_authority COLLATE NOCASE) WHERE mrn != '';
+CREATE INDEX roster_end ON roster_members (effective_end);
+CREATE TABLE roster_keys (
+    key INTEGER NOT NULL,
+    member INTEGER NOT NULL,
+    PRIMARY KEY (key, member)
+) WITHOUT ROWID;
+CREATE TABLE roster_imports (
+    id INTEGER PRIMARY KEY,
+    imported_at TEXT NOT NULL,
+    imported_by TEXT NOT NULL,
+    file TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    format TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    aco_ids TEXT NOT NULL,
+    effective_date TEXT,
+    rows INTEGER NOT NULL DEFAULT 0,
+    added INTEGER NOT NULL DEFAULT 0,
+    changed INTEGER NOT NULL DEFAULT 0,
+    ended INTEGER NOT NULL DEFAULT 0,
+    unchanged INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE roster_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)
+"""
+)
+
+
+#: How much of the roster file a reader maps into memory (address space; the pages are the OS's cache).
+_ROSTER_MMAP_BYTES = 1 << 32
+
+
+def roster_path(db_path: Path | str) -> Path:
+    """The roster file that goes with the main database ``db_path``."""
+    return Path(db_path).with_name(ROSTER_FILE)
+
+
+def key_id(key: str) -> int:
+    """A blocking key as the roster stores it: a signed 64-bit hash (collisions only add candidates)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _row(values: tuple) -> dict:
+    return dict(zip(_ROW_COLUMNS, values, strict=True))
+
+
+class RosterSnapshot:
+    """One published version of the roster, read-only.
+
+    The file is never modified in place (an import replaces it whole), so it is
+    opened ``immutable``: no locks, no journal checks, and the connection keeps
+    reading the version it opened even after a newer one is renamed over it.
+    With no roster file yet, the snapshot is an empty roster.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Identity first, then open: if an import lands in between, the identity is
+        # the older file's and the next check reopens (never the other way round).
+        self.identity = _file_identity(path)
+        if self.identity is None:
+            self.conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            run_sql(self.conn, ROSTER_SCHEMA)
+        else:
+            uri = f"file:{urllib.parse.quote(str(path))}?immutable=1"
+            self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            # Memory-mapped reads: a query touches a few hundred random pages, each a syscall and a
+            # copy otherwise. Safe here: the file is never written or truncated once published.
+            self.conn.execute(f"PRAGMA mmap_size={_ROSTER_MMAP_BYTES}")
+            found = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if found > ROSTER_SCHEMA_VERSION:
+                self.conn.close()
+                raise StoreError(
+                    f"{path} has roster schema version {found}, newer than this Herald's "
+                    f"{ROSTER_SCHEMA_VERSION}; upgrade Herald"
+                )
+        meta = dict(self.conn.execute("SELECT name, value FROM roster_meta").fetchall())
+        self.recipe = meta.get("blocking_recipe", "")
+        self.version = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM roster_imports").fetchone()[0]
+        self._sizes: dict[str, int] = {}
+
+    def size(self, on: str | None = None) -> int:
+        """Members whose attribution has not ended by ``on`` (default today); matching's thresholds scale with it."""
+        on = on or datetime.now(UTC).date().isoformat()
+        if on not in self._sizes:
+            self._sizes[on] = self.conn.execute(
+                "SELECT COUNT(*) FROM roster_members WHERE effective_end = '' OR effective_end >= ?", (on,)
+            ).fetchone()[0]
+        return self._sizes[on]
+
+    def close(self) -> None:
+        """Close the connection (a replaced file's space is freed when its last reader closes)."""
+        self.conn.close()
+
+
+class RosterReader:
+    """The published roster, followed across imports.
+
+    :meth:`current` costs one ``stat``; when an import has replaced the file
+    it opens the new version and closes the old one. Call it between batches,
+    not within one, so a batch sees one version throughout.
+    """
+
+    def __init__(self, db_path: Path | str) -> None:
+        self.path = roster_path(db_path)
+        self._snapshot: RosterSnapshot | None = None
+
+    def current(self) -> RosterSnapshot:
+        """The newest published version."""
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.identity != _file_identity(self.path):
+            fresh = RosterSnapshot(self.path)
+            if snapshot is not None:
+                snapshot.close()
+            self._snapshot = snapshot = fresh
+        return snapshot
+
+    def close(self) -> None:
+        """Close the open version."""
+        if self._snapshot is not None:
+            self._snapshot.close()
+            self._snapshot = None
+
+
+def open_roster_snapshot(db_path: Path | str) -> RosterSnapshot:
+    """The roster as published now, for the main database ``db_path``."""
+    return RosterSnapshot(roster_path(db_path))
+
+
+@functools.lru_cache(maxsize=32)
+def _buckets_sql(keys: int) -> str:
+    # One statement for every key of a query; each bucket is read no further than its LIMIT.
+    return " UNION ALL ".join(["SELECT * FROM (SELECT key, member FROM roster_keys WHERE key = ? LIMIT ?)"] * keys)
+
+
+class StoredRoster:
+    """The roster lookups matching needs (``gateway.matching.model.RosterLookups``).
+
+    Reads one roster version (``roster``) and the main database's confirmed
+    MRN links (``links``, optional). Every lookup goes through an index: the
+    MBI and MRN indexes, the blocking-key table (one statement for all of a
+    query's keys, each bucket read no further than the cap), members by id.
+    """
+
+    def __init__(self, roster: RosterSnapshot, links: sqlite3.Connection | None = None) -> None:
+        self._conn = roster.conn
+        self._links = links
+
+    def by_mbi(self, mbi: str) -> list[dict]:
+        """Members with this MBI (every ACO)."""
+        rows = self._conn.execute(
+            f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.mbi = ? AND r.mbi != ''", (mbi,)
+        )
+        return [_row(r) for r in rows]
+
+    def by_mrn(self, mrn: str, authority: str) -> list[dict]:
+        """Members with this MRN and assigning authority on the roster, or linked by an accepted review."""
+        rows = self._conn.execute(
+            f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.mrn = ? AND r.mrn != '' "
+            "AND r.mrn_authority = ? COLLATE NOCASE",
+            (mrn, authority),
+        ).fetchall()
+        if self._links is not None:
+            seen = {(r[0], r[1]) for r in rows}
+            for aco_id, member_id in self._links.execute(
+                "SELECT aco_id, member_id FROM confirmed_links WHERE mrn = ? AND mrn_authority = ?", (mrn, authority)
+            ).fetchall():
+                if (aco_id, member_id) not in seen:
+                    seen.add((aco_id, member_id))
+                    rows.extend(
+                        self._conn.execute(
+                            f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?",
+                            (aco_id, member_id),
+                        )
+                    )
+        return [_row(r) for r in rows]
+
+    def blocking_buckets(self, keys: list[str], cap: int) -> dict[str, list[int]]:
+        """Each key's members (row ids), at most ``cap + 1`` of them; one statement for every key."""
+        if not keys:
+            return {}
+        ids = {key_id(k): k for k in keys}
+        sql = _buckets_sql(len(ids))
+        args: list[int] = []
+        for k in ids:
+            args += (k, cap + 1)
+        buckets: dict[str, list[int]] = {}
+        for key, member in self._conn.execute(sql, args):
+            buckets.setdefault(ids[key], []).append(member)
+        return buckets
+
+    def persons(self, refs: list[int]) -> dict[int, str]:
+        """The normalised persons of these members, by row id (what matching's prefilter reads)."""
+        if not refs:
+            return {}
+        marks = ",".join("?" * len(refs))
+        return dict(self._conn.execute(f"SELECT id, person FROM roster_members WHERE id IN ({marks})", refs))
+
+    def members(self, refs: list[int]) -> list[dict]:
+        """The rows of these members (row ids from :meth:`blocking_buckets`)."""
+        if not refs:
+            return []
+        marks = ",".join("?" * len(refs))
+        rows = self._conn.execute(f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.id IN ({marks})", refs)
+        return [_row(r) for r in rows]
+
+
+def roster_count(roster: RosterSnapshot, active_on: str | None = None) -> int:
+    """How many members the roster holds (only those effective on ``active_on``, when given)."""
+    conn = roster.conn
+    if active_on is None:
+        return conn.execute("SELECT COUNT(*) FROM roster_members").fetchone()[0]
+    return conn.execute(
+        "SELECT COUNT(*) FROM roster_members WHERE (effective_start = '' OR effective_start <= ?) "
+        "AND (effective_end = '' OR effective_end >= ?)",
+        (active_on, active_on),
+    ).fetchone()[0]
+
+
+def roster_member(roster: RosterSnapshot, aco_id: str, member_id: str) -> dict | None:
+    """One member by ACO and member id."""
+    sql = f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?"
+    row = roster.conn.execute(sql, (aco_id, member_id)).fetchone()
+    return _row(row) if row else None
+
+
+def roster_imports(roster: RosterSnapshot, limit: int = 20) -> list[dict]:
+    """The newest roster imports (versions), with their counts."""
+    cur = roster.conn.execute("SELECT * FROM roster_imports ORDER BY id DESC LIMIT ?", (limit,))
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur]

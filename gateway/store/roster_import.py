@@ -1,0 +1,377 @@
+"""The roster file, write side: an import builds a new version in a copy and publishes it by rename.
+
+The store does the SQL; what a member's normalised person and blocking keys
+are is matching's business, handed in as a :class:`RosterDerivation` by the
+layer above (``gateway.app.roster``), so the store imports no stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from gateway.errors import RosterError, StoreError
+from gateway.records import MEMBER_COLUMNS, RosterDerivation
+from gateway.store.roster_file import ROSTER_SCHEMA, ROSTER_SCHEMA_VERSION, key_id
+from gateway.store.schema import iso, run_sql
+
+__all__ = ["MAX_PROBLEMS", "RosterVersion", "publish_roster_version", "roster_lock"]
+
+
+@dataclass(frozen=True)
+class RosterVersion:
+    """What publishing one roster version did (counts, problems, and how long each phase took)."""
+
+    import_id: int
+    acos: tuple[str, ...]
+    rows: int
+    added: int
+    changed: int
+    ended: int
+    unchanged: int
+    rejected: int
+    problems: list[tuple[int, str, str]]
+    read_seconds: float  # reading, checking and staging the file
+    apply_seconds: float  # applying the version to the copy
+    publish_seconds: float  # making the copy durable and renaming it into place
+
+
+_STAGE_COLUMNS = (*MEMBER_COLUMNS, "person", "keys", "row_hash")
+#: Problems an import reports by line; beyond these it gives a count.
+MAX_PROBLEMS = 1000
+_STAGE_BATCH = 5000
+#: Page cache of an import's connection (KiB): big enough to build the key index without thrashing.
+_IMPORT_CACHE_KIB = 65536
+
+
+class roster_lock:  # noqa: N801 - used as a context manager, named for what it holds
+    """The lock that serialises roster imports (``roster.lock`` beside the roster file; ``flock``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(path.name.replace(".db", ".lock"))
+        self._fd: int | None = None
+
+    def __enter__(self) -> roster_lock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another import finishes first
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _open_work_copy(published: Path) -> tuple[sqlite3.Connection, Path]:
+    """A private copy of the published roster (or a new empty one), ready to change."""
+    work = published.with_name(published.name + ".importing")
+    work.unlink(missing_ok=True)  # a crashed import's leftover: never published, safe to drop
+    if published.exists():
+        shutil.copyfile(published, work)
+    conn = sqlite3.connect(str(work), isolation_level=None, check_same_thread=False)
+    # The copy is private until renamed into place: no journal (a failure discards
+    # the whole copy) and no syncs until it is complete (one fsync before the rename).
+    conn.execute("PRAGMA journal_mode=OFF")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute(f"PRAGMA cache_size=-{_IMPORT_CACHE_KIB}")
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found == 0:
+        run_sql(conn, ROSTER_SCHEMA)
+        conn.execute(f"PRAGMA user_version={ROSTER_SCHEMA_VERSION}")
+    elif found > ROSTER_SCHEMA_VERSION:
+        conn.close()
+        work.unlink(missing_ok=True)
+        raise StoreError(f"{published} has roster schema version {found}, newer than this Herald's; upgrade Herald")
+    return conn, work
+
+
+def _publish(conn: sqlite3.Connection, work: Path, published: Path) -> None:
+    """Make the finished copy durable and rename it over the published roster (atomic for readers)."""
+    conn.execute("PRAGMA journal_mode=DELETE")  # no -wal/-shm/-journal left beside the file
+    conn.close()
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(work, published)
+    dir_fd = os.open(published.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set, counted: list[int]) -> tuple[int, int]:
+    """Load rows into the connection's TEMP tables; collect problems (``counted[0]``: how many in all).
+
+    Returns (rows, rejected rows).
+    """
+    cols = ", ".join(_STAGE_COLUMNS)
+    conn.execute(f"CREATE TEMP TABLE roster_stage (line INTEGER NOT NULL, {cols}, action TEXT)")
+    conn.execute("CREATE TEMP TABLE roster_keep (aco_id TEXT, member_id TEXT)")
+    insert = f"INSERT INTO roster_stage (line, {cols}) VALUES ({', '.join('?' * (len(_STAGE_COLUMNS) + 1))})"
+    batch: list[tuple] = []
+    total = rejected = 0
+    for row in rows:
+        total += 1
+        m = row.member
+        if m is None:
+            rejected += 1
+            # Rows come in line order: the first problems are kept, the rest counted.
+            room = MAX_PROBLEMS - len(problems)
+            problems.extend(row.problems[: max(0, room)])
+            counted[0] += len(row.problems)
+            if row.aco_id and row.member_id:
+                keep.add((row.aco_id, row.member_id))
+            continue
+        values = m.values()
+        keys = json.dumps([key_id(k) for k in m.keys])
+        batch.append((row.line, *values, m.person, keys, m.content_hash_of(values)))
+        if len(batch) >= _STAGE_BATCH:
+            conn.executemany(insert, batch)
+            batch.clear()
+    conn.executemany(insert, batch)
+    conn.execute("CREATE INDEX temp.roster_stage_member ON roster_stage (aco_id, member_id)")
+    # A member listed twice cannot be trusted either way: every copy is a problem row.
+    for aco_id, member_id, lines in conn.execute(
+        "SELECT aco_id, member_id, group_concat(line) FROM roster_stage GROUP BY aco_id, member_id HAVING COUNT(*) > 1"
+    ).fetchall():
+        found = sorted(int(n) for n in lines.split(","))
+        where = ", ".join(str(n) for n in found)
+        for line in found:
+            counted[0] += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append((line, "member_id", f"member {member_id} of ACO {aco_id} appears on lines {where}"))
+        rejected += len(found)
+        keep.add((aco_id, member_id))
+    if keep:
+        conn.executemany("INSERT INTO roster_keep VALUES (?, ?)", sorted(keep))
+        conn.execute(
+            "DELETE FROM roster_stage WHERE (aco_id, member_id) IN (SELECT aco_id, member_id FROM roster_keep)"
+        )
+    return total, rejected
+
+
+def _refresh_derived(conn: sqlite3.Connection, derivation: RosterDerivation) -> None:
+    """Recompute every member's normalised person and blocking keys (the recipe changed since they were stored)."""
+    conn.execute("DELETE FROM roster_keys")
+    cols = ", ".join(MEMBER_COLUMNS)
+    last = 0
+    while True:  # in slices by row id: a million members never sit in memory at once
+        rows = conn.execute(
+            f"SELECT id, {cols} FROM roster_members WHERE id > ? ORDER BY id LIMIT ?", (last, _STAGE_BATCH)
+        ).fetchall()
+        if not rows:
+            return
+        updates, keys = [], []
+        for r in rows:
+            person, member_keys = derivation.derive(dict(zip(MEMBER_COLUMNS, r[1:], strict=True)))
+            updates.append((person, r[0]))
+            keys.extend((key_id(k), r[0]) for k in member_keys)
+        conn.executemany("UPDATE roster_members SET person = ? WHERE id = ?", updates)
+        conn.executemany("INSERT OR IGNORE INTO roster_keys (key, member) VALUES (?, ?)", keys)
+        last = rows[-1][0]
+
+
+def _apply_import(
+    conn: sqlite3.Connection,
+    derivation: RosterDerivation,
+    *,
+    stamp: str,
+    by: str,
+    file: str,
+    sha256: str,
+    fmt: str,
+    replace: bool,
+    acos: list[str],
+    effective: str | None,
+    start_of_version: str,
+    end_of_previous: str,
+    total: int,
+    rejected: int,
+) -> tuple[int, dict[str, int], int]:
+    """Apply the staged rows to the work copy as a new version: (import id, counts by action, ended)."""
+    conn.execute("BEGIN")
+    stored_recipe = conn.execute("SELECT value FROM roster_meta WHERE name = 'blocking_recipe'").fetchone()
+    if stored_recipe is not None and stored_recipe[0] != derivation.recipe:
+        _refresh_derived(conn, derivation)
+    conn.execute("INSERT OR REPLACE INTO roster_meta (name, value) VALUES ('blocking_recipe', ?)", (derivation.recipe,))
+    conn.execute("UPDATE roster_stage SET action = 'add'")
+    conn.execute(
+        "UPDATE roster_stage SET action = CASE WHEN r.row_hash = roster_stage.row_hash "
+        "AND r.ended_by IS NULL THEN 'same' ELSE 'change' END FROM roster_members r "
+        "WHERE r.aco_id = roster_stage.aco_id AND r.member_id = roster_stage.member_id"
+    )
+    import_id = conn.execute(
+        "INSERT INTO roster_imports (imported_at, imported_by, file, sha256, format, mode, aco_ids, "
+        "effective_date, rows, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            stamp,
+            by,
+            Path(file).name,
+            sha256,
+            fmt,
+            "replace" if replace else "update",
+            ",".join(acos),
+            effective,
+            total,
+            rejected,
+        ),
+    ).lastrowid
+    counts = dict(conn.execute("SELECT action, COUNT(*) FROM roster_stage GROUP BY action").fetchall())
+    # The changed members' old keys, from the person stored with them (deleted by primary key, no scan).
+    old = conn.execute(
+        "SELECT r.id, r.person FROM roster_stage s JOIN roster_members r "
+        "ON r.aco_id = s.aco_id AND r.member_id = s.member_id WHERE s.action = 'change'"
+    ).fetchall()
+    stale = [(key_id(k), member) for member, packed in old for k in derivation.keys_of(packed)]
+    conn.executemany("DELETE FROM roster_keys WHERE key = ? AND member = ?", stale)
+    cols = ", ".join(c for c in MEMBER_COLUMNS if c != "effective_start")
+    conn.execute(
+        f"INSERT INTO roster_members ({cols}, effective_start, person, row_hash, import_id) "
+        f"SELECT {cols}, CASE WHEN effective_start != '' THEN effective_start ELSE COALESCE(?, '') END, "
+        "person, row_hash, ? FROM roster_stage WHERE action = 'add' ORDER BY aco_id, member_id",
+        (effective, import_id),
+    )
+    sets = ", ".join(f"{c} = s.{c}" for c in MEMBER_COLUMNS if c not in ("aco_id", "member_id", "effective_start"))
+    # A member coming back after being ended starts again with this version.
+    conn.execute(
+        f"UPDATE roster_members SET {sets}, "
+        "effective_start = CASE WHEN s.effective_start != '' THEN s.effective_start "
+        "WHEN roster_members.ended_by IS NOT NULL THEN ? ELSE roster_members.effective_start END, "
+        "ended_by = NULL, person = s.person, row_hash = s.row_hash, import_id = ? "
+        "FROM roster_stage s WHERE s.action = 'change' "
+        "AND s.aco_id = roster_members.aco_id AND s.member_id = roster_members.member_id",
+        (start_of_version, import_id),
+    )
+    ended = 0
+    if replace:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS roster_acos (aco_id TEXT PRIMARY KEY)")
+        conn.executemany("INSERT OR IGNORE INTO roster_acos VALUES (?)", [(a,) for a in acos])
+        ended = conn.execute(
+            "UPDATE roster_members SET effective_end = ?, ended_by = ? "
+            "WHERE aco_id IN (SELECT aco_id FROM roster_acos) "
+            "AND (effective_end = '' OR effective_end > ?) "
+            "AND NOT EXISTS (SELECT 1 FROM roster_stage s WHERE s.aco_id = roster_members.aco_id "
+            "AND s.member_id = roster_members.member_id) "
+            "AND NOT EXISTS (SELECT 1 FROM roster_keep k WHERE k.aco_id = roster_members.aco_id "
+            "AND k.member_id = roster_members.member_id)",
+            (end_of_previous, import_id, end_of_previous),
+        ).rowcount
+    # The new keys, sorted so the key index is filled front to back.
+    conn.execute(
+        "INSERT OR IGNORE INTO roster_keys (key, member) SELECT j.value, r.id FROM roster_stage s "
+        "JOIN roster_members r ON r.aco_id = s.aco_id AND r.member_id = s.member_id, json_each(s.keys) j "
+        "WHERE s.action IN ('add', 'change') ORDER BY 1, 2"
+    )
+    conn.execute(
+        "UPDATE roster_imports SET added = ?, changed = ?, ended = ?, unchanged = ? WHERE id = ?",
+        (counts.get("add", 0), counts.get("change", 0), ended, counts.get("same", 0), import_id),
+    )
+    conn.execute("COMMIT")
+    return import_id, counts, ended
+
+
+def publish_roster_version(
+    published: Path,
+    rows: Iterable,
+    derivation: RosterDerivation,
+    *,
+    moment: datetime,
+    by: str,
+    file: str,
+    sha256: str = "",
+    fmt: str = "csv",
+    replace: bool = True,
+    aco_ids: Iterable[str] = (),
+    effective: str | None = None,
+    skip_bad_rows: bool = False,
+) -> RosterVersion:
+    """Stage ``rows`` in a copy of the roster file, apply them as a new version and publish it.
+
+    ``rows`` are :class:`gateway.matching.roster.RosterRow`, their members'
+    person and keys already derived. New members are added, changed ones
+    updated (their blocking keys too), and with ``replace`` every member of
+    the file's ACOs (and of ``aco_ids``) missing from the file is end-dated
+    the day before ``effective`` (today when not given) -- never deleted. A
+    member whose row was rejected keeps its current state. The copy is then
+    made durable and renamed over the roster file: readers see the old
+    version or the new one, never a mix. One import at a time
+    (``roster.lock``). Any problem rejects the whole file
+    (:class:`RosterError`, nothing published) unless ``skip_bad_rows``.
+    """
+    with roster_lock(published):
+        started = time.perf_counter()
+        conn, work = _open_work_copy(published)
+        try:
+            problems: list[tuple[int, str, str]] = []
+            keep: set[tuple[str, str]] = set()
+            counted = [0]
+            total, rejected = _stage(conn, rows, problems, keep, counted)
+            read_seconds = time.perf_counter() - started
+            problems.sort(key=lambda p: p[0])
+            if problems and not skip_bad_rows:
+                raise RosterError(problems, more=counted[0] - len(problems))
+            if total - rejected == 0:
+                raise RosterError(problems[:MAX_PROBLEMS] or [(0, "-", "the file has no members")])
+            acos = sorted({r[0] for r in conn.execute("SELECT DISTINCT aco_id FROM roster_stage")} | set(aco_ids))
+            start_of_version = effective or moment.date().isoformat()
+            end_of_previous = (datetime.fromisoformat(start_of_version) - timedelta(days=1)).date().isoformat()
+            started = time.perf_counter()
+            import_id, counts, ended = _apply_import(
+                conn,
+                derivation,
+                stamp=iso(moment),
+                by=by,
+                file=file,
+                sha256=sha256,
+                fmt=fmt,
+                replace=replace,
+                acos=acos,
+                effective=effective,
+                start_of_version=start_of_version,
+                end_of_previous=end_of_previous,
+                total=total,
+                rejected=rejected,
+            )
+            apply_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            _publish(conn, work, published)
+            publish_seconds = time.perf_counter() - started
+        except BaseException:
+            conn.close()
+            work.unlink(missing_ok=True)
+            raise
+    return RosterVersion(
+        import_id,
+        tuple(acos),
+        total,
+        counts.get("add", 0),
+        counts.get("change", 0),
+        ended,
+        counts.get("same", 0),
+        rejected,
+        problems,
+        read_seconds,
+        apply_seconds,
+        publish_seconds,
+    )

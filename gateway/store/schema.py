@@ -1,0 +1,356 @@
+"""The main database's schema: its tables, the migrations that build them, and how it is opened.
+
+One SQLite file (``herald.db``) in WAL mode with ``synchronous=FULL``.
+Migrations run in order, once each, recorded in the ``migrations`` table; a
+database written by a newer Herald is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlite_utils
+
+from gateway.errors import StoreError
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "iso", "migrate", "open_database", "schema_version", "utc_now"]
+
+_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS migrations (
+    version INTEGER PRIMARY KEY,
+    applied_at TEXT NOT NULL
+)
+"""
+
+# Version 1: the first schema.
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    received_at TEXT NOT NULL,
+    peer TEXT,
+    sending_application TEXT,
+    sending_facility TEXT,
+    message_type TEXT,
+    trigger_event TEXT,
+    control_id TEXT,
+    version TEXT,
+    processing_id TEXT,
+    accept_ack_type TEXT,
+    application_ack_type TEXT,
+    charset TEXT,
+    sha256 TEXT NOT NULL,
+    raw BLOB NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    flag TEXT,
+    ack_code TEXT,
+    fhir TEXT,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_sender_control
+    ON messages (sending_facility, sending_application, control_id);
+CREATE INDEX IF NOT EXISTS messages_state ON messages (state, id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    message_id INTEGER,
+    notification_id TEXT,
+    actor TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_message ON events (message_id, id);
+CREATE TABLE IF NOT EXISTS roster_members (
+    aco_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    mbi TEXT,
+    mrn TEXT,
+    mrn_authority TEXT,
+    last_name TEXT NOT NULL,
+    first_name TEXT NOT NULL,
+    birth_date TEXT NOT NULL,
+    sex TEXT NOT NULL,
+    pcp_npi TEXT,
+    pcp_name TEXT,
+    care_manager TEXT,
+    effective_start TEXT,
+    effective_end TEXT,
+    name_key TEXT NOT NULL,
+    imported_at TEXT NOT NULL,
+    PRIMARY KEY (aco_id, member_id)
+);
+CREATE INDEX IF NOT EXISTS roster_mbi ON roster_members (mbi);
+CREATE INDEX IF NOT EXISTS roster_mrn ON roster_members (mrn, mrn_authority);
+CREATE INDEX IF NOT EXISTS roster_name_key ON roster_members (name_key);
+CREATE TABLE IF NOT EXISTS matches (
+    message_id INTEGER PRIMARY KEY,
+    aco_id TEXT,
+    member_id TEXT,
+    method TEXT,
+    grade TEXT,
+    detail TEXT
+);
+CREATE TABLE IF NOT EXISTS notifications (
+    id TEXT PRIMARY KEY,
+    message_id INTEGER NOT NULL,
+    recipient_role TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    target TEXT NOT NULL,
+    event_code TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS notifications_message ON notifications (message_id);
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    id INTEGER PRIMARY KEY,
+    notification_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_notification ON delivery_attempts (notification_id, id);
+"""
+
+
+# Version 2: a notification's Bundle is no longer stored per recipient (it is
+# built from messages.fhir when sent), so notifications.payload may be NULL.
+# SQLite cannot drop a NOT NULL constraint in place: the table is rebuilt.
+# Rows written before keep their stored payload and are sent from it.
+_SCHEMA_V2 = """
+CREATE TABLE notifications_v2 (
+    id TEXT PRIMARY KEY,
+    message_id INTEGER NOT NULL,
+    recipient_role TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    target TEXT NOT NULL,
+    event_code TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    payload TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+INSERT INTO notifications_v2 (id, message_id, recipient_role, recipient, channel, target, event_code, summary,
+    payload, state, attempts, next_attempt_at, last_error, created_at, updated_at)
+    SELECT id, message_id, recipient_role, recipient, channel, target, event_code, summary,
+    payload, state, attempts, next_attempt_at, last_error, created_at, updated_at FROM notifications;
+DROP TABLE notifications;
+ALTER TABLE notifications_v2 RENAME TO notifications;
+CREATE INDEX notifications_due ON notifications (state, next_attempt_at);
+CREATE INDEX notifications_message ON notifications (message_id)
+"""
+
+# Version 3: the roster moves to its own file (roster.db, see "roster: its own
+# file" below); the main database keeps what the server writes while it runs:
+# confirmed MRN links, the review queue, the score of a match.
+_SCHEMA_V3 = """
+CREATE TABLE confirmed_links (
+    mrn TEXT NOT NULL,
+    mrn_authority TEXT NOT NULL COLLATE NOCASE,
+    aco_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    review_id INTEGER,
+    confirmed_by TEXT NOT NULL,
+    confirmed_at TEXT NOT NULL,
+    PRIMARY KEY (mrn, mrn_authority, aco_id)
+);
+CREATE TABLE reviews (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    grade TEXT NOT NULL,
+    score REAL,
+    candidates TEXT NOT NULL,
+    decided_by TEXT,
+    decided_at TEXT,
+    aco_id TEXT,
+    member_id TEXT,
+    note TEXT
+);
+CREATE INDEX reviews_state ON reviews (state, id);
+ALTER TABLE matches ADD COLUMN score REAL
+"""
+
+#: The roster columns of schema version 1 (what legacy_roster_members holds).
+LEGACY_MEMBER_COLUMNS = (
+    "aco_id",
+    "member_id",
+    "mbi",
+    "mrn",
+    "mrn_authority",
+    "last_name",
+    "first_name",
+    "birth_date",
+    "sex",
+    "pcp_npi",
+    "pcp_name",
+    "care_manager",
+    "effective_start",
+    "effective_end",
+)
+
+
+# Version 3, continued: members imported by version 1 leave the main
+# database. The table is renamed, not read here: the roster layer above the
+# store (gateway.app.roster.adopt_legacy_roster) publishes them to the roster
+# file, which needs matching's normalisation, and then drops the table.
+_SCHEMA_V3_LEGACY = "ALTER TABLE roster_members RENAME TO legacy_roster_members"
+
+# Version 4: a notification row no longer keeps a summary of the message (the
+# patient's name, a second copy of PHI). What the demo showed from it is read
+# from the message's Bundle. The table is rebuilt without the column, so the
+# names are gone from the file, not only from the schema.
+_SCHEMA_V4 = """
+CREATE TABLE notifications_v4 (
+    id TEXT PRIMARY KEY,
+    message_id INTEGER NOT NULL,
+    recipient_role TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    target TEXT NOT NULL,
+    event_code TEXT NOT NULL,
+    payload TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+INSERT INTO notifications_v4 (id, message_id, recipient_role, recipient, channel, target, event_code,
+    payload, state, attempts, next_attempt_at, last_error, created_at, updated_at)
+    SELECT id, message_id, recipient_role, recipient, channel, target, event_code,
+    payload, state, attempts, next_attempt_at, last_error, created_at, updated_at FROM notifications;
+DROP TABLE notifications;
+ALTER TABLE notifications_v4 RENAME TO notifications;
+CREATE INDEX notifications_due ON notifications (state, next_attempt_at);
+CREATE INDEX notifications_message ON notifications (message_id)
+"""
+
+
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    run_sql(conn, _SCHEMA_V3)
+    if conn.execute("SELECT 1 FROM roster_members LIMIT 1").fetchone() is None:
+        conn.execute("DROP TABLE roster_members")  # a new database: nothing to carry over
+    else:
+        run_sql(conn, _SCHEMA_V3_LEGACY)
+
+
+def utc_now() -> datetime:
+    """Now, in UTC (the default clock)."""
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime) -> str:
+    """An aware datetime as ISO 8601 in UTC with milliseconds."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def open_database(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the store's SQLite file with Herald's pragmas."""
+    path = Path(path)
+    if readonly:
+        if not path.exists():
+            raise StoreError(f"no Herald database at {path}")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+#: Schema migrations, applied in order; each runs once and is recorded in the
+#: ``migrations`` table. Append new versions here; never edit an applied one.
+#: A step is SQL text (statements separated by ``;``) or a function of the
+#: connection, run inside the migration's transaction.
+MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [
+    (1, _SCHEMA_V1),
+    (2, _SCHEMA_V2),
+    (3, _migrate_v3),
+    (4, _SCHEMA_V4),
+]
+
+#: The schema version this code writes.
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def run_sql(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``script``'s statements (separated by ``;``) one by one, in the caller's transaction."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The newest migration applied to this database (0 for a new file)."""
+    if not sqlite_utils.Database(conn)["migrations"].exists():
+        return 0
+    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection, now: datetime | None = None) -> None:
+    """Bring the schema up to :data:`SCHEMA_VERSION`, one recorded migration at a time (idempotent).
+
+    Refuses a database written by a newer Herald rather than guess at it.
+    """
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {current}, newer than this Herald's {SCHEMA_VERSION}; upgrade Herald"
+        )
+    if current == SCHEMA_VERSION:
+        return
+    stamp = iso(now or utc_now())
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        run_sql(conn, _MIGRATIONS_TABLE)
+        # Read again under the write lock: another process may have migrated meanwhile.
+        current = schema_version(conn)
+        for version, step in MIGRATIONS:
+            if version <= current:
+                continue
+            if callable(step):
+                step(conn)
+            else:
+                run_sql(conn, step)
+            conn.execute("INSERT INTO migrations (version, applied_at) VALUES (?, ?)", (version, stamp))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def legacy_roster(conn: sqlite3.Connection) -> list[dict] | None:
+    """The members a version-1 database held in itself (every column as text), or None when there is none."""
+    if not sqlite_utils.Database(conn)["legacy_roster_members"].exists():
+        return None
+    cols = ", ".join(LEGACY_MEMBER_COLUMNS)
+    rows = conn.execute(f"SELECT {cols} FROM legacy_roster_members ORDER BY aco_id, member_id").fetchall()
+    return [{c: "" if r[c] is None else str(r[c]) for c in LEGACY_MEMBER_COLUMNS} for r in rows]
+
+
+def drop_legacy_roster(conn: sqlite3.Connection) -> None:
+    """Forget the version-1 members once they are published in the roster file."""
+    conn.execute("DROP TABLE IF EXISTS legacy_roster_members")

@@ -1,0 +1,407 @@
+"""The writer thread and the reader thread: how work reaches the database.
+
+A single writer thread owns the write connection; callers hand it jobs
+(functions of a connection) and get a Deferred back, or, from a thread that is
+not the reactor's (the CLI, a console's worker thread), wait for the result
+with :meth:`Writer.call`. The writer takes every job waiting in its queue,
+runs them in one transaction and commits once: that is the group commit that
+keeps throughput up when many connections deliver at once. Reads run on a
+thread of their own with a read-only connection.
+
+Every write Herald makes goes through here, stamped by the writer's injected
+clock; the jobs themselves (SQL only) live in the store's other modules.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from gateway.errors import StoreError
+from gateway.store.schema import migrate, open_database, utc_now
+
+__all__ = ["Writer"]
+
+
+class _Job:
+    """A function of a connection, its arguments, and who waits for it (a Deferred, a Future or nobody)."""
+
+    __slots__ = ("fn", "args", "waiter")
+
+    def __init__(self, fn, args, waiter) -> None:
+        self.fn = fn
+        self.args = args
+        self.waiter = waiter
+
+
+_STOP = object()
+#: Put on the writer's queue to wake it for background work.
+_WAKE = object()
+
+
+class _ReadThread:
+    """Runs read jobs on a thread of their own with a read-only connection.
+
+    Reads need no place in the writer's queue: in WAL mode a reader sees the
+    last commit and never waits for the writer, so the outbox poll and the
+    pipeline's fetch do not queue behind an fsync, nor an ACK behind them.
+    Each job runs in its own read transaction (one snapshot).
+    """
+
+    def __init__(self, path: Path, deliver: Callable[[list], None]) -> None:
+        self._path = path
+        self._deliver = deliver
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="herald-store-reader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        self._queue.put(job)
+
+    def stop(self) -> None:
+        """Finish the queued reads and end the thread (blocking: call it off the reactor)."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = None
+        try:
+            while True:
+                job = self._queue.get()
+                if job is _STOP:
+                    return
+                jobs = [job]
+                stop = False
+                while True:  # every read waiting now, answered with one wake-up of the reactor
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is _STOP:
+                        stop = True
+                        break
+                    jobs.append(more)
+                results = []
+                for job in jobs:
+                    try:
+                        if conn is None:
+                            conn = open_database(self._path, readonly=True)
+                        conn.execute("BEGIN")
+                        try:
+                            results.append((job, True, job.fn(conn, *job.args)))
+                        finally:
+                            conn.execute("COMMIT")
+                    except Exception as e:
+                        results.append((job, False, StoreError(f"store read failed: {e}")))
+                self._deliver(results)
+                if stop:
+                    return
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+class Writer:
+    """The database's one writer thread and its reader thread.
+
+    The writer serves the ACK path first. Jobs given to :meth:`submit`
+    (intake) all go into the next commit; jobs given to
+    :meth:`submit_background` (pipeline outcomes, delivery records) take turns,
+    :attr:`BACKGROUND_PER_COMMIT` at a time, riding a commit with the intake
+    jobs waiting then, so an ACK never waits behind a queue of large pipeline
+    writes.
+
+    ``clock`` stamps every write (``iso(clock())``); ``reactor`` runs the
+    callbacks of Deferreds and gives the seconds outbox rows fall due in.
+    """
+
+    _log = Logger()
+
+    #: Largest number of queued jobs committed together.
+    MAX_GROUP = 512
+    #: Background jobs added to one commit.
+    BACKGROUND_PER_COMMIT = 1
+    #: Background writes wait at most this long for a commit to ride with.
+    IDLE_FLUSH_SECONDS = 0.5
+
+    def __init__(self, path: Path | str, reactor=None, clock: Callable[[], datetime] = utc_now) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.path = Path(path)
+        self._reactor = reactor
+        self.clock = clock
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._background: collections.deque = collections.deque()
+        self._riders: collections.deque = collections.deque()
+        self._conn = open_database(self.path)
+        migrate(self._conn, clock())
+        self._thread = threading.Thread(target=self._run, name="herald-store-writer", daemon=True)
+        self._reader = _ReadThread(self.path, self._deliver)
+        self._started = False
+        self.commits = 0
+        self.jobs = 0
+        #: Commits that ran again job by job because one job failed.
+        self.replays = 0
+
+    def seconds(self) -> float:
+        """The reactor's clock, in seconds: what outbox rows' due times are measured in."""
+        return self._reactor.seconds()
+
+    # -- starting and stopping ---------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer and reader threads."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
+            self._reader.start()
+
+    def stop(self) -> defer.Deferred:
+        """Finish the queued jobs, stop the threads and close the database (off the reactor)."""
+        if not self._started:
+            self._conn.close()
+            return defer.succeed(None)
+        self._started = False
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._shut_down)
+
+    def close(self) -> None:
+        """:meth:`stop`, blocking: for a caller that has no running reactor (the CLI)."""
+        if not self._started:
+            self._conn.close()
+            return
+        self._started = False
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._reader.stop()
+        self._conn.close()
+        # Jobs that raced the stop are failed, not left hanging.
+        leftovers = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP and job is not _WAKE:
+                leftovers.append((job, False, StoreError("the store has stopped")))
+        while self._background:
+            leftovers.append((self._background.popleft(), False, StoreError("the store has stopped")))
+        if leftovers:
+            self._deliver(leftovers)
+
+    # -- handing work over -------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run ``fn(conn, *args)`` in the writer's next transaction; fire with its result.
+
+        ``fn`` may run twice: when another job of its commit fails, the
+        commit is rolled back and its jobs run again one savepoint each. So
+        it must do nothing but SQL on ``conn``.
+        """
+        if not self._started:
+            return defer.fail(StoreError("the store is not running"))
+        d: defer.Deferred = defer.Deferred()
+        self._queue.put(_Job(fn, args, d))
+        return d
+
+    def submit_background(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Like :meth:`submit`, for work off the ACK path: it takes its turn after intake's jobs."""
+        if not self._started:
+            return defer.fail(StoreError("the store is not running"))
+        d: defer.Deferred = defer.Deferred()
+        self._background.append(_Job(fn, args, d))
+        self._queue.put(_WAKE)
+        return d
+
+    def submit_read(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run ``fn(conn, *args)`` on the reader thread, in a read transaction; fire with its result."""
+        if not self._started:
+            return defer.fail(StoreError("the store is not running"))
+        d: defer.Deferred = defer.Deferred()
+        self._reader.submit(_Job(fn, args, d))
+        return d
+
+    def submit_nowait(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Like :meth:`submit`, for writes nobody waits on (they ride the next commit)."""
+        if not self._started:
+            self._log.warn("store not running; dropped a background write")
+            return
+        # Not queued: it must not wake the writer for a commit (an fsync) of
+        # its own. It rides with the next real job, or the idle flush.
+        self._riders.append(_Job(fn, args, None))
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 60.0) -> Any:
+        """Run ``fn(conn, *args)`` in the writer's next transaction and wait for its result.
+
+        For threads other than the reactor's: the answer does not pass through
+        the reactor, so it works with none running. Raises what ``fn`` raised.
+        """
+        if not self._started:
+            raise StoreError("the store is not running")
+        future: Future = Future()
+        self._queue.put(_Job(fn, args, future))
+        return future.result(timeout)
+
+    def read(self, fn: Callable[..., Any], *args: Any, timeout: float = 60.0) -> Any:
+        """Run ``fn(conn, *args)`` on the reader thread, in a read transaction, and wait for its result.
+
+        Like :meth:`call`, for threads other than the reactor's.
+        """
+        if not self._started:
+            raise StoreError("the store is not running")
+        future: Future = Future()
+        self._reader.submit(_Job(fn, args, future))
+        return future.result(timeout)
+
+    # -- the writer thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        conn = self._conn
+        q = self._queue
+        background = self._background
+        stopping = False
+        while True:
+            batch: list[_Job] = []
+            if not stopping:
+                try:
+                    # Do not sleep while background work waits.
+                    first = q.get_nowait() if background else q.get(timeout=self.IDLE_FLUSH_SECONDS)
+                except queue.Empty:
+                    first = None  # idle: flush background work and riders
+                if first is _STOP:
+                    stopping = True
+                elif first is not None and first is not _WAKE:
+                    batch.append(first)
+                while not stopping and len(batch) < self.MAX_GROUP:
+                    try:
+                        job = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is _STOP:
+                        stopping = True
+                    elif job is not _WAKE:
+                        batch.append(job)
+            for _ in range(self.BACKGROUND_PER_COMMIT if not stopping else len(background)):
+                if not background:
+                    break
+                batch.append(background.popleft())
+            riders = self._riders
+            while riders:
+                batch.append(riders.popleft())
+            if batch:
+                self._commit_group(conn, batch)
+            if stopping and not background and not self._riders:
+                return
+
+    def _commit_group(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        try:
+            results = self._run_batch(conn, batch)
+        except Exception as e:  # the writer thread must outlive any failure
+            self._log.failure("store writer batch failed")
+            _rollback(conn)
+            results = [(job, False, StoreError(f"store failure: {e}")) for job in batch]
+        self.commits += 1
+        self.jobs += len(batch)
+        self._deliver(results)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> list:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            err = StoreError(f"could not begin a transaction: {e}")
+            return [(job, False, err) for job in batch]
+        # Optimistic: every job straight into the transaction, no savepoints
+        # (two statements a job saved). Jobs almost never fail; when one does,
+        # the whole group is rolled back and run again, one savepoint a job,
+        # so that job fails alone.
+        try:
+            results = [(job, True, job.fn(conn, *job.args)) for job in batch]
+        except Exception as e:
+            _rollback(conn)
+            if len(batch) == 1:
+                return [(batch[0], False, e)]
+            self.replays += 1
+            return self._run_isolated(conn, batch)
+        return self._commit(conn, results)
+
+    def _run_isolated(self, conn: sqlite3.Connection, batch: list[_Job]) -> list:
+        """Run each job in its own savepoint, so that one failing job is undone alone."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            err = StoreError(f"could not begin a transaction: {e}")
+            return [(job, False, err) for job in batch]
+        results = []
+        for job in batch:
+            try:
+                conn.execute("SAVEPOINT job")
+                value = job.fn(conn, *job.args)
+                conn.execute("RELEASE job")
+                results.append((job, True, value))
+            except Exception as e:  # each job fails alone
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                except sqlite3.Error:
+                    pass
+                results.append((job, False, e))
+        return self._commit(conn, results)
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, results: list) -> list:
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            _rollback(conn)
+            err = StoreError(f"commit failed: {e}")
+            return [(job, False, err) for job, _, _ in results]
+        return results
+
+    def _deliver(self, results: list) -> None:
+        """Hand results to their waiters: Futures here (any thread), Deferreds on the reactor's thread."""
+        deferred = []
+        for item in results:
+            job, ok, value = item
+            if isinstance(job.waiter, Future):
+                if ok:
+                    job.waiter.set_result(value)
+                else:
+                    job.waiter.set_exception(value)
+            else:
+                deferred.append(item)
+        if deferred:
+            self._reactor.callFromThread(self._fire, deferred)
+
+    def _fire(self, results: list) -> None:
+        for job, ok, value in results:
+            if job.waiter is None:
+                if not ok:
+                    self._log.error("background store write failed: {error}", error=repr(value))
+                continue
+            if ok:
+                job.waiter.callback(value)
+            else:
+                job.waiter.errback(value)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # SQLite may have rolled back already (a full disk, an I/O error)
