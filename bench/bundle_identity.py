@@ -60,11 +60,12 @@ try:
     from gateway.header import read_header, read_header_leniently
 except ImportError:
     from gateway.convert import convert
-    from gateway.header import read_header, read_header_leniently
     from gateway.replay import ReplayError, split_messages
     from gateway.routing import bundle_json
     from gateway.v2 import V2Message
     from gateway.vocabulary import load_vocabulary
+
+    from gateway.header import read_header, read_header_leniently
 try:
     from gateway.pipeline.process import process_message
 except ImportError:
