@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from match_accuracy import MemoryRoster, fhir_patient, roster_row  # noqa: E402
 
-from gateway.matching.model import (  # noqa: E402
+from gateway.matching import (  # noqa: E402
     LEVELS,
     MAPPINGS_DIR,
     MatchModel,
@@ -53,7 +53,7 @@ from gateway.matching.model import (  # noqa: E402
 )
 
 FITTED = ("given", "family", "birth_date", "street", "city", "state", "zip")
-#: The second fit: the address's parts as one comparison (see gateway.matching.model.address_level).
+#: The second fit: the address's parts as one comparison (see gateway.matching.address_level).
 JOINT = ("given", "family", "birth_date", "address")
 #: Address levels whose u is derived, not counted: FEBRL draws street, suburb and postcode
 #: independently of each other, so among its random pairs "same street in the same ZIP" is

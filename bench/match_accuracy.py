@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.matching.model import (  # noqa: E402
+from gateway.matching import (  # noqa: E402
     blocking_keys,
     compare,
     load_model,
@@ -498,7 +498,7 @@ def miss_class(person, truth_row: dict, compared: bool, model) -> str:
 
 
 def _explain(query_id: str, result, truth_row: dict, query, model) -> str:
-    from gateway.matching.model import score
+    from gateway.matching import score
 
     true_score = score(query.person, person_from_member(truth_row), model)
     levels = " ".join(f"{f.field}={f.level}" for f in true_score.fields if f.level != "missing")

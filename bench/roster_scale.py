@@ -8,7 +8,7 @@ import's wall time, the database and roster file sizes and the child's peak
 RSS. With ``--serve`` a ``herald serve`` runs on the same data folder during
 the import and a paced client sends it an ADT message every 50 ms: the ACK
 codes and their latency show whether intake ever waited on the import.
-Then it times ``gateway.matching.model.match_patient`` over
+Then it times ``gateway.matching.match_patient`` over
 ``gateway.store.StoredRoster`` (the lookups the pipeline workers use, on the
 published roster file) for a bounded set of queries: members with typos and
 no identifiers, and people who are on no roster. Every phase is bounded; the
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ack_throughput import Server, free_port  # noqa: E402
 from synthetic_people import FAMILY_HEADS, FAMILY_TAILS, mbi, person, typo  # noqa: E402
 
-from gateway.matching.model import (  # noqa: E402
+from gateway.matching import (  # noqa: E402
     PatientQuery,
     blocking_keys,
     load_model,

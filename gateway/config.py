@@ -276,8 +276,8 @@ def _check_matching(cfg: Config) -> None:
 
 
 def match_model(cfg: Config):
-    """The match model (``gateway.matching.model.MatchModel``) with the configured thresholds."""
-    from gateway.matching.model import load_model
+    """The match model (``gateway.matching.MatchModel``) with the configured thresholds."""
+    from gateway.matching import load_model
 
     overrides = {k: float(v) for k, v in _thresholds(cfg).items()}
     return load_model(cfg.matching_model, **overrides)

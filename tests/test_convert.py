@@ -20,7 +20,7 @@ from gateway.conversion.convert import (
 )
 from gateway.conversion.v2 import V2Message
 from gateway.errors import MessageError
-from gateway.matching.model import query_from_facts
+from gateway.matching import query_from_facts
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.glob("*.hl7"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.matching.model import (
+from gateway.matching import (
     MAPPINGS_DIR,
     Person,
     blocking_keys,
@@ -30,7 +30,7 @@ from gateway.matching.model import (
     score,
     shortlist,
 )
-from gateway.matching.model import PatientQuery as Query
+from gateway.matching import PatientQuery as Query
 
 # Every person below is invented; MBIs follow CMS's published format only.
 
@@ -335,7 +335,7 @@ def test_street_line_with_a_second_line_on_one_side(model, a, b, expected):
 
 def test_the_shipped_identity_floor_lies_in_its_derived_interval(model):
     """The floor is above one name agreeing against the other two fields and below the birth date
-    agreeing against both names (gateway.matching.model.identity_floor_bounds; bench/fit_weights.py)."""
+    agreeing against both names (gateway.matching.identity_floor_bounds; bench/fit_weights.py)."""
     low, high = identity_floor_bounds(model)
     assert low < model.identity_floor <= high
     # The interval's ends are the sums they claim to be.
@@ -770,7 +770,7 @@ def test_person_is_a_frozen_value():
 )
 def test_a_bad_street_abbreviations_file_is_named(tmp_path, monkeypatch, text, message):
     """A street word's kind that is not type/directional/unit, or a missing kind column, is a ConfigError."""
-    import gateway.matching.model as matching
+    import gateway.matching.people as matching
 
     (tmp_path / "street_abbreviations.csv").write_text(text)
     monkeypatch.setattr(matching, "MAPPINGS_DIR", tmp_path)

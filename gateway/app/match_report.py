@@ -18,7 +18,7 @@ from gateway.conversion.convert import convert
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.errors import MessageError
-from gateway.matching.model import (
+from gateway.matching import (
     Candidate,
     Match,
     Person,

@@ -17,7 +17,7 @@ from gateway.conversion.v2 import V2Message, decode
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.errors import HeraldError, MessageError, StoreError
 from gateway.header import read_header_leniently
-from gateway.matching.model import Match
+from gateway.matching import Match
 from gateway.pipeline.process import route_reviewed
 from gateway.records import REVIEW_OPEN, ROLES, PendingMessage
 from gateway.store import RosterSnapshot, Store, message_detail, roster_member

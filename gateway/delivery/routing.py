@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 from gateway.config import Recipient
 from gateway.conversion.convert import Conversion, resource_id
-from gateway.matching.model import Match
+from gateway.matching import Match
 from gateway.records import Notification
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from gateway.conversion.convert import MBI_PATTERN
 from gateway.errors import RosterError
-from gateway.matching.model import BLOCKING_RECIPE, blocking_keys, pack_person, person_from_member
+from gateway.matching.blocking import BLOCKING_RECIPE, blocking_keys
+from gateway.matching.people import pack_person, person_from_member
 from gateway.records import MEMBER_COLUMNS, RosterDerivation
 from gateway.resources import mappings_dir
 
@@ -75,7 +76,7 @@ class RosterMember:
     phone: str = ""
     opted_out: bool = False
     keys: tuple[str, ...] = ()
-    person: str = ""  # the normalised person (gateway.matching.model.pack_person), computed when not given
+    person: str = ""  # the normalised person (gateway.matching.people.pack_person), computed when not given
 
     def __post_init__(self) -> None:
         if not self.keys or not self.person:

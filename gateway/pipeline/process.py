@@ -21,7 +21,7 @@ from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import Vocabulary
 from gateway.delivery.routing import bundle_json, route
 from gateway.errors import MessageError
-from gateway.matching.model import (
+from gateway.matching import (
     Match,
     MatchModel,
     PatientQuery,

@@ -44,7 +44,7 @@ ROSTER_SCHEMA_VERSION = 1
 
 
 #: What a lookup returns of a member: the contract's columns and the normalised
-#: person (``gateway.matching.model.pack_person``), so scoring does no normalising.
+#: person (``gateway.matching.pack_person``), so scoring does no normalising.
 _ROW_COLUMNS = (*MEMBER_COLUMNS, "person")
 _MEMBER_SELECT = ", ".join(f"r.{c}" for c in _ROW_COLUMNS)
 
@@ -207,7 +207,7 @@ def _buckets_sql(keys: int) -> str:
 
 
 class StoredRoster:
-    """The roster lookups matching needs (``gateway.matching.model.RosterLookups``).
+    """The roster lookups matching needs (``gateway.matching.RosterLookups``).
 
     Reads one roster version (``roster``) and the main database's confirmed
     MRN links (``links``, optional). Every lookup goes through an index: the
