@@ -124,10 +124,13 @@ ROSTER_FORMATS = ("auto", "csv", "ssp", "cclf8")
 _RECIPIENT_KEYS = {"enabled": bool, "channel": str, "directory": str, "url": str}
 
 
+#: Each role's file drop, under the data folder's ``outbox/``, when no directory is configured.
+OUTBOX_FOLDERS = {"pcp": "pcp", "care_team": "care-team", "hie": "hie"}
+
+
 def default_recipients(data_dir: Path) -> dict[str, Recipient]:
     """File drops under the data folder for every role: what works with no config."""
-    folder = {"pcp": "pcp", "care_team": "care-team", "hie": "hie"}
-    return {role: Recipient(role, True, "file", data_dir / "outbox" / folder[role]) for role in ROLES}
+    return {role: Recipient(role, True, "file", data_dir / "outbox" / OUTBOX_FOLDERS[role]) for role in ROLES}
 
 
 def load_config(
@@ -205,7 +208,7 @@ def _recipient(role: str, content: Any, base: Path) -> Recipient:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{key}.url", "a fhir channel needs an http:// or https:// base URL")
         return Recipient(role, enabled, "fhir", None, url)
-    folder = {"pcp": "pcp", "care_team": "care-team", "hie": "hie"}[role]
+    folder = OUTBOX_FOLDERS[role]
     directory = Path(content.get("directory", "")) if content.get("directory") else Path("outbox") / folder
     if not directory.is_absolute():
         directory = base / directory

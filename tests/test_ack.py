@@ -196,3 +196,13 @@ def test_should_acknowledge_follows_msh_15(msh15, expected):
 def test_unreadable_header_is_always_acknowledged():
     """When the header could not be read there is no MSH-15 to obey: always answer."""
     assert all(should_acknowledge(None, o) for o in (ACCEPTED, ERROR, REJECTED))
+
+
+def test_an_msh_15_outside_table_0155_gets_an_original_mode_aa():
+    """MSH-15 = XX is not a request for enhanced mode: the message gets AA (not CA), and always an ACK."""
+    raw = b"MSH|^~\\&|EPIC|GENHOSP|HERALD|HIE|20260301115900||ADT^A04^ADT_A01|MSG00003|T|2.5.1|||XX\rPID|1\r"
+    header = read_header(raw)
+    assert should_acknowledge(header, ACCEPTED)
+    assert AckBuilder(clock=lambda: datetime(2026, 3, 1, tzinfo=UTC)).build(header, ACCEPTED).split(b"\r")[1] == (
+        b"MSA|AA|MSG00003|"
+    )

@@ -482,7 +482,12 @@ class TlsTests(unittest.TestCase):
             client = yield connect(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options), reactor)
             ack = yield client.send(sample(ADMIT), timeout=10)
             self.assertEqual(read_ack(ack)[:2], ("CA", "LSR8841200377"))
+            # A TLS close takes a round of close_notify: wait for it, so no idle timer outlives the test.
+            lost: defer.Deferred = defer.Deferred()
+            closed = client.connectionLost
+            client.connectionLost = lambda reason: (closed(reason), lost.callback(None))
             client.transport.loseConnection()
-            yield task.deferLater(reactor, 0.05, lambda: None)
+            yield lost
+            yield task.deferLater(reactor, 0.1, lambda: None)
         finally:
             yield gw.service.stopService()

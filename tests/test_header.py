@@ -168,6 +168,20 @@ def test_msh_15_switches_to_enhanced_mode(msh15):
     assert (h.accept_ack_type, h.application_ack_type) == (msh15, "AL")
 
 
+@pytest.mark.parametrize("msh15", ["XX", "Y", "A", "ALWAYS", '""'])
+def test_msh_15_outside_table_0155_keeps_original_mode(msh15):
+    """Only a table 0155 value (AL, NE, ER, SU) in MSH-15 selects enhanced mode; anything else is original."""
+    h = read_header(f"MSH|^~\\&|EPIC|GENHOSP|||20260301||ADT^A01|MSG1|P|2.5.1|||{msh15}\r".encode())
+    assert h.enhanced_mode is False
+
+
+@pytest.mark.parametrize("msh15", ["al", " NE ", "Su"])
+def test_msh_15_is_read_without_case_or_padding(msh15):
+    """A table 0155 value in lower case or padded with spaces still selects enhanced mode."""
+    h = read_header(f"MSH|^~\\&|EPIC|GENHOSP|||20260301||ADT^A01|MSG1|P|2.5.1|||{msh15}\r".encode())
+    assert h.enhanced_mode is True
+
+
 def test_only_msh_16_keeps_original_mode():
     """MSH-16 alone (MSH-15 empty) keeps original mode, as ARCHITECTURE.md specifies."""
     h = read_header(b"MSH|^~\\&|EPIC|GENHOSP|||20260301||ADT^A01|MSG1|P|2.5.1||||AL\r")

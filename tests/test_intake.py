@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import pytest
 from twisted.internet import defer, error
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -246,7 +247,7 @@ def test_enhanced_mode_rejection_gets_cr_in_the_senders_separators(reactor, stor
 def test_oversized_frame_is_refused_with_code_104_and_its_prefix_logged(reactor, store, pinned_acks):
     """Through the server: an oversized frame gets AR with ERR code 104, is logged as rejected keeping its start."""
     intake = Intake(store, pinned_acks, max_length=200)
-    p = MLLPServerFactory(intake, maxLength=200).buildProtocol(None)
+    p = MLLPServerFactory(intake, maxLength=200, reactor=Clock()).buildProtocol(None)
     p.PREFIX_KEPT = 120
     t = StringTransport()
     p.makeConnection(t)
@@ -281,7 +282,7 @@ def test_oversized_frame_without_a_readable_msh_is_still_refused(reactor, store,
 
 def test_incomplete_frame_is_logged_as_rejected(reactor, store, intake):
     """Through the server: a connection lost mid-frame leaves a 'rejected' row with the partial bytes, no ACK code."""
-    p = MLLPServerFactory(intake).buildProtocol(None)
+    p = MLLPServerFactory(intake, reactor=Clock()).buildProtocol(None)
     t = StringTransport()
     p.makeConnection(t)
     partial = ADT[:60]
@@ -377,7 +378,7 @@ def test_store_not_running_answers_ae(tmp_path, reactor, pinned_acks):
 
 def test_acks_follow_frame_order_through_the_server(reactor, store, intake):
     """Several frames on one connection are stored and answered in order, each ACK echoing its own MSH-10."""
-    p = MLLPServerFactory(intake).buildProtocol(None)
+    p = MLLPServerFactory(intake, reactor=Clock()).buildProtocol(None)
     t = StringTransport()
     p.makeConnection(t)
     messages = [ADT.replace(b"MSG00001", b"MSG%05d" % i) for i in range(1, 6)]

@@ -2,83 +2,48 @@
 
 Conversion and validation are CPU-bound Python; run in the server process they
 hold the GIL for up to the interpreter's switch interval (5 ms) at a time and
-every ACK waits behind them. So the server hands batches to a pool of worker
-processes. Each worker loads the vocabulary once and keeps its own read-only
-connection to the database (confirmed MRN links) and to the published roster
-file, which it reopens between batches when an import has replaced it; it
-does no writes.
+every ACK waits behind them. So the server hands batches to worker processes.
+
+Each worker process builds one :class:`BatchContext` when it starts (the
+vocabulary, a read-only connection to the database for confirmed MRN links,
+the published roster file, which it reopens between batches when an import
+has replaced it) and keeps it in its serving loop: no module-level state. It
+does no writes. :class:`WorkerPool` is the server's side: it hands batches
+over a queue, collects the answers on a thread of its own, and starts a
+worker again if one dies (the batches in flight then fail, and the pipeline
+takes their messages up again: they are still ``received``).
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
+import queue
 import signal
-import sqlite3
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from gateway.config import Config
-from gateway.conversion.vocabulary import load_vocabulary
+from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
 from gateway.pipeline.process import MatchPolicy, process_message
-from gateway.records import MessageOutcome, PendingMessage
+from gateway.records import ROLES, MessageOutcome, PendingMessage
 from gateway.store import RosterReader, RosterSnapshot, StoredRoster, open_database
 
-_state: dict = {}
+__all__ = ["BatchContext", "WorkerCrashed", "WorkerPool", "policy_for", "process_batch_here"]
 
 #: Scheduling priority of worker processes, below the server's.
 WORKER_NICENESS = 10
 
 
-def _die_with_parent() -> None:
-    """On Linux, ask the kernel to end this worker when the server process dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
-
-
-def _init(database: str, config: Config) -> None:
-    _die_with_parent()
-    # Conversion soaks up idle CPU; the server's intake (the ACK path) comes first.
-    try:
-        os.nice(WORKER_NICENESS)
-    except OSError:  # pragma: no cover - not permitted
-        pass
-    _state["database"] = database
-    _state["config"] = config
-    _state["vocab"] = load_vocabulary()
-    _state["recipients"] = {role: config.recipient(role) for role in ("pcp", "care_team", "hie")}
-    _state["tz"] = config.tzinfo
-    # Import the FHIR models now, not on the first message.
-    from fhir.resources.R4B.bundle import Bundle  # noqa: F401
-
-
-def _connection() -> sqlite3.Connection:
-    conn = _state.get("conn")
-    if conn is None:
-        conn = open_database(_state["database"], readonly=True)
-        _state["conn"] = conn
-    return conn
-
-
-def _roster() -> RosterReader:
-    reader = _state.get("roster")
-    if reader is None:
-        reader = RosterReader(_state["database"])
-        _state["roster"] = reader
-    return reader
+class WorkerCrashed(RuntimeError):
+    """A worker process ended while batches were in flight."""
 
 
 def process_batch_here(
-    batch: list[PendingMessage], conn: sqlite3.Connection, roster: RosterReader, config: Config, vocab, recipients, tz
+    batch: list[PendingMessage], conn, roster: RosterReader, config: Config, vocab, recipients, tz
 ) -> list[MessageOutcome]:
     """Process a batch: one roster version throughout (the newest published when it starts) and
     the confirmed MRN links of ``conn`` in one read snapshot."""
@@ -101,13 +66,182 @@ def policy_for(snapshot: RosterSnapshot, config: Config) -> MatchPolicy:
     return MatchPolicy.from_config(config, snapshot.size())
 
 
-def process_batch(batch: list[PendingMessage]) -> list[MessageOutcome]:
-    """Entry point in a worker process."""
-    s = _state
-    return process_batch_here(batch, _connection(), _roster(), s["config"], s["vocab"], s["recipients"], s["tz"])
+class BatchContext:
+    """What processing batches needs in one process, opened once: vocabulary, database, roster.
+
+    The server's pipeline thread keeps one (``pipeline.workers = 0``); each
+    worker process keeps one in its serving loop.
+    """
+
+    def __init__(self, database: Path | str, config: Config, vocab: Vocabulary | None = None) -> None:
+        self.database = Path(database)
+        self.config = config
+        self.vocab = vocab or load_vocabulary()
+        self.recipients = {role: config.recipient(role) for role in ROLES}
+        self.tz = config.tzinfo
+        self._conn = None
+        self._roster: RosterReader | None = None
+
+    def process(self, batch: list[PendingMessage]) -> list[MessageOutcome]:
+        """The outcomes of a batch of stored messages (see :func:`process_batch_here`)."""
+        if self._conn is None:
+            self._conn = open_database(self.database, readonly=True)
+            self._roster = RosterReader(self.database)
+        return process_batch_here(batch, self._conn, self._roster, self.config, self.vocab, self.recipients, self.tz)
+
+    def close(self) -> None:
+        """Close the database and the roster file."""
+        if self._roster is not None:
+            self._roster.close()
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._roster = None
 
 
-def make_pool(database: Path, config: Config, workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` processes, started with 'spawn' (the server has threads; fork is unsafe)."""
-    ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init, initargs=(str(database), config))
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to end this worker when the server process dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def _serve(requests, replies, database: str, config: Config) -> None:
+    """A worker process: build the context once, then answer batches until told to stop (``None``)."""
+    _die_with_parent()
+    # Conversion soaks up idle CPU; the server's intake (the ACK path) comes first.
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # pragma: no cover - not permitted
+        pass
+    from fhir.resources.R4B.bundle import Bundle  # noqa: F401 - import the FHIR models now, not on the first message
+
+    context = BatchContext(database, config)
+    try:
+        while True:
+            job = requests.get()
+            if job is None:
+                return
+            job_id, batch = job
+            try:
+                replies.put((job_id, True, context.process(batch)))
+            except Exception as e:  # the database's errors; process_message keeps a message's own problems
+                # The type and text of a store error (no message content: process_message never raises one).
+                replies.put((job_id, False, RuntimeError(f"{type(e).__name__}: {e}")))
+    finally:
+        context.close()
+
+
+class WorkerPool:
+    """``workers`` processes (started with 'spawn': the server has threads, fork is unsafe) serving batches."""
+
+    #: How often the collector looks for a worker that died, when no answer comes.
+    POLL_SECONDS = 0.5
+    #: How long :meth:`shutdown` waits for a worker to finish its batch before ending it.
+    STOP_SECONDS = 30.0
+
+    def __init__(self, database: Path | str, config: Config, workers: int) -> None:
+        self._mp = multiprocessing.get_context("spawn")
+        self._args = (str(database), config)
+        self._workers = workers
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closing = threading.Event()
+        self.restarts = 0
+        self._requests, self._replies, self._processes = self._start_workers()
+        self._collector = threading.Thread(target=self._collect, name="herald-pipeline-replies", daemon=True)
+        self._collector.start()
+
+    def _start_workers(self) -> tuple:
+        requests, replies = self._mp.Queue(), self._mp.Queue()
+        processes = []
+        for n in range(self._workers):
+            p = self._mp.Process(
+                target=_serve, args=(requests, replies, *self._args), name=f"herald-pipeline-{n}", daemon=True
+            )
+            p.start()
+            processes.append(p)
+        return requests, replies, processes
+
+    def submit(self, batch: list[PendingMessage]) -> Future:
+        """Hand ``batch`` to the next free worker; the Future gets its outcomes."""
+        future: Future = Future()
+        with self._lock:
+            if self._closing.is_set():
+                future.set_exception(RuntimeError("the worker pool is shut down"))
+                return future
+            job_id = next(self._ids)
+            self._pending[job_id] = future
+            self._requests.put((job_id, batch))
+        return future
+
+    def _collect(self) -> None:
+        while not (self._closing.is_set() and not self._pending):
+            try:
+                job_id, ok, value = self._replies.get(timeout=self.POLL_SECONDS)
+            except queue.Empty:
+                if not self._closing.is_set() and not all(p.is_alive() for p in self._processes):
+                    self._start_again()
+                continue
+            with self._lock:
+                future = self._pending.pop(job_id, None)
+            if future is None:  # failed already, when a worker died; a late answer is dropped
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _start_again(self) -> None:
+        """A worker died: start every worker again on new queues, and fail the batches in flight.
+
+        A process killed while reading a queue can leave the queue's lock
+        held, so the queues are not trusted again. Which batch the dead
+        worker held is unknown: every batch in flight fails, and the pipeline
+        fetches their messages again (they are still ``received``).
+        """
+        with self._lock:
+            old_requests, old_replies, old = self._requests, self._replies, self._processes
+            pending, self._pending = self._pending, {}
+            self._requests, self._replies, self._processes = self._start_workers()
+            self.restarts += 1
+        for future in pending.values():
+            future.set_exception(WorkerCrashed("a pipeline worker process ended; its batch will be retried"))
+        for p in old:
+            p.kill()
+            p.join()
+        for q in (old_requests, old_replies):
+            q.cancel_join_thread()
+            q.close()
+
+    def shutdown(self) -> None:
+        """Let the workers finish their batches, then stop them (blocking: call it off the reactor)."""
+        with self._lock:
+            self._closing.set()
+            for _ in self._processes:
+                self._requests.put(None)
+        for p in self._processes:
+            p.join(self.STOP_SECONDS)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(RuntimeError("the worker pool is shut down"))
+        self._collector.join()
+        for q in (self._requests, self._replies):
+            q.close()
+            q.join_thread()
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' pids."""
+        return [p.pid for p in self._processes]
