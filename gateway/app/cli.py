@@ -315,16 +315,16 @@ def roster_import(
         opted_out=opted_out,
     )
     try:
-        if True:  # the file is read and checked before the database is opened
-            report = import_roster_file(
-                cfg.database,
-                file,
-                options,
-                replace=not update,
-                effective=effective,
-                skip_bad_rows=skip_bad_rows,
-                by=_who(by),
-            )
+        # A path, not an opened store: the file is read and checked before the database is touched.
+        report = import_roster_file(
+            cfg.database,
+            file,
+            options,
+            replace=not update,
+            effective=effective,
+            skip_bad_rows=skip_bad_rows,
+            by=_who(by),
+        )
     except RosterError as e:
         _print_problems(file, e.problems)
         more = f" (and {e.more} more)" if e.more else ""

@@ -9,6 +9,7 @@ writes the audit event through the store's writer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from gateway.matching.roster import DERIVATION, RosterMember, RosterOptions, RosterRow, open_roster
 from gateway.store import Store, roster_path
-from gateway.store.roster_import import publish_roster_version
+from gateway.store.roster_import import RosterVersion, publish_roster_version
 
 __all__ = [
     "RosterImportReport",
@@ -56,28 +57,11 @@ def _running(target: Store | Path | str) -> Iterator[Store]:
 
 
 @dataclass(frozen=True)
-class RosterImportReport:
-    """What one roster import did: rows added / changed / ended / unchanged / rejected.
+class RosterImportReport(RosterVersion):
+    """What one roster import did (see :class:`~gateway.store.roster_import.RosterVersion`), and
+    ``lock_seconds``: how long the main database's write lock was held (the audit event only)."""
 
-    ``lock_seconds``: how long the main database's write lock was held (the
-    audit event only); ``publish_seconds``: making the new file durable and
-    renaming it into place; ``read_seconds`` and ``apply_seconds``: the
-    import's other phases (nothing waits on them).
-    """
-
-    import_id: int
-    acos: tuple[str, ...]
-    rows: int
-    added: int
-    changed: int
-    ended: int
-    unchanged: int
-    rejected: int
-    problems: list[tuple[int, str, str]]
-    lock_seconds: float
-    publish_seconds: float = 0.0
-    read_seconds: float = 0.0
-    apply_seconds: float = 0.0
+    lock_seconds: float = 0.0
 
 
 def import_roster(
@@ -141,21 +125,8 @@ def _import(store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_ba
     started = time.perf_counter()
     store.record_roster_event(detail)
     lock_seconds = time.perf_counter() - started
-    return RosterImportReport(
-        version.import_id,
-        version.acos,
-        version.rows,
-        version.added,
-        version.changed,
-        version.ended,
-        version.unchanged,
-        version.rejected,
-        version.problems,
-        lock_seconds,
-        version.publish_seconds,
-        version.read_seconds,
-        version.apply_seconds,
-    )
+    values = {f.name: getattr(version, f.name) for f in dataclasses.fields(RosterVersion)}
+    return RosterImportReport(**values, lock_seconds=lock_seconds)
 
 
 def import_roster_file(
