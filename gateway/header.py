@@ -6,7 +6,7 @@ message declares and does no other parsing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.errors import MessageError
 
@@ -36,9 +36,8 @@ DEFAULT_SEPARATORS = "|^~\\&"
 ENHANCED_ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})
 
 
-@dataclass(frozen=True, slots=True)
-class MessageHeader:
-    """The MSH fields Herald reads on intake."""
+class MessageHeader(NamedTuple):
+    """The MSH fields Herald reads on intake (a NamedTuple: read once per frame, on the ACK path)."""
 
     field_separator: str
     encoding_characters: str
@@ -86,10 +85,6 @@ def first_segment(raw: bytes) -> bytes:
     return raw if end < 0 else raw[:end]
 
 
-def _first_component(value: str, component: str) -> str:
-    return value.split(component, 1)[0]
-
-
 def read_header(raw: bytes) -> MessageHeader:
     """Read the MSH segment of ``raw``; raise :class:`MessageError` when it cannot be read."""
     header = read_msh(raw)
@@ -131,7 +126,7 @@ def read_msh(raw: bytes) -> MessageHeader:
     fields = text.split(fs)
     # fields[0] is "MSH", fields[1] is MSH-2; MSH-n is fields[n - 1].
     enc = fields[1]
-    if len(enc) not in (4, 5) or len(set(enc)) != len(enc) or fs in enc or any(c.isalnum() or c == " " for c in enc):
+    if len(enc) not in (4, 5) or len(set(enc)) != len(enc) or fs in enc or " " in enc or any(map(str.isalnum, enc)):
         raise MessageError(
             "MSH-2 encoding characters must be four (or, from v2.7, five) distinct "
             f"non-alphanumeric characters other than the field separator; got {len(enc)} character(s)",
@@ -139,30 +134,28 @@ def read_msh(raw: bytes) -> MessageHeader:
             "MSH-2",
         )
     comp = enc[0]
-
-    def get(n: int) -> str:
-        value = fields[n - 1] if len(fields) >= n else ""
-        return "" if value == '""' else value
-
-    msg_type = get(9).split(comp)
-    control_id = get(10)
+    # MSH-n is fields[n - 1]; fields beyond the segment are empty, and "" (null) reads as empty.
+    f = ["" if v == '""' else v for v in fields[:18]]
+    if len(f) < 18:
+        f += [""] * (18 - len(f))
+    msg_type = f[8].split(comp)
     return MessageHeader(
         field_separator=fs,
         encoding_characters=enc,
-        sending_application=_first_component(get(3), comp),
-        sending_facility=_first_component(get(4), comp),
-        receiving_application=_first_component(get(5), comp),
-        receiving_facility=_first_component(get(6), comp),
-        message_time=_first_component(get(7), comp),
+        sending_application=f[2].split(comp, 1)[0],
+        sending_facility=f[3].split(comp, 1)[0],
+        receiving_application=f[4].split(comp, 1)[0],
+        receiving_facility=f[5].split(comp, 1)[0],
+        message_time=f[6].split(comp, 1)[0],
         message_type=msg_type[0],
         trigger_event=msg_type[1] if len(msg_type) > 1 else "",
         message_structure=msg_type[2] if len(msg_type) > 2 else "",
-        control_id=control_id,
-        processing_id=_first_component(get(11), comp),
-        version=_first_component(get(12), comp),
-        accept_ack_type=get(15),
-        application_ack_type=get(16),
-        charset=get(18).split(enc[1])[0] if len(enc) > 1 else get(18),
+        control_id=f[9],
+        processing_id=f[10].split(comp, 1)[0],
+        version=f[11].split(comp, 1)[0],
+        accept_ack_type=f[14],
+        application_ack_type=f[15],
+        charset=f[17].split(enc[1])[0],
     )
 
 

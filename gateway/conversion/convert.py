@@ -36,6 +36,7 @@ from gateway.conversion.datatypes import (
     resource_id,
     system_uri,
 )
+from gateway.conversion.facts import facts_of_patient
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import Vocabulary
 from gateway.errors import MessageError
@@ -75,8 +76,8 @@ class Conversion:
     bundle: dict
     event_code: str
     trigger_event: str
-    #: What matching needs of the patient, read from the Patient built here.
-    patient: PatientFacts
+    #: The Patient resource built here (the same dict as in the Bundle).
+    patient_resource: dict
     encounter_date: str
     facility: str
     warnings: list[str] = field(default_factory=list)
@@ -84,6 +85,15 @@ class Conversion:
     retraction: bool = False
     #: (segment, field number, FHIR target) per field used; None unless converted with explain=True.
     trace: list | None = None
+
+    @property
+    def patient(self) -> PatientFacts:
+        """What matching needs of the patient, read from the Patient built here (not looked up in the Bundle).
+
+        Computed when asked for: the pipeline asks once, to match; a conversion
+        that is only shown (``herald convert``) does not pay for it.
+        """
+        return facts_of_patient(self.patient_resource)
 
 
 def message_event(msg: V2Message) -> tuple[str, str]:
@@ -206,7 +216,7 @@ def convert(
     # Patient.
     pd1 = msg.segment("PD1")
     in2s = msg.all("IN2")
-    patient, facts = segments.patient(ctx, pid, pd1, msg.all("NK1"), in2s)
+    patient = segments.patient(ctx, pid, pd1, msg.all("NK1"), in2s)
     pat_id = patient["id"]
     pat_ref = ref(pat_id)
 
@@ -280,7 +290,7 @@ def convert(
         bundle=bundle,
         event_code=notification,
         trigger_event=trigger,
-        patient=facts,
+        patient_resource=patient,
         encounter_date=encounter_date,
         facility=facility,
         warnings=ctx.warnings,

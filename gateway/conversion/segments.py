@@ -23,11 +23,9 @@ from gateway.conversion.datatypes import (
     ref,
     resource_id,
 )
-from gateway.conversion.facts import facts_of_patient
 from gateway.conversion.v2 import Segment
 from gateway.errors import MessageError
 from gateway.header import ERR_REQUIRED_FIELD_MISSING
-from gateway.records import PatientFacts
 
 #: An HL7 v2 table as a FHIR code system is this and its number.
 V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-"
@@ -74,8 +72,8 @@ def patient(
     pd1: Segment | None,
     nk1s: list[Segment],
     in2s: list[Segment],
-) -> tuple[dict, PatientFacts]:
-    """PID (with PD1, NK1 and IN2-6) as a Patient, and what matching needs of it.
+) -> dict:
+    """PID (with PD1, NK1 and IN2-6) as a Patient.
 
     The Patient's id is from the sender and its identifier (the MR-typed
     one of PID-3 when there is one), so every message about this patient
@@ -235,7 +233,7 @@ def patient(
         if gps:
             res["generalPractitioner"] = gps
 
-    return res, facts_of_patient(res)
+    return res
 
 
 def _language(ctx: MessageContext, raw: str) -> dict | None:

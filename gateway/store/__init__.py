@@ -11,10 +11,12 @@ One module per concern:
 - :mod:`~gateway.store.roster_file` and :mod:`~gateway.store.roster_import`:
   the roster file, read and published.
 
-:class:`Store` is what the rest of Herald holds: each method is one thing the
-gateway does to its data, so a second backend implements these methods, not
-SQL scattered through the stages. The store imports no stage: it takes and
-returns the value objects of :mod:`gateway.records`.
+:class:`Store` is what the running gateway holds: each method is one thing the
+gateway does to its data. Reads that the CLI makes on a read-only connection
+(``list_messages``, ``message_detail``, ``list_reviews``, ...) are functions of
+a connection, re-exported here. A second backend implements these methods and
+functions, not SQL scattered through the stages. The store imports no stage:
+it takes and returns the value objects of :mod:`gateway.records`.
 """
 
 from __future__ import annotations
