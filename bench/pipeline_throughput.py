@@ -5,7 +5,7 @@ Two modes.
 ``inprocess`` times the pipeline functions in this process, on one thread,
 over N synthetic ADT messages (A01/A03/A04 mix, every message a distinct
 patient, a share of them on a generated roster of R members that was imported
-into a SQLite file with ``gateway.store.import_members_sync``). Three figures:
+into a SQLite file with ``gateway.app.roster.import_members``). Three figures:
 
 * convert: ``V2Message`` + ``convert`` (v2 parse, plain-dict FHIR Bundle);
 * convert + validate: the above plus ``validate_bundle`` (fhir.resources R4B);

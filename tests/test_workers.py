@@ -93,3 +93,12 @@ def test_shutdown_stops_every_worker_and_refuses_more_work(setup):
             os.kill(pid, 0)
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(batch()).result(timeout=1)
+
+
+def test_no_process_starts_before_the_first_batch(setup):
+    """An idle gateway spends nothing on workers: they start with the first batch, and an unused pool stops at once."""
+    pool = WorkerPool(setup.database, setup, 2)
+    assert pool.pids == []
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.submit(batch()).result(timeout=1)

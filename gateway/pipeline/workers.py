@@ -155,9 +155,11 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._closing = threading.Event()
         self.restarts = 0
-        self._requests, self._replies, self._processes = self._start_workers()
+        # The processes start with the first batch (as a ProcessPoolExecutor's would): a server
+        # with nothing to convert spends no CPU importing the converter twice over.
+        self._requests = self._replies = None
+        self._processes: list = []
         self._collector = threading.Thread(target=self._collect, name="herald-pipeline-replies", daemon=True)
-        self._collector.start()
 
     def _start_workers(self) -> tuple:
         requests, replies = self._mp.Queue(), self._mp.Queue()
@@ -177,6 +179,9 @@ class WorkerPool:
             if self._closing.is_set():
                 future.set_exception(RuntimeError("the worker pool is shut down"))
                 return future
+            if not self._processes:
+                self._requests, self._replies, self._processes = self._start_workers()
+                self._collector.start()
             job_id = next(self._ids)
             self._pending[job_id] = future
             self._requests.put((job_id, batch))
@@ -225,6 +230,8 @@ class WorkerPool:
         """Let the workers finish their batches, then stop them (blocking: call it off the reactor)."""
         with self._lock:
             self._closing.set()
+            if not self._processes:
+                return  # never started
             for _ in self._processes:
                 self._requests.put(None)
         for p in self._processes:
