@@ -323,7 +323,7 @@ def durability_note(database: Path) -> str:
     from gateway import store
 
     source = inspect.getsource(store.open_database)
-    sync = "FULL" if "synchronous=FULL" in source else "not FULL (check gateway/store.py open_database)"
+    sync = "FULL" if "synchronous=FULL" in source else "not FULL (check gateway/store/schema.py open_database)"
     journal = "?"
     with contextlib.suppress(Exception):
         conn = store.open_database(database, readonly=True)

@@ -4,8 +4,9 @@ Dataset A (5000 records) is loaded as the roster, dataset B (5000 records, one
 corrupted copy of each A record) is the stream of queries. ``rec-N-org`` and
 ``rec-N-dup-0`` are the same person; the social security number is NOT used.
 Each B record is turned into a FHIR Patient and goes through
-``query_from_patient`` and ``match_patient``, exactly as the pipeline calls
-them, with an in-memory roster whose blocking keys are a dict index.
+``query_from_patient`` (the converter's facts of that Patient, then
+``query_from_facts`` as the pipeline calls it) and ``match_patient``, with an
+in-memory roster whose blocking keys are a dict index.
 
 Counted as found: a query graded ``certain`` or ``probable`` whose chosen
 member is its true record. ``possible`` results (and ambiguous ones) are the

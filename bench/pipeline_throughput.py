@@ -210,7 +210,7 @@ def run_inprocess(args) -> dict:
         roster = make_roster(args.roster)
         db = tmp / "herald.db"
         t0 = time.perf_counter()
-        import_members(db, roster, "bench-roster.csv", 0)
+        import_members(db, roster, "bench-roster.csv")
         import_s = time.perf_counter() - t0
         raws, intended = make_messages(args.n, roster, args.match_ratio)
         # The thresholds of this roster's size, as the pipeline's workers load them.
@@ -399,7 +399,7 @@ def run_e2e(args) -> dict:
         files = tmp / "messages"
         files.mkdir()
         roster = make_roster(args.roster)
-        import_members(data / "herald.db", roster, "bench-roster.csv", 0)
+        import_members(data / "herald.db", roster, "bench-roster.csv")
         raws, intended = make_messages(args.n, roster, args.match_ratio)
         intended = Counter(method for method, _ in intended)
         for i, raw in enumerate(raws):

@@ -56,7 +56,8 @@ def thread_group(label: str) -> str:
 
 
 def frame_name(frame: str, line: bool = False) -> str:
-    """``Store._run (gateway/store.py:331)`` -> ``Store._run (gateway/store.py)``, or with ``:331`` kept."""
+    """``Writer._run (gateway/store/writer.py:331)`` -> ``Writer._run (gateway/store/writer.py)``,
+    or with ``:331`` kept."""
     m = _FRAME.match(frame)
     if not m:
         return frame

@@ -18,7 +18,7 @@ from gateway.config import default_recipients
 from gateway.conversion.convert import validate_bundle
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.pipeline.process import process_message
-from gateway.store import Store, StoredRoster, open_roster_snapshot, roster_count
+from gateway.store import Store, StoredRoster, open_database, open_roster_snapshot, roster_count
 from gateway.store.messages import apply_outcomes, pending_messages, record_frame
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
@@ -410,3 +410,18 @@ def test_log_show_of_an_unknown_id_is_a_clean_error(tmp_path):
     result = run("log", "show", "99", "--data", tmp_path)
     assert_clean_exit(result, 1)
     assert "no message with id 99" in result.output
+
+
+@pytest.mark.parametrize("command", [("review", "accept", "1"), ("review", "reject", "1")])
+def test_a_database_from_a_newer_herald_is_a_clean_error_for_review_commands(tmp_path, command):
+    """Review commands on a database of a newer schema say so in one line (exit 1), with no traceback."""
+    from gateway.store import Store
+
+    data = tmp_path / "data"
+    Store(data / "herald.db", reactor=object())._conn.close()
+    conn = open_database(data / "herald.db")
+    conn.execute("INSERT INTO migrations (version, applied_at) VALUES (99, 'later')")
+    conn.close()
+    result = run(*command, "--data", data)
+    assert_clean_exit(result, 1)
+    assert "schema version 99, newer than this Herald's" in result.output, explain(result)

@@ -162,7 +162,7 @@ def test_lf_line_endings_end_the_msh(eol):
 
 @pytest.mark.parametrize("msh15", ["AL", "NE", "ER", "SU"])
 def test_msh_15_switches_to_enhanced_mode(msh15):
-    """Any MSH-15 accept-acknowledgement type selects enhanced mode."""
+    """Each table 0155 value in MSH-15 (AL, NE, ER, SU) selects enhanced mode."""
     h = read_header(f"MSH|^~\\&|EPIC|GENHOSP|||20260301||ADT^A01|MSG1|P|2.5.1|||{msh15}|AL\r".encode())
     assert h.enhanced_mode is True
     assert (h.accept_ack_type, h.application_ack_type) == (msh15, "AL")

@@ -322,3 +322,12 @@ def test_spliced_payload_is_exactly_the_full_encoding(vocab, roster_lookups, rec
             header = whole["entry"][0]["resource"]
             header["destination"] = [{"name": n.recipient, "endpoint": f"file://{n.target}"}]
             assert notification_payload(outcome.fhir_json, n) == json.dumps(whole, separators=(",", ":"))
+
+
+def test_the_event_filter_reads_the_trigger_as_the_converter_does(vocab, roster_lookups, recipients):
+    """One event filter: a trigger written in lower case or padded is the event the converter maps, not ignored."""
+    raw = sample(UNMATCHED_VISIT).replace(b"ADT^A04", b"ADT^ a04 ", 1)
+    assert raw != sample(UNMATCHED_VISIT)
+    outcome = process_message(pending(raw), vocab, UTC, roster_lookups, recipients)
+    assert outcome.state == ROUTED, outcome.reason
+    assert kinds(outcome)[:2] == ["parsed", "converted"]

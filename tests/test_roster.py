@@ -555,7 +555,7 @@ def test_keys_are_stored_as_64_bit_hashes():
     assert -(2**63) <= key_id("d:19560122") < 2**63
 
 
-def test_import_members_sync_adds_without_ending(tmp_path):
+def test_import_members_adds_without_ending(tmp_path):
     """The in-memory import (benchmarks, tests) adds members and ends nobody."""
     db = tmp_path / "herald.db"
     members, _ = read_roster(csv_text(ROW_MBI, ROW_MRN), TODAY)

@@ -189,3 +189,34 @@ def test_version_2_keeps_stored_payloads_and_allows_none(tmp_path, monkeypatch):
     assert (due["new"].payload, due["new"].bundle) == (None, '{"b":1}')
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'notifications'")}
     assert {"notifications_due", "notifications_message"} <= indexes
+
+
+def test_version_4_leaves_no_summary_in_the_file(tmp_path, monkeypatch):
+    """Upgrading to version 4 drops the notification summaries (patient names) from the file's bytes, WAL included."""
+    from gateway.store import migrate, open_database
+    from gateway.store import schema as store_module
+
+    path = tmp_path / "old.db"
+    conn = open_database(path)
+    conn.execute("PRAGMA secure_delete=OFF")  # as many SQLite builds default
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:3])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
+    migrate(conn)
+    conn.execute(
+        "INSERT INTO messages (received_at, sha256, raw, state, updated_at) VALUES ('t', 'x', x'00', 's', 't')"
+    )
+    for n in range(200):
+        conn.execute(
+            "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
+            "summary, payload, state, next_attempt_at, created_at, updated_at) VALUES "
+            "(?, 1, 'hie', 'HIE', 'file', '/x', 'e', ?, NULL, 'pending', 0, 't', 't')",
+            (f"n-{n}", '{"patient": "ZZQUILLFEATHER"}'),
+        )
+    conn.close()
+    monkeypatch.undo()
+    conn = open_database(path)
+    conn.execute("PRAGMA secure_delete=OFF")  # the migration must not rely on the connection's setting
+    migrate(conn)
+    conn.close()
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("old.db")]
+    assert not [p.name for p in files if b"ZZQUILLFEATHER" in p.read_bytes()]

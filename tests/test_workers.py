@@ -62,8 +62,9 @@ def test_a_worker_process_answers_a_batch(setup):
 
 
 def test_a_dead_worker_fails_its_batches_and_is_started_again(setup):
-    """When a worker dies, the batches in flight fail (to be retried) and a new worker serves the next ones."""
+    """When a worker dies, the batches in flight fail (to be retried); after a wait, new workers serve the next ones."""
     pool = WorkerPool(setup.database, setup, 1)
+    pool.RESTART_MIN_SECONDS = 0.5
     try:
         pool.submit(batch()).result(timeout=60)  # the worker is up
         (pid,) = pool.pids
@@ -75,8 +76,12 @@ def test_a_dead_worker_fails_its_batches_and_is_started_again(setup):
         with pytest.raises(WorkerCrashed):
             in_flight.result(timeout=30)
         wait_for(lambda: pool.restarts == 1)
-        assert pool.pids != [pid]
+        assert pool.pids == []  # stopped; they start again with a batch, once the wait is over
+        with pytest.raises(WorkerCrashed, match="start again in"):
+            pool.submit(batch(3)).result(timeout=1)
+        time.sleep(0.6)
         (outcome,) = pool.submit(batch(3)).result(timeout=60)
+        assert pool.pids and pool.pids != [pid]
         assert outcome.message_id == 3 and outcome.state == ROUTED
     finally:
         pool.shutdown()

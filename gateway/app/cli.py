@@ -43,7 +43,7 @@ def _config(config_path, data_dir, listen=None):
 def _read_conn(cfg):
     import sqlite3
 
-    from gateway.store import StoreError, open_database
+    from gateway.store import StoreError, check_database, open_database
 
     try:
         conn = open_database(cfg.database, readonly=True)
@@ -52,8 +52,8 @@ def _read_conn(cfg):
     except sqlite3.Error as e:
         raise click.ClickException(f"{cfg.database} is not a Herald database ({e})") from None
     try:
-        conn.execute("SELECT id FROM messages LIMIT 1").fetchall()
-    except sqlite3.Error as e:
+        check_database(conn)
+    except StoreError as e:
         conn.close()
         raise click.ClickException(f"{cfg.database} is not a Herald database ({e})") from None
     return conn
@@ -315,7 +315,7 @@ def roster_import(
         opted_out=opted_out,
     )
     try:
-        # A path, not an opened store: the file is read and checked before the database is touched.
+        # A path, not an opened store: the file's header is read and checked before the database is opened.
         report = import_roster_file(
             cfg.database,
             file,
@@ -434,7 +434,7 @@ def review_list(state, limit, config_path, data_dir):
 @data_option
 def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
     """Accept a review: notify the member's PCP and care team now, and remember the MRN link."""
-    from gateway.app.operations import OperationError, accept_review, opened_store
+    from gateway.app.operations import accept_review, opened_store
 
     cfg = _config(config_path, data_dir)
     _read_conn(cfg).close()
@@ -444,7 +444,7 @@ def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
             decision = accept_review(
                 store, _roster_snapshot(cfg), cfg, review_id, by=who, member_id=member_id, aco_id=aco_id
             )
-    except OperationError as e:
+    except HeraldError as e:
         _fail("review accept", e)
     roles = ", ".join(decision.roles) or "none"
     click.echo(
@@ -465,7 +465,7 @@ def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
 @data_option
 def review_reject(review_id, reason, by, config_path, data_dir):
     """Reject a review: none of the candidates is the patient; the message stays unmatched."""
-    from gateway.app.operations import OperationError, opened_store, reject_review
+    from gateway.app.operations import opened_store, reject_review
 
     cfg = _config(config_path, data_dir)
     _read_conn(cfg).close()
@@ -473,14 +473,14 @@ def review_reject(review_id, reason, by, config_path, data_dir):
     try:
         with opened_store(cfg.database) as store:
             decision = reject_review(store, review_id, by=who, reason=reason)
-    except OperationError as e:
+    except HeraldError as e:
         _fail("review reject", e)
     click.echo(f"review {review_id} rejected by {who}: message now {decision.state}")
 
 
 def _fail(command: str, error) -> None:
     """End a command that could not be done: exit 2 when the request was wrong, else 1."""
-    if error.bad_input:
+    if getattr(error, "bad_input", False):
         click.echo(f"herald {command}: {error}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     raise click.ClickException(str(error))
@@ -528,13 +528,13 @@ def log_list(state, limit, config_path, data_dir):
 @data_option
 def log_show(message_id, fields, config_path, data_dir):
     """Show one message: raw v2, FHIR, match, notifications, deliveries and audit events."""
-    from gateway.app.operations import OperationError, message_view
+    from gateway.app.operations import message_view
 
     cfg = _config(config_path, data_dir)
     conn = _read_conn(cfg)
     try:
         view = message_view(conn, message_id, fields=fields)
-    except OperationError as e:
+    except HeraldError as e:
         _fail("log show", e)
     detail, m, reason = view.detail, view.detail["message"], view.reason
     click.echo(f"Message {m['id']}  state: {m['state']}" + (f"  ({reason})" if reason else ""))

@@ -23,9 +23,16 @@ from gateway.app.roster import import_roster_file
 from gateway.app.service import make_service
 from gateway.config import load_config
 from gateway.conversion.vocabulary import load_vocabulary
-from gateway.records import PENDING, RETRYING
 from gateway.resources import samples_dir
-from gateway.store import notifications_for, open_database, open_roster_snapshot, roster_member, stored_match
+from gateway.store import (
+    count_by_state,
+    notifications_for,
+    open_database,
+    open_roster_snapshot,
+    outstanding_work,
+    roster_member,
+    stored_match,
+)
 from gateway.store.messages import messages_bundles
 
 SAMPLES = samples_dir()
@@ -59,12 +66,7 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
             conn = open_database(cfg.database, readonly=True)
             deadline = time.monotonic() + WAIT_SECONDS
             while time.monotonic() < deadline:
-                busy = conn.execute(
-                    "SELECT (SELECT COUNT(*) FROM messages WHERE state = 'received') + "
-                    "(SELECT COUNT(*) FROM notifications WHERE state IN (?, ?))",
-                    (PENDING, RETRYING),
-                ).fetchone()[0]
-                if busy == 0:
+                if outstanding_work(conn) == 0:
                     break
                 yield task.deferLater(reactor, 0.05, lambda: None)
             notes = [dict(r) for r in notifications_for(conn)]
@@ -75,10 +77,11 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
                 n["about"] = describe_bundle(json.loads(bundles[n["message_id"]]))
                 m = matches[n["message_id"]]
                 member = roster_member(roster, m["aco_id"], m["member_id"]) if m and m["member_id"] else None
-                n["pcp"] = (member or {}).get("pcp_name") or ""
+                opted_out = (member or {}).get("opted_out") in (1, "1", True)  # routed as off the roster
+                n["pcp"] = "" if opted_out else (member or {}).get("pcp_name") or ""
             roster.close()
             result["notifications"] = notes
-            result["states"] = dict(conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
+            result["states"] = count_by_state(conn)
             conn.close()
         finally:
             yield gw.service.stopService()

@@ -44,7 +44,7 @@ class OperationError(HeraldError):
 # -- the review queue ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReviewDecision:
     """What deciding a review did."""
 
@@ -137,17 +137,20 @@ def accept_review(
 
 def reject_review(store: Store, review_id: int, *, by: str, reason: str = "") -> ReviewDecision:
     """Reject a review: none of the candidates is the patient; the message stays unmatched."""
+    item = store.review(review_id)
+    if item is None:
+        raise OperationError(f"no review with id {review_id}")
     try:
         state = store.reject_review(review_id, by=by, reason=reason)
     except StoreError as e:
         raise OperationError(str(e)) from None
-    return ReviewDecision(review_id, 0, state)
+    return ReviewDecision(review_id, item["message_id"], state)
 
 
 # -- the message log ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageView:
     """One message as an analyst reads it: the stored row and all that became of it, made readable."""
 

@@ -123,7 +123,7 @@ def _import(store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_ba
         "rejected": version.rejected,
     }
     started = time.perf_counter()
-    store.record_roster_event(detail)
+    store.record_roster_event(detail, at=moment)  # the version's own time, as roster_imports has it
     lock_seconds = time.perf_counter() - started
     values = {f.name: getattr(version, f.name) for f in dataclasses.fields(RosterVersion)}
     return RosterImportReport(**values, lock_seconds=lock_seconds)

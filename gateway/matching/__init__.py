@@ -16,7 +16,6 @@ each module holds one concern:
 
 from gateway.matching.blocking import BLOCKING_RECIPE, Shortlist, blocking_keys, prefilter, shortlist
 from gateway.matching.match import (
-    MBI_SYSTEM,
     Candidate,
     Match,
     PatientQuery,
@@ -101,7 +100,6 @@ __all__ = [
     "identity_limit",
     "score",
     # match
-    "MBI_SYSTEM",
     "Candidate",
     "Match",
     "PatientQuery",

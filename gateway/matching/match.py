@@ -26,8 +26,6 @@ from gateway.matching.people import Person, _col, person_from_facts, person_from
 from gateway.matching.scoring import Scored, grade, household_limit, identity_limit, score
 from gateway.records import PatientFacts
 
-MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
-
 
 @dataclass(frozen=True)
 class PatientQuery:

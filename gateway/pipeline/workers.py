@@ -9,9 +9,10 @@ vocabulary, a read-only connection to the database for confirmed MRN links,
 the published roster file, which it reopens between batches when an import
 has replaced it) and keeps it in its serving loop: no module-level state. It
 does no writes. :class:`WorkerPool` is the server's side: it hands batches
-over a queue, collects the answers on a thread of its own, and starts a
-worker again if one dies (the batches in flight then fail, and the pipeline
-takes their messages up again: they are still ``received``).
+over a queue and collects the answers on a thread of its own. If a worker
+dies, the batches in flight fail (the pipeline takes their messages up again:
+they are still ``received``) and the workers start again with a later batch,
+after a wait that grows while crashes keep coming.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import queue
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
+from twisted.logger import Logger
+
 from gateway.config import Config
 from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
+from gateway.errors import HeraldError
 from gateway.pipeline.process import MatchPolicy, process_message
 from gateway.records import ROLES, MessageOutcome, PendingMessage
-from gateway.store import RosterReader, RosterSnapshot, StoredRoster, open_database
+from gateway.store import RosterReader, RosterSnapshot, StoredRoster, open_database, read_transaction
 
 __all__ = ["BatchContext", "WorkerCrashed", "WorkerPool", "policy_for", "process_batch_here"]
 
@@ -38,7 +43,7 @@ __all__ = ["BatchContext", "WorkerCrashed", "WorkerPool", "policy_for", "process
 WORKER_NICENESS = 10
 
 
-class WorkerCrashed(RuntimeError):
+class WorkerCrashed(HeraldError):
     """A worker process ended while batches were in flight."""
 
 
@@ -48,13 +53,10 @@ def process_batch_here(
     """Process a batch: one roster version throughout (the newest published when it starts) and
     the confirmed MRN links of ``conn`` in one read snapshot."""
     snapshot = roster.current()
-    conn.execute("BEGIN")
-    try:
+    with read_transaction(conn):
         lookups = StoredRoster(snapshot, conn)
         policy = policy_for(snapshot, config)
         return [process_message(p, vocab, tz, lookups, recipients, policy=policy) for p in batch]
-    finally:
-        conn.execute("COMMIT")
 
 
 def policy_for(snapshot: RosterSnapshot, config: Config) -> MatchPolicy:
@@ -139,12 +141,25 @@ def _serve(requests, replies, database: str, config: Config) -> None:
 
 
 class WorkerPool:
-    """``workers`` processes (started with 'spawn': the server has threads, fork is unsafe) serving batches."""
+    """``workers`` processes (started with 'spawn': the server has threads, fork is unsafe) serving batches.
+
+    The processes start with the first batch (as a ProcessPoolExecutor's
+    would): a server with nothing to convert spends no CPU importing the
+    converter in each of them. When one dies, the batches in flight fail, all
+    workers are stopped, and they start again with a later batch, after a
+    wait that doubles (1 s to 60 s) while crashes keep coming, so a worker
+    that cannot start does not take the CPU from intake.
+    """
+
+    _log = Logger()
 
     #: How often the collector looks for a worker that died, when no answer comes.
     POLL_SECONDS = 0.5
     #: How long :meth:`shutdown` waits for a worker to finish its batch before ending it.
     STOP_SECONDS = 30.0
+    #: The wait before workers start again after a crash, doubling up to the maximum.
+    RESTART_MIN_SECONDS = 1.0
+    RESTART_MAX_SECONDS = 60.0
 
     def __init__(self, database: Path | str, config: Config, workers: int) -> None:
         self._mp = multiprocessing.get_context("spawn")
@@ -154,14 +169,17 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closing = threading.Event()
+        #: How many times the workers were stopped because one died.
         self.restarts = 0
-        # The processes start with the first batch (as a ProcessPoolExecutor's would): a server
-        # with nothing to convert spends no CPU importing the converter twice over.
+        self._backoff = 0.0
+        self._last_crash = float("-inf")
+        self._start_after = 0.0
         self._requests = self._replies = None
         self._processes: list = []
         self._collector = threading.Thread(target=self._collect, name="herald-pipeline-replies", daemon=True)
 
-    def _start_workers(self) -> tuple:
+    def _start_workers(self) -> None:
+        """Start the processes on new queues (under the lock)."""
         requests, replies = self._mp.Queue(), self._mp.Queue()
         processes = []
         for n in range(self._workers):
@@ -170,7 +188,9 @@ class WorkerPool:
             )
             p.start()
             processes.append(p)
-        return requests, replies, processes
+        self._requests, self._replies, self._processes = requests, replies, processes
+        if not self._collector.is_alive():
+            self._collector.start()
 
     def submit(self, batch: list[PendingMessage]) -> Future:
         """Hand ``batch`` to the next free worker; the Future gets its outcomes."""
@@ -180,20 +200,33 @@ class WorkerPool:
                 future.set_exception(RuntimeError("the worker pool is shut down"))
                 return future
             if not self._processes:
-                self._requests, self._replies, self._processes = self._start_workers()
-                self._collector.start()
+                wait = self._start_after - time.monotonic()
+                if wait > 0:
+                    future.set_exception(WorkerCrashed(f"the pipeline workers start again in {wait:.1f} s"))
+                    return future
+                self._start_workers()
             job_id = next(self._ids)
             self._pending[job_id] = future
             self._requests.put((job_id, batch))
         return future
 
     def _collect(self) -> None:
-        while not (self._closing.is_set() and not self._pending):
+        while True:
+            with self._lock:
+                if self._closing.is_set() and not self._pending:
+                    return
+                replies, processes = self._replies, self._processes
+            if replies is None:  # stopped after a crash: nothing to read until the next start
+                time.sleep(self.POLL_SECONDS)
+                continue
             try:
-                job_id, ok, value = self._replies.get(timeout=self.POLL_SECONDS)
+                job_id, ok, value = replies.get(timeout=self.POLL_SECONDS)
             except queue.Empty:
-                if not self._closing.is_set() and not all(p.is_alive() for p in self._processes):
-                    self._start_again()
+                dead = [p for p in processes if not p.is_alive()]
+                if dead and not self._closing.is_set():
+                    self._stop_after_crash(processes, dead[0].exitcode)
+                continue
+            except (OSError, ValueError):  # the queue was closed under us by a crash stop
                 continue
             with self._lock:
                 future = self._pending.pop(job_id, None)
@@ -204,25 +237,41 @@ class WorkerPool:
             else:
                 future.set_exception(value)
 
-    def _start_again(self) -> None:
-        """A worker died: start every worker again on new queues, and fail the batches in flight.
+    def _stop_after_crash(self, processes: list, exitcode) -> None:
+        """A worker died: fail the batches in flight and stop every worker; the next batch starts them again.
 
         A process killed while reading a queue can leave the queue's lock
-        held, so the queues are not trusted again. Which batch the dead
-        worker held is unknown: every batch in flight fails, and the pipeline
+        held, so the queues are not used again. Which batch the dead worker
+        held is unknown: every batch in flight fails, and the pipeline
         fetches their messages again (they are still ``received``).
         """
         with self._lock:
-            old_requests, old_replies, old = self._requests, self._replies, self._processes
+            if self._closing.is_set() or processes is not self._processes:
+                return  # shutting down, or already handled
+            requests, replies = self._requests, self._replies
             pending, self._pending = self._pending, {}
-            self._requests, self._replies, self._processes = self._start_workers()
+            self._requests = self._replies = None
+            self._processes = []
+            now = time.monotonic()
+            recent = now - self._last_crash < self.RESTART_MAX_SECONDS
+            self._backoff = min(self._backoff * 2, self.RESTART_MAX_SECONDS) if recent else self.RESTART_MIN_SECONDS
+            self._last_crash = now
+            self._start_after = now + self._backoff
             self.restarts += 1
+            backoff = self._backoff
+        self._log.warn(
+            "a pipeline worker process ended (exit code {code}); {batches} batch(es) in flight will be retried; "
+            "the workers start again in {seconds:.0f} s",
+            code=exitcode,
+            batches=len(pending),
+            seconds=backoff,
+        )
         for future in pending.values():
             future.set_exception(WorkerCrashed("a pipeline worker process ended; its batch will be retried"))
-        for p in old:
+        for p in processes:
             p.kill()
             p.join()
-        for q in (old_requests, old_replies):
+        for q in (requests, replies):
             q.cancel_join_thread()
             q.close()
 
@@ -230,11 +279,10 @@ class WorkerPool:
         """Let the workers finish their batches, then stop them (blocking: call it off the reactor)."""
         with self._lock:
             self._closing.set()
-            if not self._processes:
-                return  # never started
-            for _ in self._processes:
-                self._requests.put(None)
-        for p in self._processes:
+            processes, requests, replies = list(self._processes), self._requests, self._replies
+            for _ in processes:
+                requests.put(None)
+        for p in processes:
             p.join(self.STOP_SECONDS)
             if p.is_alive():
                 p.terminate()
@@ -243,10 +291,12 @@ class WorkerPool:
             pending, self._pending = self._pending, {}
         for future in pending.values():
             future.set_exception(RuntimeError("the worker pool is shut down"))
-        self._collector.join()
-        for q in (self._requests, self._replies):
-            q.close()
-            q.join_thread()
+        if self._collector.is_alive():
+            self._collector.join()
+        for q in (requests, replies):
+            if q is not None:
+                q.close()
+                q.join_thread()
 
     @property
     def pids(self) -> list[int]:

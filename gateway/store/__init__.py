@@ -22,6 +22,7 @@ it takes and returns the value objects of :mod:`gateway.records`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 from twisted.internet import defer
 
@@ -35,7 +36,7 @@ from gateway.records import (
     PendingMessage,
 )
 from gateway.store import events, messages, outbox, reviews, schema
-from gateway.store.messages import count_by_state, list_messages, message_detail
+from gateway.store.messages import count_by_state, list_messages, message_detail, outstanding_work
 from gateway.store.outbox import notifications_for
 from gateway.store.reviews import list_reviews, review_detail, stored_match
 from gateway.store.roster_file import (
@@ -48,7 +49,15 @@ from gateway.store.roster_file import (
     roster_member,
     roster_path,
 )
-from gateway.store.schema import SCHEMA_VERSION, iso, migrate, open_database, schema_version
+from gateway.store.schema import (
+    SCHEMA_VERSION,
+    check_database,
+    iso,
+    migrate,
+    open_database,
+    read_transaction,
+    schema_version,
+)
 from gateway.store.writer import Writer
 
 __all__ = [
@@ -58,6 +67,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoredRoster",
+    "check_database",
     "count_by_state",
     "list_messages",
     "list_reviews",
@@ -66,6 +76,8 @@ __all__ = [
     "notifications_for",
     "open_database",
     "open_roster_snapshot",
+    "outstanding_work",
+    "read_transaction",
     "review_detail",
     "roster_count",
     "roster_imports",
@@ -183,9 +195,10 @@ class Store(Writer):
         """Reject a review: the message stays unmatched (its HIE notification stands). Returns its new state."""
         return self.call(reviews.reject_review, review_id, by, reason, iso(self.clock()))
 
-    def record_roster_event(self, detail: dict) -> None:
-        """Audit a published roster version (one small transaction)."""
-        self.call(events.append_event, iso(self.clock()), None, None, "roster", "roster-imported", detail)
+    def record_roster_event(self, detail: dict, at: datetime | None = None) -> None:
+        """Audit a published roster version (one small transaction), stamped ``at`` (default: the clock)."""
+        stamp = iso(at or self.clock())
+        self.call(events.append_event, stamp, None, None, "roster", "roster-imported", detail)
 
     def legacy_roster(self) -> list[dict] | None:
         """The members a version-1 database kept in itself, if it still holds them (blocking read)."""

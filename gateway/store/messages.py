@@ -12,7 +12,17 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.records import FAILED, RECEIVED, REJECTED, IntakeRecord, IntakeResult, MessageOutcome, PendingMessage
+from gateway.records import (
+    FAILED,
+    PENDING,
+    RECEIVED,
+    REJECTED,
+    RETRYING,
+    IntakeRecord,
+    IntakeResult,
+    MessageOutcome,
+    PendingMessage,
+)
 from gateway.store.events import append_event, events_of
 from gateway.store.outbox import attempts_of, insert_notification, notifications_of
 from gateway.store.reviews import record_match
@@ -22,6 +32,8 @@ __all__ = [
     "count_by_state",
     "list_messages",
     "message_detail",
+    "messages_bundles",
+    "outstanding_work",
     "pending_messages",
     "record_frame",
 ]
@@ -92,12 +104,6 @@ def pending_messages(conn: sqlite3.Connection, after_id: int, limit: int) -> lis
         (RECEIVED, after_id, limit),
     ).fetchall()
     return [PendingMessage(r["id"], r["raw"], r["received_at"], r["charset"] or "") for r in rows]
-
-
-def pending_message(conn: sqlite3.Connection, message_id: int) -> PendingMessage | None:
-    """One stored message as the pipeline reads it, whatever its state."""
-    r = conn.execute("SELECT id, raw, received_at, charset FROM messages WHERE id = ?", (message_id,)).fetchone()
-    return None if r is None else PendingMessage(r["id"], r["raw"], r["received_at"], r["charset"] or "")
 
 
 def apply_outcomes(conn: sqlite3.Connection, outcomes: list[MessageOutcome], now: str, due: float) -> int:
@@ -171,6 +177,15 @@ def message_detail(conn: sqlite3.Connection, message_id: int) -> dict | None:
         "attempts": attempts_of(conn, message_id),
         "events": events_of(conn, message_id),
     }
+
+
+def outstanding_work(conn: sqlite3.Connection) -> int:
+    """Messages not yet processed plus notifications not yet sent (pending or retrying): 0 when all is done."""
+    return conn.execute(
+        "SELECT (SELECT COUNT(*) FROM messages WHERE state = ?) + "
+        "(SELECT COUNT(*) FROM notifications WHERE state IN (?, ?))",
+        (RECEIVED, PENDING, RETRYING),
+    ).fetchone()[0]
 
 
 def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:

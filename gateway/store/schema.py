@@ -7,8 +7,9 @@ database written by a newer Herald is refused rather than guessed at.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -215,8 +216,10 @@ _SCHEMA_V3_LEGACY = "ALTER TABLE roster_members RENAME TO legacy_roster_members"
 
 # Version 4: a notification row no longer keeps a summary of the message (the
 # patient's name, a second copy of PHI). What the demo showed from it is read
-# from the message's Bundle. The table is rebuilt without the column, so the
-# names are gone from the file, not only from the schema.
+# from the message's Bundle. The table is rebuilt without the column; with
+# secure_delete on (migrate sets it) the old pages are overwritten, and the
+# checkpoint after the migration truncates the write-ahead log that still held
+# them, so the names are gone from the files, not only from the schema.
 _SCHEMA_V4 = """
 CREATE TABLE notifications_v4 (
     id TEXT PRIMARY KEY,
@@ -276,6 +279,9 @@ def open_database(path: Path | str, *, readonly: bool = False) -> sqlite3.Connec
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
+    # Deleted rows are overwritten, not left in free pages: a migration that drops PHI
+    # (version 4) must not leave it readable in the file. Many builds default to this.
+    conn.execute("PRAGMA secure_delete=ON")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.row_factory = sqlite3.Row
     return conn
@@ -323,6 +329,8 @@ def migrate(conn: sqlite3.Connection, now: datetime | None = None) -> None:
     if current == SCHEMA_VERSION:
         return
     stamp = iso(now or utc_now())
+    # Whatever this build's default: the pages that held PHI a migration drops are overwritten.
+    conn.execute("PRAGMA secure_delete=ON")
     conn.execute("BEGIN IMMEDIATE")
     try:
         run_sql(conn, _MIGRATIONS_TABLE)
@@ -340,6 +348,28 @@ def migrate(conn: sqlite3.Connection, now: datetime | None = None) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    if current < 4:
+        # The pages that held the summaries were overwritten in the database (secure_delete);
+        # their older copies in the write-ahead log go with a checkpoint that truncates it.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def check_database(conn: sqlite3.Connection) -> None:
+    """Raise :class:`StoreError` unless ``conn`` is a Herald database (its message log can be read)."""
+    try:
+        conn.execute("SELECT id FROM messages LIMIT 1").fetchall()
+    except sqlite3.Error as e:
+        raise StoreError(str(e)) from None
+
+
+@contextlib.contextmanager
+def read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One read snapshot on ``conn`` for the block (a batch sees one state of the confirmed links)."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
 
 
 def legacy_roster(conn: sqlite3.Connection) -> list[dict] | None:

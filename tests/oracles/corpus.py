@@ -47,7 +47,7 @@ CONVERTED = "converted"
 NOT_CONVERTED = "not converted"
 REJECTED = "rejected"
 
-#: What ``herald convert`` says about a file with no message in it (gateway/replay.py).
+#: What ``herald convert`` says about a file with no message in it (gateway/app/replay.py).
 NO_MESSAGE_REASON = NO_MESSAGE
 
 
