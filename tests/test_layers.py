@@ -111,6 +111,12 @@ def test_the_store_imports_no_stage():
     assert found and not {m: i for m, i in found.items() if i}
 
 
+def test_only_the_store_speaks_sqlite():
+    """No module outside gateway.store imports sqlite3: every SQL statement, and every SQLite error, stays there."""
+    found = {m: "sqlite3" for m, imps in MODULES.items() if "sqlite3" in imps and not within(m, "gateway.store")}
+    assert not found
+
+
 def test_records_import_nothing_of_herald():
     """gateway.records is importable by anything because it imports nothing of Herald."""
     assert not [i for i in MODULES["gateway.records"] if within(i, ("gateway", "mllp"))]

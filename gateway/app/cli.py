@@ -41,16 +41,15 @@ def _config(config_path, data_dir, listen=None):
 
 
 def _read_conn(cfg):
-    import sqlite3
-
     from gateway.store import StoreError, check_database, open_database
+    from gateway.store.schema import NotAHeraldDatabase
 
     try:
         conn = open_database(cfg.database, readonly=True)
+    except NotAHeraldDatabase as e:
+        raise click.ClickException(str(e)) from None
     except StoreError as e:
         raise click.ClickException(f"{e} (is --data or --config right?)") from None
-    except sqlite3.Error as e:
-        raise click.ClickException(f"{cfg.database} is not a Herald database ({e})") from None
     try:
         check_database(conn)
     except StoreError as e:

@@ -7,7 +7,6 @@ purpose; nothing here goes to the server's logs.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,7 +70,7 @@ def explain_messages(
     paths: Iterable[Path],
     cfg: Config,
     roster: RosterSnapshot,
-    conn: sqlite3.Connection,
+    conn,  # a read-only connection to the main database (confirmed MRN links)
     as_json: bool,
     out: Callable[[str], None],
     err: Callable[[str], None],

@@ -56,7 +56,7 @@ def _running(target: Store | Path | str) -> Iterator[Store]:
             yield store
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RosterImportReport(RosterVersion):
     """What one roster import did (see :class:`~gateway.store.roster_import.RosterVersion`), and
     ``lock_seconds``: how long the main database's write lock was held (the audit event only)."""

@@ -1,0 +1,1 @@
+"""Intake: what happens on the connection's path -- store the frame, then answer it (``receiver``, ``ack``)."""

@@ -25,7 +25,7 @@ from gateway.store.schema import iso, run_sql
 __all__ = ["MAX_PROBLEMS", "RosterVersion", "publish_roster_version", "roster_lock"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RosterVersion:
     """What publishing one roster version did (counts, problems, and how long each phase took)."""
 

@@ -269,9 +269,20 @@ def iso(moment: datetime) -> str:
 def open_database(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     """Open the store's SQLite file with Herald's pragmas."""
     path = Path(path)
+    if readonly and not path.exists():
+        raise StoreError(f"no Herald database at {path}")
+    try:
+        return _open(path, readonly)
+    except sqlite3.DatabaseError as e:
+        raise NotAHeraldDatabase(f"{path} is not a Herald database ({e})") from None
+
+
+class NotAHeraldDatabase(StoreError):
+    """The file exists but SQLite cannot use it as a database."""
+
+
+def _open(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
-        if not path.exists():
-            raise StoreError(f"no Herald database at {path}")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
