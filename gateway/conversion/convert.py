@@ -109,9 +109,9 @@ def message_event(msg: V2Message) -> tuple[str, str]:
     return msh.get(9, 1).strip(), trigger
 
 
-def is_notification_event(msg: V2Message, vocab: Vocabulary) -> bool:
-    """Whether the message is an ADT event Herald turns into a notification (``mappings/tables.toml``)."""
-    message_type, trigger = message_event(msg)
+def is_notification_event(message_type: str, trigger: str, vocab: Vocabulary) -> bool:
+    """Whether :func:`message_event`'s answer is an ADT event Herald turns into a notification
+    (``mappings/tables.toml``); :func:`convert` refuses exactly the others."""
     return message_type == "ADT" and trigger in vocab.events
 
 

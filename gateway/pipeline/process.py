@@ -145,8 +145,8 @@ def process_message(
     except Exception as e:
         return _internal_error(mid, "parse", e, [])
     events: list[tuple[str, dict]] = [("parsed", {"segments": len(msg.segments), "charset": msg.codec})]
-    if not is_notification_event(msg, vocab):
-        message_type, trigger = message_event(msg)
+    message_type, trigger = message_event(msg)
+    if not is_notification_event(message_type, trigger, vocab):
         known = ", ".join(sorted(vocab.events))
         reason = f"{message_type or '?'}^{trigger or '?'} is not a notification event (ADT {known})"
         events.append(("ignored", {"reason": reason}))
