@@ -62,6 +62,7 @@ class Config:
     roster_aco_id: str = ""
     roster_format: str = "auto"
     roster_columns: dict[str, str] = field(default_factory=dict)
+    roster_strict: bool = False  # a column no roster column reads refuses the file (`roster import --strict`)
     matching_model: Path | None = None
     matching_certain: float | None = None
     matching_probable: float | None = None
@@ -109,6 +110,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "aco_id": ("roster_aco_id", str),
         "format": ("roster_format", str),
         "columns": ("roster_columns", dict),
+        "strict": ("roster_strict", bool),
     },
     "matching": {
         "model": ("matching_model", str),

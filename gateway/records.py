@@ -54,6 +54,7 @@ MEMBER_COLUMNS = (
     "last_name",
     "first_name",
     "middle_name",
+    "name_suffix",
     "birth_date",
     "sex",
     "address_line",
@@ -201,6 +202,7 @@ class PatientFacts:
     state: str = ""
     zip: str = ""
     phone: str = ""
+    suffix: str = ""  # the name's suffixes (XPN-4 generational, XPN-6 degree), space-separated, as written
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,12 @@ class RosterDerivation:
     ``recipe`` names the blocking recipe: when the stored one differs, every
     member's person and keys are computed again. ``derive`` gives a roster
     row's packed person and blocking keys; ``keys_of`` the blocking keys of a
-    stored packed person (to delete a changed member's old keys).
+    stored packed person (to delete a changed member's old keys); ``terms_of``
+    the terms of a stored packed person whose frequencies the roster keeps
+    (its normalised names and birth date: matching weighs a rare name more).
     """
 
     recipe: str
     derive: Callable[[dict], tuple[str, list[str]]]
     keys_of: Callable[[str], list[str]]
+    terms_of: Callable[[str], list[str]]

@@ -337,6 +337,56 @@ def test_roster_aco_from_config(tmp_path):
     assert "of A7777" in result.stdout, explain(result)
 
 
+def test_roster_import_names_an_unknown_column_on_stderr_and_loads_the_rest(tmp_path):
+    """A column Herald does not read is said on stderr by name with its nearest known name; the import goes on."""
+    data = tmp_path / "data"
+    path = tmp_path / "roster.csv"
+    path.write_text("\n".join([ROSTER_HEADER + ",zip5", *(r + ",62701" for r in ROSTER_ROWS)]) + "\n")
+    result = run("roster", "import", path, "--data", data)
+    assert_clean_exit(result, 0)
+    assert (
+        f"{path}: line 1, column 'zip5': not a roster column Herald reads (nearest: 'zip'); its values are not imported"
+    ) in result.stderr, explain(result)
+    assert "added 3," in result.stdout, explain(result)
+
+
+def test_roster_import_strict_refuses_an_unknown_column_and_loads_nothing(tmp_path):
+    """--strict: an unknown column exits 2 naming it and its nearest name; the previous roster version stays."""
+    data = tmp_path / "data"
+    assert_clean_exit(run("roster", "import", roster_file(tmp_path, ROSTER_ROWS[0]), "--data", data), 0)
+    path = tmp_path / "wider.csv"
+    path.write_text("\n".join([ROSTER_HEADER + ",Address1", *(r + ",12 Elm St" for r in ROSTER_ROWS)]) + "\n")
+    result = run("roster", "import", path, "--strict", "--data", data)
+    assert_clean_exit(result, 2)
+    assert f"{path}: line 1, column 'Address1': not a roster column Herald reads (nearest: 'address'" in result.stderr
+    assert "rejected, nothing was loaded" in result.stderr, explain(result)
+    roster = open_roster_snapshot(data / "herald.db")
+    assert roster_count(roster) == 1 and roster.version == 1
+
+
+def test_roster_strict_from_config_and_no_strict_overrides_it(tmp_path):
+    """[roster] strict = true refuses an unknown column; --no-strict on the command line wins."""
+    config = tmp_path / "herald.toml"
+    config.write_text("[roster]\nstrict = true\n", encoding="utf-8")
+    path = tmp_path / "roster.csv"
+    path.write_text("\n".join([ROSTER_HEADER + ",", *(r + "," for r in ROSTER_ROWS)]) + "\n")
+    refused = run("roster", "import", path, "--config", config, "--data", tmp_path / "d")
+    assert_clean_exit(refused, 2)
+    assert f"{path}: line 1, column 11 (no name): the column has no name" in refused.stderr, explain(refused)
+    loaded = run("roster", "import", path, "--no-strict", "--config", config, "--data", tmp_path / "d")
+    assert_clean_exit(loaded, 0)
+    assert "column 11 (no name): the column has no name; its values are not imported" in loaded.stderr
+
+
+def test_ssp_columns_the_format_ignores_are_said_once_and_pass_strict(tmp_path):
+    """An SSP report's HICN and death date are one informational line, and --strict loads the file."""
+    path = ssp_file(tmp_path, *SSP_ROWS)
+    result = run("roster", "import", path, "--aco", "A1234", "--strict", "--data", tmp_path / "data")
+    assert_clean_exit(result, 0)
+    said = [line for line in result.stderr.splitlines() if "not read" in line]
+    assert said == [f"{path}: line 1: not read, as the ssp format says: BENE_HIC_NUM, BENE_DEATH_DT"], explain(result)
+
+
 # -- log ---------------------------------------------------------------------
 
 

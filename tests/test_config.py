@@ -258,6 +258,7 @@ def test_roster_and_matching_sections_are_read(tmp_path):
 aco_id = "A1234"
 format = "ssp"
 columns = { member_id = "Patient No", birth_date = "DOB" }
+strict = true
 
 [matching]
 certain = 40
@@ -269,6 +270,7 @@ route_probable = false
     )
     assert (cfg.roster_aco_id, cfg.roster_format) == ("A1234", "ssp")
     assert cfg.roster_columns == {"member_id": "Patient No", "birth_date": "DOB"}
+    assert cfg.roster_strict is True
     assert (cfg.matching_certain, cfg.matching_probable, cfg.matching_possible) == (40, 25.5, 15)
     assert cfg.matching_route_probable is False
     model = match_model(cfg)
@@ -283,6 +285,7 @@ route_probable = false
         ('[roster]\ncolumns = { shoe_size = "Shoe" }', "roster.columns.shoe_size", "unknown roster column"),
         ('[roster]\ncolumns = { member_id = "" }', "roster.columns.member_id", "header name"),
         ("[roster]\nsheet = 1", "roster.sheet", "unknown setting"),
+        ('[roster]\nstrict = "yes"', "roster.strict", "expected bool"),
         ("[matching]\nprobable = 50", "matching.probable", "need certain >= probable >= possible"),
         ("[matching]\ncertain = 30\nprobable = 30", "matching.probable", "must be below matching.certain"),
         ("[matching]\npossible = 30", "matching.possible", "thresholds"),

@@ -119,10 +119,11 @@ def test_missing_required_column_is_reported_on_line_1(column):
 
 
 def test_no_aco_column_and_no_aco_option_is_reported():
-    """Without an ACO id column the file needs --aco (or [roster] aco_id)."""
+    """Without an ACO id column the file needs --aco (or [roster] aco_id); the column it has instead is named."""
     header = HEADER.replace("aco_id", "plan")
     problems = header_problems(csv_text(header=header))
-    assert problems == [(1, "aco_id", "the file has no ACO id column: give --aco or set [roster] aco_id")]
+    assert problems[0] == (1, "aco_id", "the file has no ACO id column: give --aco or set [roster] aco_id")
+    assert [(line, column) for line, column, _ in problems[1:]] == [(1, "'plan'")]
 
 
 def test_missing_both_mbi_and_mrn_columns_is_reported():
@@ -630,3 +631,236 @@ def test_an_import_recomputes_keys_and_persons_stored_under_another_recipe(tmp_p
     buckets = roster.blocking_buckets(["d:19560122"], 10)
     (member,) = roster.members(buckets["d:19560122"])
     assert member["member_id"] == "M-003" and member["person"].startswith("HELENE\x1fDESROSIERS\x1f")
+
+
+# -- columns Herald does not read ------------------------------------------------
+
+
+def test_unknown_column_is_reported_by_name_with_its_nearest_known_name():
+    """A header no roster column reads is named as written, with the nearest accepted spelling; the rest loads."""
+    source = RosterSource.from_text(csv_text(ROW_MBI + ",62701,12 Orchard Lane", header=HEADER + ",zip5,Address1"))
+    assert [u.warning() for u in source.unread] == [
+        (1, "'zip5'", "not a roster column Herald reads (nearest: 'zip'); its values are not imported"),
+        (
+            1,
+            "'Address1'",
+            "not a roster column Herald reads (nearest: 'address', which feeds address_line); "
+            "its values are not imported",
+        ),
+    ]
+    (row,) = list(source.rows())
+    assert row.problems == () and row.member.zip == "" and row.member.address_line == ""
+
+
+def test_nearest_known_name_includes_the_configs_column_names():
+    """[roster.columns] names are spellings too: a near miss of one is pointed at it."""
+    text = "Patient No,Medicare ID,Surname,Forename,DOB,Gender,Patient Zip\nP-7,1EG4TE5MK73,Test,Alex,1960-01-02,F,1\n"
+    columns = {"member_id": "Patient No", "mbi": "Medicare ID", "last_name": "Surname", "zip": "Patient ZIP Code"}
+    columns |= {"first_name": "Forename", "birth_date": "DOB", "sex": "Gender"}
+    source = RosterSource.from_text(text, RosterOptions(aco_id="ACO-SITE", columns=columns))
+    (unread,) = source.unread
+    assert (unread.header, unread.nearest, unread.feeds) == ("Patient Zip", "patient zip code", "zip")
+
+
+def test_strict_refuses_an_unknown_column_and_imports_nothing(tmp_path):
+    """With strict, an unread column is a line-1 problem naming it and its nearest name; the roster stays as it was."""
+    first = import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN))
+    strict = RosterOptions(today=date(2026, 11, 20), strict=True)
+    with pytest.raises(RosterError) as caught:
+        import_text(tmp_path, csv_text(ROW_MBI + ",x", ROW_NAME + ",y", header=HEADER + ",zip5"), options=strict)
+    assert caught.value.problems == [(1, "'zip5'", "not a roster column Herald reads (nearest: 'zip')")]
+    roster = open_roster_snapshot(tmp_path / "herald.db")
+    assert [v["id"] for v in roster_imports(roster)] == [first.import_id]
+    assert roster_count(roster) == 2 and roster_member(roster, "ACO-TEST", "M-003") is None
+
+
+def test_an_import_reports_its_unread_columns_and_audits_their_names_only(tmp_path):
+    """The report carries the unread columns; the audit event names their headers, never a value."""
+    report = import_text(tmp_path, csv_text(ROW_MBI + ",62701", header=HEADER + ",zip5"))
+    assert [u.header for u in report.unread_columns] == ["zip5"] and report.added == 1
+    assert report.warnings == [
+        (1, "'zip5'", "not a roster column Herald reads (nearest: 'zip'); its values are not imported")
+    ]
+    conn = open_database(tmp_path / "herald.db", readonly=True)
+    (detail,) = [r[0] for r in conn.execute("SELECT detail FROM events WHERE kind = 'roster-imported'")]
+    assert '"header": "zip5"' in detail and '"nearest": "zip"' in detail and "62701" not in detail
+
+
+def test_columns_the_format_ignores_are_said_once_and_allowed_under_strict():
+    """An SSP report's HICN, death date and HCC columns are one informational line, and --strict accepts them."""
+    header = SSP_HEADER + "," + ",".join(f"HCC_COL_{n}" for n in range(1, 91))
+    rows = [r + "," + ",".join("0" * 90) for r in SSP_ROWS]
+    source = RosterSource.from_text(csv_text(*rows, header=header), RosterOptions(aco_id="A1234", strict=True))
+    assert source.unread == ()
+    assert source.not_read_note() == (
+        "not read, as the ssp format says: BENE_HIC_NUM, BENE_DEATH_DT, HCC_COL_1 .. HCC_COL_90 (90 columns)"
+    )
+    assert len([r for r in source.rows() if r.member]) == 3
+
+
+def test_cclf8_fields_the_format_ignores_are_not_warnings():
+    """A delimited CCLF8's HICN, FIPS codes, race and BENE_ZIP_CD (beside GEO_ZIP5_CD) are the format's, not unknown."""
+    source = RosterSource.from_text(csv_text(CCLF8_ROW, header=CCLF8_HEADER), RosterOptions(aco_id="A1", strict=True))
+    assert source.unread == ()
+    assert source.not_read == ("BENE_HIC_NUM", "BENE_FIPS_STATE_CD", "BENE_FIPS_CNTY_CD", "BENE_ZIP_CD", "BENE_RACE_CD")
+
+
+def test_a_blank_header_cell_is_reported_by_its_position():
+    """A column with no name is said by its position (and refused under strict)."""
+    text = csv_text(
+        ROW_MBI.replace(",Testpatient,", ",Testpatient,,"), header=HEADER.replace(",last_name,", ",last_name,,")
+    )
+    (blank,) = RosterSource.from_text(text, TODAY).unread
+    assert blank.warning() == (1, "6 (no name)", "the column has no name; its values are not imported")
+    assert header_problems(text, RosterOptions(strict=True)) == [(1, "6 (no name)", "the column has no name")]
+
+
+def test_a_second_column_for_a_roster_column_is_reported():
+    """Two headers for one roster column (address and street): the one not read is named with the one that is."""
+    source = RosterSource.from_text(csv_text(ROW_MBI + ",12 Orchard Lane,Orchard", header=HEADER + ",address,street"))
+    assert [u.warning() for u in source.unread] == [
+        (1, "'street'", "a second column for address_line, which is read from 'address'; its values are not imported")
+    ]
+
+
+# -- name suffix -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "kept"),
+    [("Jr.", "JR"), ("jr", "JR"), ("Junior", "JR"), ("SR.", "SR"), ("senior", "SR"), ("III", "III"), ("iv", "IV")]
+    + [("I I", "II"), ("3rd", "3RD"), ("2ND", "2ND"), ("", "")],
+)
+def test_name_suffix_is_read_and_normalised(written, kept):
+    """A generational suffix loses its dots and spaces, is upper-cased, and JUNIOR/SENIOR become JR/SR."""
+    (member,), problems = read_roster(csv_text(ROW_MBI + f",{written}", header=HEADER + ",suffix"), TODAY)
+    assert problems == [] and member.name_suffix == kept
+    assert member.row()["name_suffix"] == kept
+
+
+@pytest.mark.parametrize("written", ["Esq", "MD", "5TH", "J"])
+def test_a_bad_name_suffix_is_a_problem_naming_line_and_column(written):
+    """A suffix that is not generational is a problem of its row, by line and the file's column name."""
+    text = csv_text(ROW_MRN + ",", ROW_MBI + f",{written}", header=HEADER + ",Name Suffix")
+    problems = problems_of(text)
+    assert [(line, column) for line, column, _ in problems] == [(3, "Name Suffix")]
+    assert problems[0][2].startswith(f"{written!r} is not a generational suffix (JR, SR, I, II, III")
+
+
+def test_name_suffix_is_stored_and_looked_up(tmp_path):
+    """An imported member's suffix is kept in the roster file and returned by a lookup."""
+    import_text(tmp_path, csv_text(ROW_MBI + ",jr.", header=HEADER + ",name_suffix"))
+    by_mbi = StoredRoster(open_roster_snapshot(tmp_path / "herald.db")).by_mbi("1EG4TE5MK73")
+    assert [m["name_suffix"] for m in by_mbi] == ["JR"]
+
+
+# The roster file's schema version 1, as Herald wrote it before name_suffix.
+ROSTER_SCHEMA_V1 = """
+CREATE TABLE roster_members (id INTEGER PRIMARY KEY, aco_id TEXT NOT NULL DEFAULT '',
+    member_id TEXT NOT NULL DEFAULT '', mbi TEXT NOT NULL DEFAULT '', mrn TEXT NOT NULL DEFAULT '',
+    mrn_authority TEXT NOT NULL DEFAULT '', last_name TEXT NOT NULL DEFAULT '', first_name TEXT NOT NULL DEFAULT '',
+    middle_name TEXT NOT NULL DEFAULT '', birth_date TEXT NOT NULL DEFAULT '', sex TEXT NOT NULL DEFAULT '',
+    address_line TEXT NOT NULL DEFAULT '', city TEXT NOT NULL DEFAULT '', state TEXT NOT NULL DEFAULT '',
+    zip TEXT NOT NULL DEFAULT '', phone TEXT NOT NULL DEFAULT '', pcp_npi TEXT NOT NULL DEFAULT '',
+    pcp_name TEXT NOT NULL DEFAULT '', care_manager TEXT NOT NULL DEFAULT '', effective_start TEXT NOT NULL DEFAULT '',
+    effective_end TEXT NOT NULL DEFAULT '', opted_out INTEGER NOT NULL DEFAULT 0,
+    person TEXT NOT NULL DEFAULT '',
+    row_hash BLOB,
+    import_id INTEGER NOT NULL,
+    ended_by INTEGER,
+    UNIQUE (aco_id, member_id)
+);
+CREATE INDEX roster_mbi ON roster_members (mbi) WHERE mbi != '';
+CREATE INDEX roster_mrn ON roster_members (mrn, mrn_authority COLLATE NOCASE) WHERE mrn != '';
+CREATE INDEX roster_end ON roster_members (effective_end);
+CREATE TABLE roster_keys (
+    key INTEGER NOT NULL,
+    member INTEGER NOT NULL,
+    PRIMARY KEY (key, member)
+) WITHOUT ROWID;
+CREATE TABLE roster_imports (
+    id INTEGER PRIMARY KEY,
+    imported_at TEXT NOT NULL,
+    imported_by TEXT NOT NULL,
+    file TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    format TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    aco_ids TEXT NOT NULL,
+    effective_date TEXT,
+    rows INTEGER NOT NULL DEFAULT 0,
+    added INTEGER NOT NULL DEFAULT 0,
+    changed INTEGER NOT NULL DEFAULT 0,
+    ended INTEGER NOT NULL DEFAULT 0,
+    unchanged INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE roster_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)
+"""
+
+
+def write_version_1_roster(db) -> None:
+    """A roster.db as schema version 1 wrote it, holding ROW_MBI's member (its v1 row hash, person and keys)."""
+    import hashlib
+    import sqlite3
+
+    from gateway.matching.roster import DERIVATION
+
+    (member,), _ = read_roster(csv_text(ROW_MBI), TODAY)
+    row = {c: v for c, v in member.row().items() if c != "name_suffix"}
+    digest = hashlib.blake2b("\x1f".join(str(v) for v in row.values()).encode("utf-8"), digest_size=16).digest()
+    conn = sqlite3.connect(roster_path(db), isolation_level=None)
+    for statement in ROSTER_SCHEMA_V1.split(";"):
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version=1")
+    conn.execute(
+        "INSERT INTO roster_imports (imported_at, imported_by, file, sha256, format, mode, aco_ids, rows, added) "
+        "VALUES ('2026-01-01T00:00:00', 'old', 'old.csv', '', 'csv', 'replace', 'ACO-TEST', 1, 1)"
+    )
+    cols, marks = ", ".join(row), ", ".join("?" * len(row))
+    conn.execute(
+        f"INSERT INTO roster_members ({cols}, person, row_hash, import_id) VALUES ({marks}, ?, ?, 1)",
+        (*row.values(), member.person, digest),
+    )
+    conn.executemany(
+        "INSERT INTO roster_keys VALUES (?, 1)", [(key_id(k),) for k in DERIVATION.derive(member.row())[1]]
+    )
+    conn.execute("INSERT INTO roster_meta VALUES ('blocking_recipe', ?)", (DERIVATION.recipe,))
+    conn.close()
+
+
+def test_a_version_1_roster_file_is_read_and_then_upgraded_by_an_import(tmp_path):
+    """A roster.db from before name_suffix is read as it is (suffix ''), and the next import upgrades it to
+    version 2 without counting its unchanged members as changed."""
+    import sqlite3
+
+    db = tmp_path / "herald.db"
+    write_version_1_roster(db)
+    snapshot = open_roster_snapshot(db)
+    (member,) = StoredRoster(snapshot).by_mbi("1EG4TE5MK73")
+    assert (member["member_id"], member["name_suffix"]) == ("M-001", "")
+    assert roster_member(snapshot, "ACO-TEST", "M-001")["name_suffix"] == ""
+    snapshot.close()
+
+    report = import_text(tmp_path, csv_text(ROW_MBI + ",", ROW_NAME + ",III", header=HEADER + ",name_suffix"))
+    assert (report.added, report.changed, report.unchanged, report.ended) == (1, 0, 1, 0)
+    conn = sqlite3.connect(roster_path(db))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+    roster = open_roster_snapshot(db)
+    assert roster_member(roster, "ACO-TEST", "M-003")["name_suffix"] == "III"
+    assert roster_member(roster, "ACO-TEST", "M-001")["name_suffix"] == ""
+
+
+def test_a_rejected_import_leaves_a_version_1_roster_file_as_it_was(tmp_path):
+    """The upgrade is made in the import's copy: a refused file publishes nothing, the old file stays readable."""
+    import sqlite3
+
+    db = tmp_path / "herald.db"
+    write_version_1_roster(db)
+    with pytest.raises(RosterError):
+        import_text(tmp_path, csv_text(ROW_MBI.replace(",F,", ",Z,")))
+    conn = sqlite3.connect(roster_path(db))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+    assert roster_count(open_roster_snapshot(db)) == 1

@@ -278,15 +278,22 @@ def _print_problems(path, problems, suffix: str = "") -> None:
 @click.option("--effective", default=None, help="First day of this roster version, YYYY-MM-DD (default: today).")
 @click.option("--update", is_flag=True, help="Add and update members only; end nobody (a partial file).")
 @click.option("--skip-bad-rows", is_flag=True, help="Load the good rows and report the bad ones.")
+@click.option(
+    "--strict/--no-strict",
+    default=None,
+    help="Refuse a file with a column Herald does not read (default: [roster] strict, else warn and go on).",
+)
 @click.option("--by", default=None, help="Who imports (for the audit trail; default: the login name).")
 @config_option
 @data_option
 def roster_import(
-    file, aco_id, fmt, pcp_file, opt_out_file, effective, update, skip_bad_rows, by, config_path, data_dir
+    file, aco_id, fmt, pcp_file, opt_out_file, effective, update, skip_bad_rows, strict, by, config_path, data_dir
 ):
     """Import FILE as the new roster of its ACO(s): members missing from it are end-dated.
 
     Rejected whole (exit 2, nothing changed) if any row is bad, unless --skip-bad-rows.
+    A column Herald does not read is named, with the nearest name it knows; with
+    --strict it rejects the file.
     """
     from datetime import date
 
@@ -312,7 +319,15 @@ def roster_import(
         columns=cfg.roster_columns,
         pcp=pcp,
         opted_out=opted_out,
+        strict=cfg.roster_strict if strict is None else strict,
     )
+
+    def say_columns_not_read(source) -> None:
+        # Said before the rows are read: a long import shows them at once.
+        _print_problems(file, [u.warning() for u in source.unread])
+        if note := source.not_read_note():
+            click.echo(f"{file}: line 1: {note}", err=True)
+
     try:
         # A path, not an opened store: the file's header is read and checked before the database is opened.
         report = import_roster_file(
@@ -323,6 +338,7 @@ def roster_import(
             effective=effective,
             skip_bad_rows=skip_bad_rows,
             by=_who(by),
+            on_header=say_columns_not_read,
         )
     except RosterError as e:
         _print_problems(file, e.problems)

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from gateway.matching.roster import DERIVATION, RosterMember, RosterOptions, RosterRow, open_roster
+from gateway.matching.roster import (
+    DERIVATION,
+    RosterMember,
+    RosterOptions,
+    RosterRow,
+    RosterSource,
+    UnreadColumn,
+    open_roster,
+)
 from gateway.store import Store, roster_path
 from gateway.store.roster_import import RosterVersion, publish_roster_version
 
@@ -59,9 +67,21 @@ def _running(target: Store | Path | str) -> Iterator[Store]:
 @dataclass(frozen=True, slots=True)
 class RosterImportReport(RosterVersion):
     """What one roster import did (see :class:`~gateway.store.roster_import.RosterVersion`), and
-    ``lock_seconds``: how long the main database's write lock was held (the audit event only)."""
+    ``lock_seconds``: how long the main database's write lock was held (the audit event only).
+
+    ``unread_columns``: the file's header cells whose values were not
+    imported (unknown, a second column for one already read, no name);
+    ``not_read``: the headers the file's format says Herald does not read.
+    """
 
     lock_seconds: float = 0.0
+    unread_columns: tuple[UnreadColumn, ...] = ()
+    not_read: tuple[str, ...] = ()
+
+    @property
+    def warnings(self) -> list[tuple[int, str, str]]:
+        """Each unread column as a (line, column, reason) warning."""
+        return [u.warning() for u in self.unread_columns]
 
 
 def import_roster(
@@ -77,11 +97,15 @@ def import_roster(
     skip_bad_rows: bool = False,
     by: str = "",
     now: datetime | None = None,
+    unread_columns: tuple[UnreadColumn, ...] = (),
+    not_read: tuple[str, ...] = (),
 ) -> RosterImportReport:
     """Publish ``rows`` as one new roster version per ACO and audit it in the main database.
 
     ``target`` is a running store, or the main database's path (a store is
-    opened for the call).
+    opened for the call). ``unread_columns`` and ``not_read`` (the file's
+    columns that were not imported) go into the report and, by header name,
+    into the audit event.
 
     See :func:`gateway.store.roster_import.publish_roster_version` for what a
     version does; nothing the server does waits on it. Raises
@@ -89,10 +113,13 @@ def import_roster(
     rejected.
     """
     with _running(target) as store:
-        return _import(store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_bad_rows, by, now)
+        args = (store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_bad_rows, by, now)
+        return _import(*args, unread_columns=unread_columns, not_read=not_read)
 
 
-def _import(store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_bad_rows, by, now) -> RosterImportReport:
+def _import(
+    store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_bad_rows, by, now, *, unread_columns, not_read
+) -> RosterImportReport:
     moment = now or store.clock()
     who = by or "unknown"
     version = publish_roster_version(
@@ -121,12 +148,19 @@ def _import(store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_ba
         "ended": version.ended,
         "unchanged": version.unchanged,
         "rejected": version.rejected,
+        # Header names only, never a value: what of the file was not imported.
+        "unread_columns": [
+            {"position": u.position, "header": u.header.strip(), "nearest": u.nearest} for u in unread_columns
+        ],
+        "not_read_by_format": len(not_read),
     }
     started = time.perf_counter()
     store.record_roster_event(detail, at=moment)  # the version's own time, as roster_imports has it
     lock_seconds = time.perf_counter() - started
     values = {f.name: getattr(version, f.name) for f in dataclasses.fields(RosterVersion)}
-    return RosterImportReport(**values, lock_seconds=lock_seconds)
+    return RosterImportReport(
+        **values, lock_seconds=lock_seconds, unread_columns=tuple(unread_columns), not_read=tuple(not_read)
+    )
 
 
 def import_roster_file(
@@ -139,14 +173,21 @@ def import_roster_file(
     skip_bad_rows: bool = False,
     by: str = "",
     now: datetime | None = None,
+    on_header: Callable[[RosterSource], None] | None = None,
 ) -> RosterImportReport:
     """Read ``path`` row by row into ``store`` as a new roster version (see :func:`import_roster`).
 
     Raises :class:`~gateway.errors.RosterError` with every problem (by line
-    and column) when the file is rejected; nothing is written then.
+    and column) when the file is rejected; nothing is written then. A
+    header cell no roster column reads is reported (``unread_columns`` of
+    the report), or refuses the file with ``options.strict``.
+    ``on_header`` is called with the opened file once its header is
+    checked, before any row is read (the CLI says the unread columns then).
     """
     options = options or RosterOptions()
     source, digest = open_roster(path, options)
+    if on_header is not None:
+        on_header(source)
     return import_roster(
         target,
         source.rows(),
@@ -159,6 +200,8 @@ def import_roster_file(
         skip_bad_rows=skip_bad_rows,
         by=by,
         now=now,
+        unread_columns=source.unread,
+        not_read=source.not_read,
     )
 
 

@@ -40,13 +40,31 @@ __all__ = [
 #: The roster file's name, in the main database's folder.
 ROSTER_FILE = "roster.db"
 #: Its schema version (``PRAGMA user_version``); a newer one is refused.
-ROSTER_SCHEMA_VERSION = 1
+ROSTER_SCHEMA_VERSION = 2
+
+#: What brings a roster file of the version before up to each version. An
+#: import applies them to its copy (so the next published file is current);
+#: a reader of an older file, which it never writes, reads what a migration
+#: adds as its default (:data:`_ADDED_IN`).
+ROSTER_MIGRATIONS = {
+    # Version 2: the member's generational name suffix (JR, III, ...), and how many current
+    # members carry each name and birth date (filled by the import that upgrades the file).
+    2: "ALTER TABLE roster_members ADD COLUMN name_suffix TEXT NOT NULL DEFAULT '';\n"
+    "CREATE TABLE roster_terms (term TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID",
+}
+#: The member columns a migration added, by the version that added them.
+_ADDED_IN = {"name_suffix": 2}
 
 
 #: What a lookup returns of a member: the contract's columns and the normalised
 #: person (``gateway.matching.pack_person``), so scoring does no normalising.
 _ROW_COLUMNS = (*MEMBER_COLUMNS, "person")
-_MEMBER_SELECT = ", ".join(f"r.{c}" for c in _ROW_COLUMNS)
+
+
+def _member_select(version: int) -> str:
+    """The select list of a member in a roster file of schema ``version`` (a column it lacks reads as '')."""
+    return ", ".join(f"'' AS {c}" if _ADDED_IN.get(c, 0) > version else f"r.{c}" for c in _ROW_COLUMNS)
+
 
 ROSTER_SCHEMA = (
     "CREATE TABLE roster_members (id INTEGER PRIMARY KEY, "
@@ -86,7 +104,8 @@ CREATE TABLE roster_imports (
     unchanged INTEGER NOT NULL DEFAULT 0,
     rejected INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE roster_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)
+CREATE TABLE roster_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE roster_terms (term TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID
 """
 )
 
@@ -123,7 +142,9 @@ class RosterSnapshot:
     The file is never modified in place (an import replaces it whole), so it is
     opened ``immutable``: no locks, no journal checks, and the connection keeps
     reading the version it opened even after a newer one is renamed over it.
-    With no roster file yet, the snapshot is an empty roster.
+    With no roster file yet, the snapshot is an empty roster. A file of an
+    older schema version is read as it is (``member_select`` gives a column it
+    lacks as ''); the next import upgrades it.
     """
 
     def __init__(self, path: Path) -> None:
@@ -131,6 +152,7 @@ class RosterSnapshot:
         # Identity first, then open: if an import lands in between, the identity is
         # the older file's and the next check reopens (never the other way round).
         self.identity = _file_identity(path)
+        found = ROSTER_SCHEMA_VERSION
         if self.identity is None:
             self.conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             run_sql(self.conn, ROSTER_SCHEMA)
@@ -147,8 +169,13 @@ class RosterSnapshot:
                     f"{path} has roster schema version {found}, newer than this Herald's "
                     f"{ROSTER_SCHEMA_VERSION}; upgrade Herald"
                 )
+        self.schema_version = found
+        #: How a lookup selects a member's columns from this file (``r`` is roster_members).
+        self.member_select = _member_select(found)
         meta = dict(self.conn.execute("SELECT name, value FROM roster_meta").fetchall())
         self.recipe = meta.get("blocking_recipe", "")
+        #: How many current members the term counts were taken over (0: the file has none).
+        self.terms_total = int(meta.get("terms_total", "0"))
         self.version = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM roster_imports").fetchone()[0]
         self._sizes: dict[str, int] = {}
 
@@ -218,18 +245,20 @@ class StoredRoster:
     def __init__(self, roster: RosterSnapshot, links: sqlite3.Connection | None = None) -> None:
         self._conn = roster.conn
         self._links = links
+        self._select = roster.member_select
+        self._terms_total = roster.terms_total
 
     def by_mbi(self, mbi: str) -> list[dict]:
         """Members with this MBI (every ACO)."""
         rows = self._conn.execute(
-            f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.mbi = ? AND r.mbi != ''", (mbi,)
+            f"SELECT {self._select} FROM roster_members r WHERE r.mbi = ? AND r.mbi != ''", (mbi,)
         )
         return [_row(r) for r in rows]
 
     def by_mrn(self, mrn: str, authority: str) -> list[dict]:
         """Members with this MRN and assigning authority on the roster, or linked by an accepted review."""
         rows = self._conn.execute(
-            f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.mrn = ? AND r.mrn != '' "
+            f"SELECT {self._select} FROM roster_members r WHERE r.mrn = ? AND r.mrn != '' "
             "AND r.mrn_authority = ? COLLATE NOCASE",
             (mrn, authority),
         ).fetchall()
@@ -242,7 +271,7 @@ class StoredRoster:
                     seen.add((aco_id, member_id))
                     rows.extend(
                         self._conn.execute(
-                            f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?",
+                            f"SELECT {self._select} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?",
                             (aco_id, member_id),
                         )
                     )
@@ -262,6 +291,14 @@ class StoredRoster:
             buckets.setdefault(ids[key], []).append(member)
         return buckets
 
+    def term_counts(self, terms: list[str]) -> tuple[dict[str, int], int]:
+        """How many current members carry each term (a normalised name or birth date), and of how many."""
+        if not terms or not self._terms_total:
+            return {}, 0
+        marks = ",".join("?" * len(terms))
+        found = dict(self._conn.execute(f"SELECT term, count FROM roster_terms WHERE term IN ({marks})", terms))
+        return found, self._terms_total
+
     def persons(self, refs: list[int]) -> dict[int, str]:
         """The normalised persons of these members, by row id (what matching's prefilter reads)."""
         if not refs:
@@ -274,7 +311,7 @@ class StoredRoster:
         if not refs:
             return []
         marks = ",".join("?" * len(refs))
-        rows = self._conn.execute(f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.id IN ({marks})", refs)
+        rows = self._conn.execute(f"SELECT {self._select} FROM roster_members r WHERE r.id IN ({marks})", refs)
         return [_row(r) for r in rows]
 
 
@@ -292,7 +329,7 @@ def roster_count(roster: RosterSnapshot, active_on: str | None = None) -> int:
 
 def roster_member(roster: RosterSnapshot, aco_id: str, member_id: str) -> dict | None:
     """One member by ACO and member id."""
-    sql = f"SELECT {_MEMBER_SELECT} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?"
+    sql = f"SELECT {roster.member_select} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?"
     row = roster.conn.execute(sql, (aco_id, member_id)).fetchone()
     return _row(row) if row else None
 

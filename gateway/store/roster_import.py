@@ -12,6 +12,7 @@ import os
 import shutil
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from gateway.errors import RosterError, StoreError
 from gateway.records import MEMBER_COLUMNS, RosterDerivation
-from gateway.store.roster_file import ROSTER_SCHEMA, ROSTER_SCHEMA_VERSION, key_id
+from gateway.store.roster_file import ROSTER_MIGRATIONS, ROSTER_SCHEMA, ROSTER_SCHEMA_VERSION, key_id
 from gateway.store.schema import iso, run_sql
 
 __all__ = ["MAX_PROBLEMS", "RosterVersion", "publish_roster_version", "roster_lock"]
@@ -81,7 +82,7 @@ class roster_lock:  # noqa: N801 - used as a context manager, named for what it 
 
 
 def _open_work_copy(published: Path) -> tuple[sqlite3.Connection, Path]:
-    """A private copy of the published roster (or a new empty one), ready to change."""
+    """A private copy of the published roster (or a new empty one), at this schema version, ready to change."""
     work = published.with_name(published.name + ".importing")
     work.unlink(missing_ok=True)  # a crashed import's leftover: never published, safe to drop
     if published.exists():
@@ -100,6 +101,11 @@ def _open_work_copy(published: Path) -> tuple[sqlite3.Connection, Path]:
         conn.close()
         work.unlink(missing_ok=True)
         raise StoreError(f"{published} has roster schema version {found}, newer than this Herald's; upgrade Herald")
+    elif found < ROSTER_SCHEMA_VERSION:
+        # An older Herald's file: the copy is upgraded, and published so if this import is.
+        for version in range(found + 1, ROSTER_SCHEMA_VERSION + 1):
+            run_sql(conn, ROSTER_MIGRATIONS[version])
+        conn.execute(f"PRAGMA user_version={ROSTER_SCHEMA_VERSION}")
     return conn, work
 
 
@@ -190,6 +196,26 @@ def _refresh_derived(conn: sqlite3.Connection, derivation: RosterDerivation) -> 
         conn.executemany("UPDATE roster_members SET person = ? WHERE id = ?", updates)
         conn.executemany("INSERT OR IGNORE INTO roster_keys (key, member) VALUES (?, ?)", keys)
         last = rows[-1][0]
+
+
+def _count_terms(conn: sqlite3.Connection, derivation: RosterDerivation) -> None:
+    """Count, over the members not ended, how many carry each term (``derivation.terms_of``)."""
+    counts: Counter[str] = Counter()
+    members = last = 0
+    while True:  # in slices by row id, as _refresh_derived
+        rows = conn.execute(
+            "SELECT id, person FROM roster_members WHERE id > ? AND ended_by IS NULL ORDER BY id LIMIT ?",
+            (last, _STAGE_BATCH),
+        ).fetchall()
+        if not rows:
+            break
+        for _, packed in rows:
+            counts.update(derivation.terms_of(packed))
+        members += len(rows)
+        last = rows[-1][0]
+    conn.execute("DELETE FROM roster_terms")
+    conn.executemany("INSERT INTO roster_terms (term, count) VALUES (?, ?)", sorted(counts.items()))
+    conn.execute("INSERT OR REPLACE INTO roster_meta (name, value) VALUES ('terms_total', ?)", (str(members),))
 
 
 def _apply_import(
@@ -287,6 +313,7 @@ def _apply_import(
         "UPDATE roster_imports SET added = ?, changed = ?, ended = ?, unchanged = ? WHERE id = ?",
         (counts.get("add", 0), counts.get("change", 0), ended, counts.get("same", 0), import_id),
     )
+    _count_terms(conn, derivation)
     conn.execute("COMMIT")
     return import_id, counts, ended
 
