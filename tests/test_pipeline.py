@@ -62,6 +62,9 @@ class Lookups:
     def members(self, refs):
         return self._rows(lambda r: False)
 
+    def term_counts(self, terms):
+        return {}, 0
+
 
 @pytest.fixture
 def recipients(tmp_path):

@@ -49,6 +49,7 @@ def facts_of_patient(patient: dict) -> PatientFacts:
         state=address.get("state", ""),
         zip=address.get("postalCode", ""),
         phone=phone.get("value", ""),
+        suffix=" ".join(name.get("suffix") or []),
     )
 
 

@@ -8,13 +8,16 @@ each module holds one concern:
 - :mod:`~gateway.matching.model`: the matching model (:class:`MatchModel`, :func:`load_model`) and its grades;
 - :mod:`~gateway.matching.blocking`: blocking keys, the shortlist and the prefilter;
 - :mod:`~gateway.matching.scoring`: field comparison levels, :func:`compare`, :func:`score`, :func:`grade`
-  and the household and identity limits;
+  and the identity floor;
+- :mod:`~gateway.matching.household`: telling a member from a relative sharing the home, and the
+  evidence that two records are two people (:func:`household_cap`);
 - :mod:`~gateway.matching.match`: :func:`match_patient`, its query and result, and the roster reads it needs
   (:class:`RosterLookups`);
 - :mod:`~gateway.matching.roster`: roster file formats (imported from there, not re-exported).
 """
 
 from gateway.matching.blocking import BLOCKING_RECIPE, Shortlist, blocking_keys, prefilter, shortlist
+from gateway.matching.household import another_person, household_cap, household_levels, shares_home
 from gateway.matching.match import (
     Candidate,
     Match,
@@ -26,16 +29,30 @@ from gateway.matching.match import (
     query_from_facts,
     query_from_patient,
 )
-from gateway.matching.model import GRADES, LEVELS, FieldModel, MatchModel, load_model
+from gateway.matching.model import (
+    GRADES,
+    HOUSEHOLD_LEVELS,
+    LEVELS,
+    FieldModel,
+    HouseholdModel,
+    MatchModel,
+    load_household,
+    load_model,
+)
 from gateway.matching.people import (
     FIELDS,
+    FREQUENCY_FIELDS,
     MAPPINGS_DIR,
+    PACKED_FIELDS,
     Person,
+    frequency_terms,
     make_person,
+    name_variants,
     nickname_groups,
     normalise_date,
     normalise_name,
     normalise_street,
+    normalise_suffix,
     pack_person,
     person_from_facts,
     person_from_member,
@@ -52,22 +69,27 @@ from gateway.matching.scoring import (
     address_level,
     compare,
     grade,
-    household_limit,
     identity_floor_bounds,
     identity_limit,
     score,
+    term_weights,
 )
 
 __all__ = [
     # people
     "FIELDS",
+    "FREQUENCY_FIELDS",
     "MAPPINGS_DIR",
+    "PACKED_FIELDS",
     "Person",
+    "frequency_terms",
     "make_person",
+    "name_variants",
     "nickname_groups",
     "normalise_date",
     "normalise_name",
     "normalise_street",
+    "normalise_suffix",
     "pack_person",
     "person_from_facts",
     "person_from_member",
@@ -77,9 +99,12 @@ __all__ = [
     "unpack_person",
     # model
     "GRADES",
+    "HOUSEHOLD_LEVELS",
     "LEVELS",
     "FieldModel",
+    "HouseholdModel",
     "MatchModel",
+    "load_household",
     "load_model",
     # blocking
     "BLOCKING_RECIPE",
@@ -87,6 +112,11 @@ __all__ = [
     "blocking_keys",
     "prefilter",
     "shortlist",
+    # household
+    "another_person",
+    "household_cap",
+    "household_levels",
+    "shares_home",
     # scoring
     "IDENTITY",
     "SCORED",
@@ -95,10 +125,10 @@ __all__ = [
     "address_level",
     "compare",
     "grade",
-    "household_limit",
     "identity_floor_bounds",
     "identity_limit",
     "score",
+    "term_weights",
     # match
     "Candidate",
     "Match",

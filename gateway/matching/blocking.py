@@ -20,11 +20,21 @@ import jellyfish
 from rapidfuzz.distance import Hamming
 
 from gateway.matching.model import MatchModel
-from gateway.matching.people import _PACK, FIELDS, Person, _compact, _house_number, _parts, nickname_groups, pack_person
+from gateway.matching.people import (
+    _PACK,
+    FIELDS,
+    PACKED_FIELDS,
+    Person,
+    _compact,
+    _house_number,
+    _parts,
+    nickname_groups,
+    pack_person,
+)
 
 #: Raised whenever the blocking keys' recipe or the normalisation changes: the store
 #: recomputes its stored keys and normalised persons when it differs from the roster's.
-BLOCKING_RECIPE = "1"
+BLOCKING_RECIPE = "2"  # 2: the packed person keeps the generational suffix
 
 
 @lru_cache(maxsize=65536)
@@ -151,7 +161,7 @@ def prefilter(query: Person, persons: Mapping[Hashable, str], refs: Sequence[Has
     broad key (its birth date) still agrees on several fields, which members
     that merely share the birth date do not. Ties keep the order of ``refs``.
     """
-    q = pack_person(query).split(_PACK)
+    q = pack_person(query).split(_PACK)[: len(FIELDS)]
     present = []
     for i, value in enumerate(q):
         if value:
@@ -162,7 +172,7 @@ def prefilter(query: Person, persons: Mapping[Hashable, str], refs: Sequence[Has
     estimate: dict[Hashable, float] = {}
     for ref in refs:
         c = persons.get(ref, "").split(_PACK)
-        if len(c) != len(FIELDS):
+        if len(c) != len(PACKED_FIELDS):
             estimate[ref] = -math.inf
             continue
         total = 0.0

@@ -21,9 +21,10 @@ from typing import Protocol
 
 from gateway.conversion.facts import facts_of_patient
 from gateway.matching.blocking import Shortlist, blocking_keys, prefilter, shortlist
+from gateway.matching.household import household_cap
 from gateway.matching.model import GRADES, MatchModel
-from gateway.matching.people import Person, _col, person_from_facts, person_from_member
-from gateway.matching.scoring import Scored, grade, household_limit, identity_limit, score
+from gateway.matching.people import Person, _col, frequency_terms, person_from_facts, person_from_member
+from gateway.matching.scoring import Scored, grade, identity_limit, score, term_weights
 from gateway.records import PatientFacts
 
 
@@ -96,6 +97,9 @@ class RosterLookups(Protocol):
     them (``cap + 1``: the bucket is over-full and is not used); ``persons``
     returns their normalised persons (:func:`~gateway.matching.people.pack_person`) for the prefilter;
     ``members`` returns the rows of the references matching chose to compare.
+    ``term_counts`` returns how many current members carry each term
+    (:func:`~gateway.matching.people.frequency_terms`) and of how many members
+    (0 when the roster keeps no counts: the model's average weights apply).
     """
 
     def by_mbi(self, mbi: str) -> Iterable[Mapping]: ...
@@ -107,6 +111,8 @@ class RosterLookups(Protocol):
     def persons(self, refs: Sequence[Hashable]) -> Mapping[Hashable, str]: ...
 
     def members(self, refs: Sequence[Hashable]) -> Iterable[Mapping]: ...
+
+    def term_counts(self, terms: Sequence[str]) -> tuple[Mapping[str, int], int]: ...
 
 
 def members_to_compare(
@@ -183,15 +189,26 @@ def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLooku
         return Match("none", "none", None, None, (), {"rules_tried": tried, "reason": "no demographics to compare"})
     short, refs = members_to_compare(query.person, keys, lookups, model)
     rows = _effective(lookups.members(refs) if refs else (), encounter_date)
+    terms = frequency_terms(query.person)
+    counts, total = lookups.term_counts(terms) if rows else ({}, 0)
+    exact = term_weights(query.person, counts, total, model)
+    # A given name nobody on the roster has is more likely a slip than another person's name.
+    given_term = next((t for t in terms if t.startswith("given:")), "")
+    given_is_a_name = not total or not given_term or counts.get(given_term, 0) > 0
     ranked: list[Candidate] = []
-    conflicts = households = identities = 0
+    conflicts = identities = 0
+    household_limited: dict[str, int] = {}
+    household_bits: dict[int, float] = {}
     for row in rows:
-        scored = score(query.person, person_from_member(row), model)
+        member = person_from_member(row)
+        scored = score(query.person, member, model, exact)
         g = grade(scored.total, model)
-        limit = household_limit(scored, model)
+        limit, why, bits = household_cap(query.person, member, scored, model, given_is_a_name)
+        if bits is not None:
+            household_bits[id(row)] = bits
         if limit and GRADES.index(g) < GRADES.index(limit):
             g = limit
-            households += 1
+            household_limited[why] = household_limited.get(why, 0) + 1
         limit = identity_limit(scored, model)
         if limit and GRADES.index(g) < GRADES.index(limit):
             g = limit
@@ -215,8 +232,9 @@ def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLooku
         detail["over_full_keys"] = short.over_full
     if conflicts:
         detail["mbi_conflicts"] = conflicts
-    if households:
-        detail["household_limited"] = households
+    if household_limited:
+        # How many members household evidence held back, by reason (no names: levels' words only).
+        detail["household_limited"] = dict(sorted(household_limited.items()))
     if identities:
         detail["identity_limited"] = identities
     if not shortlisted:
@@ -225,6 +243,8 @@ def match_patient(query: PatientQuery, encounter_date: str, lookups: RosterLooku
         return Match("none", "none", ranked[0].scored.total if ranked else None, None, (), detail)
     best = shortlisted[0]
     detail["fields"] = _audit(best.scored)
+    if id(best.member) in household_bits:
+        detail["household_bits"] = round(household_bits[id(best.member)], 2)
     if len(shortlisted) > 1 and best.scored.total - shortlisted[1].scored.total < model.ambiguity_margin:
         detail["runner_up"] = round(shortlisted[1].scored.total, 2)
         return Match("possible", "ambiguous", best.scored.total, None, shortlisted, detail)

@@ -7,6 +7,7 @@ reads it, computes what it does not give outright and checks the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -36,6 +37,17 @@ LEVELS: dict[str, tuple[str, ...]] = {
     "address": ("house", "street", "zip", "town", "street_elsewhere", "state", "disagree"),
 }
 
+#: The household test's fields (:mod:`gateway.matching.household`) and the levels each can take
+#: (``missing``: a side is empty, weight 0).
+HOUSEHOLD_LEVELS: dict[str, tuple[str, ...]] = {
+    "given": ("same", "variant", "disagree"),
+    "family": ("same", "variant", "disagree"),
+    "middle": ("agree", "disagree"),
+    "birth_date": ("exact", "near", "apart", "generation"),
+    "sex": ("exact", "disagree"),
+    "suffix": ("same", "one_side", "differ"),
+}
+
 #: The level each field's cheap "near" test in :func:`~gateway.matching.blocking.prefilter` stands for
 #: (here, not in blocking: :attr:`MatchModel.agreement_weights` reads it, and blocking imports the model).
 _NEAR_LEVEL = {
@@ -62,6 +74,51 @@ class FieldModel:
 
 
 @dataclass(frozen=True)
+class HouseholdModel:
+    """The household test (:mod:`gateway.matching.household`): how likely each level is for the member
+    and for each kind of relative, and the test's cut-offs.
+
+    ``m[field][level]`` is P(level | the query is the member); ``h[relation][field][level]``
+    P(level | the query is that kind of relative: spouse, twin, ...), and ``shares[relation]``
+    how many of the relatives sharing a member's home are of that kind. A relation's fields
+    are taken as independent given the relation (a Jr's given name and his birth date a
+    generation apart go together; across relations they do not). ``prior_bits`` is log2
+    of the prior odds that a query sharing a member's home is the member. A pair whose
+    posterior is below ``possible_posterior`` is graded ``none``, below ``route_posterior``
+    at best ``possible``; :func:`~gateway.matching.household.another_person` caps a pair at
+    ``another_person_grade``.
+    """
+
+    m: Mapping[str, Mapping[str, float]]
+    h: Mapping[str, Mapping[str, Mapping[str, float]]]
+    shares: Mapping[str, float]
+    prior_bits: float
+    route_posterior: float
+    possible_posterior: float
+    another_person_grade: str = "possible"
+    source: str = ""
+    #: P(phone level | one person whose address is not the roster's): a move changes both, so the
+    #: phone's disagreement after the address's is not the independent evidence its own m assumes.
+    moved_phone_m: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def log_m(self) -> dict[str, dict[str, float]]:
+        """log2 of :attr:`m` (``missing`` 0: an empty side says nothing)."""
+        return {f: {"missing": 0.0, **{lv: math.log2(p) for lv, p in levels.items()}} for f, levels in self.m.items()}
+
+    @functools.cached_property
+    def log_h(self) -> dict[str, tuple[float, dict[str, dict[str, float]]]]:
+        """Per relation: log2 of its share, and log2 of :attr:`h` (``missing`` 0)."""
+        return {
+            r: (
+                math.log2(self.shares[r]),
+                {f: {"missing": 0.0, **{lv: math.log2(p) for lv, p in lv_p.items()}} for f, lv_p in fields.items()},
+            )
+            for r, fields in self.h.items()
+        }
+
+
+@dataclass(frozen=True)
 class MatchModel:
     """Field weights, similarity cut-offs and grade thresholds (match weights, log2 units)."""
 
@@ -73,10 +130,8 @@ class MatchModel:
     max_candidates: int
     identifier_conflict_grade: str  # best grade for a member whose MBI differs from the message's
     similarity: Mapping[str, float]
-    # Best grades when surname and address (or phone) agree but the given name and birth date
-    # both disagree (a relative: spouse, sibling), or one of them does (twin, Jr/Sr).
-    household_both_differ: str = "none"
-    household_one_differs: str = "possible"
+    # Telling a member from a relative sharing the home (mappings/household.toml); None: no such test.
+    household: HouseholdModel | None = None
     # Best grade when the evidence of given name, family name and birth date together is below
     # ``identity_floor`` bits: the place (or phone) alone never makes a match probable.
     identity_floor: float = -math.inf
@@ -99,6 +154,16 @@ class MatchModel:
     def _table(self) -> dict[str, dict[str, float]]:
         # Every level's weight in one lookup (``missing`` included): scoring asks once per comparison.
         return {name: {"missing": 0.0, **fm.weights} for name, fm in self.fields.items()}
+
+    @functools.cached_property
+    def moved_phone_weights(self) -> dict[str, float] | None:
+        """The phone's weights when the address says the patient does not live at the member's
+        (``log2(m / u)``: m of the household set's moves, u the phone's own), or None."""
+        moved = self.household.moved_phone_m if self.household is not None else {}
+        if not moved:
+            return None
+        u = self.fields["phone"].u
+        return {"missing": 0.0, **{lv: math.log2(moved[lv] / u[lv]) for lv in LEVELS["phone"]}}
 
     @functools.cached_property
     def agreement_weights(self) -> tuple[tuple[float, float, float], ...]:
@@ -125,8 +190,94 @@ _SIMILARITY_DEFAULTS = {
 }
 
 
-def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
-    """Read the matching model (default ``mappings/matching.toml``).
+def load_household(path: Path) -> tuple[HouseholdModel, bytes]:
+    """Read the household test's model (``mappings/household.toml``) and the bytes it came from."""
+    try:
+        raw = path.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("matching", f"{path} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("matching", f"{path}: {e}") from None
+
+    def where(key: str) -> str:
+        return f"{path.name}: {key}"
+
+    def probability(key: str) -> float:
+        value = data.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1:
+            raise ConfigError("matching", where(f"{key}: expected a probability in (0, 1), got {value!r}"))
+        return float(value)
+
+    prior_odds = data.get("prior_odds")
+    if not isinstance(prior_odds, int | float) or isinstance(prior_odds, bool) or prior_odds <= 0:
+        raise ConfigError("matching", where(f"prior_odds: expected a positive number, got {prior_odds!r}"))
+    route, possible = probability("route_posterior"), probability("possible_posterior")
+    if possible > route:
+        raise ConfigError("matching", where("possible_posterior must not be above route_posterior"))
+    capped = data.get("another_person_grade", "possible")
+    if capped not in GRADES[2:]:
+        raise ConfigError("matching", where("another_person_grade: must be possible or none (never routed)"))
+    shares = data.get("relations")
+    if not isinstance(shares, dict) or not shares:
+        raise ConfigError("matching", where("[relations] (each relation's share of a member's housemates) is missing"))
+    for relation, share in shares.items():
+        if not isinstance(share, int | float) or isinstance(share, bool) or not 0 < share <= 1:
+            raise ConfigError("matching", where(f"relations.{relation}: expected a share in (0, 1], got {share!r}"))
+    table = data.get("fields") or {}
+    unknown = set(table) - set(HOUSEHOLD_LEVELS)
+    if unknown:
+        raise ConfigError("matching", where(f"fields: unknown field(s) {', '.join(sorted(unknown))}"))
+    m: dict[str, dict[str, float]] = {}
+    h: dict[str, dict[str, dict[str, float]]] = {r: {} for r in shares}
+    for name, levels in HOUSEHOLD_LEVELS.items():
+        spec = table.get(name)
+        if not isinstance(spec, dict):
+            raise ConfigError("matching", where(f"[fields.{name}] is missing"))
+        extra = set(spec) - {"member", *shares}
+        if extra:
+            raise ConfigError("matching", where(f"fields.{name}: unknown row(s) {', '.join(sorted(extra))}"))
+        for row in ("member", *shares):
+            probs = spec.get(row)
+            if not isinstance(probs, dict):
+                raise ConfigError("matching", where(f"fields.{name}.{row} is missing"))
+            bad = set(probs) ^ set(levels)
+            if bad:
+                raise ConfigError(
+                    "matching", where(f"fields.{name}.{row}: needs exactly the levels {', '.join(levels)}")
+                )
+            if not all(isinstance(v, int | float) and 0 < v <= 1 for v in probs.values()):
+                raise ConfigError("matching", where(f"fields.{name}.{row}: probabilities must be in (0, 1]"))
+            values = {lv: float(probs[lv]) for lv in levels}
+            if row == "member":
+                m[name] = values
+            else:
+                h[row][name] = values
+    moved = data.get("moved_phone")
+    if not isinstance(moved, dict) or set(moved) != set(LEVELS["phone"]):
+        raise ConfigError("matching", where(f"[moved_phone] needs the phone's levels {', '.join(LEVELS['phone'])}"))
+    if not all(isinstance(v, int | float) and 0 < v <= 1 for v in moved.values()):
+        raise ConfigError("matching", where("moved_phone: probabilities must be in (0, 1]"))
+    model = HouseholdModel(
+        moved_phone_m={lv: float(v) for lv, v in moved.items()},
+        m=m,
+        h=h,
+        shares={r: float(v) for r, v in shares.items()},
+        prior_bits=math.log2(prior_odds),
+        route_posterior=route,
+        possible_posterior=possible,
+        another_person_grade=capped,
+        source=str(data.get("source", "")),
+    )
+    return model, raw
+
+
+def load_model(path: Path | None = None, *, household: bool = True, **overrides: float) -> MatchModel:
+    """Read the matching model (default ``mappings/matching.toml``, and ``household.toml`` beside it).
+
+    The household test's model is read from ``household.toml`` in the same folder
+    as ``path`` when there is one there, else from ``mappings/``; ``household=False``
+    leaves it out (the fit of that file compares pairs before it exists).
 
     Thresholds are match weights (bits). Unless the file gives them outright,
     each is computed from the roster size, the share of patients on the roster
@@ -204,10 +355,14 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
     if unknown_blocking:
         raise ConfigError("matching", where(f"blocking: unknown key(s) {', '.join(sorted(unknown_blocking))}"))
 
-    household = data.get("household") or {}
-    for key in ("both_differ", "one_differs"):
-        if household.get(key, "possible") not in GRADES:
-            raise ConfigError("matching", where(f"household.{key}: not one of {', '.join(GRADES)}"))
+    if "household" in data:
+        raise ConfigError("matching", where("[household] moved to household.toml (bench/fit_household.py writes it)"))
+    household_model, household_raw = None, b""
+    if household:
+        household_path = path.with_name("household.toml")
+        if not household_path.exists():
+            household_path = MAPPINGS_DIR / "household.toml"
+        household_model, household_raw = load_household(household_path)
     identity = data.get("identity") or {}
     unknown_identity = set(identity) - {"floor", "best_grade"}
     if unknown_identity:
@@ -254,8 +409,7 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
         max_candidates=max_candidates,
         identifier_conflict_grade=conflict,
         similarity=similarity,
-        household_both_differ=household.get("both_differ", "none"),
-        household_one_differs=household.get("one_differs", "possible"),
+        household=household_model,
         identity_floor=float(identity_floor),
         identity_best_grade=identity_best,
         max_compared=limits["max_compared"],
@@ -264,5 +418,5 @@ def load_model(path: Path | None = None, **overrides: float) -> MatchModel:
         roster_size=int(roster_size),
         on_roster_share=on_roster,
         source=str(data.get("source", "")),
-        fingerprint=hashlib.sha256(raw).hexdigest()[:16],
+        fingerprint=hashlib.sha256(raw + household_raw).hexdigest()[:16],
     )

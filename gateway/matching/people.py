@@ -33,6 +33,9 @@ MAPPINGS_DIR = mappings_dir()
 
 #: Every field :func:`~gateway.matching.scoring.compare` compares, in the order of :class:`Person`.
 FIELDS = ("given", "family", "middle", "birth_date", "sex", "street", "city", "state", "zip", "phone")
+#: What :func:`pack_person` keeps: :data:`FIELDS`, then the generational suffix (which only the
+#: household test reads: :mod:`gateway.matching.household`).
+PACKED_FIELDS = (*FIELDS, "suffix")
 
 
 # -- people --------------------------------------------------------------------
@@ -52,6 +55,7 @@ class Person:
     state: str = ""
     zip: str = ""  # first 5 digits
     phone: str = ""  # digits, last 10
+    suffix: str = ""  # generational: JR SR II III IV V, or ""
 
 
 def _fold(value: str) -> str:
@@ -68,6 +72,7 @@ _SPACES = re.compile(r"\s+")
 _STREET_DROP = re.compile(r"['’.]")
 _STREET_OTHER = re.compile(r"[^A-Z0-9 ]")
 _NON_DIGITS = re.compile(r"\D")
+_NON_ALNUM = re.compile(r"[^A-Z0-9]")
 
 
 # Names, towns and states repeat a great deal across a roster: a cache spares a
@@ -114,6 +119,51 @@ def normalise_date(value: str) -> str:
         return ""
 
 
+#: Generational suffixes as written -> as compared (XPN-4, a roster's suffix column, or the end of a name).
+_SUFFIXES = {
+    "JR": "JR",
+    "JNR": "JR",
+    "JUNIOR": "JR",
+    "SR": "SR",
+    "SNR": "SR",
+    "SENIOR": "SR",
+    "I": "I",
+    "II": "II",
+    "2ND": "II",
+    "III": "III",
+    "3RD": "III",
+    "IV": "IV",
+    "4TH": "IV",
+    "V": "V",
+    "5TH": "V",
+}
+
+
+def normalise_suffix(value: str) -> str:
+    """The generational suffix ``value`` stands for (``"Jr."`` -> ``"JR"``, ``"3rd"`` -> ``"III"``); "" if none.
+
+    A degree or a professional suffix (MD, PHD, RN) is not generational and gives "";
+    of several words (a FHIR name's suffixes joined) the first generational one counts.
+    """
+    for word in (value or "").upper().split():
+        suffix = _SUFFIXES.get(_NON_ALNUM.sub("", word))
+        if suffix:
+            return suffix
+    return ""
+
+
+def split_suffix(name: str) -> tuple[str, str]:
+    """A normalised name and the generational suffix at its end: ``"SMITH JR"`` -> ``("SMITH", "JR")``.
+
+    Registration often types the suffix into the family or given name. A name that is
+    only a suffix-like word keeps it, and a last word ``I`` or ``V`` (an initial as often as
+    a suffix) stays part of the name.
+    """
+    head, _, last = name.rpartition(" ")
+    suffix = _SUFFIXES.get(last, "") if head and last not in ("I", "V") else ""
+    return (head.strip(" -"), suffix) if suffix else (name, "")
+
+
 _SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O", "U": "U", "UNKNOWN": "U"}
 
 
@@ -129,13 +179,20 @@ def make_person(
     state: str = "",
     zip: str = "",
     phone: str = "",
+    suffix: str = "",
 ) -> Person:
-    """A :class:`Person` from raw strings, each normalised as its field requires."""
+    """A :class:`Person` from raw strings, each normalised as its field requires.
+
+    A generational suffix typed at the end of the family or given name (``"Smith Jr"``)
+    is taken off the name and kept as the suffix when ``suffix`` gives none.
+    """
     zip_digits = _NON_DIGITS.sub("", zip or "")
     phone_digits = _NON_DIGITS.sub("", phone or "")
+    family_name, family_suffix = split_suffix(normalise_name(family))
+    given_name, given_suffix = split_suffix(normalise_name(given))
     return Person(
-        given=normalise_name(given),
-        family=normalise_name(family),
+        given=given_name,
+        family=family_name,
         middle=normalise_name(middle),
         birth_date=normalise_date(birth_date),
         sex=_SEX.get((sex or "").strip().upper(), ""),
@@ -144,6 +201,7 @@ def make_person(
         state=normalise_name(state).replace(" ", ""),
         zip=zip_digits[:5] if len(zip_digits) >= 3 else "",
         phone=phone_digits[-10:] if len(phone_digits) >= 7 else "",
+        suffix=normalise_suffix(suffix) or family_suffix or given_suffix,
     )
 
 
@@ -163,6 +221,7 @@ def person_from_facts(facts: PatientFacts) -> Person:
         state=facts.state,
         zip=facts.zip,
         phone=facts.phone,
+        suffix=facts.suffix,
     )
 
 
@@ -184,14 +243,17 @@ _PACK = "\x1f"
 
 
 def pack_person(p: Person) -> str:
-    """``p`` as one string (its fields joined by U+001F), kept by the store beside the raw columns."""
-    return _PACK.join((p.given, p.family, p.middle, p.birth_date, p.sex, p.street, p.city, p.state, p.zip, p.phone))
+    """``p`` as one string (its :data:`PACKED_FIELDS` joined by U+001F), kept by the store beside the raw columns."""
+    return _PACK.join(
+        (p.given, p.family, p.middle, p.birth_date, p.sex, p.street, p.city, p.state, p.zip, p.phone, p.suffix)
+    )
 
 
 def unpack_person(text: str) -> Person | None:
-    """The :class:`Person` of :func:`pack_person`'s string; None when it is not one."""
+    """The :class:`Person` of :func:`pack_person`'s string; None when it is not one (or one an older
+    Herald packed, without the suffix: the caller normalises the raw columns again)."""
     parts = text.split(_PACK)
-    return Person(*parts) if len(parts) == 10 else None
+    return Person(*parts) if len(parts) == len(PACKED_FIELDS) else None
 
 
 def person_from_member(row: Mapping) -> Person:
@@ -216,7 +278,19 @@ def person_from_member(row: Mapping) -> Person:
         state=_col(row, "state"),
         zip=_col(row, "zip"),
         phone=_col(row, "phone"),
+        suffix=_col(row, "name_suffix"),
     )
+
+
+#: The fields whose values' frequencies on the roster weigh an exact agreement (term frequency).
+FREQUENCY_FIELDS = ("given", "family", "birth_date")
+
+
+def frequency_terms(p: Person) -> list[str]:
+    """The terms of ``p`` whose roster frequencies matching reads: ``given:MARY``, ``family:OBRIEN``,
+    ``birth_date:1941-03-07`` (names compacted as the ``exact`` level compares them); empty fields none."""
+    values = (_compact(p.given), _compact(p.family), p.birth_date)
+    return [f"{f}:{v}" for f, v in zip(FREQUENCY_FIELDS, values, strict=True) if v]
 
 
 # -- reference data --------------------------------------------------------------
@@ -247,6 +321,18 @@ def nickname_groups() -> dict[str, frozenset[str]]:
     for formal, variant in rows:
         groups.setdefault(variant, set()).add(formal)
     return {name: frozenset(formals) for name, formals in groups.items()}
+
+
+@cache
+def name_variants() -> dict[str, frozenset[str]]:
+    """Given name -> every name that may stand for the same person (its formal names and their
+    diminutives, itself included), from ``nicknames.csv``: ``BILL`` -> WILLIAM, BILL, WILL, BILLY, ..."""
+    groups = nickname_groups()
+    by_formal: dict[str, set[str]] = {}
+    for name, formals in groups.items():
+        for formal in formals:
+            by_formal.setdefault(formal, set()).add(name)
+    return {name: frozenset().union(*(by_formal[f] for f in formals)) for name, formals in groups.items()}
 
 
 @cache

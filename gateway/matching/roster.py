@@ -7,7 +7,10 @@ fixed-width CCLF8 record), :meth:`RosterSource.rows` yields each row as a
 stages the rows and publishes the ACO's new roster version whole
 (:func:`gateway.app.roster.import_roster_file`); duplicates are found there.
 :data:`DERIVATION` is how a member's normalised person and blocking keys are
-computed; the import hands it to the store, which imports no stage.
+computed; the import hands it to the store, which imports no stage. A
+header cell that feeds no roster column is never dropped silently: it is an
+:class:`UnreadColumn` of the source (a problem with ``strict``), unless the
+format lists it as one of its files' columns Herald does not read.
 
 Formats are data (``mappings/roster_formats.toml``): Herald's CSV (any
 layout through the config's ``[roster.columns]``), the CMS SSP Assignment List
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import codecs
 import csv
+import difflib
+import fnmatch
 import hashlib
 import io
 import itertools
@@ -33,7 +38,7 @@ from pathlib import Path
 from gateway.conversion.convert import MBI_PATTERN
 from gateway.errors import RosterError
 from gateway.matching.blocking import BLOCKING_RECIPE, blocking_keys
-from gateway.matching.people import pack_person, person_from_member
+from gateway.matching.people import frequency_terms, pack_person, person_from_member, unpack_person
 from gateway.records import MEMBER_COLUMNS, RosterDerivation
 from gateway.resources import mappings_dir
 
@@ -48,6 +53,9 @@ _ZIP = re.compile(r"\d{5}(-?\d{4})?")
 _STATE = re.compile(r"[A-Za-z]{2}")
 _NPI = re.compile(r"\d{10}")
 _NON_DIGIT = re.compile(r"\D")
+_SUFFIX_NOISE = re.compile(r"[.\s]")
+#: Where name_suffix sits in a member's values: a member without one hashes as before the column existed.
+_SUFFIX_AT = ROSTER_COLUMNS.index("name_suffix")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,7 @@ class RosterMember:
     effective_start: str
     effective_end: str
     middle_name: str = ""
+    name_suffix: str = ""  # generational (JR, SR, II, III, ...), normalised by the file check
     address_line: str = ""
     city: str = ""
     state: str = ""
@@ -97,7 +106,13 @@ class RosterMember:
 
     @staticmethod
     def content_hash_of(values: tuple) -> bytes:
-        """A digest of every column's value: an import compares it to tell changed members from unchanged."""
+        """A digest of every column's value: an import compares it to tell changed members from unchanged.
+
+        An empty name_suffix is left out, so a member of a roster file from
+        before that column (schema version 1) is not counted as changed.
+        """
+        if values[_SUFFIX_AT] == "":
+            values = values[:_SUFFIX_AT] + values[_SUFFIX_AT + 1 :]
         text = "\x1f".join(str(v) for v in values)
         return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
@@ -130,6 +145,54 @@ class RosterFormat:
     member_id_from: str = ""
     detect: tuple[str, ...] = ()
     fixed_width: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Headers (or shell-style patterns) the format's files carry and Herald does not read.
+    ignored: tuple[str, ...] = ()
+
+    def ignores(self, name: str) -> bool:
+        """Whether the format says a header (lower case) is one of its columns Herald does not read."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.ignored)
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadColumn:
+    """A header cell of a delimited roster file whose values no roster column takes.
+
+    Unknown (``nearest``: the closest accepted spelling, and ``feeds``: the
+    roster column it is a spelling of), a second column for a roster column
+    already read from another (``read_from``: that one's header), or a cell
+    with no name (``header`` empty).
+    """
+
+    position: int  # 1-based, as a spreadsheet counts columns
+    header: str  # the header cell as written
+    nearest: str = ""
+    feeds: str = ""
+    read_from: str = ""
+
+    @property
+    def label(self) -> str:
+        """The column as a problem names it: its quoted header, or its position when it has none."""
+        return f"'{self.header.strip()}'" if self.header.strip() else f"{self.position} (no name)"
+
+    @property
+    def reason(self) -> str:
+        """Why no roster column takes it."""
+        if not self.header.strip():
+            return "the column has no name"
+        if self.read_from:
+            return f"a second column for {self.feeds}, which is read from '{self.read_from}'"
+        if not self.nearest:
+            return "not a roster column Herald reads"
+        which = f", which feeds {self.feeds}" if self.feeds and self.feeds != self.nearest else ""
+        return f"not a roster column Herald reads (nearest: '{self.nearest}'{which})"
+
+    def warning(self) -> tuple[int, str, str]:
+        """The column as a (line, column, reason) warning of an import that goes on without it."""
+        return (1, self.label, f"{self.reason}; its values are not imported")
+
+    def problem(self) -> tuple[int, str, str]:
+        """The column as a (line, column, reason) problem of a refused file."""
+        return (1, self.label, self.reason)
 
 
 @dataclass(frozen=True)
@@ -138,7 +201,9 @@ class RosterOptions:
 
     ``pcp`` maps ``mbi:VALUE`` / ``member:VALUE`` to PCP columns (from
     :func:`read_pcp_file`); ``opted_out`` holds such keys of members who opted
-    out of data sharing (from :func:`read_opt_out_file`).
+    out of data sharing (from :func:`read_opt_out_file`). With ``strict``, a
+    header no roster column reads (and the format does not list as ignored)
+    refuses the file.
     """
 
     format: str = "auto"
@@ -147,6 +212,7 @@ class RosterOptions:
     pcp: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     opted_out: frozenset[str] = frozenset()
     today: date | None = None
+    strict: bool = False
 
 
 def load_formats(path: Path | None = None) -> dict[str, RosterFormat]:
@@ -164,8 +230,15 @@ def load_formats(path: Path | None = None) -> dict[str, RosterFormat]:
             member_id_from=spec.get("member_id_from", ""),
             detect=tuple(n.lower() for n in spec.get("detect", ())),
             fixed_width={col: (int(p[0]), int(p[1])) for col, p in spec.get("fixed_width", {}).items()},
+            ignored=tuple(n.lower() for n in spec.get("ignored", ())),
         )
     return out
+
+
+def load_name_suffixes(path: Path | None = None) -> dict[str, str]:
+    """The generational suffixes a name_suffix column may hold (normalised spelling to what is kept)."""
+    data = tomllib.loads((path or FORMATS_FILE).read_text(encoding="utf-8"))
+    return {str(k).upper(): str(v) for k, v in data["name_suffixes"].items()}
 
 
 def _supplement_columns(kind: str, path: Path | None = None) -> dict[str, tuple[str, ...]]:
@@ -174,6 +247,7 @@ def _supplement_columns(kind: str, path: Path | None = None) -> dict[str, tuple[
 
 
 FORMATS = load_formats()
+NAME_SUFFIXES = load_name_suffixes()
 
 # -- reading a file ---------------------------------------------------------------
 
@@ -209,7 +283,10 @@ class RosterSource:
     """An opened roster file: its format and header, ready to yield rows.
 
     Raises :class:`RosterError` (line 1) from the constructor when the header
-    cannot serve: a required column missing, no way to know the ACO.
+    cannot serve: a required column missing, no way to know the ACO, or (with
+    ``strict``) a column no roster column reads. ``unread`` holds the header
+    cells of a delimited file that feed no roster column (each to be said by
+    name); ``not_read`` the headers the format says Herald does not read.
     """
 
     def __init__(self, lines: Iterable[str], options: RosterOptions, name: str = "roster") -> None:
@@ -224,6 +301,8 @@ class RosterSource:
         self.format, self.fixed = self._pick_format(first, options.format)
         self._index: dict[str, int] = {}
         self._header_names: dict[str, str] = {}
+        self.unread: tuple[UnreadColumn, ...] = ()
+        self.not_read: tuple[str, ...] = ()
         self.delimiter = ","
         self._pending_first: str | None = None
         if self.fixed:
@@ -247,6 +326,7 @@ class RosterSource:
                         self._header_names[col] = header[lookup[n]].strip()
                         break
             available = set(self._index)
+            self.unread, self.not_read = self._columns_not_read(header, columns)
         problems = []
         for col in self.format.required:
             if col not in available:
@@ -258,8 +338,54 @@ class RosterSource:
             problems.append((1, "member_id", "required column is missing from the header"))
         if "aco_id" not in available and not options.aco_id:
             problems.append((1, "aco_id", "the file has no ACO id column: give --aco or set [roster] aco_id"))
+        if problems or options.strict:
+            # A refused header says its unread columns too: a misspelt one is often why.
+            problems.extend(u.problem() for u in self.unread)
         if problems:
             raise RosterError(problems)
+
+    def _columns_not_read(
+        self, header: list[str], columns: Mapping[str, tuple[str, ...]]
+    ) -> tuple[tuple[UnreadColumn, ...], tuple[str, ...]]:
+        """The header cells no roster column reads: (those to say one by one, those the format ignores)."""
+        read = set(self._index.values())
+        spelling_of: dict[str, str] = {}
+        for col, names in columns.items():
+            for n in names:
+                spelling_of.setdefault(n, col)
+        unread: list[UnreadColumn] = []
+        ignored: list[str] = []
+        for i, cell in enumerate(header):
+            name = cell.strip().lower()
+            if i in read:
+                continue
+            if not name:
+                unread.append(UnreadColumn(i + 1, cell))
+            elif self.format.ignores(name):
+                ignored.append(cell.strip())
+            elif name in spelling_of and spelling_of[name] in self._index:
+                col = spelling_of[name]
+                unread.append(UnreadColumn(i + 1, cell, name, col, self._header_names[col]))
+            else:
+                nearest = difflib.get_close_matches(name, spelling_of, n=1, cutoff=0.0)
+                near = nearest[0] if nearest else ""
+                unread.append(UnreadColumn(i + 1, cell, near, spelling_of.get(near, "")))
+        return tuple(unread), tuple(ignored)
+
+    def not_read_note(self) -> str:
+        """One line naming the headers the format says Herald does not read ('' when there are none).
+
+        A run of headers one pattern names (``hcc_col_*``) is shown as its
+        first and last and a count.
+        """
+        groups: dict[str, list[str]] = {}
+        for name in self.not_read:
+            pattern = next(p for p in self.format.ignored if fnmatch.fnmatchcase(name.lower(), p))
+            groups.setdefault(pattern, []).append(name)
+        shown: list[str] = []
+        for names in groups.values():
+            shown += [f"{names[0]} .. {names[-1]} ({len(names)} columns)"] if len(names) > 2 else names
+        return f"not read, as the {self.format.name} format says: {', '.join(shown)}" if shown else ""
 
     @classmethod
     def from_text(cls, text: str, options: RosterOptions | None = None, name: str = "roster") -> RosterSource:
@@ -355,6 +481,13 @@ class RosterSource:
                 bad("sex", f"{v['sex']!r} is not one of {', '.join(sorted(fmt.sex_codes))}")
             else:
                 v["sex"] = sex
+        if v["name_suffix"]:
+            suffix = NAME_SUFFIXES.get(_SUFFIX_NOISE.sub("", v["name_suffix"]).upper())
+            if suffix is None:
+                known = ", ".join(dict.fromkeys(NAME_SUFFIXES.values()))
+                bad("name_suffix", f"{v['name_suffix']!r} is not a generational suffix ({known})")
+            else:
+                v["name_suffix"] = suffix
         if v["mrn"] and not v["mrn_authority"]:
             bad("mrn_authority", "is empty but an MRN is given")
         if not v["mbi"] and not v["mrn"]:
@@ -531,5 +664,10 @@ def _keys_of(packed: str) -> list[str]:
     return blocking_keys(person_from_member({"person": packed}))
 
 
+def _terms_of(packed: str) -> list[str]:
+    person = unpack_person(packed)
+    return frequency_terms(person) if person is not None else []
+
+
 #: Matching's normalisation as the store needs it to keep a roster version's derived columns.
-DERIVATION = RosterDerivation(BLOCKING_RECIPE, _derive, _keys_of)
+DERIVATION = RosterDerivation(BLOCKING_RECIPE, _derive, _keys_of, _terms_of)

@@ -7,8 +7,8 @@ independent); each comparison's agreement level adds its weight ``log2(m/u)``
 and the total is graded ``certain`` / ``probable`` / ``possible`` / ``none``
 (FHIR ``$match``). The place never makes a match alone: when given name,
 family name and birth date together carry too little evidence (the identity
-floor), or look like a relative at the same house (the household rule), the
-grade is at best ``possible``.
+floor), the grade is at best ``possible``; telling a member from a relative
+sharing the home is :mod:`gateway.matching.household`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -24,7 +25,16 @@ from rapidfuzz import fuzz
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
 
 from gateway.matching.model import MatchModel
-from gateway.matching.people import Person, _compact, _house_number, _parts, nickname_groups, street_word_kinds
+from gateway.matching.people import (
+    Person,
+    _compact,
+    _house_number,
+    _parts,
+    frequency_terms,
+    name_variants,
+    nickname_groups,
+    street_word_kinds,
+)
 
 #: The comparisons :func:`score` adds up, in the order it reports them.
 SCORED = ("given", "family", "middle", "birth_date", "sex", "address", "phone")
@@ -62,6 +72,11 @@ def _nysiis(value: str) -> str:
     return jellyfish.nysiis(value) if value else ""
 
 
+#: The least Jaro-Winkler similarity at which two names sharing a NYSIIS code are ``similar``
+#: (STEPHEN/STEVEN 0.89, SEAN/SHAWN 0.81, MARY/MARIE 0.85 pass; JOHN/JEAN 0.67, JOHN/JAMES 0.48 do not).
+_SOUNDS_ALIKE_JW = 0.75
+
+
 def _name_level(a: str, b: str, sim: Mapping[str, float], given: bool) -> str:
     if not a or not b:
         return "missing"
@@ -79,11 +94,36 @@ def _name_level(a: str, b: str, sim: Mapping[str, float], given: bool) -> str:
         jw = JaroWinkler.similarity(ca, cb)
         if jw >= sim["name_close"]:
             return "close"
-        if jw >= sim["name_similar"] or DamerauLevenshtein.distance(ca, cb) <= 1 or _nysiis(ca) == _nysiis(cb):
+        # Sounding alike counts only for names alike in writing too: JOHN and JAMES share a
+        # NYSIIS code (JAN) and are two people's names (twins', as often as not).
+        if (
+            jw >= sim["name_similar"]
+            or DamerauLevenshtein.distance(ca, cb) <= 1
+            or (jw >= _SOUNDS_ALIKE_JW and _nysiis(ca) == _nysiis(cb))
+        ):
+            return "similar"
+        if given and _typo_of_a_variant(ca, cb):
             return "similar"
     if given and (len(ca) == 1 or len(cb) == 1) and ca[0] == cb[0]:
         return "initial"
     return "disagree"
+
+
+def _typo_of_a_variant(a: str, b: str) -> bool:
+    """Whether one given name is one keystroke from a diminutive or formal form of the other
+    (``RICK`` for FREDERICK typed ``RIKC``): both errors at once. Names of four letters or more,
+    with the first letter kept: among three-letter names one keystroke leads from one person's
+    name to another's (``BEN`` for Benjamin, ``KEN`` for Kenneth), and so does a first letter
+    (``TERRY`` for Terence, ``JERRY``)."""
+    if len(a) < 4 or len(b) < 4:
+        return False
+    variants = name_variants()
+    return any(_slip_of(a, v) for v in variants.get(b, ())) or any(_slip_of(b, v) for v in variants.get(a, ()))
+
+
+def _slip_of(typed: str, name: str) -> bool:
+    # One keystroke, not at the first letter: TERRY (for TERENCE) and JERRY are twins' names.
+    return len(name) >= 4 and typed[0] == name[0] and DamerauLevenshtein.distance(typed, name) <= 1
 
 
 _STRONG_NAME = ("exact", "nickname", "compound", "close")
@@ -131,6 +171,8 @@ def _date_level(a: str, b: str) -> str:
         return "one_digit"
     if (ya == yb) + (ma == mb) + (da == db) >= 2:
         return "partial"
+    if abs((date.fromisoformat(a) - date.fromisoformat(b)).days) == 1:
+        return "one_digit"  # a day off across the end of a month is the same slip as within one
     return "disagree"
 
 
@@ -275,31 +317,6 @@ def compare(query: Person, candidate: Person, model: MatchModel) -> dict[str, st
     }
 
 
-_HOUSEHOLD_NAME = ("exact", "compound", "close")
-
-
-def household_limit(scored: Scored, model: MatchModel) -> str | None:
-    """The best grade a comparison may have when it looks like two people of one household, else None.
-
-    Relatives share a surname and an address or phone, so for them those
-    agreements are not the independent evidence the weights assume: a spouse
-    or sibling (given name and birth date both differ) is at best
-    ``model.household_both_differ``; a twin or a Jr/Sr (one of them differs)
-    at best ``model.household_one_differs``.
-    """
-    level = {f.field: f.level for f in scored.fields}
-    if level["family"] not in _HOUSEHOLD_NAME:
-        return None
-    if level["address"] != "house" and level["phone"] != "exact":
-        return None
-    differ = (level["given"] == "disagree") + (level["birth_date"] == "disagree")
-    if differ == 2:
-        return model.household_both_differ
-    if differ == 1:
-        return model.household_one_differs
-    return None
-
-
 #: The comparisons that say who the person is (not where they live): :func:`identity_limit` sums them.
 IDENTITY = ("given", "family", "birth_date")
 
@@ -341,16 +358,63 @@ def identity_limit(scored: Scored, model: MatchModel) -> str | None:
     given name agrees but the surname and birth date do not), the grade is at
     best ``model.identity_best_grade``.
     """
-    evidence = sum(f.weight for f in scored.fields if f.field in IDENTITY)
+    # The model's own weights, not a rare name's: the floor's interval was derived from them.
+    evidence = sum(model.weight(f.field, f.level) for f in scored.fields if f.field in IDENTITY)
     return model.identity_best_grade if evidence < model.identity_floor else None
 
 
-def score(query: Person, candidate: Person, model: MatchModel) -> Scored:
-    """Compare two people (:data:`SCORED`); the total is the sum of the levels' weights (log2 units)."""
+def score(query: Person, candidate: Person, model: MatchModel, exact: Mapping[str, float] | None = None) -> Scored:
+    """Compare two people (:data:`SCORED`); the total is the sum of the levels' weights (log2 units).
+
+    ``exact`` replaces the weight of an ``exact`` agreement of some fields: the query's
+    value weighed by how rare it is on the roster (:func:`term_weights`). When the
+    address says the patient does not live at the member's (a move, or another
+    person), the phone is weighed as it behaves after a move
+    (:attr:`~gateway.matching.model.MatchModel.moved_phone_weights`): a move changes
+    both, so the two disagreeing are one piece of evidence, not two.
+    """
     levels = compare(query, candidate, model)
     table = model._table
-    parts = tuple([FieldComparison(name, levels[name], table[name][levels[name]]) for name in SCORED])
-    return Scored(round(sum([p[2] for p in parts]), 6), parts)
+    moved = model.moved_phone_weights if levels["address"] not in _SAME_HOME else None
+    parts = []
+    for name in SCORED:
+        level = levels[name]
+        if exact and level == "exact" and name in exact:
+            weight = exact[name]
+        elif name == "phone" and moved is not None:
+            weight = moved[level]
+        else:
+            weight = table[name][level]
+        parts.append(FieldComparison(name, level, weight))
+    return Scored(round(sum([p[2] for p in parts]), 6), tuple(parts))
+
+
+#: Address levels at which the patient lives at the member's (or nothing is known of it).
+_SAME_HOME = ("house", "street", "missing")
+
+
+def term_weights(query: Person, counts: Mapping[str, int], total: int, model: MatchModel) -> dict[str, float]:
+    """The weight of an exact agreement on each of the query's names and birth date, by its frequency
+    on the roster (Splink's term-frequency adjustment): ``log2(m / u)`` with ``u`` the share of the
+    roster's ``total`` current members that carry the value, not the field's average.
+
+    The share is of the other members (the one compared carries the value), smoothed towards the
+    model's average ``u`` (one expected sighting at that rate: ``(others + 1) / (total - 1 + 1 / u)``),
+    so a value seen once on a small roster is not taken for a rare one, and on a roster of a few
+    members the weights stay the model's. ``counts`` are the
+    roster's counts of :func:`~gateway.matching.people.frequency_terms`; ``total`` 0 gives ``{}``.
+    """
+    if total <= 0:
+        return {}
+    out = {}
+    for term in frequency_terms(query):
+        name, _, _ = term.partition(":")
+        fm = model.fields[name]
+        # An exact agreement means the member compared carries the value: the others are the count less one.
+        others = max(counts.get(term, 0) - 1, 0)
+        u = (others + 1) / (max(total - 1, 0) + 1 / fm.u["exact"])
+        out[name] = math.log2(fm.m["exact"] / u)
+    return out
 
 
 def grade(total: float, model: MatchModel) -> str:
