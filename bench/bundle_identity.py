@@ -96,6 +96,9 @@ class EmptyRoster:
     def members(self, refs):
         return []
 
+    def term_counts(self, terms):
+        return {}, 0
+
 
 def sample_files() -> list[tuple[str, Path]]:
     """(name relative to the repository, path) of every sample message file."""

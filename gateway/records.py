@@ -44,7 +44,7 @@ ROLES = ("pcp", "care_team", "hie")
 #: The roles told about a roster member (the HIE is told about every patient).
 MEMBER_ROLES = ("pcp", "care_team")
 
-#: Roster columns as matching reads them (see MATCHING_CONTRACT.md), in stored order.
+#: Roster columns as matching reads them (the README's roster table), in stored order.
 MEMBER_COLUMNS = (
     "aco_id",
     "member_id",
