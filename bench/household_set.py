@@ -55,7 +55,14 @@ from synthetic_people import (  # noqa: E402
     mbi,
 )
 
+from gateway.matching.roster import npi_check_digit  # noqa: E402
 from gateway.records import MEMBER_COLUMNS  # noqa: E402
+
+
+def _npi(drawn: str) -> str:
+    """A drawn 10-digit number made an NPI: its last digit replaced by the check digit."""
+    return drawn[:9] + npi_check_digit(drawn[:9])
+
 
 NICKNAMES_CSV = Path(__file__).resolve().parent.parent / "mappings" / "nicknames.csv"
 
@@ -431,7 +438,10 @@ class _Builder:
         self.target = members
         self.zips = [f"{z:05d}" for z in sorted(self.rng.sample(range(46000, 63000), ZIP_COUNT))]
         self.pcps = [
-            (f"1{self.rng.randrange(10**8, 10**9)}", f"Dr. {self.rng.choice(GIVEN)} {self.names.family(self.rng)}")
+            (
+                _npi(f"1{self.rng.randrange(10**8, 10**9)}"),
+                f"Dr. {self.rng.choice(GIVEN)} {self.names.family(self.rng)}",
+            )
             for _ in range(PCP_COUNT)
         ]
         self.roster: list[dict] = []

@@ -351,7 +351,7 @@ def roster_import(
     _print_problems(file, report.problems, " (row skipped)")
     click.echo(
         f"imported {file} as roster version {report.import_id} of {', '.join(report.acos)}"
-        + (f", effective {effective}" if effective else "")
+        + (f", effective {effective}" if effective else ", effective today")
     )
     click.echo(
         f"  added {report.added}, changed {report.changed}, ended {report.ended}, unchanged {report.unchanged}, "

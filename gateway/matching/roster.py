@@ -249,28 +249,69 @@ def _supplement_columns(kind: str, path: Path | None = None) -> dict[str, tuple[
 FORMATS = load_formats()
 NAME_SUFFIXES = load_name_suffixes()
 
+
+def npi_check_digit(first_nine: str) -> str:
+    """The check digit of an NPI from its first nine digits: Luhn over the digits prefixed
+    with 80840 (the card issuer prefix CMS assigns the NPI, per its "NPI Check Digit" paper)."""
+    total = 0
+    for k, d in enumerate(reversed("80840" + first_nine)):
+        n = int(d)
+        if k % 2 == 0:  # doubled: these sit at odd positions from the right once the check digit follows
+            n = n * 2 - 9 if n > 4 else n * 2
+        total += n
+    return str((10 - total % 10) % 10)
+
+
+def npi_problem(npi: str) -> str | None:
+    """Why ``npi`` is not an NPI (ten digits whose last is the Luhn check digit), or None."""
+    if not _NPI.fullmatch(npi):
+        return "is not a 10-digit NPI"
+    if npi_check_digit(npi[:9]) != npi[9]:
+        return f"is not an NPI: its check digit should be {npi_check_digit(npi[:9])}, not {npi[9]} (a typo?)"
+    return None
+
+
 # -- reading a file ---------------------------------------------------------------
 
 
 def sniff_encoding(path: Path) -> tuple[str, str]:
-    """``(encoding, sha256)`` of a file: UTF-8 (with or without BOM) if it decodes, else cp1252."""
+    """``(encoding, sha256)`` of a file: UTF-8 (with or without BOM) if it decodes, else cp1252.
+
+    A file that is neither (a NUL byte, or a byte cp1252 leaves undefined) is
+    not a roster: :class:`RosterError` names the line and the byte, rather than
+    a decoding error halfway through an import.
+    """
     digest = hashlib.sha256()
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    utf8 = True
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    cp1252 = codecs.getincrementaldecoder("cp1252")()
+    ok = {"utf-8": True, "cp1252": True}
+    line, bad = 1, None
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-            if utf8:
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError:
-                    utf8 = False
-    if utf8:
+            nul = chunk.find(b"\x00")
+            if nul >= 0 and bad is None:
+                bad = (line + chunk.count(b"\n", 0, nul), "a NUL byte")
+            for name, decoder in (("utf-8", utf8), ("cp1252", cp1252)):
+                if ok[name]:
+                    try:
+                        decoder.decode(chunk)
+                    except UnicodeDecodeError as e:
+                        ok[name] = False
+                        if name == "cp1252" and bad is None:
+                            bad = (line + chunk.count(b"\n", 0, e.start), f"byte 0x{chunk[e.start]:02x}")
+            line += chunk.count(b"\n")
+    if ok["utf-8"]:
         try:
-            decoder.decode(b"", final=True)
+            utf8.decode(b"", final=True)
         except UnicodeDecodeError:
-            utf8 = False
-    return ("utf-8-sig" if utf8 else "cp1252"), digest.hexdigest()
+            ok["utf-8"] = False
+    if bad is not None and (bad[1] == "a NUL byte" or not ok["utf-8"]):
+        raise RosterError(
+            [(bad[0], "-", f"{bad[1]}: not a text file in UTF-8 or Windows-1252; a roster is CSV or fixed-width text")],
+            source=str(path),
+        )
+    return ("utf-8-sig" if ok["utf-8"] else "cp1252"), digest.hexdigest()
 
 
 def _delimiter(header_line: str) -> str:
@@ -509,8 +550,8 @@ class RosterSource:
                 if pcp:
                     v.update({c: pcp.get(c, "") for c in ("pcp_npi", "pcp_name", "care_manager") if pcp.get(c)})
                     break
-        if v["pcp_npi"] and not _NPI.fullmatch(v["pcp_npi"]):
-            bad("pcp_npi", "is not a 10-digit NPI")
+        if v["pcp_npi"] and (why := npi_problem(v["pcp_npi"])):
+            bad("pcp_npi", why)
         if v["effective_start"] and v["effective_end"] and v["effective_end"] < v["effective_start"]:
             bad("effective_end", "is before effective_start")
         if problems:
@@ -632,8 +673,8 @@ def _read_keyed(path: Path, kind: str, wanted: tuple[str, ...]) -> dict[str, dic
             problems.append((line, "mbi", "neither an MBI nor a member id is given"))
             continue
         npi = values.get("pcp_npi", "")
-        if npi and not _NPI.fullmatch(npi):
-            problems.append((line, header[index["pcp_npi"]], "is not a 10-digit NPI"))
+        if npi and (why := npi_problem(npi)):
+            problems.append((line, header[index["pcp_npi"]], why))
             continue
         if key in first_line:
             problems.append((line, "mbi" if mbi else "member_id", f"the member is also on line {first_line[key]}"))

@@ -258,7 +258,7 @@ def _apply_import(
             fmt,
             "replace" if replace else "update",
             ",".join(acos),
-            effective,
+            effective or start_of_version,  # the version's first day, said even when it defaulted to today
             total,
             rejected,
         ),

@@ -1,0 +1,84 @@
+"""CLI papercuts found by a new user (issue 15), each with the test that found it."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+import pytest
+from test_cli import ROSTER_HEADER, ROSTER_ROWS, assert_clean_exit, explain, roster_file, run
+
+from gateway.matching.roster import npi_check_digit, npi_problem
+from gateway.store import open_roster_snapshot, roster_count
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"aco_id,member_id\n\x00\x01\x02\x03PNG", "line 2, column -: a NUL byte"),
+        # 0x8d is one of the five bytes Windows-1252 leaves undefined; the file is not UTF-8 either.
+        (ROSTER_HEADER.encode() + b"\nA1,M1,\x8d\xff\n", "line 2, column -: byte 0x8d"),
+    ],
+)
+def test_a_binary_roster_file_is_refused_naming_the_line_not_a_traceback(tmp_path, content, said):
+    path = tmp_path / "roster.csv"
+    path.write_bytes(content)
+    data = tmp_path / "data"
+    result = run("roster", "import", path, "--data", data)
+    assert_clean_exit(result, 2)
+    assert said in result.output, explain(result)
+    assert "not a text file" in result.output
+    assert not (data / "roster.db").exists()
+
+
+def test_a_random_binary_file_is_refused_cleanly(tmp_path):
+    path = tmp_path / "roster.csv"
+    path.write_bytes(os.urandom(4096))
+    result = run("roster", "import", path, "--data", tmp_path / "data")
+    assert_clean_exit(result, 2)
+    assert "not a text file" in result.output, explain(result)
+
+
+def test_a_windows_1252_roster_still_imports(tmp_path):
+    path = tmp_path / "roster.csv"
+    text = "\n".join([ROSTER_HEADER, ROSTER_ROWS[0].replace("Testpatient", "Testp\u00e4tient")]) + "\n"
+    path.write_bytes(text.encode("cp1252"))
+    assert b"\xe4" in path.read_bytes()
+    result = run("roster", "import", path, "--data", tmp_path / "data")
+    assert_clean_exit(result, 0)
+
+
+@pytest.mark.parametrize("npi", ["1234567893", "1987654328"])
+def test_npis_with_their_check_digit_pass(npi):
+    assert npi_problem(npi) is None
+    assert npi_check_digit(npi[:9]) == npi[9]
+
+
+def test_a_pcp_npi_with_a_wrong_check_digit_is_refused_naming_the_digit(tmp_path):
+    good = ROSTER_ROWS[0]
+    assert "1234567893" in good, "the fixture's NPI moved"
+    path = roster_file(tmp_path, good.replace("1234567893", "1234567890"))
+    result = run("roster", "import", path, "--data", tmp_path / "data")
+    assert_clean_exit(result, 2)
+    assert "pcp_npi: is not an NPI: its check digit should be 3, not 0" in result.output, explain(result)
+
+
+def test_a_pcp_file_npi_with_a_wrong_check_digit_is_refused(tmp_path):
+    roster = roster_file(tmp_path, *ROSTER_ROWS)
+    pcp = tmp_path / "pcp.csv"
+    pcp.write_text("member_id,pcp_npi,pcp_name\nM1,1234567894,Dr. Lee\n", encoding="utf-8")
+    result = run("roster", "import", roster, "--pcp", pcp, "--data", tmp_path / "data")
+    assert_clean_exit(result, 2)
+    assert "check digit should be 3, not 4" in result.output, explain(result)
+
+
+def test_roster_versions_shows_the_effective_date_when_it_defaulted_to_today(tmp_path):
+    data = tmp_path / "data"
+    result = run("roster", "import", roster_file(tmp_path, *ROSTER_ROWS), "--data", data)
+    assert_clean_exit(result, 0)
+    assert "effective today" in result.output, explain(result)
+    assert roster_count(open_roster_snapshot(data / "herald.db")) == len(ROSTER_ROWS)
+    versions = run("roster", "versions", "--data", data)
+    assert_clean_exit(versions, 0)
+    today = datetime.now(UTC).date().isoformat()
+    assert today in versions.output, explain(versions)
