@@ -23,6 +23,8 @@ REVIEW = "review"
 #: Matched (or not) and no recipient is to be told.
 MATCHED = "matched"
 UNMATCHED = "unmatched"
+#: Every state a message can be in (``herald log list --state``).
+MESSAGE_STATES = (RECEIVED, REJECTED, IGNORED, FAILED, ROUTED, REVIEW, MATCHED, UNMATCHED)
 
 # -- states of a notification -----------------------------------------------------
 

@@ -82,3 +82,108 @@ def test_roster_versions_shows_the_effective_date_when_it_defaulted_to_today(tmp
     assert_clean_exit(versions, 0)
     today = datetime.now(UTC).date().isoformat()
     assert today in versions.output, explain(versions)
+
+
+# -- herald log -----------------------------------------------------------------------------
+
+
+def _store_one(data, *, accept_ack_type: str, events: list[tuple[str, str]] = ()):
+    """A data folder holding one accepted message with MSH-15 ``accept_ack_type`` and extra ``(at, kind)`` events."""
+    from test_cli import NOW, SAMPLES
+
+    from gateway.app.replay import split_messages
+    from gateway.header import read_header
+    from gateway.records import RECEIVED, IntakeRecord
+    from gateway.store import Store
+    from gateway.store.events import append_event
+    from gateway.store.messages import record_frame
+
+    raw = split_messages((SAMPLES / "epic-v251-a04-ed-registration.hl7").read_bytes())[0]
+    h = read_header(raw)
+    store = Store(data / "herald.db", reactor=object(), clock=lambda: NOW)  # never started: its SQL only
+    conn = store._conn
+    now = NOW.isoformat(timespec="milliseconds")
+    result = record_frame(
+        conn,
+        IntakeRecord(
+            raw=raw,
+            peer="127.0.0.1:50000",
+            state=RECEIVED,
+            ack_code="CA",
+            sending_application=h.sending_application,
+            sending_facility=h.sending_facility,
+            message_type=h.message_type,
+            trigger_event=h.trigger_event,
+            control_id=h.control_id,
+            version=h.version,
+            accept_ack_type=accept_ack_type,
+        ),
+        now,
+    )
+    for at, kind in events:
+        append_event(conn, at, result.message_id, None, "test", kind, {"code": "CA"} if kind == "ack-sent" else None)
+    conn.close()
+    return result.message_id
+
+
+def test_log_show_says_no_ack_was_sent_for_msh15_ne(tmp_path):
+    data = tmp_path / "data"
+    message_id = _store_one(data, accept_ack_type="NE")
+    result = run("log", "show", message_id, "--data", data)
+    assert_clean_exit(result, 0)
+    assert "no accept ACK sent (MSH-15 NE)" in result.output, explain(result)
+    assert "ACK CA" not in result.output
+
+
+def test_log_show_gives_the_ack_that_was_sent(tmp_path):
+    data = tmp_path / "data"
+    message_id = _store_one(data, accept_ack_type="AL", events=[("2026-11-20T12:00:01.000+00:00", "ack-sent")])
+    result = run("log", "show", message_id, "--data", data)
+    assert_clean_exit(result, 0)
+    assert "ACK CA" in result.output, explain(result)
+
+
+def test_log_show_lists_audit_events_in_time_order(tmp_path):
+    data = tmp_path / "data"
+    # Appended late, stamped early: committed after the later one (a job stamped before it ran).
+    message_id = _store_one(
+        data,
+        accept_ack_type="AL",
+        events=[("2026-11-20T12:00:09.000+00:00", "later"), ("2026-11-20T12:00:05.000+00:00", "earlier")],
+    )
+    result = run("log", "show", message_id, "--data", data)
+    assert_clean_exit(result, 0)
+    out = result.output
+    assert out.index("earlier") < out.index("later"), explain(result)
+
+
+def test_log_list_refuses_an_unknown_state(tmp_path):
+    result = run("log", "list", "--state", "bogus", "--data", tmp_path / "data")
+    assert result.exit_code == 2, explain(result)
+    assert "'bogus' is not one of" in result.output
+
+
+# -- herald review ---------------------------------------------------------------------------
+
+
+def test_review_list_shows_why_a_review_was_rejected():
+    from gateway.app.match_report import describe_review
+
+    item = {
+        "id": 7,
+        "state": "rejected",
+        "message_id": 3,
+        "control_id": "C1",
+        "trigger_event": "A04",
+        "received_at": "2026-11-20T12:00:00",
+        "grade": "possible",
+        "score": 14.2,
+        "candidates": [],
+        "decided_by": "carol",
+        "decided_at": "2026-11-21T09:00:00",
+        "member_id": None,
+        "aco_id": None,
+        "note": "a different person: twin sister",
+    }
+    lines = describe_review(None, item)
+    assert any("rejected by carol" in line and "twin sister" in line for line in lines), lines

@@ -12,6 +12,7 @@ import click
 
 from gateway.config import ROSTER_FORMATS
 from gateway.errors import ConfigError, HeraldError, MessageError, RosterError
+from gateway.records import MESSAGE_STATES
 
 EXIT_BAD_INPUT = 2
 
@@ -510,7 +511,12 @@ def log():
 
 
 @log.command("list")
-@click.option("--state", default=None, help="Only messages in this state (received, routed, rejected, ...).")
+@click.option(
+    "--state",
+    type=click.Choice(MESSAGE_STATES),
+    default=None,
+    help="Only messages in this state.",
+)
 @click.option("--limit", default=50, show_default=True)
 @config_option
 @data_option
@@ -536,6 +542,18 @@ def log_list(state, limit, config_path, data_dir):
         )
 
 
+def _ack_said(message: dict, events: list[dict]) -> str:
+    """What the sender was answered: the ACK code sent, or why none was (MSH-15 NE/ER asks for none)."""
+    sent = [e for e in events if e["kind"] == "ack-sent"]
+    if sent:
+        return f"ACK {json.loads(sent[-1]['detail'] or '{}').get('code', message['ack_code'])}"
+    if message["state"] == "rejected" and message["ack_code"]:
+        return f"ACK {message['ack_code']} (refused)"
+    if message["accept_ack_type"] in ("NE", "ER"):
+        return f"no accept ACK sent (MSH-15 {message['accept_ack_type']})"
+    return "no ACK recorded"
+
+
 @log.command("show")
 @click.argument("message_id", type=int)
 @click.option("--fields", is_flag=True, help="Also list every field with its HL7 name (per the message's version).")
@@ -555,7 +573,8 @@ def log_show(message_id, fields, config_path, data_dir):
     click.echo(f"Message {m['id']}  state: {m['state']}" + (f"  ({reason})" if reason else ""))
     click.echo(
         f"  received {m['received_at']} from {m['peer']}; sender {m['sending_application']}|{m['sending_facility']}; "
-        f"{m['message_type']}^{m['trigger_event']} v{m['version']}; control id {m['control_id']}; ACK {m['ack_code']}"
+        f"{m['message_type']}^{m['trigger_event']} v{m['version']}; control id {m['control_id']}; "
+        f"{_ack_said(m, detail['events'])}"
     )
     if m["flag"]:
         click.echo(f"  flag: {m['flag']}")
@@ -592,7 +611,8 @@ def log_show(message_id, fields, config_path, data_dir):
     for a in detail["attempts"]:
         click.echo(f"  {a['at']}  {a['notification_id'][:8]}  #{a['attempt']} {a['outcome']}: {a['detail']}")
     click.echo("\nAudit events:")
-    for e in detail["events"]:
+    # In time order: an event stamped earlier may have been committed after a later one.
+    for e in sorted(detail["events"], key=lambda e: (e["at"], e["id"])):
         extra = f" {e['detail']}" if e["detail"] else ""
         click.echo(f"  {e['at']}  {e['actor']:<8} {e['kind']}{extra}")
     click.echo("\nFHIR:")

@@ -167,7 +167,8 @@ def describe_review(roster: RosterSnapshot, item: dict) -> list[str]:
         lines.append(f"  candidate {c['member_id']} of ACO {c['aco_id']}: {who}  score {c['score']:.2f}  {c['grade']}")
     if item["state"] != "open":
         chosen = f" -> member {item['member_id']} of ACO {item['aco_id']}" if item["member_id"] else ""
-        lines.append(f"  {item['state']} by {item['decided_by']} at {item['decided_at']}{chosen}")
+        why = f": {item['note']}" if item.get("note") else ""
+        lines.append(f"  {item['state']} by {item['decided_by']} at {item['decided_at']}{chosen}{why}")
     return lines
 
 
