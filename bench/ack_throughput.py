@@ -26,6 +26,27 @@ Servers:
 * ``--config FILE`` gives either server a Herald TOML config (recipients
   disabled, ``[pipeline] workers``, ...) to see what each part costs.
 
+Transports (``--transport``):
+
+* ``tcp`` (default): a plain ``tcp:`` listener on 127.0.0.1 (``--allow-plain``).
+* ``tls``: a mutual-TLS ``tls:`` listener, as deployed: throwaway certificates
+  made by ``herald certs init``'s code in the run's temporary folder, mllp-load
+  presenting the client certificate, and mllp-load's sender (LOADGEN|LOADHOSP)
+  bound to that certificate in ``[[senders]]``, so the allowlist check is paid.
+* ``both``: for each connection count, ``--rounds`` rounds of tcp then tls,
+  alternating, each on a fresh server, with the medians side by side. mllp-load
+  opens its connections once, so the handshakes are a fixed cost and the
+  figures are the per-message cost of TLS records and the allowlist.
+
+Encryption at rest (``--encryption``):
+
+* ``on`` (default): as deployed, with a throwaway key ring in the run's data
+  folder: every body sealed (AES-256-GCM) and its digest a keyed hash.
+* ``off``: ``[security] encrypt_at_rest = false`` (appended to a copy of the
+  config): bodies stored as received.
+* ``both``: for each connection count and transport, ``--rounds`` rounds of on
+  then off, alternating, each on a fresh server, with the medians side by side.
+
 Every run is bounded (``--max-seconds`` is always passed to mllp-load), every
 wait has a deadline, and the server is stopped by its pid (SIGTERM, then
 SIGKILL) and its temporary folder deleted, whatever happens.
@@ -34,6 +55,8 @@ Run from the repository root::
 
     .venv/bin/python bench/ack_throughput.py
     .venv/bin/python bench/ack_throughput.py --pipeline off -n1 5000 -n8 10000
+    .venv/bin/python bench/ack_throughput.py --transport both --rounds 3 -n1 3000 -n8 6000
+    .venv/bin/python bench/ack_throughput.py --pipeline off --encryption both --rounds 3 -n1 5000 -n8 10000
 """
 
 from __future__ import annotations
@@ -57,6 +80,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MLLP_LOAD = ROOT.parent / "shared" / "tools" / "mllp-load"
 STATS_FILE = "bench-stats.json"
+#: The client certificate mllp-load presents over mutual TLS, and the sender (MSH-3, MSH-4) it sends as.
+TLS_CLIENT = "bench-client"
+LOAD_SENDER = ("LOADGEN", "LOADHOSP")
 
 
 # -- the server under test ---------------------------------------------------
@@ -90,6 +116,7 @@ class Server:
     port: int
     switch_interval: float | None = None  # instrumented only: sys.setswitchinterval in the server
     config: Path | None = None  # a Herald TOML config (--config)
+    tls_dir: Path | None = None  # mutual TLS: the certificates (made by make_dev_certs); None: plain TCP
     proc: subprocess.Popen | None = None
     log_path: Path = field(init=False)
 
@@ -101,12 +128,15 @@ class Server:
         return self.data_dir / "herald.db"
 
     def command(self) -> list[str]:
-        listen = f"tcp:{self.port}:interface=127.0.0.1"
+        if self.tls_dir is None:
+            listen = [f"tcp:{self.port}:interface=127.0.0.1", "--allow-plain"]
+        else:
+            listen = [f"tls:{self.port}:interface=127.0.0.1"]
         if self.kind == "herald":
-            cmd = [*herald_command(), "serve", "--listen", listen, "--data", str(self.data_dir)]
+            cmd = [*herald_command(), "serve", "--listen", *listen, "--data", str(self.data_dir)]
             return cmd if self.config is None else [*cmd, "--config", str(self.config)]
         cmd = [sys.executable, str(Path(__file__).resolve()), "_serve", "--data", str(self.data_dir)]
-        cmd += ["--listen", listen]
+        cmd += ["--listen", *listen]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         if self.switch_interval is not None:
@@ -166,6 +196,24 @@ class Server:
             time.sleep(0.05)
         return None
 
+    def load_args(self) -> list[str]:
+        """mllp-load's arguments for this server's transport (the client certificate, over TLS)."""
+        if self.tls_dir is None:
+            return []
+        d = self.tls_dir
+        cert, key = d / f"{TLS_CLIENT}.pem", d / f"{TLS_CLIENT}-key.pem"
+        return [
+            "--tls",
+            "--ca",
+            str(d / "ca.pem"),
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--server-name",
+            "localhost",
+        ]
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -218,18 +266,37 @@ def stop_leftovers(processes: list[tuple[int, str]], grace_seconds: float = 5.0)
 
 @contextlib.contextmanager
 def running_server(
-    kind: str = "herald", pipeline: bool = True, keep: bool = False, switch_interval=None, config: Path | None = None
+    kind: str = "herald",
+    pipeline: bool = True,
+    keep: bool = False,
+    switch_interval=None,
+    config: Path | None = None,
+    transport: str = "tcp",
+    encryption: str = "on",
 ):
     """Start a server in a fresh temporary folder; always stop it and delete the folder.
 
     ``pipeline=False`` and ``switch_interval`` need the instrumented server.
+    ``transport="tls"``: mutual TLS with throwaway certificates (see the module docstring).
+    ``encryption="off"``: PHI stored unsealed (``encrypt_at_rest = false``); "on": a throwaway key.
     """
     if not pipeline or switch_interval is not None:
         kind = "instrumented"
     tmp = Path(tempfile.mkdtemp(prefix="herald-bench-"))
-    server = Server(kind, pipeline, tmp / "data", free_port(), switch_interval, config)
+    tls_dir = None
     try:
-        server.data_dir.mkdir()
+        if transport == "tls":
+            tls_dir, config = tls_material(tmp, config)
+        if encryption == "off":
+            config = encryption_off_config(tmp, config)
+        server = Server(kind, pipeline, tmp / "data", free_port(), switch_interval, config, tls_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        server.data_dir.mkdir(exist_ok=True)
+        if encryption == "on":
+            throwaway_key(server.data_dir)
         server.start()
         yield server
     finally:
@@ -240,6 +307,49 @@ def running_server(
             print(f"bench: kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def throwaway_key(data_dir: Path) -> None:
+    """A key ring for the run where Herald looks by default (it seals PHI at rest and will not start without one)."""
+    try:
+        from gateway.store.keys import new_key_file
+    except ImportError:  # a revision from before the key ring
+        return
+    new_key_file(data_dir / "keys" / "herald.key")
+
+
+def encryption_off_config(folder: Path, config: Path | None) -> Path:
+    """A copy of ``config`` (or an empty one) with ``[security] encrypt_at_rest = false``."""
+    text = config.read_text(encoding="utf-8") if config is not None else ""
+    if "[security]" in text:
+        text = text.replace("[security]", "[security]\nencrypt_at_rest = false", 1)
+    else:
+        text += "\n[security]\nencrypt_at_rest = false\n"
+    path = folder / "bench-plain-at-rest.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tls_material(folder: Path, config: Path | None) -> tuple[Path, Path]:
+    """Certificates for a mutual-TLS run, and a config binding mllp-load's sender to its certificate.
+
+    The certificates go where the server looks by default (``<data>/certs``);
+    ``config`` (the --config file, if any) is copied with the [[senders]] entry
+    appended.
+    """
+    import tomllib
+
+    from gateway.app.certs import make_dev_certs
+
+    made = make_dev_certs(folder / "data" / "certs", clients=(TLS_CLIENT,), days=1)
+    text = config.read_text(encoding="utf-8") if config is not None else ""
+    if "senders" in tomllib.loads(text):
+        raise SystemExit("bench: --transport tls adds its own [[senders]]; the --config file must have none")
+    application, facility = LOAD_SENDER
+    text += f'\n[[senders]]\napplication = "{application}"\nfacility = "{facility}"\nidentities = ["{TLS_CLIENT}"]\n'
+    path = folder / "bench-tls.toml"
+    path.write_text(text, encoding="utf-8")
+    return made.directory, path
 
 
 # -- the load ----------------------------------------------------------------
@@ -323,6 +433,8 @@ def durability_note(database: Path) -> str:
     from gateway import store
 
     source = inspect.getsource(store.open_database)
+    with contextlib.suppress(AttributeError, OSError, TypeError):  # the pragmas live in the helper it calls
+        source += inspect.getsource(store.schema._open)
     sync = "FULL" if "synchronous=FULL" in source else "not FULL (check gateway/store/schema.py open_database)"
     journal = "?"
     with contextlib.suppress(Exception):
@@ -356,12 +468,14 @@ def code_under_test() -> str:
 # -- one measurement ---------------------------------------------------------
 
 
-def measure(connections: int, n: int, args) -> dict:
+def measure(connections: int, n: int, args, transport: str = "tcp", encryption: str = "on") -> dict:
     """Start a fresh server, drive it with mllp-load, collect the figures, stop it."""
-    with running_server(args.server, args.pipeline == "on", args.keep, args.switch_interval, args.config) as server:
+    with running_server(
+        args.server, args.pipeline == "on", args.keep, args.switch_interval, args.config, transport, encryption
+    ) as server:
         load_before = os.getloadavg()[0]
         cpu_before = server_cpu(server)
-        extra = ["--rate", str(args.rate)] if args.rate else None
+        extra = (["--rate", str(args.rate)] if args.rate else []) + server.load_args()
         load = run_mllp_load(server.port, n, connections, args.max_seconds, extra)
         cpu_after = server_cpu(server)
         stats = server.stats()
@@ -369,6 +483,8 @@ def measure(connections: int, n: int, args) -> dict:
         note = durability_note(server.database)
     answered = load["answered"]
     row = {
+        "transport": transport,
+        "encryption": encryption,
         "connections": connections,
         "requested": n,
         "answered": answered,
@@ -414,7 +530,7 @@ def print_table(rows: list[dict], args) -> None:
     paced = f", paced at {args.rate:g} msgs/s in all" if args.rate else ""
     print(f"client: {MLLP_LOAD.name}, synthetic ADT mix, one message in flight per connection{paced}\n")
     head = (
-        f"{'conns':>5} {'messages':>9} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'transport':>9} {'conns':>5} {'messages':>9} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
         f"{'nacks':>6} {'errors':>6} {'commits':>8} {'msgs/commit':>11} {'unconverted':>11} "
         f"{'server us':>9} {'workers us':>10} {'client us':>9} {'load avg':>11}"
     )
@@ -424,8 +540,8 @@ def print_table(rows: list[dict], args) -> None:
         commits = r["commits"]
         per = f"{r['answered'] / commits:.2f}" if commits else "n/a"
         print(
-            f"{r['connections']:>5} {r['answered']:>9} {r['msgs_per_s']:>9.1f} {_ms(r['ack_ms_p50'])} "
-            f"{_ms(r['ack_ms_p99'])} {_ms(r['ack_ms_max'])} {r['not_ok']:>6} {r['timeouts']:>6} "
+            f"{_label(r):>9} {r['connections']:>5} {r['answered']:>9} {r['msgs_per_s']:>9.1f} "
+            f"{_ms(r['ack_ms_p50'])} {_ms(r['ack_ms_p99'])} {_ms(r['ack_ms_max'])} {r['not_ok']:>6} {r['timeouts']:>6} "
             f"{commits if commits is not None else 'n/a':>8} {per:>11} {r['still_received']:>11} "
             f"{_us(r['server_cpu_us_per_msg']):>9} {_us(r['workers_cpu_us_per_msg']):>10} "
             f"{_us(r['client_cpu_us_per_msg']):>9} {r['load_average'][0]:>5.2f}-{r['load_average'][1]:<5.2f}"
@@ -438,9 +554,64 @@ def print_table(rows: list[dict], args) -> None:
     print("server us / workers us / client us: CPU microseconds per answered message used during the load by")
     print("the server process, by the processes it started (pipeline workers), and by mllp-load. load avg: the")
     print("machine's 1-minute load average before and after the row (other work on the machine shows here).")
+    print("transport: tcp = plain loopback listener; tls = mutual TLS (client certificate, [[senders]] check);")
+    print("/plain: encryption at rest off ([security] encrypt_at_rest = false), else on (a throwaway key ring).")
     for r in rows:
         if r["stopped_at_max_seconds"]:
             print(f"note: the c={r['connections']} run stopped at --max-seconds after {r['answered']} messages.")
+    print_medians(rows)
+
+
+def print_medians(rows: list[dict]) -> None:
+    """With more than one row per (connections, transport, encryption): the medians side by side, TLS against
+    TCP and encryption at rest on against off."""
+    import statistics
+
+    groups: dict[tuple[int, str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["connections"], r["transport"], r.get("encryption", "on")), []).append(r)
+    if len(groups) == len(rows):
+        return
+    print("\nmedians (alternating rounds, a fresh server each; at rest: encryption at rest on or off):")
+    print(
+        f"{'conns':>5} {'transport':>9} {'at rest':>7} {'rounds':>6} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'server us':>9}"
+    )
+    for c in sorted({c for c, _, _ in groups}):
+        med = {}
+        for t in ("tcp", "tls"):
+            for e in ("on", "off"):
+                g = groups.get((c, t, e))
+                if not g:
+                    continue
+                m = {
+                    k: statistics.median(x[k] for x in g if x[k] is not None)
+                    for k in ("msgs_per_s", "ack_ms_p50", "ack_ms_p99")
+                }
+                cpu = [x["server_cpu_us_per_msg"] for x in g if x["server_cpu_us_per_msg"] is not None]
+                m["cpu"] = statistics.median(cpu) if cpu else None
+                med[t, e] = m
+                print(
+                    f"{c:>5} {t:>9} {e:>7} {len(g):>6} {m['msgs_per_s']:>9.1f} {m['ack_ms_p50']:>8.2f} "
+                    f"{m['ack_ms_p99']:>8.2f} {_us(m['cpu']):>9}"
+                )
+        for e in ("on", "off"):
+            if ("tcp", e) in med and ("tls", e) in med and med["tcp", e]["msgs_per_s"]:
+                ratio = med["tls", e]["msgs_per_s"] / med["tcp", e]["msgs_per_s"]
+                print(f"{c:>5} {'tls/tcp':>9} {e:>7} {'':>6} {ratio:>9.2f}")
+        for t in ("tcp", "tls"):
+            on, off = med.get((t, "on")), med.get((t, "off"))
+            if on and off and off["msgs_per_s"]:
+                cost = f"{on['cpu'] - off['cpu']:+.0f}" if on["cpu"] is not None and off["cpu"] is not None else "n/a"
+                print(
+                    f"{c:>5} {t:>9} {'on/off':>7} {'':>6} {on['msgs_per_s'] / off['msgs_per_s']:>9.2f} "
+                    f"{'':>8} {'':>8} {cost:>9}"
+                )
+
+
+def _label(row: dict) -> str:
+    """The row's transport, marked when encryption at rest was off."""
+    return row["transport"] + ("/plain" if row.get("encryption") == "off" else "")
 
 
 def _us(value) -> str:
@@ -467,6 +638,7 @@ def serve_instrumented(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="ack_throughput.py _serve")
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--listen", required=True)
+    ap.add_argument("--allow-plain", action="store_true")
     ap.add_argument("--no-pipeline", action="store_true")
     ap.add_argument("--switch-interval", type=float, default=None)
     ap.add_argument("--config", type=Path, default=None)
@@ -480,7 +652,7 @@ def serve_instrumented(argv: list[str]) -> None:
     from gateway.app.service import make_service
     from gateway.config import load_config
 
-    cfg = load_config(opts.config, data_dir=opts.data, listen=[opts.listen])
+    cfg = load_config(opts.config, data_dir=opts.data, listen=[opts.listen], allow_plain=opts.allow_plain or None)
 
     def run(reactor):
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
@@ -559,10 +731,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pace mllp-load to this many messages per second in all (default: as fast as ACKs come back); "
         "a rate the pipeline sustains compares ACK latency at equal work",
     )
+    ap.add_argument(
+        "--transport",
+        choices=["tcp", "tls", "both"],
+        default="tcp",
+        help="tcp (default): plain loopback listener; tls: mutual TLS as deployed; "
+        "both: alternate tcp and tls rounds for each connection count",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="rounds per transport and connection count (default 1); medians shown"
+    )
+    ap.add_argument(
+        "--encryption",
+        choices=["on", "off", "both"],
+        default="on",
+        help="encryption at rest: on (default, a throwaway key ring), off (encrypt_at_rest = false), "
+        "both: alternate on and off rounds",
+    )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data folders (prints their paths)")
     args = ap.parse_args(argv)
-    if args.n1 < 1 or args.n8 < 1 or any(c < 1 for c in args.connections):
+    if args.n1 < 1 or args.n8 < 1 or args.rounds < 1 or any(c < 1 for c in args.connections):
         ap.error("message and connection counts must be at least 1")
     if args.max_seconds <= 0:
         ap.error("--max-seconds must be positive")
@@ -578,11 +767,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parse_args(argv)
     rows = []
+    transports = ["tcp", "tls"] if args.transport == "both" else [args.transport]
+    encryptions = ["on", "off"] if args.encryption == "both" else [args.encryption]
     for c in args.connections:
         n = args.n1 if c == 1 else args.n8
-        if not args.json:
-            print(f"running c={c}, n={n} ...", file=sys.stderr)
-        rows.append(measure(c, n, args))
+        for round_number in range(1, args.rounds + 1):
+            for transport in transports:  # alternating, so drift in the machine's speed hits both alike
+                for encryption in encryptions:
+                    if not args.json:
+                        print(
+                            f"running c={c}, n={n}, {transport}, at rest {encryption}, round {round_number} ...",
+                            file=sys.stderr,
+                        )
+                    rows.append(measure(c, n, args, transport, encryption) | {"round": round_number})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

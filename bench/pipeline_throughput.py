@@ -32,12 +32,21 @@ until no message is ``received`` and no notification is pending (bounded).
   when its port accepts connections: the pipeline's own capacity, store
   writes and deliveries included, with no intake competing.
 
+``--encryption`` (both modes): ``on`` (default) seals PHI at rest with a
+throwaway key ring, as deployed: the roster's members and the lookups on it
+(process_message opens each candidate it reads), and in ``e2e`` the stored
+bodies and Bundles too; ``off`` stores them unsealed (``encrypt_at_rest =
+false``); ``both`` runs on and off alternately, ``--rounds`` times each, and
+prints the medians side by side.
+
 Examples (from the repository root)::
 
     .venv/bin/python bench/pipeline_throughput.py inprocess -n 5000
     .venv/bin/python bench/pipeline_throughput.py inprocess -n 2000 --profile
     .venv/bin/python bench/pipeline_throughput.py e2e -n 3000
     .venv/bin/python bench/pipeline_throughput.py e2e -n 3000 --e2e backlog
+    .venv/bin/python bench/pipeline_throughput.py inprocess -n 2000 --encryption both --rounds 3
+    .venv/bin/python bench/pipeline_throughput.py e2e -n 2000 --e2e backlog --encryption both --rounds 2
 """
 
 from __future__ import annotations
@@ -58,7 +67,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ack_throughput import Server, code_under_test, free_port, run_mllp_load, server_cpu  # noqa: E402
+from ack_throughput import (  # noqa: E402
+    Server,
+    code_under_test,
+    encryption_off_config,
+    free_port,
+    run_mllp_load,
+    server_cpu,
+)
 from synthetic_people import mbi, person, typo  # noqa: E402
 
 from gateway.app.roster import import_members  # noqa: E402
@@ -70,6 +86,7 @@ from gateway.matching.roster import RosterMember  # noqa: E402
 from gateway.pipeline.process import MatchPolicy, process_message  # noqa: E402
 from gateway.records import PendingMessage  # noqa: E402
 from gateway.store import StoredRoster, open_database, open_roster_snapshot  # noqa: E402
+from gateway.store.keys import KeyRing, new_key_file  # noqa: E402
 
 BATCH = Config.pipeline_batch  # the default [pipeline] batch_size
 ROSTER_AUTHORITY = "BENCHHOSP"
@@ -203,14 +220,23 @@ def _rate(count: int, seconds: float) -> dict:
     return {"messages": count, "seconds": round(seconds, 3), "msgs_per_s": round(count / seconds, 1)}
 
 
-def run_inprocess(args) -> dict:
+def bench_keys(folder: Path, encryption: str) -> KeyRing:
+    """A throwaway key ring in ``folder`` (``<folder>/keys/herald.key``, where Herald looks by default), or the
+    disabled ring when encryption at rest is off."""
+    if encryption == "off":
+        return KeyRing.disabled()
+    return KeyRing.load(new_key_file(folder / "keys" / "herald.key"), environ={})
+
+
+def run_inprocess(args, encryption: str = "on") -> dict:
     """Time convert, convert + validate and process_message over the same messages."""
     tmp = Path(tempfile.mkdtemp(prefix="herald-bench-pipeline-"))
     try:
         roster = make_roster(args.roster)
         db = tmp / "herald.db"
+        keys = bench_keys(tmp, encryption)
         t0 = time.perf_counter()
-        import_members(db, roster, "bench-roster.csv")
+        import_members(db, roster, "bench-roster.csv", keys=keys)
         import_s = time.perf_counter() - t0
         raws, intended = make_messages(args.n, roster, args.match_ratio)
         # The thresholds of this roster's size, as the pipeline's workers load them.
@@ -220,8 +246,8 @@ def run_inprocess(args) -> dict:
         vocab = load_vocabulary()
         tz = UTC
         recipients = default_recipients(tmp)  # file drops for every role, as the default config
-        conn = open_database(db, readonly=True)
-        lookups = StoredRoster(open_roster_snapshot(db), conn)
+        conn = open_database(db, readonly=True, keys=keys)
+        lookups = StoredRoster(open_roster_snapshot(db, keys), conn)
 
         def convert_only(batch):
             for p in batch:
@@ -246,6 +272,7 @@ def run_inprocess(args) -> dict:
         full(pending[:50])  # warm up: imports fhir.resources and builds its models
         results: dict = {
             "mode": "inprocess",
+            "encryption": encryption,
             "roster_members": len(roster),
             "roster_import_s": round(import_s, 3),
             "intended_matches": dict(Counter(method for method, _ in intended)),
@@ -389,7 +416,7 @@ def _span(start: datetime | None, end: str | None) -> float | None:
     return max((end_at - start).total_seconds(), 1e-3)
 
 
-def run_e2e(args) -> dict:
+def run_e2e(args, encryption: str = "on") -> dict:
     """Send the generated messages to a real server and time the pipeline and deliveries."""
     tmp = Path(tempfile.mkdtemp(prefix="herald-bench-e2e-"))
     server = None
@@ -399,24 +426,31 @@ def run_e2e(args) -> dict:
         files = tmp / "messages"
         files.mkdir()
         roster = make_roster(args.roster)
-        import_members(data / "herald.db", roster, "bench-roster.csv")
+        keys = bench_keys(data, encryption)
+        config = args.config if encryption == "on" else encryption_off_config(tmp, args.config)
+        import_members(data / "herald.db", roster, "bench-roster.csv", keys=keys)
         raws, intended = make_messages(args.n, roster, args.match_ratio)
         intended = Counter(method for method, _ in intended)
         for i, raw in enumerate(raws):
             (files / f"{i:07d}.hl7").write_bytes(raw)
         load_args = ["--files", str(files)]
-        result: dict = {"mode": f"e2e-{args.e2e}", "roster_members": len(roster), "intended_matches": dict(intended)}
+        result: dict = {
+            "mode": f"e2e-{args.e2e}",
+            "encryption": encryption,
+            "roster_members": len(roster),
+            "intended_matches": dict(intended),
+        }
         if args.config is not None:
             result["config"] = f"--config {args.config}"
 
         if args.e2e == "backlog":
             # Phase 1: store everything with the pipeline disconnected.
-            server = Server("instrumented", False, data, free_port())
+            server = Server("instrumented", False, data, free_port(), config=config)
             server.start()
             result["load"] = run_mllp_load(server.port, args.n, args.c, args.max_seconds, load_args)
             server.stop()
             server = None
-        server = Server("herald", True, data, free_port(), config=args.config)
+        server = Server("herald", True, data, free_port(), config=config)
         server.start()
         window_start = datetime.now(UTC)  # port open: the pipeline started moments before
         cpu_before = server_cpu(server)
@@ -552,12 +586,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--drain-seconds", type=float, default=300.0, help="e2e: bound on waiting for routing and delivery (300)"
     )
+    ap.add_argument(
+        "--encryption",
+        choices=["on", "off", "both"],
+        default="on",
+        help="encryption at rest: on (default, a throwaway key ring), off (encrypt_at_rest = false), "
+        "both: alternate on and off",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="runs per encryption mode (default 1); medians shown")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--keep", action="store_true", help="e2e: keep the temporary folder")
     args = ap.parse_args(argv)
     if args.n is None:
         args.n = 5000 if args.mode == "inprocess" else 3000
-    if args.n < 1 or args.roster < 0 or not 0 <= args.match_ratio <= 1 or args.repeat < 1 or args.c < 1:
+    if args.n < 1 or args.roster < 0 or not 0 <= args.match_ratio <= 1 or min(args.repeat, args.rounds, args.c) < 1:
         ap.error("counts must be positive and --match-ratio between 0 and 1")
     if args.roster >= 360_000:
         ap.error("--roster must be below 360000 (distinct MBIs)")
@@ -566,18 +608,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def print_encryption_medians(results: list[dict]) -> None:
+    """The medians per encryption mode (on, off) of the rounds run alternately, and the difference."""
+    import statistics
+
+    def per_message(r: dict) -> dict[str, float | None]:
+        if r["mode"] == "inprocess":
+            s = r["process_message"]
+            return {"process_message us/msg": 1e6 * s["seconds"] / s["messages"], "msgs/s": s["msgs_per_s"]}
+        done = max(1, r["processed"])
+        return {
+            "server us/msg": 1e6 * r["server_cpu_s"] / done,
+            "workers us/msg": 1e6 * r["workers_cpu_s"] / done,
+            "routed/s": r["routed_per_s"],
+            "sent/s": r["sent_per_s"],
+        }
+
+    figures: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        for k, v in per_message(r).items():
+            if v is not None:
+                figures.setdefault(r["encryption"], {}).setdefault(k, []).append(v)
+    if set(figures) != {"on", "off"}:
+        return
+    print(f"\nmedians of {len(results) // 2} alternating round(s) each, encryption at rest on and off:")
+    print(f"{'figure':<26} {'on':>10} {'off':>10} {'on - off':>10}")
+    for k in figures["on"]:
+        on, off = statistics.median(figures["on"][k]), statistics.median(figures["off"][k])
+        print(f"{k:<26} {on:>10.1f} {off:>10.1f} {on - off:>+10.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run_inprocess(args) if args.mode == "inprocess" else run_e2e(args)
+    modes = ["on", "off"] if args.encryption == "both" else [args.encryption]
+    results = []
+    for round_number in range(1, args.rounds + 1):
+        for encryption in modes:  # alternating, so drift in the machine's speed hits both alike
+            if len(modes) > 1 and not args.json:
+                print(f"\n== round {round_number}, encryption at rest {encryption} ==")
+            result = run_inprocess(args, encryption) if args.mode == "inprocess" else run_e2e(args, encryption)
+            results.append(result)
+            if args.json:
+                continue
+            if args.mode == "inprocess":
+                print_inprocess(result)
+            else:
+                print_e2e(result)
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    elif args.mode == "inprocess":
-        print_inprocess(result)
-    else:
-        print_e2e(result)
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2, default=str))
+    elif len(modes) > 1:
+        print_encryption_medians(results)
     if args.mode == "inprocess":
-        return 1 if "failed_reasons" in result else 0
-    return 0 if result["drained"] else 1
+        return 1 if any("failed_reasons" in r for r in results) else 0
+    return 0 if all(r["drained"] for r in results) else 1
 
 
 if __name__ == "__main__":

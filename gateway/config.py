@@ -7,7 +7,9 @@ unknown key, wrong type or impossible value fails at start with
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
+from gateway.limits import Limits
 from gateway.records import MEMBER_COLUMNS, ROLES
 
 CHANNELS = ("file", "fhir")
@@ -29,6 +32,8 @@ class Recipient:
     channel: str = "file"
     directory: Path | None = None  # file channel
     url: str = ""  # fhir channel: base URL; $process-message is appended
+    #: File channel: seal each file drop (``<id>.json.sealed``)? None: when the folder is under the data folder.
+    encrypt: bool | None = None
 
     @property
     def target(self) -> str:
@@ -43,7 +48,7 @@ class Config:
     """Herald's settings (see README.md, "Configuration")."""
 
     data_dir: Path = Path("herald-data")
-    listen: tuple[str, ...] = ("tcp:2575:interface=127.0.0.1",)
+    listen: tuple[str, ...] = ("tls:2575:interface=127.0.0.1",)
     max_frame_bytes: int = 1024 * 1024
     idle_timeout: float = 300.0
     application: str = "HERALD"
@@ -68,10 +73,67 @@ class Config:
     matching_probable: float | None = None
     matching_possible: float | None = None
     matching_route_probable: bool = True
+    # [storage] and [retention] (README, "Audit trail, retention and disk").
+    storage_reserve_mb: float = 64.0  # below this much free space the pipeline and delivery pause
+    storage_wal_limit_mb: float = 64.0  # the write-ahead log is truncated beyond this
+    retention_days: int = 0  # 0: bodies are kept; else purged this many days after receipt, work done
+    # [limits] (README, "Bounded input"): the message limits, then the connection's and the peer's.
+    limits: Limits = Limits()
+    frame_timeout: float = 60.0
+    max_connections: int = 256
+    max_connections_per_peer: int = 32
+    rejected_sample: int = 10
+    rejected_window: float = 60.0
+    rejected_bytes_kept: int = 4096
+
+    # [security] (README, "Encryption at rest"): the key ring that seals PHI at rest.
+    key_file: Path | None = None  # default: <data_dir>/keys/herald.key; HERALD_KEYS wins over it
+    encrypt_at_rest: bool = True
+
+    # Transport security (README, "Transport security"): server.allow_plain, [tls], [[senders]],
+    # [security] unknown_senders.
+    allow_plain: bool = False  # tcp: (plain) listeners are refused unless this is set
+    tls_cert: Path | None = None  # None: <data_dir>/certs/server.pem (what `herald certs init` makes)
+    tls_key: Path | None = None  # None: <data_dir>/certs/server-key.pem
+    tls_ca: Path | None = None  # client certificates must chain to these; None: <data_dir>/certs/ca.pem
+    tls_min_version: str = "1.2"
+    senders: tuple[SenderRule, ...] = ()
+    unknown_senders: str | None = None  # "reject" | "accept"; None: reject, except plain from loopback
+
+    # [profiles] (README, "Sender profiles"): how each sender's dialect is read. Not [security]
+    # unknown_senders (who may connect): this one says how a sender with no profile is converted.
+    profiles_folder: Path | None = None  # None: the shipped mappings/senders
+    profiles_unknown_senders: str = "default"  # "default": the default profile, flagged; "reject": failed
+
+    @property
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        """(server certificate, its key, CA bundle) for tls: listeners, the defaults under <data_dir>/certs."""
+        certs = self.data_dir / "certs"
+        return (
+            self.tls_cert or certs / "server.pem",
+            self.tls_key or certs / "server-key.pem",
+            self.tls_ca or certs / "ca.pem",
+        )
 
     @property
     def database(self) -> Path:
         return self.data_dir / "herald.db"
+
+    @property
+    def key_path(self) -> Path:
+        """The key file (``[security] key_file``, else ``<data_dir>/keys/herald.key``)."""
+        return self.key_file if self.key_file is not None else self.data_dir / "keys" / "herald.key"
+
+    def file_drop_sealed(self, directory: Path | str) -> bool:
+        """Whether file drops written to ``directory`` are sealed: a recipient's ``encrypt`` setting for
+        that folder, else whether it is under the data folder (nobody but Herald reads there)."""
+        if not self.encrypt_at_rest:
+            return False
+        folder = Path(directory)
+        for r in self.recipients.values():
+            if r.channel == "file" and r.directory == folder and r.encrypt is not None:
+                return r.encrypt
+        return folder.resolve().is_relative_to(self.data_dir.resolve())
 
     @property
     def tzinfo(self) -> ZoneInfo:
@@ -91,6 +153,13 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "application": ("application", str),
         "facility": ("facility", str),
         "data_dir": ("data_dir", str),
+        "allow_plain": ("allow_plain", bool),
+    },
+    "tls": {
+        "cert": ("tls_cert", str),
+        "key": ("tls_key", str),
+        "ca": ("tls_ca", str),
+        "min_version": ("tls_min_version", str),
     },
     "conversion": {"timezone": ("timezone", str)},
     "pipeline": {
@@ -119,11 +188,34 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "possible": ("matching_possible", (int, float)),
         "route_probable": ("matching_route_probable", bool),
     },
+    "storage": {
+        "reserve_mb": ("storage_reserve_mb", (int, float)),
+        "wal_limit_mb": ("storage_wal_limit_mb", (int, float)),
+    },
+    "retention": {"days": ("retention_days", int)},
+    "profiles": {
+        "folder": ("profiles_folder", str),
+        "unknown_senders": ("profiles_unknown_senders", str),
+    },
+    "security": {
+        "key_file": ("key_file", str),
+        "encrypt_at_rest": ("encrypt_at_rest", bool),
+        "unknown_senders": ("unknown_senders", str),
+    },
+    "limits": {
+        **{name: (f"limits.{name}", int) for name in Limits.__dataclass_fields__},
+        "frame_timeout": ("frame_timeout", (int, float)),
+        "max_connections": ("max_connections", int),
+        "max_connections_per_peer": ("max_connections_per_peer", int),
+        "rejected_sample": ("rejected_sample", int),
+        "rejected_window": ("rejected_window", (int, float)),
+        "rejected_bytes_kept": ("rejected_bytes_kept", int),
+    },
 }
 
 ROSTER_FORMATS = ("auto", "csv", "ssp", "cclf8")
 
-_RECIPIENT_KEYS = {"enabled": bool, "channel": str, "directory": str, "url": str}
+_RECIPIENT_KEYS = {"enabled": bool, "channel": str, "directory": str, "url": str, "encrypt": bool}
 
 
 #: Each role's file drop, under the data folder's ``outbox/``, when no directory is configured.
@@ -140,6 +232,7 @@ def load_config(
     *,
     data_dir: Path | str | None = None,
     listen: list[str] | tuple[str, ...] | None = None,
+    allow_plain: bool | None = None,
 ) -> Config:
     """Read a TOML config (or none), apply command-line overrides, check everything."""
     raw: dict[str, Any] = {}
@@ -153,11 +246,11 @@ def load_config(
             raise ConfigError("--config", f"{p} is not valid TOML: {e}") from None
     values: dict[str, Any] = {}
     for section, content in raw.items():
-        if section == "recipients":
+        if section in ("recipients", "senders"):
             continue
         keys = _SCHEMA.get(section)
         if keys is None:
-            raise ConfigError(section, f"unknown section (known: {', '.join([*_SCHEMA, 'recipients'])})")
+            raise ConfigError(section, f"unknown section (known: {', '.join([*_SCHEMA, 'recipients', 'senders'])})")
         if not isinstance(content, dict):
             raise ConfigError(section, "must be a table")
         for key, value in content.items():
@@ -171,6 +264,8 @@ def load_config(
         values["data_dir"] = data_dir
     if listen:
         values["listen"] = list(listen)
+    if allow_plain is not None:
+        values["allow_plain"] = allow_plain
     base = Path(values.pop("data_dir", Config.data_dir)).expanduser()
     if "listen" in values:
         if not values["listen"] or not all(isinstance(x, str) and x for x in values["listen"]):
@@ -179,12 +274,26 @@ def load_config(
     if values.get("matching_model"):
         model = Path(values["matching_model"]).expanduser()
         values["matching_model"] = model if model.is_absolute() or path is None else Path(path).parent / model
+    if values.get("key_file"):
+        key_file = Path(values["key_file"]).expanduser()
+        values["key_file"] = key_file if key_file.is_absolute() or path is None else Path(path).parent / key_file
+    elif "key_file" in values:
+        raise ConfigError("security.key_file", "must be a file path (leave it out for <data_dir>/keys/herald.key)")
+    if "profiles_folder" in values:
+        if not values["profiles_folder"]:
+            raise ConfigError("profiles.folder", "must be a folder (leave it out for the shipped mappings/senders)")
+        folder = Path(values["profiles_folder"]).expanduser()
+        values["profiles_folder"] = folder if folder.is_absolute() or path is None else Path(path).parent / folder
+    message_limits = {k.removeprefix("limits."): values.pop(k) for k in list(values) if k.startswith("limits.")}
+    if message_limits:
+        values["limits"] = Limits(**message_limits)
     recipients = default_recipients(base)
     configured = raw.get("recipients", {})
     if not isinstance(configured, dict):
         raise ConfigError("recipients", "must be a table")
     for role, content in configured.items():
         recipients[role] = _recipient(role, content, base)
+    _transport_values(values, raw, path)
     cfg = Config(data_dir=base, recipients=recipients, **values)
     _check(cfg)
     return cfg
@@ -206,6 +315,8 @@ def _recipient(role: str, content: Any, base: Path) -> Recipient:
         raise ConfigError(f"{key}.channel", f"{channel!r} is not one of {', '.join(CHANNELS)}")
     enabled = content.get("enabled", True)
     if channel == "fhir":
+        if "encrypt" in content:
+            raise ConfigError(f"{key}.encrypt", "is for the file channel (a FHIR endpoint gets the Bundle over HTTPS)")
         url = content.get("url", "")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{key}.url", "a fhir channel needs an http:// or https:// base URL")
@@ -214,7 +325,7 @@ def _recipient(role: str, content: Any, base: Path) -> Recipient:
     directory = Path(content.get("directory", "")) if content.get("directory") else Path("outbox") / folder
     if not directory.is_absolute():
         directory = base / directory
-    return Recipient(role, enabled, "file", directory, "")
+    return Recipient(role, enabled, "file", directory, "", content.get("encrypt"))
 
 
 def _check(cfg: Config) -> None:
@@ -245,6 +356,20 @@ def _check(cfg: Config) -> None:
         raise ConfigError("delivery.poll_interval", "must be positive")
     _check_roster(cfg)
     _check_matching(cfg)
+    _check_storage(cfg)
+    _check_limits(cfg)
+    _check_transport(cfg)
+    if cfg.profiles_unknown_senders not in ("default", "reject"):
+        raise ConfigError("profiles.unknown_senders", f"{cfg.profiles_unknown_senders!r} is not one of default, reject")
+
+
+def _check_storage(cfg: Config) -> None:
+    if not 0 <= cfg.storage_reserve_mb < math.inf:
+        raise ConfigError("storage.reserve_mb", "must be 0 (no reserve) or more")
+    if not 1 <= cfg.storage_wal_limit_mb < math.inf:
+        raise ConfigError("storage.wal_limit_mb", "must be at least 1")
+    if cfg.retention_days < 0:
+        raise ConfigError("retention.days", "must be 0 (keep bodies) or a number of days")
 
 
 def _check_roster(cfg: Config) -> None:
@@ -257,6 +382,23 @@ def _check_roster(cfg: Config) -> None:
             raise ConfigError(f"roster.columns.{column}", f"unknown roster column (known: {', '.join(MEMBER_COLUMNS)})")
         if not isinstance(header, str) or not header.strip():
             raise ConfigError(f"roster.columns.{column}", "expected the header name in the file (a non-empty string)")
+
+
+def _check_limits(cfg: Config) -> None:
+    for name, reason in cfg.limits.check():
+        raise ConfigError(f"limits.{name}", reason)
+    if cfg.frame_timeout <= 0:
+        raise ConfigError("limits.frame_timeout", "must be positive")
+    if cfg.max_connections < 1:
+        raise ConfigError("limits.max_connections", "must be at least 1")
+    if not 1 <= cfg.max_connections_per_peer <= cfg.max_connections:
+        raise ConfigError("limits.max_connections_per_peer", "must be at least 1 and not above limits.max_connections")
+    if cfg.rejected_sample < 1:
+        raise ConfigError("limits.rejected_sample", "must be at least 1")
+    if cfg.rejected_window <= 0:
+        raise ConfigError("limits.rejected_window", "must be positive")
+    if cfg.rejected_bytes_kept < 256:
+        raise ConfigError("limits.rejected_bytes_kept", "must be at least 256")
 
 
 def _check_matching(cfg: Config) -> None:
@@ -293,11 +435,179 @@ def _thresholds(cfg: Config) -> dict[str, float]:
     return {k: v for k in ("certain", "probable", "possible") if (v := getattr(cfg, f"matching_{k}")) is not None}
 
 
+# -- transport security: listeners, [tls], [[senders]] (README, "Transport security") ------------------
+
+#: Listener kinds: ``tls:`` is Herald's mutual-TLS listener, ``tcp:``/``tcp6:`` plain (with server.allow_plain).
+TLS_LISTENER, PLAIN_LISTENERS = "tls", ("tcp", "tcp6")
+TLS_MIN_VERSIONS = ("1.2", "1.3")
+UNKNOWN_SENDERS = ("reject", "accept")
+_SENDER_KEYS = {"application": str, "facility": str, "identities": list, "networks": list}
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One ``server.listen`` entry, read: ``tls:PORT[:interface=ADDR][:backlog=N]`` or a ``tcp:`` endpoint."""
+
+    spec: str
+    kind: str
+    port: int
+    interface: str = ""  # "" listens on every interface
+    backlog: int = 50
+
+    @property
+    def tls(self) -> bool:
+        return self.kind == TLS_LISTENER
+
+    @property
+    def loopback(self) -> bool:
+        """Bound to a loopback address only (so only this machine can connect)."""
+        if self.interface == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.interface).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_listen(spec: str) -> Listen:
+    """Read a listen string; ConfigError naming ``server.listen`` when it is not one Herald accepts."""
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", spec)]
+    kind, args = parts[0].lower(), parts[1:]
+    if kind == "ssl":
+        raise ConfigError(
+            "server.listen",
+            f"{spec!r}: an ssl: endpoint cannot require client certificates; use tls:PORT "
+            "(mutual TLS with the [tls] cert, key and ca)",
+        )
+    if kind != TLS_LISTENER and kind not in PLAIN_LISTENERS:
+        raise ConfigError(
+            "server.listen", f"{spec!r}: only tls: (mutual TLS) and tcp: (plain, with server.allow_plain) listeners"
+        )
+    options: dict[str, str] = {}
+    positional = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq:
+            options[key] = value
+        else:
+            positional.append(a)
+    port = positional[0] if positional else options.pop("port", "")
+    if not port.isdigit() or int(port) > 65535 or len(positional) > 1:
+        raise ConfigError("server.listen", f"{spec!r}: expected {kind}:PORT[:interface=ADDRESS]")
+    if kind == TLS_LISTENER:
+        unknown = set(options) - {"interface", "backlog"}
+        if unknown:
+            raise ConfigError(
+                "server.listen", f"{spec!r}: tls: takes interface= and backlog= only, not {sorted(unknown)}"
+            )
+        if not options.get("backlog", "50").isdigit():
+            raise ConfigError("server.listen", f"{spec!r}: backlog must be a number")
+        interface = options.get("interface", "")
+        if interface not in ("", "localhost"):
+            try:
+                ipaddress.ip_address(interface)
+            except ValueError:
+                raise ConfigError("server.listen", f"{spec!r}: interface {interface!r} is not an IP address") from None
+    return Listen(spec, kind, int(port), options.get("interface", ""), int(options.get("backlog", "50")))
+
+
+@dataclass(frozen=True)
+class SenderRule:
+    """One ``[[senders]]`` table: who may send as MSH-3 ``application`` / MSH-4 ``facility`` ("*": any).
+
+    ``identities`` are client-certificate names (subject CN or SAN DNS name,
+    compared case-insensitively) or SHA-256 fingerprints (``sha256:<hex>``);
+    ``networks`` source networks. With both, a connection must match both.
+    """
+
+    application: str
+    facility: str
+    identities: frozenset[str] = frozenset()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+def sender_identity(value: str) -> str:
+    """An identity as compared: a fingerprint as ``sha256:`` and 64 lowercase hex digits, a name casefolded.
+
+    Fingerprints may be written ``sha256:ab12...`` or as OpenSSL prints them
+    (``AB:12:...``).
+    """
+    text = value.strip()
+    digits = text[7:] if text.lower().startswith("sha256:") else text
+    digits = digits.replace(":", "").lower()
+    if _FINGERPRINT.fullmatch(digits):
+        return "sha256:" + digits
+    if text.lower().startswith("sha256:"):
+        raise ValueError(f"{value!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return text.casefold()
+
+
+def _transport_values(values: dict[str, Any], raw: dict[str, Any], path: Path | str | None) -> None:
+    """[tls] paths relative to the config file, and the [[senders]] tables read into SenderRules."""
+    for attr in ("tls_cert", "tls_key", "tls_ca"):
+        if attr in values:
+            if not values[attr]:
+                raise ConfigError(f"tls.{attr[4:]}", "must be a file path (leave it out for the default)")
+            p = Path(values[attr]).expanduser()
+            values[attr] = p if p.is_absolute() or path is None else Path(path).parent / p
+    tables = raw.get("senders", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("senders", "must be an array of tables ([[senders]])")
+    values["senders"] = tuple(_sender(i, t) for i, t in enumerate(tables, 1))
+
+
+def _sender(number: int, content: dict) -> SenderRule:
+    key = f"senders[{number}]"
+    for k, v in content.items():
+        if k not in _SENDER_KEYS:
+            raise ConfigError(f"{key}.{k}", f"unknown setting (known: {', '.join(_SENDER_KEYS)})")
+        if not isinstance(v, _SENDER_KEYS[k]):
+            raise ConfigError(f"{key}.{k}", f"expected {_type_name(_SENDER_KEYS[k])}")
+    for k in ("application", "facility"):
+        value = content.get(k, "")
+        if not value or any(c in value for c in "|^~\\&\r\n"):
+            raise ConfigError(f"{key}.{k}", 'must be given: the MSH value, or "*" for any, without HL7 separators')
+    identities, networks = content.get("identities", []), content.get("networks", [])
+    if not identities and not networks:
+        raise ConfigError(key, "needs identities (client certificates) or networks (CIDR), or both")
+    try:
+        names = frozenset(sender_identity(i) for i in identities if isinstance(i, str) and i.strip())
+    except ValueError as e:
+        raise ConfigError(f"{key}.identities", str(e)) from None
+    if len(names) != len(set(identities)):
+        raise ConfigError(f"{key}.identities", "must be non-empty strings")
+    nets = []
+    for n in networks:
+        try:
+            nets.append(ipaddress.ip_network(n, strict=False))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}.networks", f"{n!r} is not a network (e.g. 10.20.0.0/16 or 192.0.2.7)") from None
+    return SenderRule(content["application"], content["facility"], names, tuple(nets))
+
+
+def _check_transport(cfg: Config) -> None:
+    for spec in cfg.listen:
+        listen = parse_listen(spec)
+        if not listen.tls and not cfg.allow_plain:
+            raise ConfigError(
+                "server.listen",
+                f"{spec!r} is a plain (unencrypted) listener: use tls:{listen.port} (mutual TLS), "
+                "or set server.allow_plain = true (herald serve --allow-plain) to allow it",
+            )
+    if cfg.tls_min_version not in TLS_MIN_VERSIONS:
+        raise ConfigError("tls.min_version", f"{cfg.tls_min_version!r} is not one of {', '.join(TLS_MIN_VERSIONS)}")
+    if cfg.unknown_senders is not None and cfg.unknown_senders not in UNKNOWN_SENDERS:
+        raise ConfigError("security.unknown_senders", f"{cfg.unknown_senders!r} is not one of reject, accept")
+
+
 def check_listen(endpoints: tuple[str, ...], reactor) -> None:
     """Parse each endpoint string now, so a typo fails at start naming it."""
     from twisted.internet.endpoints import serverFromString
 
     for spec in endpoints:
+        if parse_listen(spec).tls:
+            continue  # Herald's own form, read by parse_listen
         try:
             serverFromString(reactor, spec)
         except Exception as e:

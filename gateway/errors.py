@@ -48,3 +48,13 @@ class RosterError(HeraldError):
 
 class StoreError(HeraldError):
     """The message store could not complete an operation."""
+
+
+class ProfileError(ConfigError):
+    """A sender profile (``mappings/senders/*.toml``) is unusable: ``file``, ``key`` (as written there), ``reason``."""
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        HeraldError.__init__(self, f"{file}: {key}: {reason}")
+        self.file = file
+        self.key = key
+        self.reason = reason

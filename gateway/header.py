@@ -123,7 +123,9 @@ def read_msh(raw: bytes) -> MessageHeader:
     fs = text[3]
     if fs.isalnum() or fs in " \r\n":
         raise MessageError(f"MSH-1 field separator {fs!r} is not a valid separator", ERR_DATA_TYPE, "MSH-1")
-    fields = text.split(fs)
+    # Split no further than MSH-18 (fields[17]; the rest lands in fields[18]): a
+    # huge MSH costs one pass, not a list of all its fields.
+    fields = text.split(fs, 18)
     # fields[0] is "MSH", fields[1] is MSH-2; MSH-n is fields[n - 1].
     enc = fields[1]
     if len(enc) not in (4, 5) or len(set(enc)) != len(enc) or fs in enc or " " in enc or any(map(str.isalnum, enc)):
@@ -163,7 +165,7 @@ def control_id_guess(raw: bytes) -> str:
     """MSH-10 of a message whose header failed to read, if it can be found at all."""
     line = first_segment(raw.lstrip(b"\r\n \t")).decode("latin-1")
     if line.startswith("MSH") and len(line) > 3:
-        fields = line.split(line[3])
+        fields = line.split(line[3], 10)
         if len(fields) >= 10:
             return fields[9]
     return ""

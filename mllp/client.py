@@ -1,12 +1,26 @@
-"""MLLP client: send a message, wait for its acknowledgement."""
+"""MLLP client: send a message, wait for its acknowledgement, over TCP or (mutual) TLS."""
 
 from __future__ import annotations
 
 from collections import deque
 
+from OpenSSL import SSL
 from twisted.internet import defer, error, protocol
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 
 from mllp.framing import DEFAULT_MAX_LENGTH, MLLPReceiver
+from mllp.tls import client_options
+
+__all__ = [
+    "AckTimeout",
+    "MLLPClientFactory",
+    "MLLPClientProtocol",
+    "client_endpoint",
+    "client_options",
+    "connect",
+    "describe_loss",
+    "send_message",
+]
 
 
 class AckTimeout(Exception):
@@ -28,6 +42,8 @@ class MLLPClientProtocol(MLLPReceiver):
         self._waiting: deque[tuple[defer.Deferred, object]] = deque()
         self._lock = defer.DeferredLock()
         self._closed = False
+        #: Fires (with None) once the connection is closed, e.g. after a TLS close_notify round.
+        self.closed: defer.Deferred[None] = defer.Deferred()
 
     def send(self, message: bytes, timeout: float = 30.0) -> defer.Deferred[bytes]:
         """Send ``message`` and fire with the raw ACK bytes, or fail with :class:`AckTimeout`."""
@@ -66,6 +82,7 @@ class MLLPClientProtocol(MLLPReceiver):
             d, call = self._waiting.popleft()
             call.cancel()
             d.errback(reason)
+        self.closed.callback(None)
 
 
 class MLLPClientFactory(protocol.Factory):
@@ -80,6 +97,21 @@ class MLLPClientFactory(protocol.Factory):
         p.MAX_LENGTH = self.maxLength
         p.factory = self
         return p
+
+
+def client_endpoint(reactor, host: str, port: int, tls=None, timeout: float = 30.0):
+    """An endpoint to ``host:port``: plain TCP, or TLS with ``tls`` (from :func:`~mllp.tls.client_options`)."""
+    if tls is None:
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    return SSL4ClientEndpoint(reactor, host, port, tls, timeout=timeout)
+
+
+def describe_loss(reason: BaseException) -> str:
+    """Why a connection was lost, in words: for a TLS alert, OpenSSL's reason (e.g. our certificate was refused)."""
+    if isinstance(reason, SSL.Error):
+        reasons = [str(t[-1]) for arg in reason.args if isinstance(arg, list) for t in arg if t]
+        return "TLS: " + ("; ".join(reasons) or "handshake failed")
+    return reason.__class__.__name__
 
 
 def connect(endpoint, reactor=None) -> defer.Deferred[MLLPClientProtocol]:

@@ -19,6 +19,8 @@ FRAME_END = END_BLOCK + CARRIAGE_RETURN
 
 #: Default largest frame accepted (1 MiB), not counting the framing bytes.
 DEFAULT_MAX_LENGTH = 1024 * 1024
+#: Default seconds from a frame's start byte to its end: 1 MiB at 140 kbit/s.
+DEFAULT_FRAME_TIMEOUT = 60.0
 
 
 def frame(message: bytes) -> bytes:
@@ -29,10 +31,12 @@ def frame(message: bytes) -> bytes:
 class MLLPReceiver(protocol.Protocol, TimeoutMixin):
     """Split a byte stream into MLLP frames.
 
-    Bytes outside a frame (before ``<VT>``) are skipped and counted; a frame
-    longer than ``MAX_LENGTH`` ends the connection through
-    :meth:`frameLengthExceeded`; a connection that sends nothing for
-    ``idleTimeout`` seconds is closed (``None`` disables the timeout).
+    Bytes outside a frame (before ``<VT>``) are skipped and counted (logged
+    once a connection); a frame longer than ``MAX_LENGTH`` ends the connection
+    through :meth:`frameLengthExceeded`; a connection that sends nothing for
+    ``idleTimeout`` seconds is closed, and so is one whose frame is not
+    finished ``frameTimeout`` seconds after its start byte, however steadily
+    it trickles in (:meth:`frameTimedOut`; ``None`` disables either).
     """
 
     MAX_LENGTH = DEFAULT_MAX_LENGTH
@@ -40,6 +44,7 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
     #: receiver can still read its MSH and say which message it refused.
     PREFIX_KEPT = 4096
     idleTimeout: float | None = 300.0
+    frameTimeout: float | None = DEFAULT_FRAME_TIMEOUT
 
     _log = Logger()
 
@@ -51,6 +56,9 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         # after it) must not be read as new frames while the refusal goes out.
         self._discarding = False
         self.skippedBytes = 0
+        # The deadline of the frame in progress: set only when a frame is
+        # still unfinished at the end of a read (most arrive in one).
+        self._frameDeadline = None
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
@@ -80,6 +88,8 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
                     return
                 # The FS may be the last byte, with its CR still to come.
                 self._searchFrom = max(0, len(buf) - 1)
+                if self._frameDeadline is None and self.frameTimeout is not None:
+                    self._frameDeadline = self.callLater(self.frameTimeout, self._frameDeadlinePassed)
                 return
             if end > self.MAX_LENGTH:
                 self._overflow(end)
@@ -87,15 +97,40 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
             message = bytes(buf[:end])
             del buf[: end + 2]
             self._inFrame = False
+            self._cancelFrameDeadline()
             self.frameReceived(message)
 
     def _skip(self, count: int) -> None:
+        # A stream of garbage must not be a stream of log lines: a factory that
+        # counts (the server's) is told; otherwise the first skip of a connection is logged.
+        noted = getattr(getattr(self, "factory", None), "bytesSkipped", None)
+        if noted is not None:
+            noted(_host(self.transport), count)
+        elif not self.skippedBytes:
+            self._log.warn(
+                "skipped {count} bytes outside an MLLP frame from {peer} (further skips are counted, not logged)",
+                count=count,
+                peer=_peer(self.transport),
+            )
         self.skippedBytes += count
+
+    def _cancelFrameDeadline(self) -> None:
+        if self._frameDeadline is not None:
+            if self._frameDeadline.active():
+                self._frameDeadline.cancel()
+            self._frameDeadline = None
+
+    def _frameDeadlinePassed(self) -> None:
+        self._frameDeadline = None
+        if not self._inFrame or self.transport.disconnecting:
+            return
         self._log.warn(
-            "skipped {count} bytes outside an MLLP frame from {peer}",
-            count=count,
+            "MLLP frame from {peer} not finished {timeout:g} s after it began ({count} bytes); closing",
             peer=_peer(self.transport),
+            timeout=self.frameTimeout,
+            count=len(self._buffer),
         )
+        self.frameTimedOut()
 
     def _overflow(self, end: int | None = None) -> None:
         # Never past the frame's end: what follows is framing or another message.
@@ -109,6 +144,7 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         del self._buffer[:]
         self._inFrame = False
         self._searchFrom = 0
+        self._cancelFrameDeadline()
 
     @property
     def partialFrameLength(self) -> int:
@@ -120,8 +156,9 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         self.transport.write(frame(message))
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        # A pending idle timer would otherwise outlive the connection.
+        # A pending idle timer (or frame deadline) would otherwise outlive the connection.
         self.setTimeout(None)
+        self._cancelFrameDeadline()
 
     def timeoutConnection(self) -> None:
         self._log.info("closing idle MLLP connection from {peer}", peer=_peer(self.transport))
@@ -131,6 +168,16 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         """Override: called with the bytes between ``<VT>`` and ``<FS><CR>``."""
         raise NotImplementedError
 
+    def frameTimedOut(self) -> None:
+        """Called when a frame is not finished ``frameTimeout`` seconds after its start; aborts by default.
+
+        The frame cannot be answered; its bytes are still buffered
+        (:attr:`partialFrameLength`) when the connection is lost. Aborted, not
+        closed: a peer that trickles a frame may not read either.
+        """
+        abort = getattr(self.transport, "abortConnection", None)
+        (abort or self.transport.loseConnection)()
+
     def frameLengthExceeded(self, prefix: bytes) -> None:
         """Called when a frame grows past ``MAX_LENGTH``; closes by default.
 
@@ -138,6 +185,14 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         bytes); the rest of the connection's input is discarded.
         """
         self.transport.loseConnection()
+
+
+def _host(transport) -> str:
+    """The peer's host alone (a new connection from it is a new port)."""
+    try:
+        return str(transport.getPeer().host)
+    except Exception:  # pragma: no cover - transports without a host
+        return _peer(transport)
 
 
 def _peer(transport) -> str:

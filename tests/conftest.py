@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
+import os
 import re
 import signal
 import subprocess
@@ -20,6 +22,12 @@ from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
 from gateway.intake.ack import AckBuilder
 from gateway.pipeline.process import MatchPolicy
 from gateway.store import StoredRoster, open_roster_snapshot
+from gateway.store.keys import KEYS_ENV
+
+# Every Herald the tests start, in this process or as a subprocess (which inherits the
+# environment), seals PHI at rest with this throwaway key ring, as a deployed Herald does:
+# encrypt_at_rest is on by default and a gateway without a key refuses to start.
+os.environ[KEYS_ENV] = f"test {base64.b64encode(os.urandom(32)).decode('ascii')}"
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_messages"
@@ -71,7 +79,7 @@ def herald_server(tmp_path):
     ``tmp_path / "data"``. Yields ``(port, data, proc)``; stopped with SIGTERM afterwards."""
     data = tmp_path / "data"
     proc = subprocess.Popen(
-        [*HERALD, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--data", str(data)],
+        [*HERALD, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--allow-plain", "--data", str(data)],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,

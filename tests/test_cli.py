@@ -19,6 +19,7 @@ from gateway.conversion.convert import validate_bundle
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.pipeline.process import process_message
 from gateway.store import Store, StoredRoster, open_database, open_roster_snapshot, roster_count
+from gateway.store.keys import KeyRing
 from gateway.store.messages import apply_outcomes, pending_messages, record_frame
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
@@ -65,14 +66,15 @@ def roster_file(tmp_path: Path, *rows: str, name: str = "roster.csv") -> Path:
 def stored_messages(data: Path, paths: list[Path]) -> None:
     """A data folder holding ``paths`` stored by intake and run through the pipeline, roster loaded."""
     db = data / "herald.db"
-    import_roster_file(db, SAMPLES / "roster.csv", now=NOW)
-    store = Store(db, reactor=object(), clock=lambda: NOW)  # never started: used for its SQL only
+    keys = KeyRing.load(None)  # the ring the CLI reads too ($HERALD_KEYS, set by conftest)
+    import_roster_file(db, SAMPLES / "roster.csv", now=NOW, keys=keys)
+    store = Store(db, reactor=object(), clock=lambda: NOW, keys=keys)  # never started: used for its SQL only
     conn = store._conn
     now = NOW.isoformat(timespec="milliseconds")
     for path in paths:
         raw = split_messages(path.read_bytes())[0]
         record_frame(conn, accepted_record(raw), now)
-    lookups = StoredRoster(open_roster_snapshot(db), conn)
+    lookups = StoredRoster(open_roster_snapshot(db, keys), conn)
     vocab = load_vocabulary()
     recipients = default_recipients(data)
     outcomes = [process_message(p, vocab, UTC, lookups, recipients) for p in pending_messages(conn, 0, 100)]

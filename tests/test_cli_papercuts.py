@@ -96,11 +96,13 @@ def _store_one(data, *, accept_ack_type: str, events: list[tuple[str, str]] = ()
     from gateway.records import RECEIVED, IntakeRecord
     from gateway.store import Store
     from gateway.store.events import append_event
+    from gateway.store.keys import KeyRing
     from gateway.store.messages import record_frame
 
     raw = split_messages((SAMPLES / "epic-v251-a04-ed-registration.hl7").read_bytes())[0]
     h = read_header(raw)
-    store = Store(data / "herald.db", reactor=object(), clock=lambda: NOW)  # never started: its SQL only
+    keys = KeyRing.load(None)  # the ring the CLI reads too ($HERALD_KEYS, set by conftest)
+    store = Store(data / "herald.db", reactor=object(), clock=lambda: NOW, keys=keys)  # never started: SQL only
     conn = store._conn
     now = NOW.isoformat(timespec="milliseconds")
     result = record_frame(

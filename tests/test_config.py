@@ -21,7 +21,7 @@ def test_defaults_with_no_file():
     cfg = load_config(None)
     assert cfg.data_dir == Path("herald-data")
     assert cfg.database == Path("herald-data") / "herald.db"
-    assert cfg.listen == ("tcp:2575:interface=127.0.0.1",)
+    assert cfg.listen == ("tls:2575:interface=127.0.0.1",)
     assert cfg.timezone == "UTC"
     assert str(cfg.tzinfo) == "UTC"
     assert set(cfg.recipients) == {"pcp", "care_team", "hie"}
@@ -44,6 +44,7 @@ def test_settings_are_read_from_the_file(tmp_path):
             """
 [server]
 listen = ["tcp:2600", "tcp:2601:interface=127.0.0.1"]
+allow_plain = true
 max_frame_bytes = 2048
 idle_timeout = 30
 application = "GW"
@@ -209,7 +210,7 @@ def test_disabled_recipient_is_not_returned(tmp_path):
 
 def test_command_line_overrides_win_over_the_file(tmp_path):
     """--data and --listen replace server.data_dir and server.listen from the file."""
-    path = write(tmp_path, "[server]\ndata_dir = '/from/file'\nlisten = ['tcp:1']\n")
+    path = write(tmp_path, "[server]\ndata_dir = '/from/file'\nlisten = ['tcp:1']\nallow_plain = true\n")
     cfg = load_config(path, data_dir=tmp_path / "cli", listen=["tcp:2", "tcp:3"])
     assert cfg.data_dir == tmp_path / "cli"
     assert cfg.listen == ("tcp:2", "tcp:3")

@@ -14,21 +14,24 @@ import time
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from gateway.app.certs import make_dev_certs
 from gateway.app.replay import read_ack, split_messages
 from gateway.app.roster import import_roster_file
 from gateway.app.service import make_service
 from gateway.config import load_config
 from gateway.delivery.routing import notification_payload
+from gateway.delivery.worker import open_file_drop
 from gateway.errors import StoreError
 from gateway.records import IntakeRecord, Notification
 from gateway.store import Store, open_database
 from gateway.store import messages as store_messages
+from gateway.store.sealing import message_context
 from mllp import connect, frame
+from mllp.client import client_endpoint, client_options
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 ED_VISIT = "epic-v251-a04-ed-registration.hl7"
@@ -88,11 +91,19 @@ class FhirReceiver(Resource):
 
 
 class GatewayTestCase(unittest.TestCase):
-    """Starts Herald on 127.0.0.1 with an HTTP FHIR receiver for the HIE."""
+    """Starts Herald on 127.0.0.1 with an HTTP FHIR receiver for the HIE.
+
+    Plain TCP (``allow_plain``) unless ``tls``: then a tls: listener with
+    certificates made by `herald certs init`'s code, a client certificate per
+    name in ``tls_clients``, and the ``senders`` allowlist.
+    """
 
     hie_status = 200
     extra_config = ""
     server_extra = ""
+    tls = False
+    tls_clients = ("e2e-client",)
+    senders = '[[senders]]\napplication = "*"\nfacility = "*"\nidentities = ["e2e-client"]\n'
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -101,10 +112,15 @@ class GatewayTestCase(unittest.TestCase):
         self.http = reactor.listenTCP(0, Site(self.receiver), interface="127.0.0.1")
         http_port = self.http.getHost().port
         config_file = self.data / "herald.toml"
+        listen = 'listen = ["tcp:0:interface=127.0.0.1"]\nallow_plain = true'
+        if self.tls:
+            self.certs = make_dev_certs(self.data / "certs", clients=self.tls_clients)
+            listen = 'listen = ["tls:0:interface=127.0.0.1"]'
         config_file.write_text(
             f"""
+{self.senders if self.tls else ""}
 [server]
-listen = ["tcp:0:interface=127.0.0.1"]
+{listen}
 {self.server_extra}
 
 [recipients.hie]
@@ -135,6 +151,8 @@ directory = "drop/care-team"
     def tearDown(self):
         for c in self.clients:
             c.transport.loseConnection()
+        # A TLS close takes a close_notify round: wait for each, so no server-side timer outlives the test.
+        yield defer.DeferredList([c.closed for c in self.clients]).addTimeout(10, reactor)
         if self.gw.service.running:
             yield self.gw.service.stopService()
         yield self.http.stopListening()
@@ -142,9 +160,16 @@ directory = "drop/care-team"
         yield task.deferLater(reactor, 0.05, lambda: None)
         shutil.rmtree(self.data, True)
 
+    def tls_options(self, name: str | None = None):
+        """Client TLS with the certificate of ``name`` (default: the first of ``tls_clients``); None on plain."""
+        if not self.tls:
+            return None
+        cert, key = self.certs.client(name or self.tls_clients[0])
+        return client_options("localhost", self.certs.ca.read_bytes(), cert.read_bytes(), key.read_bytes())
+
     @defer.inlineCallbacks
-    def client(self):
-        c = yield connect(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), reactor)
+    def client(self, name: str | None = None):
+        c = yield connect(client_endpoint(reactor, "127.0.0.1", self.port, self.tls_options(name)), reactor)
         self.clients.append(c)
         return c
 
@@ -195,13 +220,16 @@ class EndToEndTests(GatewayTestCase):
         notes = conn.execute("SELECT id, recipient_role, event_code, message_id FROM notifications").fetchall()
         self.assertEqual(len(notes), 9, [tuple(n) for n in notes])
 
-        # File drops: one JSON Bundle per PCP and care-team notification, named by its id.
+        # File drops: one JSON Bundle per PCP and care-team notification, named by its id; under the
+        # data folder they are sealed (<id>.json.sealed) with the gateway's key ring.
+        keys = self.gw.store.keys
         for role, folder in (("pcp", "drop/pcp"), ("care_team", "drop/care-team")):
             expected = {n["id"] for n in notes if n["recipient_role"] == role}
-            files = {p.stem for p in (self.data / folder).glob("*.json")}
+            files = {p.name.removesuffix(".json.sealed") for p in (self.data / folder).glob("*.json.sealed")}
             self.assertEqual(files, expected)
             for nid in expected:
-                written = (self.data / folder / f"{nid}.json").read_bytes()
+                opened, written = open_file_drop(self.data / folder / f"{nid}.json.sealed", keys)
+                self.assertEqual(opened, nid)
                 bundle = json.loads(written)
                 self.assertEqual(bundle["id"], nid)
                 # Built from the message's Bundle, stored once; the outbox row stores no copy.
@@ -211,7 +239,8 @@ class EndToEndTests(GatewayTestCase):
                 ).fetchone()
                 self.assertIsNone(row["payload"])
                 note = Notification(**{k: row[k] for k in NOTIFICATION_FIELDS})
-                self.assertEqual(written, notification_payload(row["fhir"], note).encode())
+                fhir = keys.open_text(row["fhir"], message_context("fhir", row["message_id"]))
+                self.assertEqual(written, notification_payload(fhir, note).encode())
                 self.assertEqual(bundle["type"], "message")
                 self.assertEqual(bundle["entry"][0]["resource"]["resourceType"], "MessageHeader")
         leftovers = list((self.data / "drop").rglob(".*.tmp"))
@@ -434,7 +463,7 @@ class RestartTests(GatewayTestCase):
     def test_message_stored_before_a_crash_is_processed_after_restart(self):
         """A message ACKed (stored as received) but not yet processed is picked up on the next start."""
         yield self.gw.service.stopService()
-        store = Store(self.config.database, reactor=reactor)
+        store = Store(self.config.database, reactor=reactor, keys=self.gw.store.keys)
         store.start()
         raw = sample(ADMIT)
         yield store.record_frame(
@@ -457,37 +486,3 @@ class RestartTests(GatewayTestCase):
         self.assertEqual(conn.execute("SELECT state FROM messages").fetchone()[0], "routed")
         self.assertEqual(conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0], 3)
         conn.close()
-
-
-class TlsTests(unittest.TestCase):
-    @defer.inlineCallbacks
-    def test_tls_listener_accepts_a_verified_client(self):
-        """A TLS listener made from `herald certs` material ACKs a message from a client that checks its certificate."""
-        from twisted.internet import ssl
-        from twisted.internet.endpoints import SSL4ClientEndpoint
-
-        from gateway.app.certs import make_dev_certs, server_endpoint
-
-        data = temporary_folder(self)
-        certs = data / "certs"
-        make_dev_certs(certs)
-        config = load_config(None, data_dir=data, listen=[server_endpoint(certs, 0)])
-        gw = make_service(config, reactor)
-        gw.service.startService()
-        try:
-            yield defer.gatherResults([lst.ready for lst in gw.listeners])
-            port = gw.listening_ports()[0]
-            authority = ssl.Certificate.loadPEM((certs / "ca.pem").read_bytes())
-            options = ssl.optionsForClientTLS("localhost", trustRoot=authority)
-            client = yield connect(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options), reactor)
-            ack = yield client.send(sample(ADMIT), timeout=10)
-            self.assertEqual(read_ack(ack)[:2], ("CA", "LSR8841200377"))
-            # A TLS close takes a round of close_notify: wait for it, so no idle timer outlives the test.
-            lost: defer.Deferred = defer.Deferred()
-            closed = client.connectionLost
-            client.connectionLost = lambda reason: (closed(reason), lost.callback(None))
-            client.transport.loseConnection()
-            yield lost
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        finally:
-            yield gw.service.stopService()

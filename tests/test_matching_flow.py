@@ -22,6 +22,7 @@ from gateway.config import load_config
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.pipeline.workers import process_batch_here
 from gateway.store import RosterReader, Store, message_detail, open_database, stored_match
+from gateway.store.keys import KeyRing
 from gateway.store.messages import apply_outcomes, pending_messages, record_frame
 
 NOW = datetime(2026, 11, 20, 8, 0, 0, tzinfo=UTC)
@@ -90,23 +91,25 @@ class Gateway:
         )
         self.config = load_config(self.config_file)
         self.data.mkdir(parents=True, exist_ok=True)
+        self.keys = KeyRing.load(None)  # the ring the CLI reads too ($HERALD_KEYS, set by conftest)
 
     def roster(self, *rows: str, name: str = "roster.csv", **kwargs):
         path = self.root / name
         path.write_text("\n".join([HEADER, *rows]) + "\n", encoding="utf-8")
-        return import_roster_file(self.config.database, path, by="tests", now=kwargs.pop("now", NOW), **kwargs)
+        now = kwargs.pop("now", NOW)
+        return import_roster_file(self.config.database, path, by="tests", now=now, keys=self.keys, **kwargs)
 
     def deliver(self, *raws: bytes) -> list[int]:
         """Store each message as intake does and run the pipeline over them; return their ids."""
-        store = Store(self.config.database, reactor=object(), clock=lambda: NOW)  # never started: SQL only
+        store = Store(self.config.database, reactor=object(), clock=lambda: NOW, keys=self.keys)  # SQL only
         conn = store._conn
         now = NOW.isoformat(timespec="milliseconds")
         ids = []
         for raw in raws:
             ids.append(record_frame(conn, accepted_record(raw), now).message_id)
         pending = pending_messages(conn, 0, 100)
-        reader = open_database(self.config.database, readonly=True)
-        roster = RosterReader(self.config.database)
+        reader = open_database(self.config.database, readonly=True, keys=self.keys)
+        roster = RosterReader(self.config.database, self.keys)
         recipients = {role: self.config.recipient(role) for role in ("pcp", "care_team", "hie")}
         outcomes = process_batch_here(pending, reader, roster, self.config, load_vocabulary(), recipients, UTC)
         roster.close()
@@ -116,7 +119,7 @@ class Gateway:
         return ids
 
     def detail(self, message_id: int) -> dict:
-        conn = open_database(self.config.database, readonly=True)
+        conn = open_database(self.config.database, readonly=True, keys=self.keys)
         try:
             detail = message_detail(conn, message_id)
             detail["match"] = stored_match(conn, message_id)

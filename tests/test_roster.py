@@ -516,9 +516,13 @@ def test_a_bucket_is_read_no_further_than_its_cap(tmp_path):
 def test_confirmed_links_find_members_by_mrn(tmp_path):
     """by_mrn adds the members a reviewer linked to an MRN (main database) to the roster's own MRNs."""
     import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    from gateway.store.keys import KeyRing
+    from gateway.store.sealing import mrn_hash
+
     conn = open_database(tmp_path / "herald.db")
-    conn.execute(
-        "INSERT INTO confirmed_links VALUES ('L-9', 'OTHERFAC', 'ACO-TEST', 'M-003', 1, 'alice', '2026-11-20')"
+    conn.execute(  # a link's MRN is found by its keyed hash (here the disabled ring's: no key given)
+        "INSERT INTO confirmed_links VALUES (?, 'OTHERFAC', 'ACO-TEST', 'M-003', 1, 'alice', '2026-11-20', 'L-9')",
+        (mrn_hash(KeyRing.disabled(), "L-9"),),
     )
     roster = StoredRoster(open_roster_snapshot(tmp_path / "herald.db"), conn)
     assert [r["member_id"] for r in roster.by_mrn("L-9", "OTHERFAC")] == ["M-003"]
@@ -831,8 +835,10 @@ def write_version_1_roster(db) -> None:
 
 def test_a_version_1_roster_file_is_read_and_then_upgraded_by_an_import(tmp_path):
     """A roster.db from before name_suffix is read as it is (suffix ''), and the next import upgrades it to
-    version 2 without counting its unchanged members as changed."""
+    the current version without counting its unchanged members as changed."""
     import sqlite3
+
+    from gateway.store.roster_file import ROSTER_SCHEMA_VERSION
 
     db = tmp_path / "herald.db"
     write_version_1_roster(db)
@@ -845,7 +851,7 @@ def test_a_version_1_roster_file_is_read_and_then_upgraded_by_an_import(tmp_path
     report = import_text(tmp_path, csv_text(ROW_MBI + ",", ROW_NAME + ",III", header=HEADER + ",name_suffix"))
     assert (report.added, report.changed, report.unchanged, report.ended) == (1, 0, 1, 0)
     conn = sqlite3.connect(roster_path(db))
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == ROSTER_SCHEMA_VERSION
     conn.close()
     roster = open_roster_snapshot(db)
     assert roster_member(roster, "ACO-TEST", "M-003")["name_suffix"] == "III"

@@ -4,7 +4,9 @@ known errors into a clean message and exit code."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from datetime import UTC
 from pathlib import Path
 
@@ -32,21 +34,37 @@ data_option = click.option(
 )
 
 
-def _config(config_path, data_dir, listen=None):
+def _config(config_path, data_dir, listen=None, allow_plain=None):
     from gateway.config import load_config
 
     try:
-        return load_config(config_path, data_dir=data_dir, listen=listen)
+        return load_config(config_path, data_dir=data_dir, listen=listen, allow_plain=allow_plain)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
 
 
-def _read_conn(cfg):
+def _keys(cfg):
+    """The configured key ring (``HERALD_KEYS``, else ``[security] key_file``); a clean message when there is none."""
+    from gateway.app.keys import key_ring
+    from gateway.store.keys import KeyRingError, MissingKey
+
+    try:
+        return key_ring(cfg)
+    except MissingKey as e:
+        raise click.ClickException(
+            f"{e}; or set [security] encrypt_at_rest = false to keep PHI unencrypted (not for production)"
+        ) from None
+    except KeyRingError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _read_conn(cfg, keys=None):
+    """A read-only connection; with ``keys`` (commands that show PHI) its sealed values open."""
     from gateway.store import StoreError, check_database, open_database
     from gateway.store.schema import NotAHeraldDatabase
 
     try:
-        conn = open_database(cfg.database, readonly=True)
+        conn = open_database(cfg.database, readonly=True, keys=keys)
     except NotAHeraldDatabase as e:
         raise click.ClickException(str(e)) from None
     except StoreError as e:
@@ -56,15 +74,23 @@ def _read_conn(cfg):
     except StoreError as e:
         conn.close()
         raise click.ClickException(f"{cfg.database} is not a Herald database ({e})") from None
+    if keys is not None:
+        from gateway.store.schema import check_keys
+
+        try:
+            check_keys(conn, cfg.database)  # encryption off on an encrypted database: said here
+        except StoreError as e:
+            conn.close()
+            raise click.ClickException(str(e)) from None
     return conn
 
 
-def _roster_snapshot(cfg):
-    """The roster as published now (empty before the first import)."""
+def _roster_snapshot(cfg, keys=None):
+    """The roster as published now (empty before the first import), its members opened with ``keys``."""
     from gateway.store import StoreError, open_roster_snapshot
 
     try:
-        return open_roster_snapshot(cfg.database)
+        return open_roster_snapshot(cfg.database, keys)
     except StoreError as e:
         raise click.ClickException(str(e)) from None
 
@@ -80,17 +106,34 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--listen", multiple=True, help="Twisted endpoint, e.g. tcp:2575:interface=127.0.0.1 (repeatable).")
+@click.option(
+    "--listen",
+    multiple=True,
+    help="tls:PORT[:interface=ADDRESS] (mutual TLS, the default tls:2575:interface=127.0.0.1) "
+    "or tcp:PORT[:interface=ADDRESS] (plain, needs --allow-plain) (repeatable).",
+)
+@click.option(
+    "--allow-plain", is_flag=True, default=None, help="Allow plain tcp: listeners (overrides server.allow_plain)."
+)
 @data_option
-def serve(config_path, listen, data_dir):
+def serve(config_path, listen, allow_plain, data_dir):
     """Run the gateway daemon until interrupted."""
     from twisted.internet import defer, task
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from gateway.app.service import make_service
-    from gateway.config import check_listen
+    from gateway.app.service import make_service, tls_server_options
+    from gateway.config import check_listen, parse_listen
 
-    cfg = _config(config_path, data_dir, list(listen) or None)
+    cfg = _config(config_path, data_dir, list(listen) or None, allow_plain)
+    if any(parse_listen(spec).tls for spec in cfg.listen):
+        try:
+            tls_server_options(cfg)  # missing or wrong certificates: said here, before anything starts
+        except ConfigError as e:
+            raise click.ClickException(str(e)) from None
+    # No key, or not this database's key: refused here, in words, before anything starts.
+    keys = _keys(cfg)
+    _check_keys(cfg, keys)
+    _profiles(cfg)  # a bad sender profile: said here (file, key, reason), before anything starts
 
     def run(reactor):
         try:
@@ -98,7 +141,7 @@ def serve(config_path, listen, data_dir):
         except ConfigError as e:
             raise click.ClickException(str(e)) from None
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-        gw = make_service(cfg, reactor)
+        gw = make_service(cfg, reactor, keys=keys)
         gw.service.startService()
         done = defer.Deferred()
 
@@ -133,13 +176,30 @@ def serve(config_path, listen, data_dir):
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for each ACK.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def send(target, paths, timeout, quiet):
-    """Replay HL7 files or folders over MLLP; exit 1 unless every message got AA/CA."""
+@click.option("--tls", is_flag=True, help="Connect with TLS (implied by --ca).")
+@click.option(
+    "--ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CA file the server's certificate must chain to.",
+)
+@click.option(
+    "--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Client certificate (mutual TLS)."
+)
+@click.option(
+    "--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The client certificate's key."
+)
+@click.option("--server-name", default=None, help="Name the server's certificate must carry (default: HOST).")
+def send(target, paths, timeout, quiet, tls, ca, cert, key, server_name):
+    """Replay HL7 files or folders over MLLP; exit 1 unless every message got AA/CA.
+
+    To a tls: listener: --ca CA.pem --cert CLIENT.pem --key CLIENT-key.pem.
+    """
     from gateway.app.replay import ReplayError, collect_messages, replay
 
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise click.UsageError(f"{target!r} is not HOST:PORT")
+    options = _client_tls(host, tls, ca, cert, key, server_name)
     try:
         messages = collect_messages(paths)
     except ReplayError as e:
@@ -151,7 +211,7 @@ def send(target, paths, timeout, quiet):
     if not messages:
         click.echo("herald send: no HL7 messages (text starting with MSH) in the given paths", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    report = replay(host, int(port), messages, timeout=timeout, progress=not quiet)
+    report = replay(host, int(port), messages, timeout=timeout, progress=not quiet, tls=options)
     for line in report.failures:
         click.echo(line, err=True)
     click.echo(
@@ -159,6 +219,27 @@ def send(target, paths, timeout, quiet):
         f"errors {report.errors} in {report.seconds:.2f} s"
     )
     sys.exit(0 if report.accepted == len(messages) else 1)
+
+
+def _client_tls(host, tls, ca, cert, key, server_name):
+    """`herald send`'s TLS options (None for plain TCP)."""
+    if not (tls or ca or cert or key):
+        return None
+    if ca is None:
+        raise click.UsageError("TLS needs --ca: the CA file the server's certificate is checked against")
+    if (cert is None) != (key is None):
+        raise click.UsageError("--cert and --key go together")
+    from mllp.client import client_options
+
+    try:
+        return client_options(
+            server_name or host,
+            ca.read_bytes(),
+            cert.read_bytes() if cert else None,
+            key.read_bytes() if key else None,
+        )
+    except Exception as e:  # unreadable PEM, or a key that is not the certificate's
+        raise click.ClickException(f"cannot use the TLS files: {e}") from None
 
 
 # -- convert -----------------------------------------------------------------
@@ -173,21 +254,29 @@ def send(target, paths, timeout, quiet):
     is_flag=True,
     help="Instead of the JSON, list each v2 field used (HL7 name, value, FHIR target) and those not mapped.",
 )
-def convert(file, config_path, no_validate, explain):
+@click.option(
+    "--profile",
+    "profile_spec",
+    default=None,
+    metavar="NAME|FILE.toml",
+    help="Read the message with this sender profile (default: the one its MSH-3/MSH-4 select).",
+)
+def convert(file, config_path, no_validate, explain, profile_spec=None):
     """Convert the ADT message(s) in FILE to FHIR Bundle JSON on stdout."""
-    from datetime import datetime
-
+    from gateway.app.profiles import convert_for_cli, find_profile
     from gateway.app.replay import ReplayError, collect_messages
-    from gateway.conversion.convert import convert as convert_message
     from gateway.conversion.convert import validate_bundle
-    from gateway.conversion.v2 import V2Message
     from gateway.conversion.vocabulary import load_vocabulary
 
     cfg = _config(config_path, None)
     try:
         vocab = load_vocabulary()
         messages = collect_messages([file])
-    except (ReplayError, ConfigError) as e:
+        if profile_spec:
+            profiles, forced = find_profile(profile_spec, cfg, vocab)
+        else:
+            profiles, forced = _profiles(cfg, vocab), None
+    except (ReplayError, ConfigError, LookupError) as e:
         for line in str(e).splitlines():
             click.echo(f"herald convert: {line}", err=True)
         sys.exit(EXIT_BAD_INPUT)
@@ -195,13 +284,20 @@ def convert(file, config_path, no_validate, explain):
     explained: list[str] = []
     for where, raw in messages:
         try:
-            msg = V2Message(raw)
-            conversion = convert_message(msg, vocab, cfg.tzinfo, datetime.now(UTC), explain=explain)
+            msg, selection, applied, conversion = convert_for_cli(raw, profiles, forced, cfg, vocab, explain)
             if not no_validate:
                 validate_bundle(conversion.bundle)
         except MessageError as e:
             click.echo(f"herald convert: {where}: {e} (HL7 error {e.code})", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        if selection.known:
+            click.echo(
+                f"herald convert: {where}: sender profile {selection.profile.name} "
+                f"({len(applied.changes)} change(s); herald profile diff shows them)",
+                err=True,
+            )
+        for m in applied.missing:
+            click.echo(f"herald convert: {where}: warning: {m}", err=True)
         if explain:
             from gateway.conversion.explain import explain_lines
 
@@ -222,7 +318,140 @@ def convert(file, config_path, no_validate, explain):
 @click.pass_context
 def explain_command(ctx, file, config_path):
     """Same as `herald convert FILE --explain`: each v2 field used, its HL7 name and FHIR target."""
-    ctx.invoke(convert, file=file, config_path=config_path, no_validate=False, explain=True)
+    ctx.invoke(convert, file=file, config_path=config_path, no_validate=False, explain=True, profile_spec=None)
+
+
+def _profiles(cfg, vocab=None):
+    """The configured sender profiles; a bad one is a clean message naming its file, key and reason."""
+    from gateway.app.profiles import configured_profiles
+
+    try:
+        return configured_profiles(cfg, vocab)
+    except ConfigError as e:
+        raise click.ClickException(f"sender profile {e}") from None
+
+
+# -- profile -----------------------------------------------------------------
+
+
+@main.group()
+def profile():
+    """Sender profiles (mappings/senders/*.toml): check one, try it on messages, see what it changes."""
+
+
+def _profile_failed(command: str, error) -> None:
+    """A profile that does not load: file, key and reason on stderr, exit 2."""
+    from gateway.errors import ProfileError
+
+    if isinstance(error, ProfileError):
+        click.echo(f"herald profile {command}: {error.file}: {error.key}: {error.reason}", err=True)
+    else:
+        click.echo(f"herald profile {command}: {error}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@profile.command("check")
+@click.argument("spec", metavar="PROFILE")
+@config_option
+def profile_check(spec, config_path):
+    """Check PROFILE (a .toml file, or a name in [profiles] folder) with the profiles it joins; exit 2 when bad."""
+    from gateway.app.profiles import check_profile
+
+    cfg = _config(config_path, None)
+    try:
+        found = check_profile(spec, cfg)
+    except (ConfigError, LookupError) as e:
+        _profile_failed("check", e)
+    for line in found.lines():
+        click.echo(line)
+
+
+@profile.command("test")
+@click.argument("spec", metavar="PROFILE")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path), metavar="MESSAGES...")
+@config_option
+def profile_test(spec, paths, config_path):
+    """Convert MESSAGES with PROFILE and summarise each: patient ids, class, event, times, codes, warnings.
+
+    Exit 1 when a message does not convert to valid FHIR R4, 2 when the profile does not load.
+    """
+    from gateway.app.profiles import try_profile
+    from gateway.app.replay import ReplayError, collect_messages
+
+    cfg = _config(config_path, None)
+    try:
+        messages = collect_messages(paths)
+    except ReplayError as e:
+        for line in str(e).splitlines():
+            click.echo(f"herald profile test: {line}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        found, reports = try_profile(spec, messages, cfg)
+    except (ConfigError, LookupError) as e:
+        _profile_failed("test", e)
+    click.echo(f"profile {found.name} ({found.file}): {found.summary()}")
+    for report in reports:
+        click.echo("")
+        for line in report.lines():
+            click.echo(line)
+    failed = [r for r in reports if not r.ok]
+    click.echo(f"\n{len(reports)} message(s), {len(reports) - len(failed)} converted to valid FHIR R4")
+    sys.exit(1 if failed else 0)
+
+
+@profile.command("diff")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path), metavar="MESSAGE...")
+@config_option
+def profile_diff(paths, config_path):
+    """Which profile each MESSAGE gets and why, and what it changes against the default mapping."""
+    from gateway.app.profiles import diff_message
+    from gateway.app.replay import ReplayError, collect_messages
+    from gateway.conversion.vocabulary import load_vocabulary
+
+    cfg = _config(config_path, None)
+    vocab = load_vocabulary()
+    try:
+        messages = collect_messages(paths)
+    except ReplayError as e:
+        for line in str(e).splitlines():
+            click.echo(f"herald profile diff: {line}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    profiles = _profiles_or_fail(cfg, vocab, "diff")
+    failed = 0
+    for n, (where, raw) in enumerate(messages):
+        report = diff_message(where, raw, profiles, cfg, vocab)
+        failed += bool(report.error)
+        for line in ([""] if n else []) + report.lines():
+            click.echo(line)
+    sys.exit(1 if failed else 0)
+
+
+def _profiles_or_fail(cfg, vocab, command: str):
+    from gateway.app.profiles import configured_profiles
+
+    try:
+        return configured_profiles(cfg, vocab)
+    except ConfigError as e:
+        _profile_failed(command, e)
+
+
+@main.command("reload")
+@config_option
+@data_option
+def reload_command(config_path, data_dir):
+    """Check the sender profiles, then have the running server load them again (no connection is dropped)."""
+    from gateway.app.profiles import request_reload
+
+    cfg = _config(config_path, data_dir)
+    try:
+        said = request_reload(cfg)
+    except ConfigError as e:
+        click.echo(f"herald reload: {getattr(e, 'file', 'config')}: {e.key}: {e.reason}", err=True)
+        click.echo("herald reload: nothing was reloaded; the server keeps the profiles it has", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(said)
 
 
 # -- roster ------------------------------------------------------------------
@@ -340,6 +569,7 @@ def roster_import(
             skip_bad_rows=skip_bad_rows,
             by=_who(by),
             on_header=say_columns_not_read,
+            keys=_keys(cfg),
         )
     except RosterError as e:
         _print_problems(file, e.problems)
@@ -349,6 +579,8 @@ def roster_import(
             err=True,
         )
         sys.exit(EXIT_BAD_INPUT)
+    except HeraldError as e:  # the store: a roster or database written with another key ring, ...
+        raise click.ClickException(str(e)) from None
     _print_problems(file, report.problems, " (row skipped)")
     click.echo(
         f"imported {file} as roster version {report.import_id} of {', '.join(report.acos)}"
@@ -405,9 +637,11 @@ def match_command(paths, as_json, config_path, data_dir):
     from gateway.app.match_report import explain_messages
 
     cfg = _config(config_path, data_dir)
-    conn = _read_conn(cfg)
+    keys = _keys(cfg)
+    conn = _read_conn(cfg, keys)
+    _audit_read(cfg, keys, "match", files=len(paths))  # it shows the roster's candidates for each patient
     failures = explain_messages(
-        paths, cfg, _roster_snapshot(cfg), conn, as_json, click.echo, lambda s: click.echo(s, err=True)
+        paths, cfg, _roster_snapshot(cfg, keys), conn, as_json, click.echo, lambda s: click.echo(s, err=True)
     )
     sys.exit(EXIT_BAD_INPUT if failures else 0)
 
@@ -431,11 +665,14 @@ def review_list(state, limit, config_path, data_dir):
     from gateway.store import list_reviews
 
     cfg = _config(config_path, data_dir)
-    conn = _read_conn(cfg)
+    keys = _keys(cfg)
+    conn = _read_conn(cfg, keys)
     reviews = list_reviews(conn, None if state == "all" else state, limit)
     if not reviews:
         click.echo(f"no {'' if state == 'all' else state + ' '}reviews")
-    roster = _roster_snapshot(cfg)
+    else:
+        _audit_read(cfg, keys, "review list", [item["message_id"] for item in reviews])
+    roster = _roster_snapshot(cfg, keys)
     for item in reviews:
         for line in describe_review(roster, item):
             click.echo(line)
@@ -453,12 +690,13 @@ def review_accept(review_id, member_id, aco_id, by, config_path, data_dir):
     from gateway.app.operations import accept_review, opened_store
 
     cfg = _config(config_path, data_dir)
-    _read_conn(cfg).close()
+    keys = _keys(cfg)
+    _read_conn(cfg, keys).close()
     who = _who(by)
     try:
-        with opened_store(cfg.database) as store:
+        with opened_store(cfg.database, keys=keys) as store:
             decision = accept_review(
-                store, _roster_snapshot(cfg), cfg, review_id, by=who, member_id=member_id, aco_id=aco_id
+                store, _roster_snapshot(cfg, keys), cfg, review_id, by=who, member_id=member_id, aco_id=aco_id
             )
     except HeraldError as e:
         _fail("review accept", e)
@@ -484,10 +722,11 @@ def review_reject(review_id, reason, by, config_path, data_dir):
     from gateway.app.operations import opened_store, reject_review
 
     cfg = _config(config_path, data_dir)
-    _read_conn(cfg).close()
+    keys = _keys(cfg)
+    _read_conn(cfg, keys).close()
     who = _who(by)
     try:
-        with opened_store(cfg.database) as store:
+        with opened_store(cfg.database, keys=keys) as store:
             decision = reject_review(store, review_id, by=who, reason=reason)
     except HeraldError as e:
         _fail("review reject", e)
@@ -564,12 +803,17 @@ def log_show(message_id, fields, config_path, data_dir):
     from gateway.app.operations import message_view
 
     cfg = _config(config_path, data_dir)
-    conn = _read_conn(cfg)
+    keys = _keys(cfg)
+    conn = _read_conn(cfg, keys)
     try:
         view = message_view(conn, message_id, fields=fields)
     except HeraldError as e:
         _fail("log show", e)
+    _audit_read(cfg, keys, "log show", [message_id])
     detail, m, reason = view.detail, view.detail["message"], view.reason
+    if detail.get("integrity"):
+        # Said first and last, and on stderr: nobody should read an altered record as if it were intact.
+        _altered_warning(m["id"], detail["integrity"])
     click.echo(f"Message {m['id']}  state: {m['state']}" + (f"  ({reason})" if reason else ""))
     click.echo(
         f"  received {m['received_at']} from {m['peer']}; sender {m['sending_application']}|{m['sending_facility']}; "
@@ -619,7 +863,276 @@ def log_show(message_id, fields, config_path, data_dir):
     if m["fhir"]:
         click.echo(json.dumps(json.loads(m["fhir"]), indent=2, ensure_ascii=False))
     else:
-        click.echo("  (not converted)")
+        click.echo("  (purged)" if m.get("purged_at") else "  (not converted)")
+    if detail.get("integrity"):
+        _altered_warning(m["id"], detail["integrity"])
+
+
+def _altered_warning(message_id: int, problem: str) -> None:
+    line = f"WARNING: message {message_id}: {problem}. Run `herald audit verify`."
+    click.echo(line)
+    click.echo(f"herald log show: {line}", err=True)
+
+
+def _audit_read(cfg, keys, command: str, message_ids=(), **detail) -> None:
+    """Record a read of patient data in the audit trail before showing it; show nothing if it cannot be."""
+    from gateway.app.audit import record_read
+
+    try:
+        record_read(cfg, keys, _who(None), command, message_ids, **detail)
+    except HeraldError as e:
+        raise click.ClickException(
+            f"the read could not be recorded in the audit trail, so nothing is shown: {e}"
+        ) from None
+
+
+# -- audit and retention -----------------------------------------------------
+
+
+@main.group()
+def audit():
+    """Check the tamper-evident audit trail, and export it for a SIEM."""
+
+
+@audit.command("verify")
+@config_option
+@data_option
+def audit_verify(config_path, data_dir):
+    """Walk the event chain and every message digest; exit 1 naming the first broken row.
+
+    Reads only: it may run on a copy of the database.
+    """
+    from gateway.app.audit import report_lines, verify_trail
+
+    cfg = _config(config_path, data_dir)
+    conn = _read_conn(cfg, _keys(cfg))  # the chain's key: derived from the ring's first key
+    try:
+        report = verify_trail(conn)
+    except HeraldError as e:
+        raise click.ClickException(str(e)) from None
+    for line in report_lines(report):
+        click.echo(line)
+    sys.exit(0 if report.intact else 1)
+
+
+@audit.command("export")
+@click.option("--since", default=None, help="Only events from then: an age (7d, 12h) or an ISO date or time (UTC).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="NDJSON file.")
+@config_option
+@data_option
+def audit_export(since, out_path, config_path, data_dir):
+    """Print the audit trail as FHIR R4 AuditEvent resources, one JSON a line (NDJSON), for a SIEM.
+
+    Ids, codes and counts only: no patient data beyond message ids.
+    """
+    from datetime import datetime
+
+    from gateway.app.audit import export_audit_events, parse_since
+
+    cfg = _config(config_path, data_dir)
+    try:
+        start = parse_since(since, datetime.now(UTC)) if since else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    conn = _read_conn(cfg, _keys(cfg))
+    if out_path is None:
+        count = export_audit_events(conn, click.echo, start)
+    else:
+        with open(out_path, "w", encoding="utf-8") as f:
+            count = export_audit_events(conn, lambda line: f.write(line + "\n"), start)
+        click.echo(f"wrote {count} AuditEvent(s) to {out_path}", err=True)
+
+
+@main.command()
+@click.option("--older-than", "older_than", required=True, help="Retention: an age such as 90d, 12h or 2w.")
+@click.option("--dry-run", is_flag=True, help="Say what would be purged; change nothing.")
+@click.option("--by", default=None, help="Who purges (for the audit trail; default: the login name).")
+@config_option
+@data_option
+def purge(older_than, dry_run, by, config_path, data_dir):
+    """Remove the bodies of messages older than --older-than whose work is finished.
+
+    The raw message, its Bundle, stored notification payloads and the
+    notification files under the data folder go; the row, its header fields
+    and its digest stay, and a 'purged' event names the messages, so
+    `herald audit verify` still passes. Messages still to be processed,
+    in review, or with notifications pending or retrying are kept.
+    """
+    from gateway.app.audit import parse_age, purge_bodies
+
+    cfg = _config(config_path, data_dir)
+    try:
+        age = parse_age(older_than)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--older-than") from None
+    keys = _keys(cfg)
+    _read_conn(cfg, keys).close()
+    try:
+        report = purge_bodies(cfg, keys, age, by=f"cli:{_who(by)}", dry_run=dry_run)
+    except HeraldError as e:
+        raise click.ClickException(str(e)) from None
+    ranges = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in report.ranges) or "none"
+    if dry_run:
+        click.echo(
+            f"would purge {len(report.message_ids)} message(s) received before {report.received_before}: {ranges}"
+        )
+        return
+    click.echo(
+        f"purged the bodies of {len(report.message_ids)} message(s) received before {report.received_before}: "
+        f"{ranges}; {report.notification_payloads} notification payload(s), {report.files_removed} file(s) removed"
+    )
+
+
+# -- keys --------------------------------------------------------------------
+
+
+def _check_keys(cfg, keys) -> None:
+    """Refuse, in words, a ring that is not the database's (or roster file's)."""
+    from gateway.app.keys import check_key_ring
+
+    try:
+        check_key_ring(cfg, keys)
+    except HeraldError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.group("keys")
+def keys_group():
+    """The key ring that seals PHI at rest: make it, rotate it, see what each key seals."""
+
+
+@keys_group.command("init")
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write it (default: [security] key_file, else <data>/keys/herald.key).",
+)
+@config_option
+@data_option
+def keys_init(key_file, config_path, data_dir):
+    """Make a new key file: one random 256-bit key, mode 0600 in a 0700 folder. Never overwrites one."""
+    from gateway.app.keys import init_key_file
+    from gateway.store.keys import KEYS_ENV
+
+    cfg = _config(config_path, data_dir)
+    path = key_file or cfg.key_path
+    try:
+        init_key_file(path)
+    except HeraldError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote a new key ring to {path} (mode 0600)")
+    click.echo("  keep a copy apart from the data folder's backups: without it the sealed data cannot be read")
+    if key_file is not None and key_file != cfg.key_path:
+        click.echo(f'  set [security] key_file = "{path}" in the configuration so Herald uses it')
+    if os.environ.get(KEYS_ENV, "").strip():
+        click.echo(f"  note: ${KEYS_ENV} is set and wins over the file", err=True)
+
+
+@keys_group.command("rotate")
+@click.option(
+    "--no-new-key",
+    is_flag=True,
+    help="Add no key: seal again under the newest one the ring has (after adding one to $HERALD_KEYS).",
+)
+@click.option("--batch", default=200, show_default=True, help="Values sealed again per transaction.")
+@config_option
+@data_option
+def keys_rotate(no_new_key, batch, config_path, data_dir):
+    """Add a key and seal every stored value under it, a small transaction at a time.
+
+    A running gateway goes on taking messages meanwhile, and seals with the
+    new key within a second. Plaintext from before encryption at rest is
+    sealed too. The old keys stay in the file: they still open backups.
+    """
+    from gateway.app.keys import rotate_keys
+
+    cfg = _config(config_path, data_dir)
+    keys = _keys(cfg)
+    _read_conn(cfg, keys).close()
+    _check_keys(cfg, keys)
+    last = [0.0]
+
+    def progress(column: str, done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0:
+            last[0] = now
+            click.echo(f"  {column}: {done} sealed so far", err=True)
+
+    try:
+        report = rotate_keys(cfg, new_key=not no_new_key, batch=batch, progress=progress)
+    except HeraldError as e:
+        raise click.ClickException(str(e)) from None
+    if report.added:
+        click.echo(f"added key {report.added} to {cfg.key_path}; it seals every new value")
+    click.echo(f"sealed under {report.sealing_key} in {report.seconds:.1f} s:")
+    for column, count in report.sealed.items():
+        click.echo(f"  {column:<24} {count:>9}")
+    click.echo(f"  {'roster members':<24} {report.roster_members:>9}")
+    if report.digests:
+        click.echo(f"  {'message digests keyed':<24} {report.digests:>9}")
+    if not report.checkpointed:
+        click.echo("  the write-ahead log was in use; the gateway's writer empties it later", err=True)
+
+
+@keys_group.command("status")
+@config_option
+@data_option
+def keys_status(config_path, data_dir):
+    """Show the key ring and how many stored values each key seals (plaintext: written before)."""
+    from gateway.app.keys import key_status
+
+    cfg = _config(config_path, data_dir)
+    keys = _keys(cfg)
+    _read_conn(cfg, keys).close()
+    try:
+        status = key_status(cfg)
+    except HeraldError as e:
+        raise click.ClickException(str(e)) from None
+    if not keys.enabled:
+        click.echo("encryption at rest is off ([security] encrypt_at_rest = false)")
+    else:
+        click.echo(
+            f"key ring {status.source}: {', '.join(status.ids)}; {status.sealing_key} seals new values "
+            f"(key check {status.fingerprint})"
+        )
+    totals = status.totals()
+    click.echo(f"{'KEY':<12} {'VALUES':>9}")
+    for key_id in [*status.ids, *sorted(k for k in totals if k is not None and k not in status.ids)]:
+        click.echo(f"{key_id:<12} {totals.get(key_id, 0):>9}" + ("" if key_id in status.ids else "  (not in the ring)"))
+    click.echo(f"{'plaintext':<12} {totals.get(None, 0):>9}")
+    for column, counts in [*status.columns.items(), ("roster members", status.roster)]:
+        parts = ", ".join(f"{k or 'plaintext'} {n}" for k, n in sorted(counts.items(), key=lambda kv: kv[0] or ""))
+        click.echo(f"  {column:<24} {parts or '-'}")
+    if not status.digests_keyed and keys.enabled:
+        click.echo("  message digests: some may be from before (herald keys rotate makes them keyed)")
+
+
+# -- outbox ------------------------------------------------------------------
+
+
+@main.group()
+def outbox():
+    """File drops Herald wrote to its own outbox folders."""
+
+
+@outbox.command("open")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--by", default=None, help="Who reads (for the audit trail; default: the login name).")
+@config_option
+@data_option
+def outbox_open(file, by, config_path, data_dir):
+    """Print the Bundle of a sealed file drop (<notification id>.json.sealed); the reading is audited."""
+    from gateway.app.keys import open_outbox_file
+
+    cfg = _config(config_path, data_dir)
+    _keys(cfg)
+    _read_conn(cfg).close()
+    try:
+        payload = open_outbox_file(cfg, file, _who(by))
+    except (HeraldError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(json.loads(payload), indent=2, ensure_ascii=False))
 
 
 # -- demo --------------------------------------------------------------------
@@ -641,21 +1154,74 @@ def demo(keep):
 # -- certs -------------------------------------------------------------------
 
 
-@main.command()
-@click.argument("directory", default="certs", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--hostname", "hostnames", multiple=True, help="Name or IP for the server certificate (repeatable).")
-@click.option("--force", is_flag=True, help="Overwrite existing files.")
-def certs(directory, hostnames, force):
-    """Make development TLS material (CA, server and client certificates) in DIRECTORY."""
-    from gateway.app.certs import FILES, make_dev_certs, server_endpoint
+@main.group()
+def certs():
+    """Development TLS material (`certs init`) and what a certificate says (`certs show`)."""
 
-    existing = [f for f in FILES if (directory / f).exists()]
+
+@certs.command("init")
+@click.option(
+    "--dir",
+    "directory",
+    default="certs",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write to.",
+)
+@click.option(
+    "--hostname",
+    "hostnames",
+    multiple=True,
+    help="Name or IP for the server certificate (repeatable; default: localhost and 127.0.0.1).",
+)
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    help="A client certificate to make, by name: its subject CN, written as NAME.pem and NAME-key.pem "
+    "(repeatable; default: client).",
+)
+@click.option("--days", default=365, show_default=True, help="Validity of every certificate.")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def certs_init(directory, hostnames, clients, days, force):
+    """Make a development CA, a server certificate and client certificates for mutual TLS (never for production)."""
+    from gateway.app.certs import DEFAULT_CLIENT, DEFAULT_HOSTNAMES, make_dev_certs, planned_files, tls_config_lines
+
+    clients = tuple(clients) or (DEFAULT_CLIENT,)
+    existing = [p.name for p in planned_files(directory, clients) if p.exists()]
     if existing and not force:
         raise click.ClickException(f"{directory} already holds {', '.join(existing)}; use --force to replace them")
-    written = make_dev_certs(directory, tuple(hostnames) or ("localhost", "127.0.0.1"))
-    click.echo(f"wrote {', '.join(p.name for p in written)} to {directory} (development only)")
-    click.echo(f"TLS listener: --listen '{server_endpoint(directory, 2576)}'")
-    click.echo(f"client side:  trust {directory / 'ca.pem'}; a client certificate is in client.pem / client-key.pem")
+    if days < 1:
+        raise click.UsageError("--days must be at least 1")
+    try:
+        made = make_dev_certs(directory, tuple(hostnames) or DEFAULT_HOSTNAMES, clients, days)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {', '.join(p.name for p in made.files)} to {directory} (development only)")
+    click.echo("keys (*-key.pem) are readable by you only (0600); never commit or mail them\n")
+    click.echo("Gateway (herald.toml):\n")
+    for line in tls_config_lines(made):
+        click.echo(f"  {line}".rstrip())
+    cert, key = made.client(made.clients[0])
+    click.echo("\nA sender (here herald send; an interface engine takes the same three files):\n")
+    click.echo(f"  herald send --ca {made.ca} --cert {cert} --key {key} localhost:2575 sample_messages/")
+
+
+@certs.command("show")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def certs_show(file):
+    """Print a certificate's subject, SANs, issuer, validity, SHA-256 fingerprint and kind (CA, server, client)."""
+    from gateway.app.certs import describe
+
+    try:
+        found = describe(file.read_bytes())
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{file}: {e}") from None
+    for n, facts in enumerate(found, 1):
+        if len(found) > 1:
+            click.echo(f"{'' if n == 1 else chr(10)}certificate {n} of {len(found)}:")
+        for line in facts.lines():
+            click.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

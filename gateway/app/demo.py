@@ -2,7 +2,10 @@
 
 Starts the gateway on a free loopback port, imports ``sample_messages/roster.csv``,
 replays ``sample_messages/`` over real MLLP, waits for the pipeline and the
-deliveries, and prints one line per notification.
+deliveries, and prints one line per notification. The listener is mutual TLS,
+as deployed: throwaway certificates (made as ``herald certs init`` makes them)
+live in the temporary folder, and each sample sender is bound to the demo's
+client certificate in ``[[senders]]``.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from pathlib import Path
 import click
 from twisted.internet import defer, task
 
+from gateway.app.certs import make_dev_certs
 from gateway.app.operations import opened_store
 from gateway.app.replay import collect_messages, replay_async
 from gateway.app.roster import import_roster_file
 from gateway.app.service import make_service
 from gateway.config import load_config
 from gateway.conversion.vocabulary import load_vocabulary
+from gateway.header import read_header_leniently
 from gateway.resources import samples_dir
 from gateway.store import (
     count_by_state,
@@ -33,20 +38,26 @@ from gateway.store import (
     roster_member,
     stored_match,
 )
+from gateway.store.keys import load_ring, new_key_file
 from gateway.store.messages import messages_bundles
+from mllp.client import client_options
 
 SAMPLES = samples_dir()
 WAIT_SECONDS = 60.0
+#: The demo's client certificate (its subject CN, the identity [[senders]] names).
+DEMO_CLIENT = "demo-ehr"
 
 
 def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
     """Run the demo; return the exit code."""
     out = out or sys.stdout
     folder = Path(tempfile.mkdtemp(prefix="herald-demo-"))
-    cfg = load_config(None, data_dir=folder, listen=["tcp:0:interface=127.0.0.1"])
-    with opened_store(cfg.database) as store:
-        roster = import_roster_file(store, samples / "roster.csv", by="herald demo")
     messages = collect_messages(sorted(samples.glob("*.hl7")))
+    cfg, certs = demo_config(folder, messages)
+    new_key_file(cfg.key_path)  # a throwaway key, gone with the folder
+    keys = load_ring(cfg.key_path, cfg.encrypt_at_rest)
+    with opened_store(cfg.database, keys=keys) as store:
+        roster = import_roster_file(store, samples / "roster.csv", by="herald demo")
     echo = lambda s="": click.echo(s, file=out)  # noqa: E731
     echo(f"Herald demo: data in {folder}")
     echo(f"  roster: {roster.added} members from sample_messages/roster.csv")
@@ -54,16 +65,18 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
 
     @defer.inlineCallbacks
     def main(reactor):
-        gw = make_service(cfg, reactor)
+        gw = make_service(cfg, reactor, keys=keys)
         gw.service.startService()
         try:
             yield defer.gatherResults([lst.ready for lst in gw.listeners])
             port = gw.listening_ports()[0]
-            echo(f"  listening on 127.0.0.1:{port} (MLLP); replaying {len(messages)} sample messages")
-            report = yield replay_async(reactor, "127.0.0.1", port, messages, timeout=10)
+            echo(f"  listening on 127.0.0.1:{port} (MLLP over mutual TLS); replaying {len(messages)} sample messages")
+            cert, key = certs.client(DEMO_CLIENT)
+            tls = client_options("localhost", certs.ca.read_bytes(), cert.read_bytes(), key.read_bytes())
+            report = yield replay_async(reactor, "127.0.0.1", port, messages, timeout=10, tls=tls)
             result["report"] = report
             echo(f"  ACKs: {report.accepted} accepted of {report.sent} sent")
-            conn = open_database(cfg.database, readonly=True)
+            conn = open_database(cfg.database, readonly=True, keys=keys)
             deadline = time.monotonic() + WAIT_SECONDS
             while time.monotonic() < deadline:
                 if outstanding_work(conn) == 0:
@@ -72,7 +85,7 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
             notes = [dict(r) for r in notifications_for(conn)]
             bundles = messages_bundles(conn, {n["message_id"] for n in notes})
             matches = {n["message_id"]: stored_match(conn, n["message_id"]) for n in notes}
-            roster = open_roster_snapshot(cfg.database)
+            roster = open_roster_snapshot(cfg.database, keys)
             for n in notes:
                 n["about"] = describe_bundle(json.loads(bundles[n["message_id"]]))
                 m = matches[n["message_id"]]
@@ -124,6 +137,22 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     undelivered = [n for n in notes if n["state"] != "sent"]
     return 0 if notes and not undelivered and report.accepted == report.sent else 1
+
+
+def demo_config(folder: Path, messages):
+    """The demo's config: a tls: listener on a free loopback port, throwaway certificates in ``folder/certs``
+    (the default [tls] place), and one [[senders]] entry per sample sender, bound to the demo's client."""
+    certs = make_dev_certs(folder / "certs", clients=(DEMO_CLIENT,), days=1)
+    headers = [read_header_leniently(raw) for _, raw in messages]
+    senders = sorted({(h.sending_application, h.sending_facility) for h in headers if h is not None})
+    lines = ["[server]", 'listen = ["tls:0:interface=127.0.0.1"]']
+    for application, facility in senders:
+        # json.dumps writes a valid TOML basic string.
+        lines += ["", "[[senders]]", f"application = {json.dumps(application)}", f"facility = {json.dumps(facility)}"]
+        lines.append(f"identities = [{json.dumps(DEMO_CLIENT)}]")
+    path = folder / "herald.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return load_config(path, data_dir=folder), certs
 
 
 def describe_bundle(bundle: dict) -> dict[str, str]:

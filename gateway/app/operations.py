@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from gateway.app.roster import opened_store
 from gateway.config import Config
 from gateway.conversion.fieldnames import describe_location, field_info
+from gateway.conversion.profiles import load_profiles
 from gateway.conversion.v2 import V2Message, decode
 from gateway.conversion.vocabulary import load_vocabulary
-from gateway.errors import HeraldError, MessageError, StoreError
+from gateway.errors import HeraldError, MessageError, ProfileError, StoreError
 from gateway.header import read_header_leniently
 from gateway.matching import Match
 from gateway.pipeline.process import route_reviewed
@@ -104,9 +105,15 @@ def accept_review(
     )
     pending = PendingMessage(item["message_id"], item["raw"], item["received_at"], item["charset"] or "")
     recipients = {role: config.recipient(role) for role in ROLES}
+    vocab = load_vocabulary()
+    try:
+        # Converted again with the sender's profile, as the pipeline did (it gives the ids).
+        profiles = load_profiles(config.profiles_folder, vocab, config.profiles_unknown_senders)
+    except ProfileError as e:
+        raise OperationError(f"the sender profiles do not load: {e}") from None
     try:
         notifications, events, query = route_reviewed(
-            pending, load_vocabulary(), config.tzinfo, match, member, recipients
+            pending, vocab, config.tzinfo, match, member, recipients, profiles
         )
     except MessageError as e:
         raise OperationError(f"message {item['message_id']} no longer converts: {e}") from None

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from gateway.errors import HeraldError
 from mllp import AckTimeout, connect
+from mllp.client import client_endpoint, describe_loss
 
 _LINE_END = re.compile(rb"(\r\n|\r|\n)")
 _BATCH_LINES = (b"FHS", b"BHS", b"BTS", b"FTS")
@@ -149,15 +149,18 @@ def read_ack(ack: bytes) -> tuple[str, str, str]:
 
 
 @defer.inlineCallbacks
-def replay_async(reactor, host: str, port: int, messages, timeout: float = 30.0, progress=None):
-    """Send each (where, bytes) on one connection, one at a time; fire with a ReplayReport."""
+def replay_async(reactor, host: str, port: int, messages, timeout: float = 30.0, progress=None, tls=None):
+    """Send each (where, bytes) on one connection, one at a time; fire with a ReplayReport.
+
+    ``tls``: client TLS options (``mllp.client.client_options``) for a tls: listener; None for plain TCP.
+    """
     report = ReplayReport()
     start = time.perf_counter()
     client = None
     for where, raw in messages:
         if client is None:
             try:
-                client = yield connect(TCP4ClientEndpoint(reactor, host, port, timeout=timeout), reactor)
+                client = yield connect(client_endpoint(reactor, host, port, tls, timeout), reactor)
             except Exception as e:
                 report.errors += 1
                 report.failures.append(f"{where}: cannot connect to {host}:{port}: {e}")
@@ -171,7 +174,7 @@ def replay_async(reactor, host: str, port: int, messages, timeout: float = 30.0,
             client = None
         except Exception as e:
             report.errors += 1
-            report.failures.append(f"{where}: connection lost before the ACK ({e.__class__.__name__})")
+            report.failures.append(f"{where}: connection lost before the ACK ({describe_loss(e)})")
             client = None
         else:
             code, _, reason = read_ack(ack)
@@ -188,7 +191,7 @@ def replay_async(reactor, host: str, port: int, messages, timeout: float = 30.0,
     return report
 
 
-def replay(host: str, port: int, messages, timeout: float = 30.0, progress: bool = True) -> ReplayReport:
+def replay(host: str, port: int, messages, timeout: float = 30.0, progress: bool = True, tls=None) -> ReplayReport:
     """Blocking replay for the CLI (runs the reactor), with a progress bar on stderr."""
     from twisted.internet import task
 
@@ -198,10 +201,10 @@ def replay(host: str, port: int, messages, timeout: float = 30.0, progress: bool
         if progress:
             bar = click.progressbar(length=len(messages), label="sending", file=click.get_text_stream("stderr"))
             bar.__enter__()
-            d = replay_async(reactor, host, port, messages, timeout, bar.update)
+            d = replay_async(reactor, host, port, messages, timeout, bar.update, tls)
             d.addBoth(lambda r: (bar.__exit__(None, None, None), r)[1])
         else:
-            d = replay_async(reactor, host, port, messages, timeout)
+            d = replay_async(reactor, host, port, messages, timeout, tls=tls)
         return d.addCallback(result.append)
 
     try:

@@ -26,6 +26,7 @@ from gateway.matching.roster import (
     open_roster,
 )
 from gateway.store import Store, roster_path
+from gateway.store.keys import KeyRing
 from gateway.store.roster_import import RosterVersion, publish_roster_version
 
 __all__ = [
@@ -39,13 +40,16 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def opened_store(database: Path | str, clock: Callable[[], datetime] | None = None) -> Iterator[Store]:
+def opened_store(
+    database: Path | str, clock: Callable[[], datetime] | None = None, keys: KeyRing | None = None
+) -> Iterator[Store]:
     """A running store for a process that has no gateway of its own (the CLI), closed on leaving.
 
-    Its writes go through the same writer, stamped by the same clock, as the
-    server's. A version-1 database's roster is carried over first.
+    Its writes go through the same writer, stamped by the same clock, and
+    sealed with the same key ring (``keys``), as the server's. A version-1
+    database's roster is carried over first.
     """
-    store = Store(database, **({"clock": clock} if clock else {}))
+    store = Store(database, keys=keys, **({"clock": clock} if clock else {}))
     store.start()
     try:
         adopt_legacy_roster(store)
@@ -55,12 +59,12 @@ def opened_store(database: Path | str, clock: Callable[[], datetime] | None = No
 
 
 @contextlib.contextmanager
-def _running(target: Store | Path | str) -> Iterator[Store]:
-    # A running store is used as it is; a database path gets one for the call.
+def _running(target: Store | Path | str, keys: KeyRing | None = None) -> Iterator[Store]:
+    # A running store is used as it is (with its key ring); a database path gets one for the call.
     if isinstance(target, Store):
         yield target
     else:
-        with opened_store(target) as store:
+        with opened_store(target, keys=keys) as store:
             yield store
 
 
@@ -99,20 +103,22 @@ def import_roster(
     now: datetime | None = None,
     unread_columns: tuple[UnreadColumn, ...] = (),
     not_read: tuple[str, ...] = (),
+    keys: KeyRing | None = None,
 ) -> RosterImportReport:
     """Publish ``rows`` as one new roster version per ACO and audit it in the main database.
 
-    ``target`` is a running store, or the main database's path (a store is
-    opened for the call). ``unread_columns`` and ``not_read`` (the file's
-    columns that were not imported) go into the report and, by header name,
-    into the audit event.
+    ``target`` is a running store (its members are sealed with its key ring),
+    or the main database's path (a store is opened for the call, with
+    ``keys``). ``unread_columns`` and ``not_read`` (the file's columns that
+    were not imported) go into the report and, by header name, into the
+    audit event.
 
     See :func:`gateway.store.roster_import.publish_roster_version` for what a
     version does; nothing the server does waits on it. Raises
     :class:`~gateway.errors.RosterError` (nothing published) when the file is
     rejected.
     """
-    with _running(target) as store:
+    with _running(target, keys) as store:
         args = (store, rows, file, sha256, fmt, replace, aco_ids, effective, skip_bad_rows, by, now)
         return _import(*args, unread_columns=unread_columns, not_read=not_read)
 
@@ -135,6 +141,7 @@ def _import(
         aco_ids=aco_ids,
         effective=effective,
         skip_bad_rows=skip_bad_rows,
+        keys=store.keys,
     )
     detail = {
         "import": version.import_id,
@@ -174,6 +181,7 @@ def import_roster_file(
     by: str = "",
     now: datetime | None = None,
     on_header: Callable[[RosterSource], None] | None = None,
+    keys: KeyRing | None = None,
 ) -> RosterImportReport:
     """Read ``path`` row by row into ``store`` as a new roster version (see :func:`import_roster`).
 
@@ -202,15 +210,20 @@ def import_roster_file(
         now=now,
         unread_columns=source.unread,
         not_read=source.not_read,
+        keys=keys,
     )
 
 
 def import_members(
-    target: Store | Path | str, members: list[RosterMember], source: str, now: datetime | None = None
+    target: Store | Path | str,
+    members: list[RosterMember],
+    source: str,
+    now: datetime | None = None,
+    keys: KeyRing | None = None,
 ) -> int:
     """Add or update ``members``, ending nobody (tests and benchmarks). Returns how many are on the roster."""
     rows = (RosterRow(n, m, (), m.aco_id, m.member_id) for n, m in enumerate(members, start=2))
-    report = import_roster(target, rows, file=source, fmt="members", replace=False, by="herald", now=now)
+    report = import_roster(target, rows, file=source, fmt="members", replace=False, by="herald", now=now, keys=keys)
     return report.added + report.changed + report.unchanged
 
 
@@ -242,6 +255,7 @@ def adopt_legacy_roster(store: Store) -> int:
         fmt="migrated",
         replace=False,
         skip_bad_rows=True,
+        keys=store.keys,
     )
     detail = {
         "import": version.import_id,

@@ -6,40 +6,62 @@ through this one function.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import Logger
 
+from gateway.app.audit import PeriodicPurge
+from gateway.app.disk import DiskReserve
 from gateway.app.roster import adopt_legacy_roster
-from gateway.config import Config
+from gateway.config import Config, Listen, parse_listen
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.delivery.worker import DeliveryWorker
+from gateway.errors import ConfigError
 from gateway.intake.ack import AckBuilder
 from gateway.intake.receiver import Intake
+from gateway.intake.rejections import RejectionSampler
+from gateway.intake.senders import SenderPolicy
 from gateway.pipeline.runner import PipelineWorker
 from gateway.store import Store
+from gateway.store.files import private_data_dir
+from gateway.store.keys import KeyRing, load_ring
 from mllp import MLLPServerFactory
+from mllp.tls import server_options
+
+_MB = 1024 * 1024
 
 
 class Listener(Service):
-    """Listens on one endpoint; fails startService loudly when it cannot bind."""
+    """Listens on one endpoint; fails startService loudly when it cannot bind.
+
+    A plain (``tcp:``) listener that other machines can reach is logged as a
+    warning when it starts: its messages cross the network in clear text.
+    """
 
     _log = Logger()
 
-    def __init__(self, spec: str, endpoint, factory) -> None:
+    def __init__(self, spec: str, endpoint, factory, listen: Listen | None = None) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.factory = factory
+        self.listen = listen
         self.port = None
         self.ready: defer.Deferred = defer.Deferred()
 
     def startService(self):
         super().startService()
+        if self.listen is not None and not self.listen.tls and not self.listen.loopback:
+            self._log.warn(
+                "plain (unencrypted) MLLP listener {spec} accepts connections from other machines: "
+                "patient data crosses the network in clear text; use a tls: listener",
+                spec=self.spec,
+            )
         d = self.endpoint.listen(self.factory)
 
         def bound(port):
@@ -84,6 +106,7 @@ class Gateway:
     pipeline: PipelineWorker
     delivery: DeliveryWorker
     listeners: list[Listener]
+    disk: DiskReserve | None = None  # the free-space reserve ([storage] reserve_mb), when one is set
 
     def listening_ports(self) -> list[int]:
         """The TCP ports actually bound (useful with ``tcp:0``), once started."""
@@ -95,15 +118,28 @@ def make_service(
     reactor=None,
     clock: Callable[[], datetime] | None = None,
     acks: AckBuilder | None = None,
+    keys: KeyRing | None = None,
 ) -> Gateway:
-    """Build the gateway: store, listeners, intake, pipeline and delivery, as one service tree."""
+    """Build the gateway: store, listeners, intake, pipeline and delivery, as one service tree.
+
+    ``keys`` seals PHI at rest; by default the ring the configuration names
+    (``HERALD_KEYS``, else ``[security] key_file``), which the pipeline's
+    worker processes read too; :class:`~gateway.store.keys.KeyRingError` when
+    there is none and ``encrypt_at_rest`` is on, or it is not the database's.
+    """
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+    # The listeners' TLS material first: a missing certificate fails before anything is opened.
+    listens = [parse_listen(spec) for spec in config.listen]
+    tls = tls_server_options(config) if any(listen.tls for listen in listens) else None
     vocab = load_vocabulary()
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(config.database, reactor=reactor, **({"clock": clock} if clock else {}))
+    if keys is None:
+        keys = load_ring(config.key_path, config.encrypt_at_rest)
+    private_data_dir(config.data_dir)
+    store = Store(config.database, reactor=reactor, keys=keys, **({"clock": clock} if clock else {}))
+    store.wal_limit = int(config.storage_wal_limit_mb * _MB)
     top = OrderedService()
 
     class _StoreService(Service):
@@ -128,24 +164,86 @@ def make_service(
         timeout=config.delivery_timeout,
         concurrency=config.delivery_concurrency,
         poll_interval=config.delivery_poll_interval,
+        keys=keys,
+        file_drop_sealed=functools.lru_cache(maxsize=256)(config.file_drop_sealed),
+        private_root=config.data_dir,
     )
     pipeline = PipelineWorker(store, config, vocab, reactor, on_routed=delivery.wake)
+    rejections = RejectionSampler(store, config.rejected_sample, config.rejected_window, reactor)
+    # After the store: it stops (writing its last summary) before the store does.
+    rejections.setServiceParent(top)
     intake = Intake(
         store,
-        acks or AckBuilder(config.application, config.facility, **({"clock": clock} if clock else {})),
+        acks
+        or AckBuilder(
+            config.application,
+            config.facility,
+            **({"clock": clock} if clock else {}),
+            control_id_length=config.limits.control_id_length,
+        ),
         on_stored=pipeline.wake,
         max_length=config.max_frame_bytes,
+        limits=config.limits,
+        rejections=rejections,
+        rejected_bytes_kept=config.rejected_bytes_kept,
+        senders=SenderPolicy.from_config(config),
     )
+    disk = None
+    if config.storage_reserve_mb > 0:
+        # Before delivery and the pipeline: they start paused when the disk is already short.
+        disk = DiskReserve(config.data_dir, int(config.storage_reserve_mb * _MB), reactor, [pipeline, delivery])
+        disk.setServiceParent(top)
+    if config.retention_days > 0:
+        PeriodicPurge(store, config.data_dir, config.retention_days, reactor).setServiceParent(top)
     delivery.setServiceParent(top)
     if config.pipeline_enabled:
         pipeline.setServiceParent(top)
     # Listeners last: they start last and stop first.
     factory = MLLPServerFactory(
-        intake, maxLength=config.max_frame_bytes, idleTimeout=config.idle_timeout, reactor=reactor
+        intake,
+        maxLength=config.max_frame_bytes,
+        idleTimeout=config.idle_timeout,
+        reactor=reactor,
+        frameTimeout=config.frame_timeout,
+        maxConnections=config.max_connections,
+        maxConnectionsPerPeer=config.max_connections_per_peer,
     )
     listeners = []
-    for spec in config.listen:
-        svc = Listener(spec, serverFromString(reactor, spec), factory)
+    for listen in listens:
+        if listen.tls:
+            endpoint = SSL4ServerEndpoint(reactor, listen.port, tls, listen.backlog, listen.interface)
+        else:
+            endpoint = serverFromString(reactor, listen.spec)
+        svc = Listener(listen.spec, endpoint, factory, listen)
         svc.setServiceParent(top)
         listeners.append(svc)
-    return Gateway(top, store, intake, pipeline, delivery, listeners)
+    return Gateway(top, store, intake, pipeline, delivery, listeners, disk)
+
+
+def tls_server_options(config: Config):
+    """The mutual-TLS options of the ``tls:`` listeners, from ``[tls]``.
+
+    Raises :class:`ConfigError` naming the key when a file is missing,
+    unreadable or not what it should be (the message says how to make
+    development certificates).
+    """
+    files = dict(zip(("cert", "key", "ca"), config.tls_files, strict=True))
+    data = {}
+    for name, path in files.items():
+        try:
+            data[name] = path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"tls.{name}",
+                f"{path} does not exist: a tls: listener needs a server certificate, its key and the CA that "
+                f"issues client certificates. For development run `herald certs init --dir {path.parent}`; "
+                "otherwise set [tls] cert, key and ca to your PKI's files",
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"tls.{name}", f"{path}: {e.strerror}") from None
+    if files["key"].stat().st_mode & 0o077:
+        Listener._log.warn("the TLS key {path} is readable by other users; chmod 600 it", path=str(files["key"]))
+    try:
+        return server_options(data["cert"], data["key"], data["ca"], config.tls_min_version)
+    except ValueError as e:
+        raise ConfigError("tls", f"{e} (cert {files['cert']}, key {files['key']}, ca {files['ca']})") from None

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 from gateway.errors import MessageError
 from gateway.header import ERR_DATA_TYPE, ERR_SEGMENT_SEQUENCE, MessageHeader, read_msh
+from gateway.limits import Limits, scan
 
 #: MSH-18 values (HL7 table 0211, and spellings seen in the wild) and the
 #: Python codecs that read them.
@@ -125,13 +126,19 @@ class Segment:
 class V2Message:
     """A decoded HL7 v2 message split into segments."""
 
-    def __init__(self, raw: bytes, charset: str = "", header: MessageHeader | None = None) -> None:
+    def __init__(
+        self, raw: bytes, charset: str = "", header: MessageHeader | None = None, limits: Limits | None = Limits()
+    ) -> None:
         """Decode ``raw`` with ``charset`` (an MSH-18 value), else with the MSH-18 it declares.
 
         ``header`` is the message's MSH as intake read it (:func:`gateway.header.read_msh`);
-        it is read here when not given. Raises :class:`MessageError` when the MSH cannot be read.
+        it is read here when not given. Raises :class:`MessageError` when the MSH cannot be read,
+        and :class:`~gateway.limits.LimitExceeded` when the message is over ``limits`` (intake's
+        limits; ``None`` reads any size): what is over a limit is never converted.
         """
         self.header = header = header or read_msh(raw)
+        if limits is not None:
+            scan(raw, limits, header)
         text, self.codec = decode(raw, charset or header.charset.strip())
         text = text.lstrip("\r\n \t")
         if not text.startswith("MSH"):

@@ -4,6 +4,11 @@ Channels:
 
 * ``file``: one JSON file per notification, ``<notification id>.json``, written
   to a temporary name, fsynced and renamed, so a reader never sees half a file.
+  A file drop is PHI at rest: in a folder under the data folder (the default
+  ``outbox/``) it is sealed with the key ring, ``<notification id>.json.sealed``
+  (read with ``herald outbox open FILE``), and private (0600 in a 0700 folder);
+  a recipient's own share outside it is written as plain JSON unless its
+  ``encrypt = true`` (see ``Config.file_drop_sealed``).
 * ``fhir``: ``POST [base]/$process-message`` with ``application/fhir+json``;
   any 2xx answer is success.
 
@@ -13,6 +18,7 @@ receiver can drop duplicates (delivery is at least once).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -29,6 +35,9 @@ from gateway.config import Config
 from gateway.delivery.routing import payload_builder
 from gateway.records import DEAD, RETRYING, SENT, DeliveryAttempt, Notification
 from gateway.store import Store
+from gateway.store.files import FILE_MODE, private_folder
+from gateway.store.keys import KeyRing
+from gateway.store.sealing import OUTBOX_SUFFIX, file_drop_context
 
 
 class DeliveryFailed(Exception):
@@ -70,8 +79,18 @@ def ctypes_errno() -> int:
     return ctypes.get_errno()
 
 
-def write_files_atomically(items: list[tuple[Path, str, bytes]]) -> list[BaseException | None]:
+def _is_under(directory: Path, root: Path | None) -> bool:
+    return root is not None and directory.resolve().is_relative_to(root.resolve())
+
+
+def write_files_atomically(
+    items: list[tuple[Path, str, bytes]], private_root: Path | None = None
+) -> list[BaseException | None]:
     """Write several files so that each appears whole or not at all, and durably.
+
+    Under ``private_root`` (the data folder) a file is created 0600 and a
+    missing folder 0700, whatever the umask; elsewhere (a recipient's share)
+    the umask decides.
 
     Each file is written under a temporary name; the data is flushed to disk;
     the files are renamed into place; the renames are flushed. On Linux the two
@@ -84,9 +103,14 @@ def write_files_atomically(items: list[tuple[Path, str, bytes]]) -> list[BaseExc
     written: list[tuple[int, Path, Path]] = []
     for i, (directory, name, data) in enumerate(items):
         tmp = directory / f".{name}.tmp"
+        private = _is_under(directory, private_root)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            if private:
+                private_folder(directory)
+            else:
+                directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE if private else 0o666)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 if _syncfs is None:
                     f.flush()
@@ -142,22 +166,60 @@ def notification_payloads(notifications: list[Notification]) -> list[bytes | Del
     return out
 
 
-def write_notification_files(notifications: list[Notification]) -> list[BaseException | None]:
-    """Build each notification's Bundle and write it as ``<target>/<id>.json`` (see write_files_atomically)."""
+def file_drop_name(n: Notification, sealed: bool) -> str:
+    """A notification's file name: ``<id>.json``, or ``<id>.json.sealed`` when sealed."""
+    return n.id + (OUTBOX_SUFFIX if sealed else ".json")
+
+
+def write_notification_files(
+    notifications: list[Notification],
+    keys: KeyRing | None = None,
+    sealed: Callable[[str], bool] | None = None,
+    private_root: Path | None = None,
+) -> list[BaseException | None]:
+    """Build each notification's Bundle and write it as ``<target>/<id>.json`` (see write_files_atomically).
+
+    Where ``sealed(target)`` says so (and ``keys`` seals), the Bundle is sealed
+    with ``keys`` and bound to the notification's id, as ``<id>.json.sealed``.
+    """
     payloads = notification_payloads(notifications)
     results: list[BaseException | None] = [p if isinstance(p, BaseException) else None for p in payloads]
     todo = [i for i, p in enumerate(payloads) if not isinstance(p, BaseException)]
-    items = [(Path(notifications[i].target), f"{notifications[i].id}.json", payloads[i]) for i in todo]
-    for i, error in zip(todo, write_files_atomically(items), strict=True):
+    items = []
+    for i in todo:
+        n = notifications[i]
+        seal = keys is not None and keys.enabled and sealed is not None and sealed(n.target)
+        data = keys.seal(payloads[i], file_drop_context(n.id)) if seal else payloads[i]
+        items.append((Path(n.target), file_drop_name(n, seal), data))
+    for i, error in zip(todo, write_files_atomically(items, private_root), strict=True):
         results[i] = error
     return results
+
+
+def open_file_drop(path: Path, keys: KeyRing) -> tuple[str, bytes]:
+    """The notification id and Bundle (JSON bytes) of a sealed file drop ``<id>.json.sealed``.
+
+    Raises :class:`~gateway.store.keys.KeyRingError` when it does not open
+    (another ring's, altered, or renamed: its name is its context).
+    """
+    if not path.name.endswith(OUTBOX_SUFFIX):
+        raise ValueError(f"{path.name} is not a sealed file drop (<notification id>{OUTBOX_SUFFIX})")
+    notification_id = path.name[: -len(OUTBOX_SUFFIX)]
+    return notification_id, keys.open(path.read_bytes(), file_drop_context(notification_id))
 
 
 class _FileDropBatch:
     """Gathers the file-drop sends of one reactor turn into one thread job."""
 
-    def __init__(self, reactor) -> None:
+    def __init__(
+        self,
+        reactor,
+        write: Callable[[list[Notification]], list] = write_notification_files,
+        name: Callable[[Notification], str] = lambda n: f"{n.id}.json",
+    ) -> None:
         self.reactor = reactor
+        self.write = write
+        self.name = name
         self.waiting: list[tuple[Notification, defer.Deferred]] = []
 
     def send(self, n: Notification) -> defer.Deferred:
@@ -169,14 +231,12 @@ class _FileDropBatch:
 
     def _flush(self) -> None:
         batch, self.waiting = self.waiting, []
-        job = threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), write_notification_files, [n for n, _ in batch]
-        )
+        job = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.write, [n for n, _ in batch])
 
         def fire(results):
             for (n, d), error in zip(batch, results, strict=True):
                 if error is None:
-                    d.callback(f"wrote {n.id}.json")
+                    d.callback(f"wrote {self.name(n)}")
                 elif isinstance(error, DeliveryFailed):
                     d.errback(error)
                 else:
@@ -210,7 +270,12 @@ class DeliveryWorker(Service):
         concurrency: int = Config.delivery_concurrency,
         poll_interval: float = Config.delivery_poll_interval,
         agent=None,
+        keys: KeyRing | None = None,
+        file_drop_sealed: Callable[[str], bool] | None = None,
+        private_root: Path | None = None,
     ) -> None:
+        """``keys`` seals the file drops ``file_drop_sealed(target folder)`` names (none without it);
+        files under ``private_root`` (the data folder) are private (see :func:`write_notification_files`)."""
         self.store = store
         self.reactor = reactor
         self.max_attempts = max_attempts
@@ -222,12 +287,20 @@ class DeliveryWorker(Service):
         self.agent = agent or Agent(reactor, connectTimeout=timeout)
         self._inflight: set[str] = set()
         self._attempts: dict[str, defer.Deferred] = {}
-        self._files = _FileDropBatch(reactor)
+        write = functools.partial(
+            write_notification_files, keys=keys, sealed=file_drop_sealed, private_root=private_root
+        )
+        sealing = keys is not None and keys.enabled and file_drop_sealed is not None
+        self._files = _FileDropBatch(
+            reactor, write, lambda n: file_drop_name(n, sealing and bool(file_drop_sealed(n.target)))
+        )
         self._records: list[tuple[DeliveryAttempt, defer.Deferred]] = []
         self._call = None
         self._polling = False
         self._again = False
         self.delivered = 0
+        #: Paused (:meth:`pause`): no notification is taken until :meth:`resume`.
+        self.paused = False
 
     def startService(self) -> None:
         super().startService()
@@ -241,9 +314,18 @@ class DeliveryWorker(Service):
         self._call = None
         return defer.DeferredList(list(self._attempts.values()))
 
+    def pause(self) -> None:
+        """Take no new notification (the disk is short of space); attempts under way finish and are recorded."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Deliver again: look for due notifications now."""
+        self.paused = False
+        self.wake()
+
     def wake(self) -> None:
         """Look for due notifications now (called when the pipeline writes the outbox)."""
-        if not self.running:
+        if not self.running or self.paused:
             return
         if self._polling:
             self._again = True
@@ -261,7 +343,7 @@ class DeliveryWorker(Service):
 
     @defer.inlineCallbacks
     def _poll(self):
-        if self._polling or not self.running:
+        if self._polling or not self.running or self.paused:
             return
         self._polling = True
         try:
@@ -271,6 +353,10 @@ class DeliveryWorker(Service):
                 if room <= 0:
                     break
                 due = yield self.store.due_notifications(self.reactor.seconds(), room, self._inflight)
+                if not self.running or self.paused:
+                    # Stopped (or paused) while the outbox was read: start nothing that stopService
+                    # would not wait for, and whose record would reach a stopped store.
+                    break
                 for n in due:
                     self._inflight.add(n.id)
                     self._attempt(n)

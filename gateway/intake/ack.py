@@ -55,8 +55,12 @@ class AckBuilder:
         facility: str = Config.facility,
         clock: Callable[[], datetime] = _utc_now,
         next_control_id: Callable[[], str] | None = None,
+        control_id_length: int = Config.limits.control_id_length,
     ) -> None:
         self.application = application
+        #: The most of any one value from the message an ACK echoes (MSA-2 included): a
+        #: 900 KB MSH-10 must not come back as a 900 KB ACK.
+        self.echo_length = control_id_length
         self.facility = facility
         self.clock = clock
         if next_control_id is None:
@@ -73,13 +77,16 @@ class AckBuilder:
         control_id: str = "",
         error_code: str = "",
         error_location: str = "",
+        error_sequence: int = 1,
         reason: str = "",
     ) -> bytes:
         """The ACK for a message with ``header`` (``None`` when it could not be read).
 
         ``control_id`` is echoed in MSA-2 when the header is unreadable but the
         id could still be found. An ERR segment is added whenever ``error_code``
-        is given.
+        is given; ``error_sequence`` is which occurrence of the located segment
+        (ERR-2's sequence). No value from the message is echoed longer than
+        ``control_id_length``.
         """
         if header is not None:
             seps = header.separators
@@ -101,6 +108,10 @@ class AckBuilder:
             enhanced = False
             receiver_app = receiver_fac = ""
             processing, version, event = "P", "2.5.1", ""
+        n = self.echo_length
+        echo_id = _truncate(echo_id, n, esc)
+        receiver_app, receiver_fac = _truncate(receiver_app, n, esc), _truncate(receiver_fac, n, esc)
+        processing, version, event = _truncate(processing, n, esc), _truncate(version, n, esc), _truncate(event, n, esc)
         code = ack_code(outcome, enhanced)
         stamp = self.clock().astimezone(UTC).strftime("%Y%m%d%H%M%S") + "+0000"
         msg_type = f"ACK{comp}{event}{comp}ACK" if event else "ACK"
@@ -130,11 +141,12 @@ class AckBuilder:
             err_text = ERROR_TEXT.get(error_code, "")
             segment, _, field = error_location.partition("-")
             # ERL: segment^sequence^field; e.g. MSH^1^10.
-            erl = comp.join([segment, "1", field] if field else [segment, "1"]) if segment else ""
+            seq = str(max(1, error_sequence))
+            erl = comp.join([segment, seq, field] if field else [segment, seq]) if segment else ""
             code_ce = comp.join([error_code, err_text, "HL70357"])
             # ERR-1 (pre-2.5 form: segment^sequence^field^code) and ERR-2..8
             # (2.5+ form) together, so either reader finds the code.
-            err1 = comp.join([segment, "1" if segment else "", field, sub.join([error_code, err_text, "HL70357"])])
+            err1 = comp.join([segment, seq if segment else "", field, sub.join([error_code, err_text, "HL70357"])])
             segments.append(fs.join(["ERR", err1, erl, code_ce, "E", "", "", "", text]))
         return ("\r".join(segments) + "\r").encode("ascii", "replace")
 

@@ -23,6 +23,9 @@ from gateway.header import (
     read_header_leniently,
 )
 from gateway.intake.ack import ACCEPTED, ERROR, REJECTED, AckBuilder, ack_code, should_acknowledge
+from gateway.intake.rejections import RejectionSampler
+from gateway.intake.senders import SenderPolicy, SenderRefused, peer_detail
+from gateway.limits import LimitExceeded, Limits, scan
 from gateway.records import RECEIVED, IntakeRecord, IntakeResult
 from gateway.records import REJECTED as STATE_REJECTED
 from gateway.store import Store
@@ -39,16 +42,28 @@ class Intake:
         acks: AckBuilder | None = None,
         on_stored: Callable[[], None] | None = None,
         max_length: int = Config.max_frame_bytes,
+        limits: Limits = Config.limits,
+        rejections: RejectionSampler | None = None,
+        rejected_bytes_kept: int = Config.rejected_bytes_kept,
+        senders: SenderPolicy | None = None,
     ) -> None:
         self.store = store
         self.acks = acks or AckBuilder()
         self.on_stored = on_stored or (lambda: None)
         self.max_length = max_length
+        self.limits = limits
+        #: Which rejected frames are stored and logged (all of them unless the sampler runs).
+        self.rejections = rejections or RejectionSampler(store)
+        self.rejected_bytes_kept = rejected_bytes_kept
+        #: The sender allowlist (None: any connection may send as any sender; make_service always sets it).
+        self.senders = senders
 
     def frameReceived(self, message: bytes, peer: str) -> defer.Deferred[bytes | None]:
         """Store ``message``; fire with the ACK (or ``None`` when MSH-15 asks for none)."""
         try:
             header = read_header(message)
+            scan(message, self.limits, header)
+            self._check_sender(header, peer)  # after the limits: the sender's fields are bounded
         except MessageError as e:
             return self._reject(message, peer, e)
         enhanced = header.enhanced_mode
@@ -101,47 +116,61 @@ class Intake:
         )
 
     def _reject(self, message: bytes, peer: str, error: MessageError) -> defer.Deferred[bytes]:
-        # When only a required field is missing, the separators and MSH-15 can
-        # still be read: answer in the sender's separators and mode (CR in
-        # enhanced mode), and keep who sent it in the log.
+        # When only a required field is missing (or a limit is passed), the
+        # separators and MSH-15 can still be read: answer in the sender's
+        # separators and mode (CR in enhanced mode), and keep who sent it.
         header = read_header_leniently(message)
         guess = header.control_id if header else control_id_guess(message)
-        self._log.warn(
-            "rejected a frame from {peer}: {location} {reason}",
-            peer=peer,
-            location=error.location,
-            reason=error.reason,
-        )
         nak = self.acks.build(
             header,
             REJECTED,
             control_id=guess,
             error_code=error.code,
             error_location=error.location,
+            error_sequence=error.sequence if isinstance(error, LimitExceeded) else 1,
             reason=error.reason,
         )
-        record = IntakeRecord(
-            raw=message,
+        if not self.rejections.admit(peer, f"{error.code} {error.location}".strip()):
+            return defer.succeed(nak)
+        self._log.warn(
+            "rejected a frame from {peer}: {location} {reason}",
             peer=peer,
-            state=STATE_REJECTED,
-            ack_code=ack_code(REJECTED, header.enhanced_mode if header else False),
-            control_id=guess,
-            sending_application=header.sending_application if header else "",
-            sending_facility=header.sending_facility if header else "",
-            message_type=header.message_type if header else "",
-            trigger_event=header.trigger_event if header else "",
-            reason=str(error),
+            location=error.location,
+            reason=error.reason,
         )
+        record = self._rejected_record(message, peer, header, guess, str(error))
         d = self.store.record_frame(record)
         # The rejection is logged before the sender hears of it; it is answered even if logging fails.
         d.addErrback(lambda f: self._log.error("could not log a rejected frame: {e}", e=f.getErrorMessage()))
         d.addCallback(lambda _: nak)
         return d
 
+    def _rejected_record(
+        self, raw: bytes, peer: str, header: MessageHeader | None, guess: str, reason: str, answered: bool = True
+    ) -> IntakeRecord:
+        """A rejected frame as stored: its first ``rejected_bytes_kept`` bytes, header fields cut to the limits."""
+        kept = self.rejected_bytes_kept
+        if len(raw) > kept:
+            reason += f" (first {kept} of {len(raw)} bytes kept)"
+        n, m = self.limits.header_field_length, self.limits.control_id_length
+        return IntakeRecord(
+            raw=raw[:kept],
+            peer=peer,
+            state=STATE_REJECTED,
+            ack_code=ack_code(REJECTED, header.enhanced_mode if header else False) if answered else "",
+            control_id=guess[:m],
+            sending_application=header.sending_application[:n] if header else "",
+            sending_facility=header.sending_facility[:n] if header else "",
+            message_type=header.message_type[:n] if header else "",
+            trigger_event=header.trigger_event[:n] if header else "",
+            reason=reason,
+        )
+
     def frameTooLong(self, prefix: bytes, peer: str) -> defer.Deferred[bytes | None]:
         """Refuse an oversized frame: log its start and answer AR/CR naming the limit."""
         reason = f"the frame exceeds the {self.max_length}-byte limit; it was not accepted"
         header = read_header_leniently(prefix)
+        guess = header.control_id if header else control_id_guess(prefix)
         nak = self.acks.build(
             header,
             REJECTED,
@@ -149,18 +178,9 @@ class Intake:
             error_code=ERR_VALUE_TOO_LONG,
             reason=reason,
         )
-        record = IntakeRecord(
-            raw=prefix,
-            peer=peer,
-            state=STATE_REJECTED,
-            ack_code=ack_code(REJECTED, header.enhanced_mode if header else False),
-            control_id=header.control_id if header else control_id_guess(prefix),
-            sending_application=header.sending_application if header else "",
-            sending_facility=header.sending_facility if header else "",
-            message_type=header.message_type if header else "",
-            trigger_event=header.trigger_event if header else "",
-            reason=reason + f" (first {len(prefix)} bytes kept)",
-        )
+        if not self.rejections.admit(peer, f"{ERR_VALUE_TOO_LONG} frame"):
+            return defer.succeed(nak)
+        record = self._rejected_record(prefix, peer, header, guess, reason + f" (first {len(prefix)} bytes kept)")
         d = self.store.record_frame(record)
         d.addErrback(lambda f: self._log.error("could not log an oversized frame: {e}", e=f.getErrorMessage()))
         d.addCallback(lambda _: nak)
@@ -168,17 +188,41 @@ class Intake:
 
     def frameIncomplete(self, partial: bytes, peer: str) -> None:
         """Log a frame cut off by the connection closing (no answer is possible)."""
+        if not self.rejections.admit(peer, "incomplete frame"):
+            return
         self._log.warn("connection from {peer} closed in the middle of a frame", peer=peer)
-        record = IntakeRecord(
-            raw=partial,
-            peer=peer,
-            state=STATE_REJECTED,
-            ack_code="",
-            control_id=control_id_guess(partial),
-            reason=(
-                f"the connection closed in the middle of a frame after {len(partial)} bytes; nothing was acknowledged"
-            ),
-        )
+        reason = f"the connection closed in the middle of a frame after {len(partial)} bytes; nothing was acknowledged"
+        record = self._rejected_record(partial, peer, None, control_id_guess(partial), reason, answered=False)
         self.store.record_frame(record).addErrback(
             lambda f: self._log.error("could not log an incomplete frame: {e}", e=f.getErrorMessage())
+        )
+
+    # -- transport security (gateway.intake.senders) ---------------------------------
+
+    def _check_sender(self, header: MessageHeader, peer: str) -> None:
+        """Raise :class:`SenderRefused` (logged and audited) when ``peer`` may not send as MSH-3/MSH-4."""
+        refusal = self.senders.check(header, peer) if self.senders is not None else None
+        if refusal is None:
+            return
+        self._log.warn("refused a message from {peer}: {reason}", peer=peer, reason=refusal.reason)
+        detail = {**peer_detail(peer), "sender": refusal.sender, "control_id": header.control_id[:64]}
+        self._audit("intake", "sender-refused", {**detail, "reason": refusal.reason})
+        raise SenderRefused(refusal)
+
+    def connectionRefused(self, peer: str, reason: str, certificate=None) -> None:
+        """Audit a TLS client refused in the handshake (``connection-refused``; nothing was read from it).
+
+        Sampled per peer host like rejected frames, so a flood of bad
+        handshakes is summarised rather than written down one by one.
+        """
+        if not self.rejections.admit(peer, f"TLS: {reason}"):
+            return
+        detail = {**peer_detail(peer), "reason": reason}
+        if certificate is not None:
+            detail["certificate"] = certificate.audit()
+        self._audit("tls", "connection-refused", detail)
+
+    def _audit(self, actor: str, kind: str, detail: dict) -> None:
+        self.store.record_connection_event(kind, detail, actor).addErrback(
+            lambda f: self._log.error("could not audit {kind}: {e}", kind=kind, e=f.getErrorMessage())
         )

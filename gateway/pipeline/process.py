@@ -17,10 +17,12 @@ from pathlib import Path
 
 from gateway.config import Config, Recipient
 from gateway.conversion.convert import convert, is_notification_event, message_event, validate_bundle
+from gateway.conversion.profiles import ProfileSet, apply_profile, open_message, profile_event
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import Vocabulary
 from gateway.delivery.routing import bundle_json, route
 from gateway.errors import MessageError
+from gateway.limits import Limits
 from gateway.matching import (
     Match,
     MatchModel,
@@ -130,21 +132,43 @@ def process_message(
     recipients: Mapping[str, Recipient | None],
     validate: bool = True,
     policy: MatchPolicy | None = None,
+    limits: Limits = Config.limits,
+    profiles: ProfileSet | None = None,
 ) -> MessageOutcome:
     """Turn one stored message into its outcome (state, FHIR, match, notifications).
 
     A problem with the message is a ``failed`` or ``ignored`` outcome with the
     reason. Only the roster lookups' own errors (the database) propagate, so
-    the batch is tried again later.
+    the batch is tried again later. A message over ``limits`` fails at
+    parsing: it is never converted. With ``profiles``, the sender's profile
+    is applied before the conversion (its time zone, when it has one, wins
+    over ``default_tz``); a sender with none fails when they say so.
     """
     mid = pending.id
+    selection = None
     try:
-        msg = V2Message(pending.raw, pending.charset)
+        if profiles is None:
+            msg = V2Message(pending.raw, pending.charset, limits=limits)
+        else:
+            msg, selection = open_message(pending.raw, profiles, pending.charset, limits)
     except MessageError as e:
         return MessageOutcome(mid, FAILED, str(e), events=[("failed", {"stage": "parse", "reason": str(e)})])
     except Exception as e:
         return _internal_error(mid, "parse", e, [])
-    events: list[tuple[str, dict]] = [("parsed", {"segments": len(msg.segments), "charset": msg.codec})]
+    parsed = {"segments": len(msg.segments), "charset": msg.codec}
+    events: list[tuple[str, dict]] = [("parsed", parsed)]
+    if selection is not None:
+        if not selection.known and profiles.reject_unknown:
+            parsed.update(profile_event(selection, None))
+            reason = f'{selection.reason}, and [profiles] unknown_senders = "reject"'
+            events.append(("failed", {"stage": "profile", "reason": reason}))
+            return MessageOutcome(mid, FAILED, reason, events=events)
+        try:
+            applied = apply_profile(msg, selection.profile)
+        except Exception as e:
+            return _internal_error(mid, "profile", e, events)
+        parsed.update(profile_event(selection, applied))
+        default_tz = applied.tz or default_tz
     message_type, trigger = message_event(msg)
     if not is_notification_event(message_type, trigger, vocab):
         known = ", ".join(sorted(vocab.events))
@@ -228,6 +252,7 @@ def route_reviewed(
     match: Match,
     member: dict,
     recipients: Mapping[str, Recipient | None],
+    profiles: ProfileSet | None = None,
 ) -> tuple[list[Notification], list[tuple[str, dict]], PatientQuery]:
     """The notifications held for review, now that a reviewer chose ``member``.
 
@@ -235,9 +260,14 @@ def route_reviewed(
     the one the HIE got) and routes it to the PCP and care team only: the HIE
     was told when the message arrived. An opted-out member's are withheld.
     Returns the notifications, audit events and the message's query (for its
-    MRNs). Raises :class:`MessageError` when the message no longer converts.
+    MRNs). Raises :class:`MessageError` when the message no longer converts. ``profiles``: as
+    :func:`process_message` applied them (the sender's profile changes the ids it is given).
     """
-    msg = V2Message(pending.raw, pending.charset)
+    if profiles is None:
+        msg = V2Message(pending.raw, pending.charset)
+    else:
+        msg, selection = open_message(pending.raw, profiles, pending.charset)
+        default_tz = apply_profile(msg, selection.profile).tz or default_tz
     conversion = convert(msg, vocab, default_tz, _received_at(pending.received_at))
     query = query_from_facts(conversion.patient)
     chosen = dataclasses.replace(match, member=member)

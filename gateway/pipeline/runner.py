@@ -2,25 +2,54 @@
 
 Started by :func:`gateway.app.service.make_service` after the store; it
 stops before the store, after the batch in hand is written.
+
+It owns the sender profiles in use (a :class:`~gateway.conversion.profiles.ProfileRegistry`,
+loaded and checked when it is made, so a bad profile stops the start). They are
+loaded again on SIGHUP or when ``herald reload`` touches the data folder's
+``reload-profiles`` file (looked at every :data:`RELOAD_POLL_SECONDS`); a folder
+that no longer loads is refused, logged, and the running profiles kept.
+Connections are not touched: the next batch uses the new profiles.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from gateway.config import Config
+from gateway.conversion.profiles import ProfileRegistry
 from gateway.conversion.vocabulary import Vocabulary
 from gateway.pipeline.workers import BatchContext, WorkerPool
 from gateway.records import MessageOutcome
 from gateway.store import Store
 
-__all__ = ["PipelineWorker"]
+__all__ = ["RELOAD_POLL_SECONDS", "RELOAD_REQUEST", "PipelineWorker", "reload_request_path"]
+
+#: The file in the data folder whose change asks the running server to reload the sender profiles.
+RELOAD_REQUEST = "reload-profiles"
+#: How often the server looks at it.
+RELOAD_POLL_SECONDS = 2.0
+
+
+def reload_request_path(data_dir: Path | str) -> Path:
+    """Where ``herald reload`` writes, for the server of ``data_dir`` to see."""
+    return Path(data_dir) / RELOAD_REQUEST
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 class PipelineWorker(Service):
@@ -39,10 +68,23 @@ class PipelineWorker(Service):
     #: Batches converting or being written at once.
     DEPTH = 2
 
-    def __init__(self, store: Store, config: Config, vocab: Vocabulary, reactor, on_routed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        vocab: Vocabulary,
+        reactor,
+        on_routed: Callable[[], None],
+        profiles: ProfileRegistry | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.vocab = vocab
+        #: The sender profiles in use (``[profiles]``); ProfileError here when one is bad.
+        self.profiles = profiles or ProfileRegistry.from_config(config, vocab)
+        self._reload_watch: task.LoopingCall | None = None
+        self._reload_seen: int | None = None
+        self._sighup: tuple | None = None  # (the handler SIGHUP had before), while ours is installed
         self.reactor = reactor
         self.on_routed = on_routed
         self.batch = config.pipeline_batch
@@ -58,9 +100,12 @@ class PipelineWorker(Service):
         self._last_id = 0
         self.processed = 0
         self._retry = None
+        #: Paused (:meth:`pause`): no new batch is taken until :meth:`resume`.
+        self.paused = False
 
     def startService(self) -> None:
         super().startService()
+        self._watch_reload_requests()
         if self.workers > 0:
             self._pool = WorkerPool(self.store.path, self.config, self.workers)
         else:
@@ -71,6 +116,7 @@ class PipelineWorker(Service):
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        self._unwatch_reload_requests()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._drained is not None:
@@ -85,9 +131,60 @@ class PipelineWorker(Service):
             self._context.close()
             self._context = None
 
+    def reload_profiles(self) -> bool:
+        """Load the sender profiles again; a folder that does not load is refused and the running set kept."""
+        ok, said = self.profiles.reload()
+        if ok:
+            self._log.info("sender profiles reloaded: {loaded}", loaded=said)
+        else:
+            # ProfileError's text: file, key and reason (no message content).
+            self._log.warn(
+                "sender profiles not reloaded, the running ones (generation {generation}) stay in use: {error}",
+                generation=self.profiles.generation,
+                error=said,
+            )
+        return ok
+
+    def _watch_reload_requests(self) -> None:
+        path = reload_request_path(self.config.data_dir)
+        self._reload_seen = _mtime(path)
+
+        def look() -> None:
+            seen = _mtime(path)
+            if seen is not None and seen != self._reload_seen:
+                self._reload_seen = seen
+                self.reload_profiles()
+
+        self._reload_watch = task.LoopingCall(look)
+        self._reload_watch.clock = self.reactor
+        self._reload_watch.start(RELOAD_POLL_SECONDS, now=False)
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            # SIGHUP is free in Twisted (it handles INT, TERM, CHLD); the handler only schedules the reload.
+            previous = signal.signal(
+                signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload_profiles)
+            )
+            self._sighup = (previous if previous is not None else signal.SIG_DFL,)
+
+    def _unwatch_reload_requests(self) -> None:
+        if self._reload_watch is not None and self._reload_watch.running:
+            self._reload_watch.stop()
+        self._reload_watch = None
+        if self._sighup is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._sighup[0])
+        self._sighup = None
+
+    def pause(self) -> None:
+        """Take no new batch (the disk is short of space: intake comes first); the batches in hand are written."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Take batches again, starting with the messages stored meanwhile."""
+        self.paused = False
+        self.wake()
+
     def wake(self) -> None:
         """New messages were stored: process them soon."""
-        if not self.running:
+        if not self.running or self.paused:
             return
         if self._running_batch:
             self._again = True
@@ -104,14 +201,14 @@ class PipelineWorker(Service):
         try:
             while self.running or inflight:
                 self._again = False
-                while self.running and len(inflight) < self.DEPTH:
+                while self.running and not self.paused and len(inflight) < self.DEPTH:
                     pending = yield self.store.pending_messages(fetched, self.batch * max(1, self.workers))
                     if not pending:
                         break
                     fetched = pending[-1].id
                     inflight.append((pending, self._process(pending)))
                 if not inflight:
-                    if self._again and self.running:
+                    if self._again and self.running and not self.paused:
                         continue
                     break
                 pending, d = inflight.popleft()
@@ -145,7 +242,7 @@ class PipelineWorker(Service):
 
     def _submit(self, chunk) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
-        future = self._pool.submit(chunk)
+        future = self._pool.submit(chunk, self.profiles.state)
 
         def done(f):
             error = f.exception()
@@ -159,5 +256,7 @@ class PipelineWorker(Service):
 
     def _process_here(self, batch) -> list[MessageOutcome]:
         if self._context is None:
-            self._context = BatchContext(self.store.path, self.config, self.vocab)
+            self._context = BatchContext(
+                self.store.path, self.config, self.vocab, self.store.keys, profiles=self.profiles
+            )
         return self._context.process(batch)

@@ -8,8 +8,11 @@ Each worker process builds one :class:`BatchContext` when it starts (the
 vocabulary, a read-only connection to the database for confirmed MRN links,
 the published roster file, which it reopens between batches when an import
 has replaced it) and keeps it in its serving loop: no module-level state. It
-does no writes. :class:`WorkerPool` is the server's side: it hands batches
-over a queue and collects the answers on a thread of its own. If a worker
+does no writes. A worker reads the key ring that opens the sealed messages and
+roster itself, from the configuration's key source (``[security] key_file``, or
+``HERALD_KEYS`` in the environment it inherits): no key travels to it.
+:class:`WorkerPool` is the server's side: it hands batches over a queue and
+collects the answers on a thread of its own. If a worker
 dies, the batches in flight fail (the pipeline takes their messages up again:
 they are still ``received``) and the workers start again with a later batch,
 after a wait that grows while crashes keep coming.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -31,11 +35,13 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from gateway.config import Config
+from gateway.conversion.profiles import ProfileRegistry, ProfileSet
 from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
 from gateway.errors import HeraldError
 from gateway.pipeline.process import MatchPolicy, process_message
 from gateway.records import ROLES, MessageOutcome, PendingMessage
 from gateway.store import RosterReader, RosterSnapshot, StoredRoster, open_database, read_transaction
+from gateway.store.keys import KeyRing, load_ring
 
 __all__ = ["BatchContext", "WorkerCrashed", "WorkerPool", "policy_for", "process_batch_here"]
 
@@ -48,15 +54,34 @@ class WorkerCrashed(HeraldError):
 
 
 def process_batch_here(
-    batch: list[PendingMessage], conn, roster: RosterReader, config: Config, vocab, recipients, tz
+    batch: list[PendingMessage],
+    conn,
+    roster: RosterReader,
+    config: Config,
+    vocab,
+    recipients,
+    tz,
+    profiles: ProfileSet | None = None,
 ) -> list[MessageOutcome]:
-    """Process a batch: one roster version throughout (the newest published when it starts) and
-    the confirmed MRN links of ``conn`` in one read snapshot."""
+    """Process a batch: one roster version throughout (the newest published when it starts), the
+    confirmed MRN links of ``conn`` in one read snapshot per message, one set of sender profiles.
+
+    Not one snapshot for the whole batch: the workers' batches overlap, and a
+    reader always in the write-ahead log keeps the writer from ever emptying it
+    (it grew without bound under a steady load).
+    """
     snapshot = roster.current()
-    with read_transaction(conn):
-        lookups = StoredRoster(snapshot, conn)
-        policy = policy_for(snapshot, config)
-        return [process_message(p, vocab, tz, lookups, recipients, policy=policy) for p in batch]
+    lookups = StoredRoster(snapshot, conn)
+    policy = policy_for(snapshot, config)
+    outcomes = []
+    for p in batch:
+        with read_transaction(conn):
+            outcomes.append(
+                process_message(
+                    p, vocab, tz, lookups, recipients, policy=policy, limits=config.limits, profiles=profiles
+                )
+            )
+    return outcomes
 
 
 def policy_for(snapshot: RosterSnapshot, config: Config) -> MatchPolicy:
@@ -75,21 +100,56 @@ class BatchContext:
     worker process keeps one in its serving loop.
     """
 
-    def __init__(self, database: Path | str, config: Config, vocab: Vocabulary | None = None) -> None:
+    def __init__(
+        self,
+        database: Path | str,
+        config: Config,
+        vocab: Vocabulary | None = None,
+        keys: KeyRing | None = None,
+        profiles: ProfileRegistry | None = None,
+    ) -> None:
         self.database = Path(database)
         self.config = config
+        #: The ring that opens sealed values: given (the server's thread), else read from the config's source.
+        self.keys = keys
         self.vocab = vocab or load_vocabulary()
         self.recipients = {role: config.recipient(role) for role in ROLES}
         self.tz = config.tzinfo
+        #: The server's profile registry (its thread), else the set handed over with the batches (a worker
+        #: process: :meth:`adopt_profiles`), else the configuration's, loaded on the first batch.
+        self._registry = profiles
+        self._profiles: ProfileSet | None = None
+        self._profiles_generation = 0
         self._conn = None
         self._roster: RosterReader | None = None
+
+    def adopt_profiles(self, generation: int, profiles: ProfileSet | bytes) -> None:
+        """Use ``profiles`` (a set, or one pickled by the server's registry) from now on, unless they are
+        the generation in use already."""
+        if generation != self._profiles_generation:
+            if isinstance(profiles, bytes):
+                profiles = pickle.loads(profiles)  # from the server process, which loaded and checked them
+            self._profiles, self._profiles_generation = profiles, generation
+
+    @property
+    def profiles(self) -> ProfileSet:
+        """The sender profiles the next batch is converted with."""
+        if self._profiles is not None:  # handed over with the batches (a worker process)
+            return self._profiles
+        if self._registry is None:
+            self._registry = ProfileRegistry.from_config(self.config, self.vocab)
+        return self._registry.current
 
     def process(self, batch: list[PendingMessage]) -> list[MessageOutcome]:
         """The outcomes of a batch of stored messages (see :func:`process_batch_here`)."""
         if self._conn is None:
-            self._conn = open_database(self.database, readonly=True)
-            self._roster = RosterReader(self.database)
-        return process_batch_here(batch, self._conn, self._roster, self.config, self.vocab, self.recipients, self.tz)
+            if self.keys is None:
+                self.keys = load_ring(self.config.key_path, self.config.encrypt_at_rest)
+            self._conn = open_database(self.database, readonly=True, keys=self.keys)
+            self._roster = RosterReader(self.database, self.keys)
+        return process_batch_here(
+            batch, self._conn, self._roster, self.config, self.vocab, self.recipients, self.tz, self.profiles
+        )
 
     def close(self) -> None:
         """Close the database and the roster file."""
@@ -130,7 +190,9 @@ def _serve(requests, replies, database: str, config: Config) -> None:
             job = requests.get()
             if job is None:
                 return
-            job_id, batch = job
+            job_id, batch, profiles = job
+            if profiles is not None:
+                context.adopt_profiles(*profiles)
             try:
                 replies.put((job_id, True, context.process(batch)))
             except Exception as e:  # the database's errors; process_message keeps a message's own problems
@@ -192,8 +254,13 @@ class WorkerPool:
         if not self._collector.is_alive():
             self._collector.start()
 
-    def submit(self, batch: list[PendingMessage]) -> Future:
-        """Hand ``batch`` to the next free worker; the Future gets its outcomes."""
+    def submit(self, batch: list[PendingMessage], profiles: tuple[int, ProfileSet | bytes] | None = None) -> Future:
+        """Hand ``batch`` to the next free worker; the Future gets its outcomes.
+
+        ``profiles`` is the server's (generation, sender profiles, pickled): sent with every batch (a
+        few kilobytes), so each worker converts with the set the server loaded and checked, reloads
+        included; a worker unpickles it only when the generation changes.
+        """
         future: Future = Future()
         with self._lock:
             if self._closing.is_set():
@@ -207,7 +274,7 @@ class WorkerPool:
                 self._start_workers()
             job_id = next(self._ids)
             self._pending[job_id] = future
-            self._requests.put((job_id, batch))
+            self._requests.put((job_id, batch, profiles))
         return future
 
     def _collect(self) -> None:

@@ -6,10 +6,16 @@ One module per concern:
 - :mod:`~gateway.store.writer`: the writer thread (group commit) and the reader thread;
 - :mod:`~gateway.store.messages`: the message log;
 - :mod:`~gateway.store.outbox`: notifications and delivery attempts;
-- :mod:`~gateway.store.events`: the audit trail;
+- :mod:`~gateway.store.events`: the audit trail, each row chained to the last by its MAC;
+- :mod:`~gateway.store.integrity`: each message row's digest, and the walk that verifies the trail;
+- :mod:`~gateway.store.retention`: purging the bodies of finished messages past retention;
 - :mod:`~gateway.store.reviews`: matches and the review queue;
 - :mod:`~gateway.store.roster_file` and :mod:`~gateway.store.roster_import`:
-  the roster file, read and published.
+  the roster file, read and published;
+- :mod:`~gateway.store.keys`, :mod:`~gateway.store.sealing` and
+  :mod:`~gateway.store.rotation`: PHI at rest, sealed with the key ring a
+  connection is opened with, and sealed again under a new key;
+  :mod:`~gateway.store.files`: Herald's files 0600, its folders 0700.
 
 :class:`Store` is what the running gateway holds: each method is one thing the
 gateway does to its data. Reads that the CLI makes on a read-only connection
@@ -28,6 +34,7 @@ from twisted.internet import defer
 
 from gateway.errors import StoreError
 from gateway.records import (
+    RECEIVED,
     DeliveryAttempt,
     IntakeRecord,
     IntakeResult,
@@ -35,7 +42,7 @@ from gateway.records import (
     Notification,
     PendingMessage,
 )
-from gateway.store import events, messages, outbox, reviews, schema
+from gateway.store import events, integrity, messages, outbox, retention, reviews, schema
 from gateway.store.messages import count_by_state, list_messages, message_detail, outstanding_work
 from gateway.store.outbox import notifications_for
 from gateway.store.reviews import list_reviews, review_detail, stored_match
@@ -113,11 +120,29 @@ class Store(Writer):
             events.append_event, iso(self.clock()), message_id, None, "intake", "ack-sent", {"code": code}
         )
 
+    def record_intake_event(self, kind: str, detail: dict) -> defer.Deferred:
+        """Audit something intake did that is about no one stored message (e.g. rejected frames not stored)."""
+        return self.submit(events.append_event, iso(self.clock()), None, None, "intake", kind, detail)
+
+    def record_connection_event(self, kind: str, detail: dict, actor: str = "tls") -> defer.Deferred:
+        """Audit something about a connection, not a stored message (a refused TLS client, a refused sender)."""
+        return self.submit(events.append_event, iso(self.clock()), None, None, actor, kind, detail)
+
     # -- pipeline ----------------------------------------------------------------
 
-    def pending_messages(self, after_id: int, limit: int) -> defer.Deferred[list[PendingMessage]]:
-        """Messages still in state ``received`` with id > ``after_id``, oldest first."""
-        return self.submit_read(messages.pending_messages, after_id, limit)
+    @defer.inlineCallbacks
+    def pending_messages(self, after_id: int, limit: int):
+        """Messages still in state ``received`` with id > ``after_id``, oldest first (a Deferred list).
+
+        Each is checked against its digest first: one whose record was altered
+        after it was stored is not processed but failed, with the reason
+        (:func:`~gateway.store.integrity.fail_altered`).
+        """
+        while True:
+            altered, pending = yield self.submit_read(_checked_pending, after_id, limit)
+            if not altered:
+                return pending
+            yield self.submit(integrity.fail_altered, altered, iso(self.clock()))
 
     def record_outcomes(self, outcomes: Iterable[MessageOutcome]) -> defer.Deferred[int]:
         """Apply pipeline outcomes: state, FHIR, match, outbox rows and events; fire with how many applied.
@@ -200,6 +225,31 @@ class Store(Writer):
         stamp = iso(at or self.clock())
         self.call(events.append_event, stamp, None, None, "roster", "roster-imported", detail)
 
+    # -- the audit trail and retention -----------------------------------------------
+
+    def record_reads(
+        self, actor: str, command: str, message_ids: Iterable[int] = (), detail: dict | None = None
+    ) -> None:
+        """Audit that ``actor`` read patient data (``phi-read``): one event per message read, or one for none.
+
+        Blocking, and before the data is shown: a read that cannot be audited
+        is not made (the caller shows nothing when this raises).
+        """
+        info = {"command": command, **(detail or {})}
+        now = iso(self.clock())
+        rows = [(now, m, None, actor, "phi-read", info) for m in message_ids] or [
+            (now, None, None, actor, "phi-read", info)
+        ]
+        self.call(events.append_events, rows)
+
+    def purge_bodies(self, before: str, *, by: str, limit: int = 500) -> retention.PurgeBatch:
+        """Remove the bodies of up to ``limit`` messages received before ``before`` whose work is done (blocking)."""
+        return self.call(retention.purge_next, before, iso(self.clock()), by, limit)
+
+    def purge_bodies_later(self, before: str, *, by: str, limit: int = 500) -> defer.Deferred:
+        """:meth:`purge_bodies` off the ACK path, for the server's periodic purge (a Deferred PurgeBatch)."""
+        return self.submit_background(retention.purge_next, before, iso(self.clock()), by, limit)
+
     def legacy_roster(self) -> list[dict] | None:
         """The members a version-1 database kept in itself, if it still holds them (blocking read)."""
         return self.read(schema.legacy_roster)
@@ -207,6 +257,18 @@ class Store(Writer):
     def drop_legacy_roster(self, detail: dict | None) -> None:
         """Forget the version-1 members (now in the roster file), with an audit event when any were moved."""
         self.call(_drop_legacy_roster, detail, iso(self.clock()))
+
+
+def _checked_pending(conn, after_id: int, limit: int) -> tuple[dict[int, str], list[PendingMessage]]:
+    """(altered messages among the next pending ones, with what is wrong; else the pending messages)."""
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM messages WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (RECEIVED, after_id, limit)
+        )
+    ]
+    altered = integrity.altered_messages(conn, ids)
+    return (altered, []) if altered else ({}, messages.pending_messages(conn, after_id, limit))
 
 
 def _drop_legacy_roster(conn, detail: dict | None, now: str) -> None:

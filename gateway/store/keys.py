@@ -18,10 +18,14 @@ when nothing needs it. Three uses, each with its own key derived by HKDF-SHA256
   MAC).
 
 Lookup hashes and the audit chain use the ring's *first* key: they must stay
-the same across a rotation (a re-hash would rewrite the whole trail). The file
-format is one key a line, ``<id> <base64 of 32 bytes>``; ``#`` starts a comment.
-The same text, with ``;`` or newlines between keys, may come from the
-environment variable :data:`KEYS_ENV`.
+the same across a rotation (a re-hash would rewrite the whole trail), so the
+first key is never retired. The file format is one key a line, ``<id> <base64
+of 32 bytes>``; ``#`` starts a comment. The same text, with ``;`` or newlines
+between keys, may come from the environment variable :data:`KEYS_ENV`.
+
+A ring read from a file follows it: when a rotation appends a key, a running
+gateway (and each pipeline worker) reads the file again, at most once a second
+when sealing, and at once when it meets a value sealed under a key it lacks.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import hmac
 import os
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,8 +52,10 @@ __all__ = [
     "SEALED_PREFIX",
     "KeyRing",
     "KeyRingError",
+    "MissingKey",
     "add_key",
     "is_sealed",
+    "load_ring",
     "new_key_file",
 ]
 
@@ -59,10 +66,16 @@ KEYS_ENV = "HERALD_KEYS"
 SEALED_PREFIX = b"\x00HK1"
 _NONCE = 12
 _ID = re.compile(r"[A-Za-z0-9._-]{1,32}\Z")
+#: How often (seconds) a ring read from a file looks whether a rotation added a key.
+REFRESH_SECONDS = 1.0
 
 
 class KeyRingError(StoreError):
     """The key ring cannot be read, or a sealed value cannot be opened with it."""
+
+
+class MissingKey(KeyRingError):
+    """No key is configured: neither the environment variable nor the key file holds one."""
 
 
 def is_sealed(value: bytes | str | None) -> bool:
@@ -76,6 +89,14 @@ def is_sealed(value: bytes | str | None) -> bool:
 
 def _derive(key: bytes, use: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"herald " + use).derive(key)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class KeyRing:
@@ -96,10 +117,20 @@ class KeyRing:
         self.source = source
         self.ids = tuple(k for k, _ in keys)
         self._aead = {k: AESGCM(_derive(raw, b"seal")) for k, raw in keys}
+        # What each key is, to tell a file that only gained keys from one whose keys changed.
+        self._key_checks = {k: hashlib.sha256(raw).digest() for k, raw in keys}
         first = keys[0][1]
         self._lookup_key = _derive(first, b"lookup")
+        # Keyed once; each hash copies it (half the cost of keying an HMAC per value).
+        self._lookup_mac = hmac.new(self._lookup_key, digestmod=hashlib.sha256)
         self._chain_key = _derive(first, b"audit chain")
+        #: Names the first key (hence the lookups) without revealing it: a database
+        #: records it, so a wrong key is refused by name instead of failing row by row.
+        self.fingerprint = hmac.new(_derive(first, b"check"), b"herald key check", hashlib.sha256).hexdigest()[:16]
         self.enabled = True
+        self._path: Path | None = None
+        self._identity: tuple[int, int, int] | None = None
+        self._next_refresh = 0.0
 
     @classmethod
     def disabled(cls) -> KeyRing:
@@ -109,9 +140,12 @@ class KeyRing:
         no secret: they then prove integrity against accidents, not against an
         attacker who can read the code.
         """
-        ring = cls([("none", hashlib.sha256(b"herald: encryption at rest is off").digest())], "disabled")
-        ring.enabled = False
-        return ring
+        global _DISABLED
+        if _DISABLED is None:
+            ring = cls([("none", hashlib.sha256(b"herald: encryption at rest is off").digest())], "disabled")
+            ring.enabled = False
+            _DISABLED = ring
+        return _DISABLED
 
     # -- reading ------------------------------------------------------------------
 
@@ -146,14 +180,51 @@ class KeyRing:
         if text.strip():
             return cls.from_text(text, f"${KEYS_ENV}")
         if path is None:
-            raise KeyRingError(f"no key: set {KEYS_ENV} or a key file (herald keys init)")
+            raise MissingKey(f"no key: set {KEYS_ENV} or a key file (herald keys init)")
         try:
             mode = path.stat().st_mode
         except FileNotFoundError:
-            raise KeyRingError(f"{path}: no key file (make one with: herald keys init --key-file {path})") from None
+            raise MissingKey(f"{path}: no key file (make one with: herald keys init --key-file {path})") from None
         if mode & 0o077:
             raise KeyRingError(f"{path}: the key file is readable by others (mode {mode & 0o777:o}); chmod 600 it")
-        return cls.from_text(path.read_text(encoding="ascii", errors="replace"), str(path))
+        identity = _file_identity(path)
+        ring = cls.from_text(path.read_text(encoding="ascii", errors="replace"), str(path))
+        ring._path, ring._identity = path, identity
+        ring._next_refresh = time.monotonic() + REFRESH_SECONDS
+        return ring
+
+    def refresh(self) -> bool:
+        """Read the key file again if it changed; True when it gained keys (a rotation added one).
+
+        Only appended keys are taken: a file whose existing keys changed or went
+        is refused (:class:`KeyRingError`), and this ring stays as it was.
+        """
+        if self._path is None:
+            return False
+        identity = _file_identity(self._path)
+        if identity == self._identity:
+            return False
+        fresh = KeyRing.load(self._path, environ={})
+        kept = fresh.ids[: len(self.ids)]
+        if kept != self.ids or any(fresh._key_checks[k] != self._key_checks[k] for k in self.ids):
+            raise KeyRingError(f"{self._path}: its keys changed (only appending a key is allowed); restart Herald")
+        # The new keys first, then the ids that name them: a thread reading the ids meanwhile
+        # finds every key it names.
+        self._aead = fresh._aead
+        self._key_checks = fresh._key_checks
+        self.ids = fresh.ids
+        self._identity = fresh._identity
+        return True
+
+    def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + REFRESH_SECONDS
+        try:
+            self.refresh()
+        except (KeyRingError, OSError, ValueError):
+            pass  # keep sealing with the keys in hand; a value under a key we lack says so when opened
 
     # -- using ----------------------------------------------------------------------
 
@@ -166,6 +237,8 @@ class KeyRing:
         """``plaintext`` encrypted under the newest key, bound to ``context``; as given when disabled."""
         if not self.enabled:
             return plaintext
+        if self._path is not None:
+            self._maybe_refresh()
         key_id = self.current_id.encode("ascii")
         nonce = secrets.token_bytes(_NONCE)
         sealed = self._aead[self.current_id].encrypt(nonce, plaintext, context)
@@ -185,6 +258,12 @@ class KeyRing:
         key_id = value[start + 1 : start + 1 + n].decode("ascii", "replace")
         body = value[start + 1 + n :]
         aead = self._aead.get(key_id)
+        if aead is None and self._path is not None:
+            try:
+                self.refresh()  # sealed by a rotation that added a key since this ring was read
+            except (KeyRingError, OSError, ValueError):
+                pass  # said below: the key is lacking
+            aead = self._aead.get(key_id)
         if aead is None:
             raise KeyRingError(f"a value is sealed under key {key_id!r}, which the key ring ({self.source}) lacks")
         try:
@@ -219,21 +298,43 @@ class KeyRing:
 
     def lookup(self, value: str) -> str:
         """A keyed hash of ``value`` for equality lookups (hex, 32 characters): same value, same hash."""
-        return hmac.new(self._lookup_key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+        mac = self._lookup_mac.copy()
+        mac.update(value.encode("utf-8"))
+        return mac.hexdigest()[:32]
+
+    def digest(self, value: bytes) -> str:
+        """A keyed hash of bytes (hex, 32 characters): a message's digest that cannot be confirmed by guessing."""
+        mac = self._lookup_mac.copy()
+        mac.update(value)
+        return mac.hexdigest()[:32]
 
     def lookup_int(self, value: bytes) -> int:
         """A keyed hash of ``value`` as a signed 64-bit integer (for integer-keyed indexes)."""
-        digest = hmac.new(self._lookup_key, value, hashlib.sha256).digest()
-        return int.from_bytes(digest[:8], "big", signed=True)
+        mac = self._lookup_mac.copy()
+        mac.update(value)
+        return int.from_bytes(mac.digest()[:8], "big", signed=True)
 
     def chain_mac(self, previous: bytes, row: bytes) -> bytes:
         """The audit chain's MAC of ``row`` following ``previous`` (the MAC of the row before)."""
         return hmac.new(self._chain_key, previous + row, hashlib.sha256).digest()
 
 
+_DISABLED: KeyRing | None = None
+
+
+def load_ring(key_file: Path | None, enabled: bool = True, environ: Mapping[str, str] | None = None) -> KeyRing:
+    """The ring a configuration names: :data:`KEYS_ENV` or ``key_file`` when ``enabled``, else the disabled ring."""
+    if not enabled:
+        return KeyRing.disabled()
+    return KeyRing.load(key_file, environ)
+
+
 def new_key_file(path: Path, key_id: str = "k1") -> Path:
     """Write a new key file holding one random key (mode 0600, in a folder of mode 0700); refuse to overwrite."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.parent.exists():
+        from gateway.store.files import private_folder
+
+        private_folder(path.parent)  # 0700, and each folder made above it, whatever the umask
     line = f"{key_id} {base64.b64encode(secrets.token_bytes(32)).decode('ascii')}\n"
     header = "# Herald's keys for PHI at rest: '<id> <base64 of 32 bytes>', oldest first; the last seals.\n"
     try:

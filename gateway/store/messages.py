@@ -2,12 +2,12 @@
 
 Jobs for the writer (``record_frame``, ``apply_outcomes``) and reads for the
 pipeline, the CLI and a console. Every function takes a connection and runs in
-its caller's transaction.
+its caller's transaction. A message's body and Bundle are sealed with the
+connection's key ring, each bound to the message's id; reads open them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Iterable
 from typing import Any
@@ -24,8 +24,11 @@ from gateway.records import (
     PendingMessage,
 )
 from gateway.store.events import append_event, events_of
+from gateway.store.integrity import intake_digest, message_problem
+from gateway.store.keys import KeyRingError
 from gateway.store.outbox import attempts_of, insert_notification, notifications_of
 from gateway.store.reviews import record_match
+from gateway.store.sealing import keys_of, message_context, message_digest_matches
 
 __all__ = [
     "apply_outcomes",
@@ -44,9 +47,12 @@ def record_frame(conn: sqlite3.Connection, r: IntakeRecord, now: str) -> IntakeR
 
     A retransmission is the same sender, MSH-10 and bytes as a stored,
     non-rejected message: it gets an event, not a row. The same MSH-10 with
-    other bytes is stored and flagged ``control-id-reused``.
+    other bytes is stored and flagged ``control-id-reused``. The bytes are
+    compared by a keyed digest (a plain one could be confirmed by guessing a
+    message) and stored sealed, bound to the message's id.
     """
-    digest = hashlib.sha256(r.raw).hexdigest()
+    keys = keys_of(conn)
+    digest = keys.digest(r.raw)
     flag = None
     if r.control_id and r.state == RECEIVED:
         earlier = conn.execute(
@@ -55,17 +61,21 @@ def record_frame(conn: sqlite3.Connection, r: IntakeRecord, now: str) -> IntakeR
             (r.sending_facility, r.sending_application, r.control_id, REJECTED),
         ).fetchall()
         for row in earlier:
-            if row["sha256"] == digest:
+            if message_digest_matches(keys, row["sha256"], r.raw, digest):
                 append_event(conn, now, row["id"], None, "intake", "retransmission", {"peer": r.peer})
                 return IntakeResult(row["id"], row["id"], None)
         if earlier:
             flag = "control-id-reused"
-    cur = conn.execute(
-        "INSERT INTO messages (received_at, peer, sending_application, sending_facility, message_type, "
+    # The id the row gets (the next rowid, as SQLite would choose it), read under the
+    # writer's lock, so the body is sealed once, bound to its own row.
+    message_id = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
+    conn.execute(
+        "INSERT INTO messages (id, received_at, peer, sending_application, sending_facility, message_type, "
         "trigger_event, control_id, version, processing_id, accept_ack_type, application_ack_type, charset, "
-        "sha256, raw, state, reason, flag, ack_code, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "sha256, raw, state, reason, flag, ack_code, updated_at, digest) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
+            message_id,
             now,
             r.peer,
             r.sending_application,
@@ -79,16 +89,21 @@ def record_frame(conn: sqlite3.Connection, r: IntakeRecord, now: str) -> IntakeR
             r.application_ack_type,
             r.charset,
             digest,
-            r.raw,
+            keys.seal(r.raw, message_context("raw", message_id)),
             r.state,
             r.reason,
             flag,
             r.ack_code,
             now,
+            # Its digest: the row is tamper-evident from its first commit (gateway.store.integrity).
+            intake_digest(keys, message_id, now, r, digest, flag),
         ),
     )
-    message_id = cur.lastrowid
     detail: dict[str, Any] = {"peer": r.peer, "bytes": len(r.raw)}
+    # Over mutual TLS, the client certificate that sent it (the peer column stays host:port).
+    certificate = getattr(r.peer, "certificate", None)
+    if certificate is not None:
+        detail["certificate"] = certificate.audit()
     if flag:
         detail["flag"] = flag
     append_event(conn, now, message_id, None, "intake", "received", detail)
@@ -103,7 +118,13 @@ def pending_messages(conn: sqlite3.Connection, after_id: int, limit: int) -> lis
         "SELECT id, raw, received_at, charset FROM messages WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
         (RECEIVED, after_id, limit),
     ).fetchall()
-    return [PendingMessage(r["id"], r["raw"], r["received_at"], r["charset"] or "") for r in rows]
+    keys = keys_of(conn)
+    return [
+        PendingMessage(
+            r["id"], keys.open(r["raw"], message_context("raw", r["id"])), r["received_at"], r["charset"] or ""
+        )
+        for r in rows
+    ]
 
 
 def apply_outcomes(conn: sqlite3.Connection, outcomes: list[MessageOutcome], now: str, due: float) -> int:
@@ -132,9 +153,10 @@ def apply_outcomes(conn: sqlite3.Connection, outcomes: list[MessageOutcome], now
 
 
 def _apply_outcome(conn: sqlite3.Connection, o: MessageOutcome, now: str, due: float) -> int:
+    fhir = keys_of(conn).seal_text(o.fhir_json, message_context("fhir", o.message_id))
     cur = conn.execute(
         "UPDATE messages SET state = ?, reason = ?, fhir = ?, updated_at = ? WHERE id = ? AND state = ?",
-        (o.state, o.reason, o.fhir_json, now, o.message_id, RECEIVED),
+        (o.state, o.reason, fhir, now, o.message_id, RECEIVED),
     )
     if cur.rowcount != 1:
         return 0
@@ -165,17 +187,30 @@ def list_messages(conn: sqlite3.Connection, limit: int = 50, state: str | None =
 
 
 def message_detail(conn: sqlite3.Connection, message_id: int) -> dict | None:
-    """Everything about one message: row, match, notifications, attempts and events."""
+    """Everything about one message: row (its body and Bundle opened), match, notifications, attempts and events."""
     row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
     if row is None:
         return None
     match = conn.execute("SELECT * FROM matches WHERE message_id = ?", (message_id,)).fetchone()
+    # Checked before anything is opened: an altered row is said loudly, not shown as if intact.
+    altered = message_problem(conn, row)
+    message = dict(row)
+    keys = keys_of(conn)
+    try:
+        if message["raw"] is not None:  # None: purged (retention)
+            message["raw"] = keys.open(message["raw"], message_context("raw", message_id))
+        message["fhir"] = keys.open_text(message["fhir"], message_context("fhir", message_id))
+    except KeyRingError:
+        if altered is None:
+            raise
+        message["raw"], message["fhir"] = b"", None  # what was altered does not open: the warning says so
     return {
-        "message": dict(row),
+        "message": message,
         "match": dict(match) if match else None,
         "notifications": notifications_of(conn, message_id),
         "attempts": attempts_of(conn, message_id),
         "events": events_of(conn, message_id),
+        "integrity": altered,  # None, or what was altered after the message was stored
     }
 
 
@@ -199,4 +234,6 @@ def messages_bundles(conn: sqlite3.Connection, message_ids: Iterable[int]) -> di
     if not ids:
         return {}
     marks = ",".join("?" * len(ids))
-    return dict(conn.execute(f"SELECT id, fhir FROM messages WHERE id IN ({marks})", ids).fetchall())
+    keys = keys_of(conn)
+    rows = conn.execute(f"SELECT id, fhir FROM messages WHERE id IN ({marks})", ids).fetchall()
+    return {i: keys.open_text(fhir, message_context("fhir", i)) for i, fhir in rows}

@@ -3,7 +3,9 @@
 A notification row holds who is told, where and how, never the patient's
 data: its Bundle is built from the message's stored Bundle when it is sent
 (:mod:`gateway.delivery.routing`). Rows are written in the transaction that
-routes the message, so a message's notifications exist exactly once.
+routes the message, so a message's notifications exist exactly once. A payload
+stored by an older Herald is sealed (by ``herald keys rotate``) and opened
+here, as is the message's Bundle a due notification is built from.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from collections.abc import Iterable
 
 from gateway.records import DEAD, PENDING, RETRYING, SENT, DeliveryAttempt, Notification
 from gateway.store.events import append_event, append_events
+from gateway.store.sealing import keys_of, message_context, payload_context
 
 __all__ = [
     "attempts_of",
     "due_notifications",
     "insert_notification",
+    "notification_message_id",
     "notifications_for",
     "notifications_of",
     "record_attempts",
@@ -28,11 +32,12 @@ _LISTED = "id, message_id, recipient_role, recipient, channel, target, event_cod
 
 def insert_notification(conn: sqlite3.Connection, n: Notification, now: str, due: float) -> None:
     """One outbox row, pending from ``due`` (reactor seconds), and its ``routed`` audit event."""
+    payload = keys_of(conn).seal_text(n.payload, payload_context(n.id))
     conn.execute(
         "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
         "payload, state, attempts, next_attempt_at, created_at, updated_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
-        (n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, n.payload, PENDING)
+        (n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, payload, PENDING)
         + (due, now, now),
     )
     detail = {"role": n.recipient_role, "channel": n.channel, "target": n.target}
@@ -48,7 +53,18 @@ def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, 
         "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? ORDER BY n.next_attempt_at LIMIT ?",
         (PENDING, RETRYING, now_seconds, limit + len(exclude)),
     ).fetchall()
-    return [Notification(**dict(r)) for r in rows if r["id"] not in exclude][:limit]
+    keys = keys_of(conn)
+    due = []
+    for r in rows:
+        if r["id"] in exclude:
+            continue
+        item = dict(r)
+        item["payload"] = keys.open_text(item["payload"], payload_context(item["id"]))
+        item["bundle"] = keys.open_text(item["bundle"], message_context("fhir", item["message_id"]))
+        due.append(Notification(**item))
+        if len(due) == limit:
+            break
+    return due
 
 
 def record_attempts(conn: sqlite3.Connection, attempts: list[DeliveryAttempt], now: str) -> int:
@@ -118,3 +134,9 @@ def has_notifications(conn: sqlite3.Connection, message_id: int) -> bool:
     return (
         conn.execute("SELECT 1 FROM notifications WHERE message_id = ? LIMIT 1", (message_id,)).fetchone() is not None
     )
+
+
+def notification_message_id(conn: sqlite3.Connection, notification_id: str) -> int | None:
+    """The message a notification was made for (None when there is no such notification)."""
+    row = conn.execute("SELECT message_id FROM notifications WHERE id = ?", (notification_id,)).fetchone()
+    return None if row is None else row[0]

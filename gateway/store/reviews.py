@@ -4,6 +4,9 @@ A possible match (or a probable one, when the policy holds those) opens a
 review. Accepting it routes the held notifications and remembers the
 message's MRNs as confirmed links to the member, so the next message with one
 of them matches ``certain``; rejecting it leaves the message unmatched.
+
+A review's candidates are sealed (member ids may be MBIs); a confirmed link's
+MRN is found by its keyed hash and kept sealed beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from gateway.records import (
 )
 from gateway.store.events import append_event
 from gateway.store.outbox import has_notifications, insert_notification
+from gateway.store.sealing import candidates_context, keys_of, link_context, message_context, mrn_hash
 
 __all__ = ["accept_review", "list_reviews", "record_match", "reject_review", "review_detail", "stored_match"]
 
@@ -39,9 +43,10 @@ def record_match(conn: sqlite3.Connection, message_id: int, match: MatchRecord, 
         (message_id, match.aco_id, match.member_id, match.method, match.grade, match.score, json.dumps(match.detail)),
     )
     if review is not None:
+        candidates = keys_of(conn).seal_text(json.dumps(review["candidates"]), candidates_context(message_id))
         conn.execute(
             "INSERT INTO reviews (message_id, state, created_at, grade, score, candidates) VALUES (?, ?, ?, ?, ?, ?)",
-            (message_id, REVIEW_OPEN, now, match.grade, match.score, json.dumps(review["candidates"])),
+            (message_id, REVIEW_OPEN, now, match.grade, match.score, candidates),
         )
 
 
@@ -67,10 +72,12 @@ def list_reviews(conn: sqlite3.Connection, state: str | None = REVIEW_OPEN, limi
         args.append(state)
     sql += " ORDER BY v.id LIMIT ?"
     args.append(limit)
+    keys = keys_of(conn)
     out = []
     for row in conn.execute(sql, args):
         item = dict(row)
-        item["candidates"] = json.loads(item["candidates"])
+        item["candidates"] = json.loads(keys.open_text(item["candidates"], candidates_context(item["message_id"])))
+        item["fhir"] = keys.open_text(item["fhir"], message_context("fhir", item["message_id"]))
         out.append(item)
     return out
 
@@ -84,8 +91,11 @@ def review_detail(conn: sqlite3.Connection, review_id: int) -> dict | None:
     ).fetchone()
     if row is None:
         return None
+    keys = keys_of(conn)
     item = dict(row)
-    item["candidates"] = json.loads(item["candidates"])
+    item["candidates"] = json.loads(keys.open_text(item["candidates"], candidates_context(item["message_id"])))
+    if item["raw"] is not None:  # None: purged (retention)
+        item["raw"] = keys.open(item["raw"], message_context("raw", item["message_id"]))
     return item
 
 
@@ -131,11 +141,14 @@ def accept_review(
         append_event(conn, now, message_id, None, "review", kind, detail)
     for n in notifications:
         insert_notification(conn, n, now, due)
+    keys = keys_of(conn)
     for mrn, authority in mrns:
+        hashed = mrn_hash(keys, mrn)
         conn.execute(
-            "INSERT OR REPLACE INTO confirmed_links (mrn, mrn_authority, aco_id, member_id, review_id, "
-            "confirmed_by, confirmed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (mrn, authority, aco_id, member_id, review_id, by, now),
+            "INSERT OR REPLACE INTO confirmed_links (mrn_hash, mrn_authority, aco_id, member_id, review_id, "
+            "confirmed_by, confirmed_at, mrn) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (hashed, authority, aco_id, member_id, review_id, by, now)
+            + (keys.seal_text(mrn, link_context(hashed, authority, aco_id)),),
         )
     return _settle(conn, message_id, MATCHED, now)
 

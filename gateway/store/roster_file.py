@@ -7,12 +7,19 @@ copies it, applies the new version to the copy and renames it over
 it when it has been replaced (between pipeline batches), so intake never
 waits on an import and a query never sees half of one. Confirmed MRN links
 and the review queue stay in the main database (the server writes them).
+
+From schema version 3 a member's identifying values are sealed (one ``phi``
+value a member, and its normalised ``person``), and everything found by
+equality (MBI, MRN, blocking keys, name and birth-date terms) is a keyed hash
+(:mod:`gateway.store.sealing`). A reader opens them with the key ring it is
+given; a file of an older version is read as it is, in plaintext.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import sqlite3
 import urllib.parse
@@ -21,7 +28,18 @@ from pathlib import Path
 
 from gateway.errors import StoreError
 from gateway.records import MEMBER_COLUMNS
+from gateway.store.keys import KeyRing, KeyRingError
 from gateway.store.schema import run_sql
+from gateway.store.sealing import (
+    ROSTER_PHI_COLUMNS,
+    block_hash,
+    keys_of,
+    mbi_hash,
+    mrn_hash,
+    mrn_hashes,
+    roster_context,
+    term_hash,
+)
 
 __all__ = [
     "ROSTER_FILE",
@@ -30,6 +48,7 @@ __all__ = [
     "RosterSnapshot",
     "StoredRoster",
     "key_id",
+    "lookup_ring",
     "open_roster_snapshot",
     "roster_count",
     "roster_imports",
@@ -40,7 +59,9 @@ __all__ = [
 #: The roster file's name, in the main database's folder.
 ROSTER_FILE = "roster.db"
 #: Its schema version (``PRAGMA user_version``); a newer one is refused.
-ROSTER_SCHEMA_VERSION = 2
+ROSTER_SCHEMA_VERSION = 3
+#: The first schema version whose members are sealed and whose lookups are keyed hashes.
+SEALED_SINCE = 3
 
 #: What brings a roster file of the version before up to each version. An
 #: import applies them to its copy (so the next published file is current);
@@ -51,6 +72,18 @@ ROSTER_MIGRATIONS = {
     # members carry each name and birth date (filled by the import that upgrades the file).
     2: "ALTER TABLE roster_members ADD COLUMN name_suffix TEXT NOT NULL DEFAULT '';\n"
     "CREATE TABLE roster_terms (term TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID",
+    # Version 3: PHI at rest. A member's identifying values are sealed together in `phi`
+    # (their own columns then hold ''), its person sealed in place; the MBI and MRN are
+    # found by keyed hashes. The import that upgrades a file seals every member and hashes
+    # its keys and terms again (gateway.store.roster_import.seal_members); roster_meta's
+    # lookup_check names the key ring.
+    3: "ALTER TABLE roster_members ADD COLUMN phi BLOB;\n"
+    "ALTER TABLE roster_members ADD COLUMN mbi_hash TEXT NOT NULL DEFAULT '';\n"
+    "ALTER TABLE roster_members ADD COLUMN mrn_hash TEXT NOT NULL DEFAULT '';\n"
+    "DROP INDEX IF EXISTS roster_mbi;\n"
+    "DROP INDEX IF EXISTS roster_mrn;\n"
+    "CREATE INDEX roster_mbi ON roster_members (mbi_hash) WHERE mbi_hash != '';\n"
+    "CREATE INDEX roster_mrn ON roster_members (mrn_hash, mrn_authority COLLATE NOCASE) WHERE mrn_hash != ''",
 }
 #: The member columns a migration added, by the version that added them.
 _ADDED_IN = {"name_suffix": 2}
@@ -62,8 +95,13 @@ _ROW_COLUMNS = (*MEMBER_COLUMNS, "person")
 
 
 def _member_select(version: int) -> str:
-    """The select list of a member in a roster file of schema ``version`` (a column it lacks reads as '')."""
-    return ", ".join(f"'' AS {c}" if _ADDED_IN.get(c, 0) > version else f"r.{c}" for c in _ROW_COLUMNS)
+    """The select list of a member in a roster file of schema ``version`` (a column it lacks reads as ''),
+    and last its sealed values (``phi``; NULL before version 3)."""
+    if version >= SEALED_SINCE:
+        columns = ["''" if c in ROSTER_PHI_COLUMNS else f"r.{c}" for c in _ROW_COLUMNS]
+        return ", ".join([*columns, "r.phi"])
+    columns = [f"'' AS {c}" if _ADDED_IN.get(c, 0) > version else f"r.{c}" for c in _ROW_COLUMNS]
+    return ", ".join([*columns, "NULL"])
 
 
 ROSTER_SCHEMA = (
@@ -77,10 +115,13 @@ ROSTER_SCHEMA = (
     row_hash BLOB,
     import_id INTEGER NOT NULL,
     ended_by INTEGER,
+    phi BLOB,
+    mbi_hash TEXT NOT NULL DEFAULT '',
+    mrn_hash TEXT NOT NULL DEFAULT '',
     UNIQUE (aco_id, member_id)
 );
-CREATE INDEX roster_mbi ON roster_members (mbi) WHERE mbi != '';
-CREATE INDEX roster_mrn ON roster_members (mrn, mrn_authority COLLATE NOCASE) WHERE mrn != '';
+CREATE INDEX roster_mbi ON roster_members (mbi_hash) WHERE mbi_hash != '';
+CREATE INDEX roster_mrn ON roster_members (mrn_hash, mrn_authority COLLATE NOCASE) WHERE mrn_hash != '';
 CREATE INDEX roster_end ON roster_members (effective_end);
 CREATE TABLE roster_keys (
     key INTEGER NOT NULL,
@@ -112,6 +153,8 @@ CREATE TABLE roster_terms (term TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOU
 
 #: How much of the roster file a reader maps into memory (address space; the pages are the OS's cache).
 _ROSTER_MMAP_BYTES = 1 << 32
+#: Opened persons a snapshot keeps (about 150 bytes each).
+_PERSON_CACHE = 100_000
 
 
 def roster_path(db_path: Path | str) -> Path:
@@ -120,8 +163,29 @@ def roster_path(db_path: Path | str) -> Path:
 
 
 def key_id(key: str) -> int:
-    """A blocking key as the roster stores it: a signed 64-bit hash (collisions only add candidates)."""
+    """A blocking key as roster files before version 3 store it: an unkeyed signed 64-bit hash."""
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
+
+
+def lookup_ring(found: str | None, keys: KeyRing, path: Path | str) -> KeyRing:
+    """The ring a roster file's keyed hashes were made with (``found``: its lookup_check), given ``keys``.
+
+    A file written with encryption off hashed under the disabled ring's public
+    key, which any ring can recompute; one written with another key is refused.
+    """
+    if found is None or found == keys.fingerprint:
+        return keys
+    if found == KeyRing.disabled().fingerprint:
+        return KeyRing.disabled()
+    if not keys.enabled:
+        raise KeyRingError(
+            f"{path} is encrypted (key check {found}) but encryption at rest is off: "
+            "set [security] key_file (or HERALD_KEYS) to its key ring"
+        )
+    raise KeyRingError(
+        f"{path} was written with another key ring (key check {found}; {keys.source} has {keys.fingerprint}): "
+        "is [security] key_file (or HERALD_KEYS) the right one?"
+    )
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
@@ -132,10 +196,6 @@ def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _row(values: tuple) -> dict:
-    return dict(zip(_ROW_COLUMNS, values, strict=True))
-
-
 class RosterSnapshot:
     """One published version of the roster, read-only.
 
@@ -144,11 +204,14 @@ class RosterSnapshot:
     reading the version it opened even after a newer one is renamed over it.
     With no roster file yet, the snapshot is an empty roster. A file of an
     older schema version is read as it is (``member_select`` gives a column it
-    lacks as ''); the next import upgrades it.
+    lacks as ''; its values and lookups are plaintext); the next import
+    upgrades it. ``keys`` opens the sealed values; the keyed hashes are those
+    of the ring the file was written with (:func:`lookup_ring`).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keys: KeyRing | None = None) -> None:
         self.path = path
+        self.keys = keys or KeyRing.disabled()
         # Identity first, then open: if an import lands in between, the identity is
         # the older file's and the next check reopens (never the other way round).
         self.identity = _file_identity(path)
@@ -170,14 +233,31 @@ class RosterSnapshot:
                     f"{ROSTER_SCHEMA_VERSION}; upgrade Herald"
                 )
         self.schema_version = found
-        #: How a lookup selects a member's columns from this file (``r`` is roster_members).
+        #: Whether members are sealed and lookups keyed (schema version 3 on).
+        self.sealed = found >= SEALED_SINCE
+        #: How a lookup selects a member's columns from this file (``r`` is roster_members); see :meth:`row`.
         self.member_select = _member_select(found)
         meta = dict(self.conn.execute("SELECT name, value FROM roster_meta").fetchall())
+        #: The ring the file's keyed hashes are under (None: an older file's plaintext lookups).
+        self.lookups: KeyRing | None = None
+        self._locked: KeyRingError | None = None
+        if self.sealed:
+            try:
+                self.lookups = lookup_ring(meta.get("lookup_check"), self.keys, path)
+            except KeyRingError as e:
+                if self.keys.enabled:  # a key, but not this file's: refused now, by name
+                    self.conn.close()
+                    raise
+                # No key given: what reads no PHI (counts, versions) works; a lookup says why it cannot.
+                self._locked = e
         self.recipe = meta.get("blocking_recipe", "")
         #: How many current members the term counts were taken over (0: the file has none).
         self.terms_total = int(meta.get("terms_total", "0"))
         self.version = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM roster_imports").fetchone()[0]
         self._sizes: dict[str, int] = {}
+        # Opened persons by row id: matching's prefilter reads the same big buckets' members again and
+        # again, and this version of the file never changes (bounded; emptied when full).
+        self._persons: dict[int, str] = {}
 
     def size(self, on: str | None = None) -> int:
         """Members whose attribution has not ended by ``on`` (default today); matching's thresholds scale with it."""
@@ -192,6 +272,67 @@ class RosterSnapshot:
         """Close the connection (a replaced file's space is freed when its last reader closes)."""
         self.conn.close()
 
+    # -- sealed values and keyed lookups ------------------------------------------------
+
+    def row(self, values: tuple) -> dict:
+        """A member as a dict of its contract columns and person, from a row of :attr:`member_select`."""
+        item = dict(zip(_ROW_COLUMNS, values[:-1], strict=True))
+        if self.sealed:
+            aco_id, member_id = item["aco_id"], item["member_id"]
+            phi = values[-1]
+            if phi is not None:
+                opened = json.loads(self.keys.open(phi, roster_context("phi", aco_id, member_id)))
+                item.update(zip(ROSTER_PHI_COLUMNS, opened, strict=True))
+            item["person"] = self.person(item["person"], aco_id, member_id)
+        return item
+
+    def person(self, stored, aco_id: str, member_id: str) -> str:
+        """A member's normalised person, opened."""
+        if not self.sealed or not stored:
+            return stored
+        return self.keys.open_text(stored, roster_context("person", aco_id, member_id))
+
+    def _hashing(self) -> KeyRing | None:
+        if self._locked is not None:
+            raise self._locked
+        return self.lookups
+
+    def persons(self, refs: list[int]) -> dict[int, str]:
+        """The opened persons of these members by row id (one statement for those not opened before)."""
+        cache = self._persons
+        found = {ref: cache[ref] for ref in refs if ref in cache}
+        todo = [ref for ref in refs if ref not in found]
+        if todo:
+            marks = ",".join("?" * len(todo))
+            rows = self.conn.execute(
+                f"SELECT id, aco_id, member_id, person FROM roster_members WHERE id IN ({marks})", todo
+            ).fetchall()
+            if len(cache) + len(rows) > _PERSON_CACHE:
+                cache.clear()
+            for ref, aco_id, member_id, stored in rows:
+                found[ref] = cache[ref] = self.person(stored, aco_id, member_id)
+        return found
+
+    def mbi_key(self, mbi: str) -> str:
+        """What the MBI index holds for ``mbi``."""
+        lookups = self._hashing()
+        return mbi if lookups is None else mbi_hash(lookups, mbi)
+
+    def mrn_key(self, mrn: str) -> str:
+        """What the MRN index holds for ``mrn``."""
+        lookups = self._hashing()
+        return mrn if lookups is None else mrn_hash(lookups, mrn)
+
+    def block_key(self, key: str) -> int:
+        """What roster_keys holds for a blocking key."""
+        lookups = self._hashing()
+        return key_id(key) if lookups is None else block_hash(lookups, key)
+
+    def term_key(self, term: str) -> str:
+        """What roster_terms holds for a term."""
+        lookups = self._hashing()
+        return term if lookups is None else term_hash(lookups, term)
+
 
 class RosterReader:
     """The published roster, followed across imports.
@@ -201,15 +342,16 @@ class RosterReader:
     not within one, so a batch sees one version throughout.
     """
 
-    def __init__(self, db_path: Path | str) -> None:
+    def __init__(self, db_path: Path | str, keys: KeyRing | None = None) -> None:
         self.path = roster_path(db_path)
+        self.keys = keys
         self._snapshot: RosterSnapshot | None = None
 
     def current(self) -> RosterSnapshot:
         """The newest published version."""
         snapshot = self._snapshot
         if snapshot is None or snapshot.identity != _file_identity(self.path):
-            fresh = RosterSnapshot(self.path)
+            fresh = RosterSnapshot(self.path, self.keys)
             if snapshot is not None:
                 snapshot.close()
             self._snapshot = snapshot = fresh
@@ -222,9 +364,9 @@ class RosterReader:
             self._snapshot = None
 
 
-def open_roster_snapshot(db_path: Path | str) -> RosterSnapshot:
-    """The roster as published now, for the main database ``db_path``."""
-    return RosterSnapshot(roster_path(db_path))
+def open_roster_snapshot(db_path: Path | str, keys: KeyRing | None = None) -> RosterSnapshot:
+    """The roster as published now, for the main database ``db_path``, its values opened with ``keys``."""
+    return RosterSnapshot(roster_path(db_path), keys)
 
 
 @functools.lru_cache(maxsize=32)
@@ -243,30 +385,50 @@ class StoredRoster:
     """
 
     def __init__(self, roster: RosterSnapshot, links: sqlite3.Connection | None = None) -> None:
+        self._roster = roster
         self._conn = roster.conn
         self._links = links
         self._select = roster.member_select
         self._terms_total = roster.terms_total
+        # Where each lookup's value is (the keyed hash's column from version 3 on).
+        self._mbi_column = "mbi_hash" if roster.sealed else "mbi"
+        self._mrn_column = "mrn_hash" if roster.sealed else "mrn"
+        if links is not None:
+            hashed = any(c[1] == "mrn_hash" for c in links.execute("PRAGMA table_info(confirmed_links)"))
+            self._links_hashed = hashed
+            self._links_keys = keys_of(links)
+            # Most databases hold no link: then no MRN is hashed for them, nor looked up (one read a batch).
+            if links.execute("SELECT 1 FROM confirmed_links LIMIT 1").fetchone() is None:
+                self._links = None
 
     def by_mbi(self, mbi: str) -> list[dict]:
         """Members with this MBI (every ACO)."""
+        column = self._mbi_column
         rows = self._conn.execute(
-            f"SELECT {self._select} FROM roster_members r WHERE r.mbi = ? AND r.mbi != ''", (mbi,)
+            f"SELECT {self._select} FROM roster_members r WHERE r.{column} = ? AND r.{column} != ''",
+            (self._roster.mbi_key(mbi),),
         )
-        return [_row(r) for r in rows]
+        return [self._roster.row(r) for r in rows]
 
     def by_mrn(self, mrn: str, authority: str) -> list[dict]:
         """Members with this MRN and assigning authority on the roster, or linked by an accepted review."""
+        column = self._mrn_column
         rows = self._conn.execute(
-            f"SELECT {self._select} FROM roster_members r WHERE r.mrn = ? AND r.mrn != '' "
+            f"SELECT {self._select} FROM roster_members r WHERE r.{column} = ? AND r.{column} != '' "
             "AND r.mrn_authority = ? COLLATE NOCASE",
-            (mrn, authority),
+            (self._roster.mrn_key(mrn), authority),
         ).fetchall()
         if self._links is not None:
             seen = {(r[0], r[1]) for r in rows}
-            for aco_id, member_id in self._links.execute(
-                "SELECT aco_id, member_id FROM confirmed_links WHERE mrn = ? AND mrn_authority = ?", (mrn, authority)
-            ).fetchall():
+            if self._links_hashed:
+                hashes = mrn_hashes(self._links_keys, mrn)
+                marks = ",".join("?" * len(hashes))
+                sql = f"SELECT aco_id, member_id FROM confirmed_links WHERE mrn_hash IN ({marks}) AND mrn_authority = ?"
+                args: tuple = (*hashes, authority)
+            else:  # a database not yet at schema version 5 (read before the server migrated it)
+                sql = "SELECT aco_id, member_id FROM confirmed_links WHERE mrn = ? AND mrn_authority = ?"
+                args = (mrn, authority)
+            for aco_id, member_id in self._links.execute(sql, args).fetchall():
                 if (aco_id, member_id) not in seen:
                     seen.add((aco_id, member_id))
                     rows.extend(
@@ -275,13 +437,13 @@ class StoredRoster:
                             (aco_id, member_id),
                         )
                     )
-        return [_row(r) for r in rows]
+        return [self._roster.row(r) for r in rows]
 
     def blocking_buckets(self, keys: list[str], cap: int) -> dict[str, list[int]]:
         """Each key's members (row ids), at most ``cap + 1`` of them; one statement for every key."""
         if not keys:
             return {}
-        ids = {key_id(k): k for k in keys}
+        ids = {self._roster.block_key(k): k for k in keys}
         sql = _buckets_sql(len(ids))
         args: list[int] = []
         for k in ids:
@@ -295,16 +457,16 @@ class StoredRoster:
         """How many current members carry each term (a normalised name or birth date), and of how many."""
         if not terms or not self._terms_total:
             return {}, 0
-        marks = ",".join("?" * len(terms))
-        found = dict(self._conn.execute(f"SELECT term, count FROM roster_terms WHERE term IN ({marks})", terms))
-        return found, self._terms_total
+        hashed = {self._roster.term_key(t): t for t in terms}
+        marks = ",".join("?" * len(hashed))
+        rows = self._conn.execute(f"SELECT term, count FROM roster_terms WHERE term IN ({marks})", list(hashed))
+        return {hashed[term]: count for term, count in rows}, self._terms_total
 
     def persons(self, refs: list[int]) -> dict[int, str]:
         """The normalised persons of these members, by row id (what matching's prefilter reads)."""
         if not refs:
             return {}
-        marks = ",".join("?" * len(refs))
-        return dict(self._conn.execute(f"SELECT id, person FROM roster_members WHERE id IN ({marks})", refs))
+        return self._roster.persons(refs)
 
     def members(self, refs: list[int]) -> list[dict]:
         """The rows of these members (row ids from :meth:`blocking_buckets`)."""
@@ -312,7 +474,7 @@ class StoredRoster:
             return []
         marks = ",".join("?" * len(refs))
         rows = self._conn.execute(f"SELECT {self._select} FROM roster_members r WHERE r.id IN ({marks})", refs)
-        return [_row(r) for r in rows]
+        return [self._roster.row(r) for r in rows]
 
 
 def roster_count(roster: RosterSnapshot, active_on: str | None = None) -> int:
@@ -331,7 +493,7 @@ def roster_member(roster: RosterSnapshot, aco_id: str, member_id: str) -> dict |
     """One member by ACO and member id."""
     sql = f"SELECT {roster.member_select} FROM roster_members r WHERE r.aco_id = ? AND r.member_id = ?"
     row = roster.conn.execute(sql, (aco_id, member_id)).fetchone()
-    return _row(row) if row else None
+    return roster.row(row) if row else None
 
 
 def roster_imports(roster: RosterSnapshot, limit: int = 20) -> list[dict]:

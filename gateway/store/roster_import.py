@@ -3,6 +3,13 @@
 The store does the SQL; what a member's normalised person and blocking keys
 are is matching's business, handed in as a :class:`RosterDerivation` by the
 layer above (``gateway.app.roster``), so the store imports no stage.
+
+Members are sealed as they are staged, with the key ring given (see
+:mod:`gateway.store.sealing`); the copy is private (0600) from its first byte,
+and a file of an older schema version, or one whose keyed hashes are under
+another ring (written with encryption off), has every member sealed and hashed
+again before the new version is applied. :func:`reseal_roster` republishes
+the file with every member under the ring's newest key (``herald keys rotate``).
 """
 
 from __future__ import annotations
@@ -20,10 +27,35 @@ from pathlib import Path
 
 from gateway.errors import RosterError, StoreError
 from gateway.records import MEMBER_COLUMNS, RosterDerivation
-from gateway.store.roster_file import ROSTER_MIGRATIONS, ROSTER_SCHEMA, ROSTER_SCHEMA_VERSION, key_id
+from gateway.store.files import create_private_file, private_folder
+from gateway.store.keys import SEALED_PREFIX, KeyRing
+from gateway.store.roster_file import (
+    ROSTER_MIGRATIONS,
+    ROSTER_SCHEMA,
+    ROSTER_SCHEMA_VERSION,
+    SEALED_SINCE,
+    lookup_ring,
+)
 from gateway.store.schema import iso, run_sql
+from gateway.store.sealing import (
+    ROSTER_PHI_COLUMNS,
+    block_hash,
+    mbi_hash,
+    mrn_hash,
+    roster_context,
+    row_digest,
+    term_hash,
+)
 
-__all__ = ["MAX_PROBLEMS", "RosterVersion", "publish_roster_version", "roster_lock"]
+__all__ = [
+    "MAX_PROBLEMS",
+    "RosterVersion",
+    "publish_roster_version",
+    "reseal_roster",
+    "roster_key_counts",
+    "roster_lock",
+    "seal_members",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +76,9 @@ class RosterVersion:
     publish_seconds: float  # making the copy durable and renaming it into place
 
 
-_STAGE_COLUMNS = (*MEMBER_COLUMNS, "person", "keys", "row_hash")
+_STAGE_COLUMNS = (*MEMBER_COLUMNS, "person", "keys", "row_hash", "phi", "mbi_hash", "mrn_hash")
+#: Where each sealed value sits in a member's values (MEMBER_COLUMNS order).
+_PHI_AT = tuple(MEMBER_COLUMNS.index(c) for c in ROSTER_PHI_COLUMNS)
 #: Problems an import reports by line; beyond these it gives a count.
 MAX_PROBLEMS = 1000
 _STAGE_BATCH = 5000
@@ -62,7 +96,8 @@ class roster_lock:  # noqa: N801 - used as a context manager, named for what it 
     def __enter__(self) -> roster_lock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():
+            private_folder(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # another import finishes first
@@ -81,10 +116,15 @@ class roster_lock:  # noqa: N801 - used as a context manager, named for what it 
             self._fd = None
 
 
-def _open_work_copy(published: Path) -> tuple[sqlite3.Connection, Path]:
-    """A private copy of the published roster (or a new empty one), at this schema version, ready to change."""
+def _open_work_copy(
+    published: Path, keys: KeyRing, derivation: RosterDerivation
+) -> tuple[sqlite3.Connection, Path, int]:
+    """A private copy of the published roster (or a new empty one), at this schema version, its
+    members sealed and hashed with ``keys``, ready to change. Returns it with how many members
+    were sealed again (an older file's, or one hashed under another ring)."""
     work = published.with_name(published.name + ".importing")
     work.unlink(missing_ok=True)  # a crashed import's leftover: never published, safe to drop
+    create_private_file(work)  # 0600 before a byte is copied into it (copyfile keeps the mode)
     if published.exists():
         shutil.copyfile(published, work)
     conn = sqlite3.connect(str(work), isolation_level=None, check_same_thread=False)
@@ -93,20 +133,136 @@ def _open_work_copy(published: Path) -> tuple[sqlite3.Connection, Path]:
     conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute(f"PRAGMA cache_size=-{_IMPORT_CACHE_KIB}")
-    found = conn.execute("PRAGMA user_version").fetchone()[0]
-    if found == 0:
-        run_sql(conn, ROSTER_SCHEMA)
-        conn.execute(f"PRAGMA user_version={ROSTER_SCHEMA_VERSION}")
-    elif found > ROSTER_SCHEMA_VERSION:
+    # Plaintext an upgrade replaces is overwritten, not left in free pages; staging stays in memory.
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    try:
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        sealed = 0
+        if found == 0:
+            run_sql(conn, ROSTER_SCHEMA)
+            conn.execute(f"PRAGMA user_version={ROSTER_SCHEMA_VERSION}")
+            _set_lookup_check(conn, keys)
+        elif found > ROSTER_SCHEMA_VERSION:
+            raise StoreError(f"{published} has roster schema version {found}, newer than this Herald's; upgrade Herald")
+        else:
+            hashed_by = None
+            if found < ROSTER_SCHEMA_VERSION:
+                # An older Herald's file: the copy is upgraded, and published so if this import is.
+                for version in range(found + 1, ROSTER_SCHEMA_VERSION + 1):
+                    run_sql(conn, ROSTER_MIGRATIONS[version])
+                conn.execute(f"PRAGMA user_version={ROSTER_SCHEMA_VERSION}")
+            if found >= SEALED_SINCE:
+                stored = conn.execute("SELECT value FROM roster_meta WHERE name = 'lookup_check'").fetchone()
+                hashed_by = lookup_ring(stored[0] if stored else None, keys, published)
+            if found < SEALED_SINCE or hashed_by is not keys:
+                # Plaintext (an older file), or hashes under the disabled ring: every member anew.
+                conn.execute("BEGIN")
+                sealed = seal_members(conn, keys, derivation, rehash=True)
+                conn.execute("COMMIT")
+                conn.execute("VACUUM")  # no page of the plaintext left in the file
+                _set_lookup_check(conn, keys)
+    except BaseException:
         conn.close()
         work.unlink(missing_ok=True)
-        raise StoreError(f"{published} has roster schema version {found}, newer than this Herald's; upgrade Herald")
-    elif found < ROSTER_SCHEMA_VERSION:
-        # An older Herald's file: the copy is upgraded, and published so if this import is.
-        for version in range(found + 1, ROSTER_SCHEMA_VERSION + 1):
-            run_sql(conn, ROSTER_MIGRATIONS[version])
-        conn.execute(f"PRAGMA user_version={ROSTER_SCHEMA_VERSION}")
-    return conn, work
+        raise
+    return conn, work, sealed
+
+
+def _set_lookup_check(conn: sqlite3.Connection, keys: KeyRing) -> None:
+    conn.execute("INSERT OR REPLACE INTO roster_meta (name, value) VALUES ('lookup_check', ?)", (keys.fingerprint,))
+
+
+def _seal_member(keys: KeyRing, values: tuple, person: str) -> tuple:
+    """A member's stored form: its values with the sealed ones '' (in MEMBER_COLUMNS order), its sealed
+    person, sealed ``phi``, the MBI's and MRN's keyed hashes and the row digest."""
+    row = dict(zip(MEMBER_COLUMNS, values, strict=True))
+    aco_id, member_id = row["aco_id"], row["member_id"]
+    phi = keys.seal(
+        json.dumps([values[i] for i in _PHI_AT], ensure_ascii=False).encode("utf-8"),
+        roster_context("phi", aco_id, member_id),
+    )
+    clear = tuple("" if c in ROSTER_PHI_COLUMNS else v for c, v in row.items())
+    sealed_person = keys.seal_text(person, roster_context("person", aco_id, member_id)) if person else ""
+    return (
+        clear,
+        sealed_person,
+        phi,
+        mbi_hash(keys, row["mbi"]) if row["mbi"] else "",
+        mrn_hash(keys, row["mrn"]) if row["mrn"] else "",
+        row_digest(keys, values),
+    )
+
+
+def _stored_values(keys: KeyRing, row: sqlite3.Row | tuple) -> tuple:
+    """A stored member's values (MEMBER_COLUMNS order) from ``id, <MEMBER_COLUMNS>, phi``, opened."""
+    values = list(row[1 : 1 + len(MEMBER_COLUMNS)])
+    phi = row[1 + len(MEMBER_COLUMNS)]
+    if phi is not None:
+        aco_id, member_id = values[0], values[1]
+        opened = json.loads(keys.open(phi, roster_context("phi", aco_id, member_id)))
+        for at, value in zip(_PHI_AT, opened, strict=True):
+            values[at] = value
+    return tuple(values)
+
+
+def _stored_person(keys: KeyRing, stored, aco_id: str, member_id: str) -> str:
+    return keys.open_text(stored, roster_context("person", aco_id, member_id)) if stored else ""
+
+
+_MEMBER_READ = f"SELECT id, {', '.join(MEMBER_COLUMNS)}, phi, person FROM roster_members"
+
+
+def seal_members(
+    conn: sqlite3.Connection, keys: KeyRing, derivation: RosterDerivation, *, rehash: bool, only_stale: bool = False
+) -> int:
+    """Seal every member's values and person under ``keys``' newest key; with ``rehash`` also their
+    keyed hashes (MBI, MRN, blocking keys, row digest, terms) under ``keys``. Returns how many.
+
+    ``only_stale``: only members whose ``phi`` is not sealed under the newest key yet (a rotation).
+    In slices by row id: a million members never sit in memory at once.
+    """
+    if rehash:
+        conn.execute("DELETE FROM roster_keys")
+    current = _sealed_head(keys)
+    where = "WHERE id > ?"
+    if only_stale and current is not None:
+        where += f" AND (phi IS NULL OR substr(phi, 1, {len(current)}) != ?)"
+    last = done = 0
+    while True:
+        args: list = [last] + ([current] if only_stale and current is not None else []) + [_STAGE_BATCH]
+        rows = conn.execute(f"{_MEMBER_READ} {where} ORDER BY id LIMIT ?", args).fetchall()
+        if not rows:
+            break
+        updates, block = [], []
+        for r in rows:
+            values = _stored_values(keys, r)
+            person = _stored_person(keys, r[-1], values[0], values[1])
+            clear, sealed_person, phi, mbi_h, mrn_h, digest = _seal_member(keys, values, person)
+            updates.append((*clear, sealed_person, phi, mbi_h, mrn_h, digest, r[0]))
+            if rehash:
+                block.extend((block_hash(keys, k), r[0]) for k in derivation.keys_of(person))
+        sets = ", ".join(f"{c} = ?" for c in MEMBER_COLUMNS)
+        conn.executemany(
+            f"UPDATE roster_members SET {sets}, person = ?, phi = ?, mbi_hash = ?, mrn_hash = ?, row_hash = ? "
+            "WHERE id = ?",
+            updates,
+        )
+        if rehash:
+            conn.executemany("INSERT OR IGNORE INTO roster_keys (key, member) VALUES (?, ?)", block)
+        done += len(rows)
+        last = rows[-1][0]
+    if rehash:
+        _count_terms(conn, derivation, keys)
+    return done
+
+
+def _sealed_head(keys: KeyRing) -> bytes | None:
+    """The first bytes of every value sealed under ``keys``' newest key (None when it seals nothing)."""
+    if not keys.enabled:
+        return None
+    key_id = keys.current_id.encode("ascii")
+    return SEALED_PREFIX + bytes([len(key_id)]) + key_id
 
 
 def _publish(conn: sqlite3.Connection, work: Path, published: Path) -> None:
@@ -126,8 +282,11 @@ def _publish(conn: sqlite3.Connection, work: Path, published: Path) -> None:
         os.close(dir_fd)
 
 
-def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set, counted: list[int]) -> tuple[int, int]:
-    """Load rows into the connection's TEMP tables; collect problems (``counted[0]``: how many in all).
+def _stage(
+    conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set, counted: list[int], keys: KeyRing
+) -> tuple[int, int]:
+    """Load rows into the connection's TEMP tables (in memory), sealed and hashed with ``keys``;
+    collect problems (``counted[0]``: how many in all).
 
     Returns (rows, rejected rows).
     """
@@ -150,8 +309,9 @@ def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set, 
                 keep.add((row.aco_id, row.member_id))
             continue
         values = m.values()
-        keys = json.dumps([key_id(k) for k in m.keys])
-        batch.append((row.line, *values, m.person, keys, m.content_hash_of(values)))
+        clear, person, phi, mbi_h, mrn_h, digest = _seal_member(keys, values, m.person)
+        block = json.dumps([block_hash(keys, k) for k in m.keys])
+        batch.append((row.line, *clear, person, block, digest, phi, mbi_h, mrn_h))
         if len(batch) >= _STAGE_BATCH:
             conn.executemany(insert, batch)
             batch.clear()
@@ -177,50 +337,53 @@ def _stage(conn: sqlite3.Connection, rows: Iterable, problems: list, keep: set, 
     return total, rejected
 
 
-def _refresh_derived(conn: sqlite3.Connection, derivation: RosterDerivation) -> None:
+def _refresh_derived(conn: sqlite3.Connection, derivation: RosterDerivation, keys: KeyRing) -> None:
     """Recompute every member's normalised person and blocking keys (the recipe changed since they were stored)."""
     conn.execute("DELETE FROM roster_keys")
-    cols = ", ".join(MEMBER_COLUMNS)
     last = 0
     while True:  # in slices by row id: a million members never sit in memory at once
-        rows = conn.execute(
-            f"SELECT id, {cols} FROM roster_members WHERE id > ? ORDER BY id LIMIT ?", (last, _STAGE_BATCH)
-        ).fetchall()
+        rows = conn.execute(f"{_MEMBER_READ} WHERE id > ? ORDER BY id LIMIT ?", (last, _STAGE_BATCH)).fetchall()
         if not rows:
             return
-        updates, keys = [], []
+        updates, block = [], []
         for r in rows:
-            person, member_keys = derivation.derive(dict(zip(MEMBER_COLUMNS, r[1:], strict=True)))
-            updates.append((person, r[0]))
-            keys.extend((key_id(k), r[0]) for k in member_keys)
+            values = _stored_values(keys, r)
+            person, member_keys = derivation.derive(dict(zip(MEMBER_COLUMNS, values, strict=True)))
+            updates.append((keys.seal_text(person, roster_context("person", values[0], values[1])), r[0]))
+            block.extend((block_hash(keys, k), r[0]) for k in member_keys)
         conn.executemany("UPDATE roster_members SET person = ? WHERE id = ?", updates)
-        conn.executemany("INSERT OR IGNORE INTO roster_keys (key, member) VALUES (?, ?)", keys)
+        conn.executemany("INSERT OR IGNORE INTO roster_keys (key, member) VALUES (?, ?)", block)
         last = rows[-1][0]
 
 
-def _count_terms(conn: sqlite3.Connection, derivation: RosterDerivation) -> None:
-    """Count, over the members not ended, how many carry each term (``derivation.terms_of``)."""
+def _count_terms(conn: sqlite3.Connection, derivation: RosterDerivation, keys: KeyRing) -> None:
+    """Count, over the members not ended, how many carry each term (``derivation.terms_of``); kept by keyed hash."""
     counts: Counter[str] = Counter()
     members = last = 0
     while True:  # in slices by row id, as _refresh_derived
         rows = conn.execute(
-            "SELECT id, person FROM roster_members WHERE id > ? AND ended_by IS NULL ORDER BY id LIMIT ?",
+            "SELECT id, aco_id, member_id, person FROM roster_members WHERE id > ? AND ended_by IS NULL "
+            "ORDER BY id LIMIT ?",
             (last, _STAGE_BATCH),
         ).fetchall()
         if not rows:
             break
-        for _, packed in rows:
-            counts.update(derivation.terms_of(packed))
+        for _, aco_id, member_id, stored in rows:
+            counts.update(derivation.terms_of(_stored_person(keys, stored, aco_id, member_id)))
         members += len(rows)
         last = rows[-1][0]
     conn.execute("DELETE FROM roster_terms")
-    conn.executemany("INSERT INTO roster_terms (term, count) VALUES (?, ?)", sorted(counts.items()))
+    hashed: Counter[str] = Counter()
+    for term, count in counts.items():
+        hashed[term_hash(keys, term)] += count
+    conn.executemany("INSERT INTO roster_terms (term, count) VALUES (?, ?)", sorted(hashed.items()))
     conn.execute("INSERT OR REPLACE INTO roster_meta (name, value) VALUES ('terms_total', ?)", (str(members),))
 
 
 def _apply_import(
     conn: sqlite3.Connection,
     derivation: RosterDerivation,
+    keys: KeyRing,
     *,
     stamp: str,
     by: str,
@@ -239,7 +402,7 @@ def _apply_import(
     conn.execute("BEGIN")
     stored_recipe = conn.execute("SELECT value FROM roster_meta WHERE name = 'blocking_recipe'").fetchone()
     if stored_recipe is not None and stored_recipe[0] != derivation.recipe:
-        _refresh_derived(conn, derivation)
+        _refresh_derived(conn, derivation, keys)
     conn.execute("INSERT OR REPLACE INTO roster_meta (name, value) VALUES ('blocking_recipe', ?)", (derivation.recipe,))
     conn.execute("UPDATE roster_stage SET action = 'add'")
     conn.execute(
@@ -266,16 +429,21 @@ def _apply_import(
     counts = dict(conn.execute("SELECT action, COUNT(*) FROM roster_stage GROUP BY action").fetchall())
     # The changed members' old keys, from the person stored with them (deleted by primary key, no scan).
     old = conn.execute(
-        "SELECT r.id, r.person FROM roster_stage s JOIN roster_members r "
+        "SELECT r.id, r.aco_id, r.member_id, r.person FROM roster_stage s JOIN roster_members r "
         "ON r.aco_id = s.aco_id AND r.member_id = s.member_id WHERE s.action = 'change'"
     ).fetchall()
-    stale = [(key_id(k), member) for member, packed in old for k in derivation.keys_of(packed)]
+    stale = [
+        (block_hash(keys, k), member)
+        for member, aco_id, member_id, stored in old
+        for k in derivation.keys_of(_stored_person(keys, stored, aco_id, member_id))
+    ]
     conn.executemany("DELETE FROM roster_keys WHERE key = ? AND member = ?", stale)
     cols = ", ".join(c for c in MEMBER_COLUMNS if c != "effective_start")
     conn.execute(
-        f"INSERT INTO roster_members ({cols}, effective_start, person, row_hash, import_id) "
+        f"INSERT INTO roster_members ({cols}, effective_start, person, row_hash, phi, mbi_hash, mrn_hash, import_id) "
         f"SELECT {cols}, CASE WHEN effective_start != '' THEN effective_start ELSE COALESCE(?, '') END, "
-        "person, row_hash, ? FROM roster_stage WHERE action = 'add' ORDER BY aco_id, member_id",
+        "person, row_hash, phi, mbi_hash, mrn_hash, ? FROM roster_stage WHERE action = 'add' "
+        "ORDER BY aco_id, member_id",
         (effective, import_id),
     )
     sets = ", ".join(f"{c} = s.{c}" for c in MEMBER_COLUMNS if c not in ("aco_id", "member_id", "effective_start"))
@@ -284,7 +452,8 @@ def _apply_import(
         f"UPDATE roster_members SET {sets}, "
         "effective_start = CASE WHEN s.effective_start != '' THEN s.effective_start "
         "WHEN roster_members.ended_by IS NOT NULL THEN ? ELSE roster_members.effective_start END, "
-        "ended_by = NULL, person = s.person, row_hash = s.row_hash, import_id = ? "
+        "ended_by = NULL, person = s.person, row_hash = s.row_hash, phi = s.phi, mbi_hash = s.mbi_hash, "
+        "mrn_hash = s.mrn_hash, import_id = ? "
         "FROM roster_stage s WHERE s.action = 'change' "
         "AND s.aco_id = roster_members.aco_id AND s.member_id = roster_members.member_id",
         (start_of_version, import_id),
@@ -313,7 +482,7 @@ def _apply_import(
         "UPDATE roster_imports SET added = ?, changed = ?, ended = ?, unchanged = ? WHERE id = ?",
         (counts.get("add", 0), counts.get("change", 0), ended, counts.get("same", 0), import_id),
     )
-    _count_terms(conn, derivation)
+    _count_terms(conn, derivation, keys)
     conn.execute("COMMIT")
     return import_id, counts, ended
 
@@ -332,6 +501,7 @@ def publish_roster_version(
     aco_ids: Iterable[str] = (),
     effective: str | None = None,
     skip_bad_rows: bool = False,
+    keys: KeyRing | None = None,
 ) -> RosterVersion:
     """Stage ``rows`` in a copy of the roster file, apply them as a new version and publish it.
 
@@ -345,15 +515,17 @@ def publish_roster_version(
     version or the new one, never a mix. One import at a time
     (``roster.lock``). Any problem rejects the whole file
     (:class:`RosterError`, nothing published) unless ``skip_bad_rows``.
+    Members are sealed and hashed with ``keys`` (stored as given without).
     """
+    keys = keys or KeyRing.disabled()
     with roster_lock(published):
         started = time.perf_counter()
-        conn, work = _open_work_copy(published)
+        conn, work, _ = _open_work_copy(published, keys, derivation)
         try:
             problems: list[tuple[int, str, str]] = []
             keep: set[tuple[str, str]] = set()
             counted = [0]
-            total, rejected = _stage(conn, rows, problems, keep, counted)
+            total, rejected = _stage(conn, rows, problems, keep, counted, keys)
             read_seconds = time.perf_counter() - started
             problems.sort(key=lambda p: p[0])
             if problems and not skip_bad_rows:
@@ -367,6 +539,7 @@ def publish_roster_version(
             import_id, counts, ended = _apply_import(
                 conn,
                 derivation,
+                keys,
                 stamp=iso(moment),
                 by=by,
                 file=file,
@@ -402,3 +575,50 @@ def publish_roster_version(
         apply_seconds,
         publish_seconds,
     )
+
+
+def reseal_roster(published: Path, keys: KeyRing, derivation: RosterDerivation) -> int:
+    """Republish the roster file with every member sealed under ``keys``' newest key (a rotation).
+
+    An older file, or one hashed under another ring, is upgraded and hashed
+    again on the way. No version is added (``roster_imports`` is unchanged);
+    readers move to the new file between batches, as after an import. Returns
+    how many members were sealed again (0 when there is no roster file, or
+    every member was sealed under the newest key already: nothing is published).
+    """
+    if not published.exists():
+        return 0
+    with roster_lock(published):
+        conn, work, upgraded = _open_work_copy(published, keys, derivation)
+        try:
+            conn.execute("BEGIN")
+            sealed = seal_members(conn, keys, derivation, rehash=False, only_stale=True)
+            conn.execute("COMMIT")
+            if upgraded or sealed:
+                _publish(conn, work, published)
+            else:
+                conn.close()
+                work.unlink(missing_ok=True)
+        except BaseException:
+            conn.close()
+            work.unlink(missing_ok=True)
+            raise
+    return upgraded + sealed
+
+
+def roster_key_counts(published: Path, keys: KeyRing) -> dict[str | None, int]:
+    """How many roster members are sealed under each key id (None: plaintext, an older file's)."""
+    if not published.exists():
+        return {}
+    uri = f"file:{published}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < SEALED_SINCE:
+            return {None: conn.execute("SELECT COUNT(*) FROM roster_members").fetchone()[0]}
+        counts: Counter[str | None] = Counter(
+            keys.key_of(phi) for (phi,) in conn.execute("SELECT phi FROM roster_members")
+        )
+        return dict(counts)
+    finally:
+        conn.close()

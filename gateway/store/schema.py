@@ -16,8 +16,21 @@ from pathlib import Path
 import sqlite_utils
 
 from gateway.errors import StoreError
+from gateway.store.files import create_private_file, private_file, private_folder
+from gateway.store.keys import KeyRing, KeyRingError
+from gateway.store.sealing import keys_of, link_context, mrn_hash
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "iso", "migrate", "open_database", "schema_version", "utc_now"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "HeraldConnection",
+    "check_keys",
+    "iso",
+    "migrate",
+    "open_database",
+    "schema_version",
+    "utc_now",
+]
 
 _MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS migrations (
@@ -248,6 +261,66 @@ CREATE INDEX notifications_message ON notifications (message_id)
 """
 
 
+# Version 5: PHI at rest (gateway.store.sealing says what is sealed, bound to which
+# row). Values are sealed as they are written; rows from before stay readable
+# (plaintext opens as itself) until `herald keys rotate` seals them. A confirmed
+# link's MRN is found by its keyed hash and kept sealed beside it (the table is
+# rebuilt: the hash is its key). messages.sha256 now holds a keyed digest (32 hex
+# digits); the plain SHA-256 of rows from before still recognises a retransmission
+# until rotate replaces it. key_check names the ring the database is written with
+# (KeyRing.fingerprint), so a wrong key is refused at start, by name.
+_SCHEMA_V5 = """
+CREATE TABLE key_check (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE confirmed_links_v5 (
+    mrn_hash TEXT NOT NULL,
+    mrn_authority TEXT NOT NULL COLLATE NOCASE,
+    aco_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    review_id INTEGER,
+    confirmed_by TEXT NOT NULL,
+    confirmed_at TEXT NOT NULL,
+    mrn BLOB NOT NULL,
+    PRIMARY KEY (mrn_hash, mrn_authority, aco_id)
+)
+"""
+
+
+def _migrate_v5(conn: sqlite3.Connection) -> None:
+    run_sql(conn, _SCHEMA_V5)
+    keys = keys_of(conn)
+    rows = conn.execute("SELECT * FROM confirmed_links").fetchall()
+    for r in rows:
+        hashed = mrn_hash(keys, r["mrn"])
+        sealed = keys.seal_text(r["mrn"], link_context(hashed, r["mrn_authority"], r["aco_id"]))
+        conn.execute(
+            "INSERT OR REPLACE INTO confirmed_links_v5 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (hashed, r["mrn_authority"], r["aco_id"], r["member_id"], r["review_id"], r["confirmed_by"])
+            + (r["confirmed_at"], sealed),
+        )
+    conn.execute("DROP TABLE confirmed_links")
+    conn.execute("ALTER TABLE confirmed_links_v5 RENAME TO confirmed_links")
+
+
+# Version 6: a tamper-evident trail (gateway.store.events, gateway.store.integrity).
+# Each event row carries the MAC chaining it to the row before; each message row a
+# digest of its immutable columns; purged_at marks a message whose body retention
+# removed (the row, its header and its digest stay). Rows from before are chained
+# and stamped here, as they stand, and a "chain-started" event anchors them.
+_SCHEMA_V6 = """
+ALTER TABLE events ADD COLUMN mac BLOB;
+ALTER TABLE messages ADD COLUMN digest BLOB;
+ALTER TABLE messages ADD COLUMN purged_at TEXT
+"""
+
+
+def _migrate_v6(conn: sqlite3.Connection) -> None:
+    from gateway.store import events, integrity
+
+    run_sql(conn, _SCHEMA_V6)
+    integrity.stamp_all(conn)
+    events.chain_existing(conn, iso(utc_now()))
+
+
 def _migrate_v3(conn: sqlite3.Connection) -> None:
     run_sql(conn, _SCHEMA_V3)
     if conn.execute("SELECT 1 FROM roster_members LIMIT 1").fetchone() is None:
@@ -266,15 +339,35 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
-def open_database(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the store's SQLite file with Herald's pragmas."""
+class HeraldConnection(sqlite3.Connection):
+    """A connection to a Herald database and the key ring (``keys``) its PHI is sealed and opened with."""
+
+    keys: KeyRing
+
+
+def open_database(path: Path | str, *, readonly: bool = False, keys: KeyRing | None = None) -> sqlite3.Connection:
+    """Open the store's SQLite file with Herald's pragmas, sealing and opening PHI with ``keys``.
+
+    Without ``keys`` the disabled ring: values are written as given (and
+    sealed ones cannot be read). A read-only connection with an enabled ring
+    checks that the database was written with it (:func:`check_keys`). A new
+    file is created 0600 in a folder of mode 0700.
+    """
     path = Path(path)
     if readonly and not path.exists():
         raise StoreError(f"no Herald database at {path}")
     try:
-        return _open(path, readonly)
+        conn = _open(path, readonly)
     except sqlite3.DatabaseError as e:
         raise NotAHeraldDatabase(f"{path} is not a Herald database ({e})") from None
+    conn.keys = keys or KeyRing.disabled()
+    if readonly and conn.keys.enabled:
+        try:
+            check_keys(conn, path)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
 
 
 class NotAHeraldDatabase(StoreError):
@@ -283,10 +376,18 @@ class NotAHeraldDatabase(StoreError):
 
 def _open(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, factory=HeraldConnection
+        )
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        if not path.parent.exists():
+            private_folder(path.parent)
+        # Created 0600 before SQLite sees it: SQLite gives the -wal and -shm files the
+        # database file's mode. A file from an older Herald (0644) is tightened.
+        create_private_file(path)
+        for companion in ("", "-wal", "-shm"):
+            private_file(path.with_name(path.name + companion))
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, factory=HeraldConnection)
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
@@ -307,6 +408,8 @@ MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [
     (2, _SCHEMA_V2),
     (3, _migrate_v3),
     (4, _SCHEMA_V4),
+    (5, _migrate_v5),
+    (6, _migrate_v6),
 ]
 
 #: The schema version this code writes.
@@ -363,6 +466,42 @@ def migrate(conn: sqlite3.Connection, now: datetime | None = None) -> None:
         # The pages that held the summaries were overwritten in the database (secure_delete);
         # their older copies in the write-ahead log go with a checkpoint that truncates it.
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def check_keys(conn: sqlite3.Connection, path: Path | str = "the database", *, record: bool = False) -> None:
+    """Refuse a key ring that is not the one this database is written with (:class:`KeyRingError`).
+
+    The database names its ring by the ring's fingerprint (``key_check``).
+    One written with encryption off takes a key (``record``: the writer
+    notes it); one written with a key refuses another key, and refuses to
+    be written with encryption off. A database older than schema version 5
+    has no record and takes any ring.
+    """
+    keys = keys_of(conn)
+    if not sqlite_utils.Database(conn)["key_check"].exists():
+        return
+    row = conn.execute("SELECT value FROM key_check WHERE name = 'lookup'").fetchone()
+    stored = row[0] if row else None
+    if stored == keys.fingerprint:
+        return
+    if stored is None or (stored == KeyRing.disabled().fingerprint and keys.enabled):
+        if record:
+            names = ["lookup"]
+            if conn.execute("SELECT 1 FROM messages LIMIT 1").fetchone() is None:
+                names.append("digests")  # no message yet: every digest will be this ring's
+            conn.executemany(
+                "INSERT OR REPLACE INTO key_check (name, value) VALUES (?, ?)", [(n, keys.fingerprint) for n in names]
+            )
+        return
+    if not keys.enabled:
+        raise KeyRingError(
+            f"{path} is encrypted (key check {stored}) but encryption at rest is off: "
+            "set [security] key_file (or HERALD_KEYS) to its key ring"
+        )
+    raise KeyRingError(
+        f"{path} was written with another key ring (key check {stored}; {keys.source} has {keys.fingerprint}): "
+        "is [security] key_file (or HERALD_KEYS) the right one?"
+    )
 
 
 def check_database(conn: sqlite3.Connection) -> None:

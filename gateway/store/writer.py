@@ -15,9 +15,11 @@ clock; the jobs themselves (SQL only) live in the store's other modules.
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime
@@ -28,7 +30,9 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from gateway.errors import StoreError
-from gateway.store.schema import migrate, open_database, utc_now
+from gateway.store.integrity import resume_chain
+from gateway.store.keys import KeyRing
+from gateway.store.schema import check_keys, iso, migrate, open_database, utc_now
 
 __all__ = ["Writer"]
 
@@ -58,9 +62,10 @@ class _ReadThread:
     Each job runs in its own read transaction (one snapshot).
     """
 
-    def __init__(self, path: Path, deliver: Callable[[list], None]) -> None:
+    def __init__(self, path: Path, deliver: Callable[[list], None], keys: KeyRing | None = None) -> None:
         self._path = path
         self._deliver = deliver
+        self._keys = keys
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="herald-store-reader", daemon=True)
 
@@ -97,7 +102,7 @@ class _ReadThread:
                 for job in jobs:
                     try:
                         if conn is None:
-                            conn = open_database(self._path, readonly=True)
+                            conn = open_database(self._path, readonly=True, keys=self._keys)
                         conn.execute("BEGIN")
                         try:
                             results.append((job, True, job.fn(conn, *job.args)))
@@ -125,6 +130,9 @@ class Writer:
 
     ``clock`` stamps every write (``iso(clock())``); ``reactor`` runs the
     callbacks of Deferreds and gives the seconds outbox rows fall due in.
+    ``keys`` seals and opens PHI (:mod:`gateway.store.sealing`); without it
+    values are stored as given. A database written with another ring is
+    refused (:class:`~gateway.store.keys.KeyRingError`).
     """
 
     _log = Logger()
@@ -135,8 +143,23 @@ class Writer:
     BACKGROUND_PER_COMMIT = 1
     #: Background writes wait at most this long for a commit to ride with.
     IDLE_FLUSH_SECONDS = 0.5
+    #: The write-ahead log is checkpointed and truncated, between commits, once it
+    #: is larger than this (``wal_limit``, ``[storage] wal_limit_mb``); when the
+    #: writer is idle, once it is larger than a sixteenth of it. Readers that
+    #: always overlap keep SQLite's own checkpoints from ever resetting the log.
+    WAL_LIMIT_BYTES = 64 * 1024 * 1024
+    #: How often (seconds) the log's size is looked at between commits.
+    WAL_CHECK_SECONDS = 1.0
+    #: How long a checkpoint waits for readers to leave the log (ms) before trying later:
+    #: it runs on the writer thread, so an ACK may wait this long behind it. Past the
+    #: limit, each failed try doubles the wait, up to the maximum: readers that keep
+    #: overlapping would otherwise starve it. An idle writer always waits the least.
+    WAL_CHECKPOINT_WAIT_MS = 50
+    WAL_CHECKPOINT_MAX_WAIT_MS = 2000
 
-    def __init__(self, path: Path | str, reactor=None, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self, path: Path | str, reactor=None, clock: Callable[[], datetime] = utc_now, keys: KeyRing | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -144,18 +167,55 @@ class Writer:
         self.path = Path(path)
         self._reactor = reactor
         self.clock = clock
+        self.keys = keys or KeyRing.disabled()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._background: collections.deque = collections.deque()
         self._riders: collections.deque = collections.deque()
-        self._conn = open_database(self.path)
-        migrate(self._conn, clock())
+        self._conn = open_database(self.path, keys=self.keys)
+        try:
+            migrate(self._conn, clock())
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                check_keys(self._conn, self.path, record=True)
+            finally:
+                self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.close()
+            raise
+        self._resume_chain()
         self._thread = threading.Thread(target=self._run, name="herald-store-writer", daemon=True)
-        self._reader = _ReadThread(self.path, self._deliver)
+        self._reader = _ReadThread(self.path, self._deliver, self.keys)
         self._started = False
         self.commits = 0
         self.jobs = 0
         #: Commits that ran again job by job because one job failed.
         self.replays = 0
+        self.wal_limit = self.WAL_LIMIT_BYTES
+        self._wal = self.path.with_name(self.path.name + "-wal")
+        self._next_wal_check = 0.0
+        self._wal_dirty = True  # written to since the last checkpoint that emptied the log
+        self._checkpoint_wait_ms = self.WAL_CHECKPOINT_WAIT_MS
+        self._checkpoint_error = ""
+        #: Checkpoints that truncated the log, and the largest size it was seen at.
+        self.checkpoints = 0
+        self.wal_peak = 0
+
+    def _resume_chain(self) -> None:
+        """The audit chain under this ring (:func:`~gateway.store.integrity.resume_chain`), in its own transaction."""
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                said = resume_chain(conn, iso(self.clock()))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        if said:
+            self._log.warn("audit trail: {said}", said=said)
 
     def seconds(self) -> float:
         """The reactor's clock, in seconds: what outbox rows' due times are measured in."""
@@ -306,8 +366,49 @@ class Writer:
                 batch.append(riders.popleft())
             if batch:
                 self._commit_group(conn, batch)
+            self._bound_wal(conn, idle=not batch)
             if stopping and not background and not self._riders:
                 return
+
+    def _bound_wal(self, conn: sqlite3.Connection, idle: bool) -> None:
+        """Checkpoint and truncate the write-ahead log when it has grown (between commits; never in one)."""
+        if not idle:
+            self._wal_dirty = True
+            now = time.monotonic()
+            if now < self._next_wal_check:
+                return
+            self._next_wal_check = now + self.WAL_CHECK_SECONDS
+        elif not self._wal_dirty:
+            return
+        try:
+            size = os.stat(self._wal).st_size
+        except OSError:
+            return
+        self.wal_peak = max(self.wal_peak, size)
+        if size <= (self.wal_limit // 16 if idle else self.wal_limit):
+            if idle:
+                self._wal_dirty = False
+            return
+        wait = self.WAL_CHECKPOINT_WAIT_MS if idle else self._checkpoint_wait_ms
+        try:
+            conn.execute(f"PRAGMA busy_timeout={wait}")
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as e:  # a full disk: said once, tried again after the next commit
+            if str(e) != self._checkpoint_error:
+                self._log.warn("checkpointing the write-ahead log failed: {error}", error=str(e))
+            self._checkpoint_error = str(e)
+            self._wal_dirty = False
+            return
+        finally:
+            conn.execute("PRAGMA busy_timeout=10000")
+        self._checkpoint_error = ""
+        if busy:  # a reader still uses the log: tried again at the next check (past the limit, waiting longer)
+            if not idle:
+                self._checkpoint_wait_ms = min(2 * self._checkpoint_wait_ms, self.WAL_CHECKPOINT_MAX_WAIT_MS)
+            return
+        self.checkpoints += 1
+        self._wal_dirty = False
+        self._checkpoint_wait_ms = self.WAL_CHECKPOINT_WAIT_MS
 
     def _commit_group(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         try:
