@@ -21,6 +21,7 @@ from gateway.pipeline.process import process_message
 from gateway.store import Store, StoredRoster, open_database, open_roster_snapshot, roster_count
 from gateway.store.keys import KeyRing
 from gateway.store.messages import apply_outcomes, pending_messages, record_frame
+from gateway.store.sealing import member_pseudonym
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_messages"
 ADMIT = SAMPLES / "epic-v251-a01-admit-from-ed.hl7"
@@ -282,11 +283,17 @@ def test_roster_import_of_an_ssp_report_with_pcp_and_opt_out_files(tmp_path):
     assert_clean_exit(result, 0)
     assert "roster version 1 of A1234, effective 2026-10-01" in result.stdout, explain(result)
     conn = open_roster_snapshot(data / "herald.db").conn
-    rows = conn.execute("SELECT member_id, pcp_npi, opted_out, effective_start FROM roster_members ORDER BY 1")
-    assert [tuple(r) for r in rows] == [
-        ("1EG4TE5MK73", "1234567893", 0, "2026-10-01"),
-        ("2EG4TE5MK74", "", 1, "2026-10-01"),
-    ]
+    rows = conn.execute("SELECT member_id, pcp_npi, opted_out, effective_start FROM roster_members")
+    # An SSP report's member id is the MBI: it is stored as a keyed pseudonym, never as the MBI.
+    keys = KeyRing.load(None)
+    assert sorted(tuple(r) for r in rows) == sorted(
+        [
+            (member_pseudonym(keys, "1EG4TE5MK73"), "1234567893", 0, "2026-10-01"),
+            (member_pseudonym(keys, "2EG4TE5MK74"), "", 1, "2026-10-01"),
+        ]
+    )
+    assert member_pseudonym(keys, "1EG4TE5MK73").startswith("MBI-")
+    assert b"1EG4TE5MK73" not in (data / "roster.db").read_bytes()
     versions = run("roster", "versions", "--data", data)
     assert_clean_exit(versions, 0)
     assert "ssp.csv (ssp, replace, by carol)" in versions.stdout, explain(versions)
@@ -299,7 +306,7 @@ def test_roster_import_of_an_ssp_report_with_pcp_and_opt_out_files(tmp_path):
         ([SSP_ROWS[0].replace("01/02/1960", "1960/02/01")], SSP_HEADER, "line 2, column BENE_BRTH_DT: '1960/02/01'"),
         ([SSP_ROWS[0].replace("1EG4TE5MK73", "1EG4TE5MK7O")], SSP_HEADER, "line 2, column BENE_MBI_ID: is not a valid"),
         ([SSP_ROWS[0].replace(",2,", ",F,")], SSP_HEADER, "line 2, column BENE_SEX_CD: 'F' is not one of 0, 1, 2"),
-        ([SSP_ROWS[0], SSP_ROWS[1], SSP_ROWS[0]], SSP_HEADER, "line 4, column member_id: member 1EG4TE5MK73"),
+        ([SSP_ROWS[0], SSP_ROWS[1], SSP_ROWS[0]], SSP_HEADER, "line 4, column member_id: member MBI-"),
     ],
 )
 def test_bad_ssp_report_exits_2_naming_line_and_column(tmp_path, rows, header, where):

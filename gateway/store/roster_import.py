@@ -41,6 +41,7 @@ from gateway.store.sealing import (
     ROSTER_PHI_COLUMNS,
     block_hash,
     mbi_hash,
+    member_pseudonym,
     mrn_hash,
     roster_context,
     row_digest,
@@ -76,6 +77,7 @@ class RosterVersion:
     publish_seconds: float  # making the copy durable and renaming it into place
 
 
+_MEMBER_ID_AT = MEMBER_COLUMNS.index("member_id")
 _STAGE_COLUMNS = (*MEMBER_COLUMNS, "person", "keys", "row_hash", "phi", "mbi_hash", "mrn_hash")
 #: Where each sealed value sits in a member's values (MEMBER_COLUMNS order).
 _PHI_AT = tuple(MEMBER_COLUMNS.index(c) for c in ROSTER_PHI_COLUMNS)
@@ -306,9 +308,12 @@ def _stage(
             problems.extend(row.problems[: max(0, room)])
             counted[0] += len(row.problems)
             if row.aco_id and row.member_id:
-                keep.add((row.aco_id, row.member_id))
+                keep.add((row.aco_id, member_pseudonym(keys, row.member_id)))
             continue
         values = m.values()
+        stored_id = member_pseudonym(keys, values[_MEMBER_ID_AT])
+        if stored_id != values[_MEMBER_ID_AT]:
+            values = (*values[:_MEMBER_ID_AT], stored_id, *values[_MEMBER_ID_AT + 1 :])
         clear, person, phi, mbi_h, mrn_h, digest = _seal_member(keys, values, m.person)
         block = json.dumps([block_hash(keys, k) for k in m.keys])
         batch.append((row.line, *clear, person, block, digest, phi, mbi_h, mrn_h))

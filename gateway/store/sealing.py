@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 
 from gateway.store.keys import KeyRing
@@ -109,6 +110,26 @@ def mrn_hash(keys: KeyRing, mrn: str) -> str:
 def mbi_hash(keys: KeyRing, mbi: str) -> str:
     """The keyed hash a roster member's MBI is found by."""
     return keys.lookup("mbi:" + mbi)
+
+
+#: CMS's MBI format (11 characters; no S, L, O, I, B or Z among the letters).
+_L = "[AC-HJKMNP-RT-Y]"
+_MBI = re.compile(rf"[1-9]{_L}[AC-HJKMNP-RT-Y0-9][0-9]{_L}[AC-HJKMNP-RT-Y0-9][0-9]{_L}{{2}}[0-9]{{2}}")
+
+
+def member_pseudonym(keys: KeyRing, member_id: str) -> str:
+    """The member id Herald stores for ``member_id``: itself, unless it is an MBI.
+
+    CMS's files (SSP, CCLF8) carry no member id of their own, so the MBI is
+    the member id; stored as it is, the MBI would be readable in roster.db and
+    in every match, review and audit event that names the member. An MBI is
+    replaced by ``MBI-`` and 12 characters of its keyed hash: stable across
+    imports (the same file gives the same ids), and not the MBI.
+    """
+    value = member_id.strip().upper().replace("-", "")
+    if not _MBI.fullmatch(value):
+        return member_id
+    return "MBI-" + keys.lookup("member-id:" + value)[:12].upper()
 
 
 def block_hash(keys: KeyRing, key: str) -> int:
