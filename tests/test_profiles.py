@@ -609,3 +609,23 @@ def test_a_worker_process_converts_with_the_profiles_it_is_handed(tmp_path, voca
         pool.shutdown()
     profile_of = lambda outcome: next(d for k, d in outcome.events if k == "parsed")["profile"]  # noqa: E731
     assert (profile_of(first), profile_of(second)) == ("meditech-bayside", "bayside-by-another-name")
+
+
+def test_a_sender_with_no_profile_is_logged_once_naming_only_msh3_and_msh4():
+    from twisted.logger import capturedLogs, formatEvent
+
+    from gateway.pipeline.runner import PipelineWorker
+    from gateway.records import MessageOutcome
+
+    worker = PipelineWorker.__new__(PipelineWorker)  # only its logging of outcomes is exercised
+    worker._unknown_said = set()
+    why = "no profile matches MSH-3 'NEWEHR', MSH-4 'NEWHOSP'"
+    outcomes = [
+        MessageOutcome(n, "routed", events=[("parsed", {"profile": "default", "unknown_sender": why})])
+        for n in (1, 2, 3)
+    ]
+    with capturedLogs() as logged:
+        worker._say_unknown_senders(outcomes)
+        worker._say_unknown_senders(outcomes)
+    lines = [formatEvent(e) for e in logged]
+    assert lines == [f"message 1: {why}; converted with the default profile (add one in mappings/senders/)"]

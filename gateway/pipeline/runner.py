@@ -94,6 +94,7 @@ class PipelineWorker(Service):
         #: The pipeline thread's context (``pipeline.workers = 0``), made on its first batch.
         self._context: BatchContext | None = None
         self._running_batch = False
+        self._unknown_said: set[str] = set()
         #: Fires when the drain loop in progress ends (None when none runs).
         self._drained: defer.Deferred | None = None
         self._again = False
@@ -216,6 +217,7 @@ class PipelineWorker(Service):
                 yield self.store.record_outcomes(outcomes)
                 self._last_id = pending[-1].id
                 self.processed += len(outcomes)
+                self._say_unknown_senders(outcomes)
                 if any(o.notifications for o in outcomes):
                     self.on_routed()
         except Exception:
@@ -229,6 +231,19 @@ class PipelineWorker(Service):
         finally:
             self._running_batch = False
             self._drained = None
+
+    def _say_unknown_senders(self, outcomes) -> None:
+        """Log, once per sender while the server runs, that a sender has no profile (MSH-3/MSH-4 only)."""
+        for o in outcomes:
+            for kind, detail in o.events:
+                why = detail.get("unknown_sender") if kind == "parsed" and isinstance(detail, dict) else None
+                if why and why not in self._unknown_said:
+                    self._unknown_said.add(why)
+                    self._log.warn(
+                        "message {id}: {why}; converted with the default profile (add one in mappings/senders/)",
+                        id=o.message_id,
+                        why=why,
+                    )
 
     def _process(self, pending) -> defer.Deferred:
         if self._pool is None:
