@@ -34,6 +34,8 @@ class Recipient:
     url: str = ""  # fhir channel: base URL; $process-message is appended
     #: File channel: seal each file drop (``<id>.json.sealed``)? None: when the folder is under the data folder.
     encrypt: bool | None = None
+    #: FHIR channel: its settings as ``FhirDestination.from_settings`` reads them (TLS files, timeout, auth).
+    fhir: dict = field(default_factory=dict, compare=False)
 
     @property
     def target(self) -> str:
@@ -57,7 +59,8 @@ class Config:
     pipeline_batch: int = 64
     pipeline_enabled: bool = True
     pipeline_workers: int = field(default_factory=lambda: _default_workers())
-    delivery_max_attempts: int = 8
+    delivery_max_attempts: int = 0  # 0: no limit by count; the retry horizon decides
+    delivery_retry_hours: float = 72.0
     delivery_backoff_initial: float = 2.0
     delivery_backoff_max: float = 600.0
     delivery_timeout: float = 30.0
@@ -169,6 +172,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     },
     "delivery": {
         "max_attempts": ("delivery_max_attempts", int),
+        "retry_hours": ("delivery_retry_hours", (int, float)),
         "backoff_initial": ("delivery_backoff_initial", (int, float)),
         "backoff_max": ("delivery_backoff_max", (int, float)),
         "timeout": ("delivery_timeout", (int, float)),
@@ -215,7 +219,21 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
 
 ROSTER_FORMATS = ("auto", "csv", "ssp", "cclf8")
 
-_RECIPIENT_KEYS = {"enabled": bool, "channel": str, "directory": str, "url": str, "encrypt": bool}
+_RECIPIENT_KEYS = {
+    "enabled": bool,
+    "channel": str,
+    "directory": str,
+    "url": str,
+    "encrypt": bool,
+    # fhir: mutual TLS files (relative to the config file), a timeout, SMART Backend Services ([...auth])
+    "ca": str,
+    "client_cert": str,
+    "client_key": str,
+    "timeout": (int, float),
+    "auth": dict,
+}
+#: The settings of a fhir recipient that name files.
+_FHIR_FILES = ("ca", "client_cert", "client_key")
 
 
 #: Each role's file drop, under the data folder's ``outbox/``, when no directory is configured.
@@ -292,14 +310,14 @@ def load_config(
     if not isinstance(configured, dict):
         raise ConfigError("recipients", "must be a table")
     for role, content in configured.items():
-        recipients[role] = _recipient(role, content, base)
+        recipients[role] = _recipient(role, content, base, Path(path).parent if path is not None else None)
     _transport_values(values, raw, path)
     cfg = Config(data_dir=base, recipients=recipients, **values)
     _check(cfg)
     return cfg
 
 
-def _recipient(role: str, content: Any, base: Path) -> Recipient:
+def _recipient(role: str, content: Any, base: Path, config_dir: Path | None = None) -> Recipient:
     key = f"recipients.{role}"
     if role not in ROLES:
         raise ConfigError(key, f"unknown recipient role (known: {', '.join(ROLES)})")
@@ -320,7 +338,21 @@ def _recipient(role: str, content: Any, base: Path) -> Recipient:
         url = content.get("url", "")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{key}.url", "a fhir channel needs an http:// or https:// base URL")
-        return Recipient(role, enabled, "fhir", None, url)
+        settings = {k: v for k, v in content.items() if k in ("url", "timeout", "auth", *_FHIR_FILES)}
+
+        def relative(value: str) -> str:
+            p = Path(value).expanduser()
+            return str(p if p.is_absolute() or config_dir is None else config_dir / p)
+
+        for name in _FHIR_FILES:
+            if name in settings:
+                settings[name] = relative(settings[name])
+        if "auth" in settings:
+            settings["auth"] = dict(settings["auth"])
+            if "key_file" in settings["auth"]:
+                settings["auth"]["key_file"] = relative(str(settings["auth"]["key_file"]))
+        # Checked when the delivery worker makes the channel (at start, naming the key).
+        return Recipient(role, enabled, "fhir", None, url, fhir=settings)
     folder = OUTBOX_FOLDERS[role]
     directory = Path(content.get("directory", "")) if content.get("directory") else Path("outbox") / folder
     if not directory.is_absolute():
@@ -344,8 +376,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("pipeline.batch_size", "must be at least 1")
     if cfg.pipeline_workers < 0:
         raise ConfigError("pipeline.workers", "must be 0 (convert in the server process) or more")
-    if cfg.delivery_max_attempts < 1:
-        raise ConfigError("delivery.max_attempts", "must be at least 1")
+    if cfg.delivery_max_attempts < 0:
+        raise ConfigError("delivery.max_attempts", "must be 0 (no limit: the retry horizon decides) or more")
+    if not cfg.delivery_retry_hours > 0:
+        raise ConfigError("delivery.retry_hours", "must be a positive number of hours")
     if cfg.delivery_backoff_initial <= 0 or cfg.delivery_backoff_max < cfg.delivery_backoff_initial:
         raise ConfigError("delivery.backoff_initial", "must be positive and not above delivery.backoff_max")
     if cfg.delivery_concurrency < 1:

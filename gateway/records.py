@@ -32,6 +32,9 @@ PENDING = "pending"
 SENT = "sent"
 RETRYING = "retrying"
 DEAD = "dead"
+#: Cancelled by an operator (``herald outbox cancel``): never sent.
+CANCELLED = "cancelled"
+NOTIFICATION_STATES = (PENDING, RETRYING, SENT, DEAD, CANCELLED)
 
 # -- states of a review -----------------------------------------------------------
 
@@ -136,6 +139,8 @@ class Notification:
     #: The message's stored Bundle (``messages.fhir``), read with a due
     #: notification that has no stored payload.
     bundle: str | None = None
+    #: When the outbox row was written (ISO 8601, UTC): the retry horizon counts from it.
+    created_at: str = ""
 
 
 @dataclass(frozen=True, slots=True)

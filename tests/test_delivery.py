@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gateway.delivery import worker as delivery
-from gateway.delivery.worker import backoff_delay, write_files_atomically
+from gateway.delivery.worker import write_files_atomically
 
 
 @pytest.fixture(params=["syncfs", "fsync"])
@@ -50,15 +50,6 @@ def test_rewriting_a_file_replaces_it(tmp_path, flush_mode):
     write_files_atomically([(tmp_path, "n.json", b'{"v":1}')])
     write_files_atomically([(tmp_path, "n.json", b'{"v":2}')])
     assert (tmp_path / "n.json").read_bytes() == b'{"v":2}'
-
-
-@pytest.mark.parametrize(
-    "attempt, expected",
-    [(1, 2.0), (2, 4.0), (3, 8.0), (6, 64.0), (10, 600.0), (30, 600.0)],
-)
-def test_backoff_doubles_up_to_the_cap(attempt, expected):
-    """The wait after each failed attempt doubles from backoff_initial and stops at backoff_max."""
-    assert backoff_delay(attempt, 2.0, 600.0) == expected
 
 
 def _note(nid: str, payload=None, bundle=None, channel="file", target="/drop/pcp", message_id=1):

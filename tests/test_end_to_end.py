@@ -438,7 +438,7 @@ poll_interval = 0.05
 
     @defer.inlineCallbacks
     def test_failing_endpoint_is_retried_then_dead_lettered(self):
-        """An HIE answering 503 is retried with backoff and the notification marked dead at the limit."""
+        """An HIE answering 503 is retried with backoff and the notification marked dead at the configured limit."""
         c = yield self.client()
         yield c.send(sample(UNMATCHED), timeout=10)
         yield self.wait_for("SELECT COUNT(*) FROM notifications WHERE state = 'dead'", expected=1)
@@ -448,9 +448,10 @@ poll_interval = 0.05
         self.assertEqual(len(set(self.receiver.bodies)), 1, "every retry must send the same bytes")
         conn = self.db()
         attempts = conn.execute("SELECT attempt, outcome, detail FROM delivery_attempts ORDER BY id").fetchall()
+        where = f"127.0.0.1:{self.http.getHost().port}"
         self.assertEqual(
             [(a["attempt"], a["outcome"], a["detail"]) for a in attempts],
-            [(1, "error", "HTTP 503"), (2, "error", "HTTP 503"), (3, "error", "HTTP 503")],
+            [(n, "error", f"HTTP 503 from {where}") for n in (1, 2, 3)],
         )
         kinds = [r[0] for r in conn.execute("SELECT kind FROM events WHERE message_id = 1 ORDER BY id")]
         self.assertEqual(kinds.count("delivery-failed"), 2)

@@ -14,7 +14,7 @@ import click
 
 from gateway.config import ROSTER_FORMATS
 from gateway.errors import ConfigError, HeraldError, MessageError, RosterError
-from gateway.records import MESSAGE_STATES
+from gateway.records import MESSAGE_STATES, NOTIFICATION_STATES
 
 EXIT_BAD_INPUT = 2
 
@@ -773,6 +773,8 @@ def log_list(state, limit, config_path, data_dir):
         sender = f"{r['sending_application']}|{r['sending_facility']}"
         mtype = f"{r['message_type']}^{r['trigger_event']}" if r["message_type"] else "-"
         notes = r["reason"] or (f"{r['notifications']} notification(s)" if r["notifications"] else "")
+        if r["dead"]:
+            notes += f", {r['dead']} DEAD (herald outbox list --state dead)"
         if r["flag"]:
             notes = f"[{r['flag']}] {notes}"
         click.echo(
@@ -1113,7 +1115,92 @@ def keys_status(config_path, data_dir):
 
 @main.group()
 def outbox():
-    """File drops Herald wrote to its own outbox folders."""
+    """The notifications waiting, sent and dead, by destination: list, counts, retry, cancel; open a file drop."""
+
+
+@outbox.command("list")
+@click.option(
+    "--state", type=click.Choice(NOTIFICATION_STATES), default=None, help="Only this state (dead: dead letters)."
+)
+@click.option("--destination", default=None, help="Only this destination (a URL or a folder, as listed).")
+@click.option("--limit", default=50, show_default=True)
+@config_option
+@data_option
+def outbox_list(state, destination, limit, config_path, data_dir):
+    """List notifications, newest change first: who, where, state, attempts and the last error."""
+    from gateway.store import list_outbox
+
+    cfg = _config(config_path, data_dir)
+    conn = _read_conn(cfg)
+    rows = list_outbox(conn, state, destination, limit)
+    if not rows:
+        click.echo("no notifications" + (f" {state}" if state else ""))
+    for r in rows:
+        error = f"  last error: {r['last_error']}" if r["last_error"] else ""
+        click.echo(
+            f"{r['id']}  message {r['message_id']:<6} {r['recipient_role']:<9} {r['state']:<9} "
+            f"attempts {r['attempts']:<3} {r['channel']} {r['target']}{error}"
+        )
+
+
+@outbox.command("counts")
+@config_option
+@data_option
+def outbox_counts_command(config_path, data_dir):
+    """Notifications per destination and state; exits 3 when any is dead (for an alert)."""
+    from gateway.store import outbox_counts
+
+    cfg = _config(config_path, data_dir)
+    counts = outbox_counts(_read_conn(cfg))
+    for target, state, n in counts:
+        click.echo(f"{n:>8}  {state:<9} {target}")
+    dead = sum(n for _, state, n in counts if state == "dead")
+    click.echo(f"dead letters: {dead}")
+    sys.exit(3 if dead else 0)
+
+
+@outbox.command("retry")
+@click.argument("ids", nargs=-1)
+@click.option("--all-dead", is_flag=True, help="Every dead letter.")
+@click.option("--by", default=None, help="Who asks (for the audit trail; default: the login name).")
+@config_option
+@data_option
+def outbox_retry(ids, all_dead, by, config_path, data_dir):
+    """Send dead (or retrying) notifications again now; the server picks them up at its next poll."""
+    from gateway.app.operations import opened_store
+
+    if bool(ids) == all_dead:
+        raise click.UsageError("give notification ids, or --all-dead")
+    cfg = _config(config_path, data_dir)
+    _read_conn(cfg).close()
+    with opened_store(cfg.database, keys=_keys(cfg)) as store:
+        done = store.requeue_notifications(None if all_dead else list(ids), by=_who(by))
+    missing = sorted(set(ids) - set(done))
+    click.echo(
+        f"requeued {len(done)} notification(s)" + (f"; not dead or retrying: {', '.join(missing)}" if missing else "")
+    )
+    sys.exit(EXIT_BAD_INPUT if missing else 0)
+
+
+@outbox.command("cancel")
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--by", default=None, help="Who asks (for the audit trail; default: the login name).")
+@config_option
+@data_option
+def outbox_cancel(ids, by, config_path, data_dir):
+    """Cancel notifications not yet sent: they are never sent (audited)."""
+    from gateway.app.operations import opened_store
+
+    cfg = _config(config_path, data_dir)
+    _read_conn(cfg).close()
+    with opened_store(cfg.database, keys=_keys(cfg)) as store:
+        done = store.cancel_notifications(list(ids), by=_who(by))
+    missing = sorted(set(ids) - set(done))
+    click.echo(
+        f"cancelled {len(done)} notification(s)"
+        + (f"; already sent or unknown: {', '.join(missing)}" if missing else "")
+    )
+    sys.exit(EXIT_BAD_INPUT if missing else 0)
 
 
 @outbox.command("open")

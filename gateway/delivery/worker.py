@@ -20,28 +20,27 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import sys
-from collections.abc import Callable
-from io import BytesIO
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, readBody
-from twisted.web.http_headers import Headers
+from twisted.web.client import Agent
 
 from gateway.config import Config
+from gateway.delivery.channels import DeliveryFailed, FhirDestination, OutboundNotification
+from gateway.delivery.fhir import FhirChannel
+from gateway.delivery.policy import retry_delay
 from gateway.delivery.routing import payload_builder
 from gateway.records import DEAD, RETRYING, SENT, DeliveryAttempt, Notification
 from gateway.store import Store
 from gateway.store.files import FILE_MODE, private_folder
 from gateway.store.keys import KeyRing
 from gateway.store.sealing import OUTBOX_SUFFIX, file_drop_context
-
-
-class DeliveryFailed(Exception):
-    """One attempt failed; the message is safe to show (no PHI)."""
 
 
 def _load_syncfs():
@@ -158,7 +157,7 @@ def notification_payloads(notifications: list[Notification]) -> list[bytes | Del
         if n.payload is not None:
             out.append(n.payload.encode("utf-8"))
         elif n.bundle is None:
-            out.append(DeliveryFailed("the message has no stored Bundle to send"))
+            out.append(DeliveryFailed("the message has no stored Bundle to send", permanent=True))
         else:
             if n.message_id not in builders:
                 builders[n.message_id] = payload_builder(n.bundle)
@@ -240,18 +239,17 @@ class _FileDropBatch:
                 elif isinstance(error, DeliveryFailed):
                     d.errback(error)
                 else:
-                    d.errback(DeliveryFailed(f"cannot write the file: {getattr(error, 'strerror', None) or error}"))
+                    d.errback(
+                        DeliveryFailed(
+                            f"cannot write the file: {getattr(error, 'strerror', None) or error}", permanent=False
+                        )
+                    )
 
         def failed(f):
             for _, d in batch:
                 d.errback(f)
 
         job.addCallbacks(fire, failed)
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1-based): doubling, capped."""
-    return min(maximum, initial * (2 ** (attempt - 1)))
 
 
 class DeliveryWorker(Service):
@@ -270,6 +268,10 @@ class DeliveryWorker(Service):
         concurrency: int = Config.delivery_concurrency,
         poll_interval: float = Config.delivery_poll_interval,
         agent=None,
+        retry_horizon: float = Config.delivery_retry_hours * 3600,
+        fhir_settings: Mapping[str, Mapping] | None = None,
+        clock: Callable[[], datetime] | None = None,
+        rng: Callable[[], float] = random.random,
         keys: KeyRing | None = None,
         file_drop_sealed: Callable[[str], bool] | None = None,
         private_root: Path | None = None,
@@ -285,6 +287,21 @@ class DeliveryWorker(Service):
         self.concurrency = concurrency
         self.poll_interval = poll_interval
         self.agent = agent or Agent(reactor, connectTimeout=timeout)
+        self.retry_horizon = retry_horizon
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.rng = rng
+        # One channel per FHIR endpoint (it holds the endpoint's token cache). Made now, so a bad
+        # TLS file or SMART key fails at start naming its key, not at the first notification.
+        self._fhir: dict[str, FhirChannel] = {
+            target: FhirChannel(
+                FhirDestination.from_settings(
+                    {"url": target, "timeout": timeout, **{k: v for k, v in settings.items() if k != "url"}},
+                    "recipients",
+                ),
+                reactor,
+            )
+            for target, settings in (fhir_settings or {}).items()
+        }
         self._inflight: set[str] = set()
         self._attempts: dict[str, defer.Deferred] = {}
         write = functools.partial(
@@ -411,12 +428,16 @@ class DeliveryWorker(Service):
 
     def _failed(self, failure, n: Notification):
         attempt = n.attempts + 1
+        error = failure.value
         reason = (
             failure.getErrorMessage()
             if failure.check(DeliveryFailed)
             else (f"{failure.type.__name__}: {failure.getErrorMessage()}")
         )
-        if attempt >= self.max_attempts:
+        if getattr(error, "permanent", False):
+            self._log.warn("notification {id} is dead: {reason} (permanent)", id=n.id, reason=reason)
+            return self._record(n, "error", f"{reason} (permanent: not retried)", DEAD, 0.0)
+        if self.max_attempts and attempt >= self.max_attempts:
             self._log.warn(
                 "notification {id} is dead after {attempts} attempts: {reason}",
                 id=n.id,
@@ -424,7 +445,19 @@ class DeliveryWorker(Service):
                 reason=reason,
             )
             return self._record(n, "error", reason, DEAD, 0.0)
-        delay = backoff_delay(attempt, self.backoff_initial, self.backoff_max)
+        delay = retry_delay(attempt, self.backoff_initial, self.backoff_max, self.rng)
+        asked = getattr(error, "retry_after", None)
+        if asked is not None:
+            delay = max(delay, min(asked, self.backoff_max))
+        if self._past_horizon(n, delay):
+            hours = self.retry_horizon / 3600
+            self._log.warn(
+                "notification {id} is dead: still failing {hours:g} h after it was queued: {reason}",
+                id=n.id,
+                hours=hours,
+                reason=reason,
+            )
+            return self._record(n, "error", f"{reason} (past the {hours:g} h retry horizon)", DEAD, 0.0)
         self._log.info(
             "notification {id} attempt {attempt} failed ({reason}); retrying in {delay:.1f} s",
             id=n.id,
@@ -434,6 +467,17 @@ class DeliveryWorker(Service):
         )
         return self._record(n, "error", reason, RETRYING, self.reactor.seconds() + delay)
 
+    def _past_horizon(self, n: Notification, delay: float) -> bool:
+        """Whether the next try would fall past the retry horizon, counted from when the row was queued."""
+        if not n.created_at:
+            return False
+        try:
+            queued = datetime.fromisoformat(n.created_at)
+        except ValueError:
+            return False
+        waited = (self.clock() - queued).total_seconds()
+        return waited + delay > self.retry_horizon
+
     # -- channels -------------------------------------------------------------
 
     def _send(self, n: Notification):
@@ -441,7 +485,7 @@ class DeliveryWorker(Service):
             return self._files.send(n)
         if n.channel == "fhir":
             return self._send_fhir(n)
-        raise DeliveryFailed(f"unknown channel {n.channel!r}")
+        raise DeliveryFailed(f"unknown channel {n.channel!r}", permanent=True)
 
     @defer.inlineCallbacks
     def _send_fhir(self, n: Notification):
@@ -450,24 +494,11 @@ class DeliveryWorker(Service):
         )
         if isinstance(payload, DeliveryFailed):
             raise payload
-        body = FileBodyProducer(BytesIO(payload))
-        headers = Headers(
-            {
-                b"Content-Type": [b"application/fhir+json"],
-                b"Accept": [b"application/fhir+json"],
-                b"User-Agent": [b"Herald"],
-            }
-        )
-        d = self.agent.request(b"POST", n.target.encode("utf-8"), headers, body)
-        timer = self.reactor.callLater(self.timeout, d.cancel)
-        try:
-            response = yield d
-            yield readBody(response)
-        except defer.CancelledError:
-            raise DeliveryFailed(f"no answer within {self.timeout:g} s") from None
-        finally:
-            if timer.active():
-                timer.cancel()
-        if not 200 <= response.code < 300:
-            raise DeliveryFailed(f"HTTP {response.code}")
-        return f"HTTP {response.code}"
+        channel = self._fhir.get(n.target)
+        if channel is None:
+            # A row queued for an endpoint the config no longer names: sent with the defaults.
+            channel = self._fhir[n.target] = FhirChannel(
+                FhirDestination(url=n.target, timeout=self.timeout), self.reactor
+            )
+        result = yield channel.send(OutboundNotification(n.id, payload))
+        return result.detail

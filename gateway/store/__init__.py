@@ -44,7 +44,7 @@ from gateway.records import (
 )
 from gateway.store import events, integrity, messages, outbox, retention, reviews, schema
 from gateway.store.messages import count_by_state, list_messages, message_detail, outstanding_work
-from gateway.store.outbox import notifications_for
+from gateway.store.outbox import list_outbox, notifications_for, outbox_counts
 from gateway.store.reviews import list_reviews, review_detail, stored_match
 from gateway.store.roster_file import (
     RosterReader,
@@ -77,6 +77,8 @@ __all__ = [
     "check_database",
     "count_by_state",
     "list_messages",
+    "list_outbox",
+    "outbox_counts",
     "list_reviews",
     "message_detail",
     "migrate",
@@ -176,6 +178,16 @@ class Store(Writer):
     def record_attempts(self, attempts: list[DeliveryAttempt]) -> defer.Deferred:
         """Record delivery attempts and their notifications' new states, in one job."""
         return self.submit_background(outbox.record_attempts, list(attempts), iso(self.clock()))
+
+    # -- the outbox, by an operator (blocking) ------------------------------------------
+
+    def requeue_notifications(self, ids: list[str] | None, *, by: str) -> list[str]:
+        """Make dead notifications (``ids``, or all when None) due now; returns those requeued (audited)."""
+        return self.call(outbox.requeue_notifications, ids, iso(self.clock()), self.seconds(), by)
+
+    def cancel_notifications(self, ids: list[str], *, by: str) -> list[str]:
+        """Cancel notifications not yet sent; returns those cancelled (audited)."""
+        return self.call(outbox.cancel_notifications, ids, iso(self.clock()), by)
 
     # -- reviews and the roster's audit (blocking) -------------------------------------
 

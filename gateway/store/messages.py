@@ -174,7 +174,8 @@ def list_messages(conn: sqlite3.Connection, limit: int = 50, state: str | None =
     sql = (
         "SELECT m.id, m.received_at, m.sending_application, m.sending_facility, m.message_type, m.trigger_event, "
         "m.control_id, m.state, m.reason, m.flag, m.ack_code, "
-        "(SELECT COUNT(*) FROM notifications n WHERE n.message_id = m.id) AS notifications "
+        "(SELECT COUNT(*) FROM notifications n WHERE n.message_id = m.id) AS notifications, "
+        "(SELECT COUNT(*) FROM notifications n WHERE n.message_id = m.id AND n.state = 'dead') AS dead "
         "FROM messages m"
     )
     args: list[Any] = []

@@ -13,12 +13,16 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 
-from gateway.records import DEAD, PENDING, RETRYING, SENT, DeliveryAttempt, Notification
+from gateway.records import CANCELLED, DEAD, PENDING, RETRYING, SENT, DeliveryAttempt, Notification
 from gateway.store.events import append_event, append_events
 from gateway.store.sealing import keys_of, message_context, payload_context
 
 __all__ = [
     "attempts_of",
+    "cancel_notifications",
+    "list_outbox",
+    "outbox_counts",
+    "requeue_notifications",
     "due_notifications",
     "insert_notification",
     "notification_message_id",
@@ -48,7 +52,7 @@ def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, 
     """Notifications pending or retrying whose next attempt is due, with the Bundle they are built from."""
     rows = conn.execute(
         "SELECT n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, "
-        "n.payload, n.state, n.attempts, CASE WHEN n.payload IS NULL THEN m.fhir END AS bundle "
+        "n.payload, n.state, n.attempts, CASE WHEN n.payload IS NULL THEN m.fhir END AS bundle, n.created_at "
         "FROM notifications n JOIN messages m ON m.id = n.message_id "
         "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? ORDER BY n.next_attempt_at LIMIT ?",
         (PENDING, RETRYING, now_seconds, limit + len(exclude)),
@@ -140,3 +144,67 @@ def notification_message_id(conn: sqlite3.Connection, notification_id: str) -> i
     """The message a notification was made for (None when there is no such notification)."""
     row = conn.execute("SELECT message_id FROM notifications WHERE id = ?", (notification_id,)).fetchone()
     return None if row is None else row[0]
+
+
+def list_outbox(
+    conn: sqlite3.Connection, state: str | None = None, target: str | None = None, limit: int = 50
+) -> list[dict]:
+    """Outbox rows, newest change first, by state and destination (no patient data: ids, targets, errors)."""
+    sql = (
+        "SELECT id, message_id, recipient_role, recipient, channel, target, event_code, state, attempts, "
+        "last_error, created_at, updated_at FROM notifications"
+    )
+    where, args = [], []
+    if state:
+        where.append("state = ?")
+        args.append(state)
+    if target:
+        where.append("target = ?")
+        args.append(target)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY updated_at DESC, id LIMIT ?"
+    return [dict(r) for r in conn.execute(sql, (*args, limit))]
+
+
+def outbox_counts(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    """(destination, state, count) for every destination and state: the figure ops alert on (dead letters)."""
+    rows = conn.execute("SELECT target, state, COUNT(*) FROM notifications GROUP BY target, state ORDER BY 1, 2")
+    return [tuple(r) for r in rows]
+
+
+def requeue_notifications(
+    conn: sqlite3.Connection, ids: list[str] | None, now: str, now_seconds: float, by: str
+) -> list[str]:
+    """Make dead (or, by id, retrying) notifications due again now; ``ids`` None: every dead one.
+
+    The attempt count is kept (the history stays true); the retry horizon counts
+    again from now. Returns the ids requeued, each with a ``requeued`` event.
+    """
+    if ids is None:
+        ids = [r[0] for r in conn.execute("SELECT id FROM notifications WHERE state = ?", (DEAD,))]
+    done = []
+    for nid in ids:
+        row = conn.execute("SELECT message_id, state FROM notifications WHERE id = ?", (nid,)).fetchone()
+        if row is None or row["state"] not in (DEAD, RETRYING):
+            continue
+        conn.execute(
+            "UPDATE notifications SET state = ?, next_attempt_at = ?, created_at = ?, updated_at = ? WHERE id = ?",
+            (PENDING, now_seconds, now, now, nid),
+        )
+        append_event(conn, now, row["message_id"], nid, "cli", "requeued", {"by": by, "was": row["state"]})
+        done.append(nid)
+    return done
+
+
+def cancel_notifications(conn: sqlite3.Connection, ids: list[str], now: str, by: str) -> list[str]:
+    """Cancel notifications not yet sent (pending, retrying or dead): they are never sent. Returns those cancelled."""
+    done = []
+    for nid in ids:
+        row = conn.execute("SELECT message_id, state FROM notifications WHERE id = ?", (nid,)).fetchone()
+        if row is None or row["state"] not in (PENDING, RETRYING, DEAD):
+            continue
+        conn.execute("UPDATE notifications SET state = ?, updated_at = ? WHERE id = ?", (CANCELLED, now, nid))
+        append_event(conn, now, row["message_id"], nid, "cli", "cancelled", {"by": by, "was": row["state"]})
+        done.append(nid)
+    return done

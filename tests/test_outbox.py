@@ -1,0 +1,205 @@
+"""The outbox never silently gives up: retries with jitter until a horizon, permanent failures dead at once,
+Retry-After honoured, and dead letters an operator can see, count, retry and cancel."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from test_cli import NOW, SAMPLES, assert_clean_exit, explain, run, stored_messages
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from gateway.delivery.channels import DeliveryFailed
+from gateway.delivery.worker import DeliveryWorker
+from gateway.records import DEAD, RETRYING, DeliveryAttempt, Notification
+from gateway.store import Store
+from gateway.store.keys import KeyRing
+
+
+class Recorded:
+    """What the worker would write for an attempt (its store job, observed, not faked)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, n, outcome, detail, state, next_at):
+        self.rows.append((outcome, detail, state, next_at))
+
+
+def worker(clock: Clock, *, horizon_hours=72.0, rng=lambda: 1.0, now=None) -> tuple[DeliveryWorker, Recorded]:
+    w = DeliveryWorker(
+        None,
+        clock,
+        retry_horizon=horizon_hours * 3600,
+        backoff_initial=2.0,
+        backoff_max=600.0,
+        clock=lambda: now or datetime(2026, 3, 1, 12, 0, tzinfo=UTC),
+        rng=rng,
+    )
+    w._record = Recorded()
+    return w, w._record
+
+
+def note(attempts=0, queued=timedelta(0), now=datetime(2026, 3, 1, 12, 0, tzinfo=UTC)) -> Notification:
+    created = (now - queued).isoformat(timespec="milliseconds")
+    return Notification(
+        "n1", 1, "hie", "HIE", "fhir", "https://hie.example/fhir", "e", attempts=attempts, created_at=created
+    )
+
+
+def fail(error) -> Failure:
+    try:
+        raise error
+    except Exception:
+        return Failure()
+
+
+def test_a_permanent_failure_is_dead_at_once():
+    w, rec = worker(Clock())
+    w._failed(fail(DeliveryFailed("hie.example: HTTP 404", permanent=True, status=404)), note())
+    assert rec.rows == [("error", "hie.example: HTTP 404 (permanent: not retried)", DEAD, 0.0)]
+
+
+def test_a_receiver_down_longer_than_the_old_254_seconds_is_still_retried():
+    clock = Clock()
+    clock.advance(10_000)
+    w, rec = worker(clock)
+    w._failed(
+        fail(DeliveryFailed("hie.example: connection refused", permanent=False)),
+        note(attempts=20, queued=timedelta(hours=2)),
+    )
+    ((_, _, state, next_at),) = rec.rows
+    assert state == RETRYING
+    assert 10_000 < next_at <= 10_000 + 600
+
+
+def test_past_the_horizon_it_is_dead_and_says_why():
+    w, rec = worker(Clock(), horizon_hours=72)
+    w._failed(
+        fail(DeliveryFailed("hie.example: HTTP 503", permanent=False)),
+        note(attempts=400, queued=timedelta(hours=71, minutes=59)),
+    )
+    ((_, detail, state, _),) = rec.rows
+    assert state == DEAD
+    assert "past the 72 h retry horizon" in detail
+
+
+def test_retry_after_is_honoured():
+    clock = Clock()
+    w, rec = worker(clock, rng=lambda: 0.0)
+    w._failed(fail(DeliveryFailed("hie.example: HTTP 429", permanent=False, retry_after=120.0)), note(attempts=1))
+    assert rec.rows[0][3] == pytest.approx(120.0)
+
+
+def test_retries_are_jittered():
+    import random
+
+    r = random.Random(5)
+    clock = Clock()
+    w, rec = worker(clock, rng=r.random)
+    for _ in range(50):
+        w._failed(fail(DeliveryFailed("x", permanent=False)), note(attempts=7))
+    delays = {round(row[3], 3) for row in rec.rows}
+    assert len(delays) > 45 and max(delays) <= 256  # attempt 8: up to 2 s x 2^7
+
+
+# -- dead letters for an operator ----------------------------------------------------------
+
+
+@pytest.fixture
+def with_dead_letter(tmp_path):
+    data = tmp_path / "data"
+    stored_messages(data, [SAMPLES / "epic-v251-a04-ed-registration.hl7"])
+    store = Store(data / "herald.db", reactor=Clock(), clock=lambda: NOW, keys=KeyRing.load(None))
+    conn = store._conn
+    rows = conn.execute("SELECT id, message_id FROM notifications ORDER BY id").fetchall()
+    from gateway.store.outbox import record_attempts
+
+    nid, mid = rows[0]
+    record_attempts(
+        conn,
+        [DeliveryAttempt(nid, mid, 9, "error", "hie.example: HTTP 503 (past the 72 h retry horizon)", DEAD, 0.0)],
+        NOW.isoformat(),
+    )
+    conn.close()
+    return data, nid, [r[0] for r in rows]
+
+
+def test_dead_letters_show_in_the_log_list_and_the_outbox(with_dead_letter):
+    data, nid, _ = with_dead_letter
+    log = run("log", "list", "--data", data)
+    assert_clean_exit(log, 0)
+    assert "1 DEAD" in log.output, explain(log)
+    listed = run("outbox", "list", "--state", "dead", "--data", data)
+    assert_clean_exit(listed, 0)
+    assert nid in listed.output and "past the 72 h retry horizon" in listed.output
+    counts = run("outbox", "counts", "--data", data)
+    assert counts.exit_code == 3, explain(counts)
+    assert "dead letters: 1" in counts.output
+
+
+def test_outbox_retry_makes_a_dead_letter_due_again_and_audits_it(with_dead_letter):
+    data, nid, _ = with_dead_letter
+    result = run("outbox", "retry", nid, "--by", "ops", "--data", data)
+    assert_clean_exit(result, 0)
+    assert "requeued 1 notification(s)" in result.output
+    import sqlite3
+
+    conn = sqlite3.connect(data / "herald.db")
+    state, due = conn.execute("SELECT state, next_attempt_at FROM notifications WHERE id = ?", (nid,)).fetchone()
+    assert state == "pending"
+    assert due <= datetime.now(UTC).timestamp() + 1
+    kinds = [k for (k,) in conn.execute("SELECT kind FROM events WHERE notification_id = ? ORDER BY id", (nid,))]
+    assert kinds[-1] == "requeued"
+    again = run("outbox", "retry", nid, "--data", data)
+    assert again.exit_code == 2, "not dead any more: said, and the exit says so"
+
+
+def test_outbox_cancel_stops_a_notification_being_sent(with_dead_letter):
+    data, nid, ids = with_dead_letter
+    result = run("outbox", "cancel", *ids, "--by", "ops", "--data", data)
+    assert "cancelled" in result.output, explain(result)
+    listed = run("outbox", "list", "--state", "cancelled", "--data", data)
+    assert nid in listed.output
+
+
+def test_outbox_retry_needs_ids_or_all_dead(tmp_path):
+    result = run("outbox", "retry", "--data", tmp_path)
+    assert result.exit_code == 2
+    assert "give notification ids, or --all-dead" in result.output
+
+
+def test_a_fhir_recipients_tls_and_smart_settings_are_read_relative_to_the_config(tmp_path):
+    from gateway.config import load_config
+
+    config = tmp_path / "herald.toml"
+    config.write_text(
+        '[recipients.hie]\nchannel = "fhir"\nurl = "https://hie.example/fhir"\ntimeout = 5\n'
+        '[recipients.hie.auth]\ntoken_url = "https://hie.example/token"\nclient_id = "herald"\n'
+        'key_file = "keys/smart.pem"\n',
+        encoding="utf-8",
+    )
+    hie = load_config(config, data_dir=tmp_path / "data").recipients["hie"]
+    assert hie.fhir["auth"]["key_file"] == str(tmp_path / "keys" / "smart.pem")
+    assert hie.fhir["timeout"] == 5
+
+
+def test_a_missing_smart_key_stops_the_start_naming_the_key(tmp_path):
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        DeliveryWorker(
+            None,
+            Clock(),
+            fhir_settings={
+                "https://hie.example/fhir": {
+                    "auth": {
+                        "token_url": "https://hie.example/token",
+                        "client_id": "h",
+                        "key_file": str(tmp_path / "no.pem"),
+                    }
+                }
+            },
+        )
+    assert "auth.key_file" in str(caught.value)
