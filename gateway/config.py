@@ -61,6 +61,7 @@ class Config:
     pipeline_workers: int = field(default_factory=lambda: _default_workers())
     delivery_max_attempts: int = 0  # 0: no limit by count; the retry horizon decides
     delivery_retry_hours: float = 72.0
+    delivery_per_destination: int = 4  # attempts at once to one destination (of delivery_concurrency)
     delivery_backoff_initial: float = 2.0
     delivery_backoff_max: float = 600.0
     delivery_timeout: float = 30.0
@@ -173,6 +174,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "delivery": {
         "max_attempts": ("delivery_max_attempts", int),
         "retry_hours": ("delivery_retry_hours", (int, float)),
+        "per_destination": ("delivery_per_destination", int),
         "backoff_initial": ("delivery_backoff_initial", (int, float)),
         "backoff_max": ("delivery_backoff_max", (int, float)),
         "timeout": ("delivery_timeout", (int, float)),
@@ -378,6 +380,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("pipeline.workers", "must be 0 (convert in the server process) or more")
     if cfg.delivery_max_attempts < 0:
         raise ConfigError("delivery.max_attempts", "must be 0 (no limit: the retry horizon decides) or more")
+    if cfg.delivery_per_destination < 1:
+        raise ConfigError("delivery.per_destination", "must be at least 1")
     if not cfg.delivery_retry_hours > 0:
         raise ConfigError("delivery.retry_hours", "must be a positive number of hours")
     if cfg.delivery_backoff_initial <= 0 or cfg.delivery_backoff_max < cfg.delivery_backoff_initial:

@@ -105,10 +105,14 @@ class GatewayTestCase(unittest.TestCase):
     tls_clients = ("e2e-client",)
     senders = '[[senders]]\napplication = "*"\nfacility = "*"\nidentities = ["e2e-client"]\n'
 
+    def make_receiver(self) -> Resource:
+        """The HIE's FHIR endpoint (a subclass may stall or refuse)."""
+        return FhirReceiver(self.hie_status)
+
     @defer.inlineCallbacks
     def setUp(self):
         self.data = temporary_folder(self)
-        self.receiver = FhirReceiver(self.hie_status)
+        self.receiver = self.make_receiver()
         self.http = reactor.listenTCP(0, Site(self.receiver), interface="127.0.0.1")
         http_port = self.http.getHost().port
         config_file = self.data / "herald.toml"

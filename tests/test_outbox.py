@@ -203,3 +203,78 @@ def test_a_missing_smart_key_stops_the_start_naming_the_key(tmp_path):
             },
         )
     assert "auth.key_file" in str(caught.value)
+
+
+# -- a stalled receiver, end to end -------------------------------------------------------------
+
+import test_end_to_end as e2e  # noqa: E402
+from twisted.internet import defer, reactor  # noqa: E402
+from twisted.web.resource import Resource  # noqa: E402
+from twisted.web.server import NOT_DONE_YET  # noqa: E402
+
+
+class StallingReceiver(Resource):
+    """An HIE that sends its headers and the start of a body, then nothing more (the issue's stall)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = []
+        self.open = 0
+        self.most_open = 0
+
+    def render_POST(self, request):
+        request.content.read()
+        self.requests.append(request)
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+
+        def closed(_):
+            self.open -= 1
+
+        request.notifyFinish().addBoth(closed)
+        request.setResponseCode(200)
+        request.setHeader("content-type", "application/fhir+json")
+        request.setHeader("content-length", "1000")
+        request.write(b'{"resourceType":')
+        return NOT_DONE_YET
+
+
+class StalledReceiverTests(e2e.GatewayTestCase):
+    extra_config = """
+[delivery]
+timeout = 1.0
+backoff_initial = 5.0
+poll_interval = 0.05
+concurrency = 4
+per_destination = 2
+"""
+
+    def make_receiver(self):
+        return StallingReceiver()
+
+    @defer.inlineCallbacks
+    def test_a_receiver_that_stalls_mid_body_is_cut_off_and_file_drops_carry_on(self):
+        """Six ED visits: the HIE stalls every body; the PCP's and care team's file drops all go out at once,
+        the HIE's attempts end at the 1 s timeout as retryable, and no more than 2 wait on the HIE at a time."""
+        c = yield self.client()
+        for i in range(6):
+            raw = e2e.sample(e2e.ED_VISIT).replace(b"LSR8841200", b"STALL%05d" % i, 1)
+            yield c.send(raw, timeout=10)
+        started = reactor.seconds()
+        yield self.wait_for(
+            "SELECT COUNT(*) FROM notifications WHERE recipient_role != 'hie' AND state = 'sent'", expected=12
+        )
+        self.assertLess(reactor.seconds() - started, 3.0, "file drops waited behind the stalled HIE")
+        yield self.wait_for(
+            "SELECT COUNT(*) FROM delivery_attempts a JOIN notifications n ON n.id = a.notification_id "
+            "WHERE n.recipient_role = 'hie' AND a.detail LIKE '%no complete answer within 1 s%'",
+            expected=6,
+        )
+        conn = self.db()
+        states = dict(conn.execute("SELECT state, COUNT(*) FROM notifications WHERE recipient_role = 'hie' GROUP BY 1"))
+        conn.close()
+        self.assertEqual(states, {"retrying": 6})
+        self.assertLessEqual(self.receiver.most_open, 2, "more than per_destination attempts held by one receiver")
+        self.assertGreaterEqual(len(self.receiver.requests), 6)

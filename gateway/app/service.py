@@ -165,6 +165,7 @@ def make_service(
         concurrency=config.delivery_concurrency,
         poll_interval=config.delivery_poll_interval,
         retry_horizon=config.delivery_retry_hours * 3600,
+        per_destination=config.delivery_per_destination,
         fhir_settings={r.target: r.fhir for r in config.recipients.values() if r.channel == "fhir" and r.enabled},
         clock=store.clock,
         keys=keys,

@@ -34,7 +34,7 @@ from twisted.web.client import Agent
 from gateway.config import Config
 from gateway.delivery.channels import DeliveryFailed, FhirDestination, OutboundNotification
 from gateway.delivery.fhir import FhirChannel
-from gateway.delivery.policy import retry_delay
+from gateway.delivery.policy import DestinationSlots, retry_delay
 from gateway.delivery.routing import payload_builder
 from gateway.records import DEAD, RETRYING, SENT, DeliveryAttempt, Notification
 from gateway.store import Store
@@ -269,6 +269,7 @@ class DeliveryWorker(Service):
         poll_interval: float = Config.delivery_poll_interval,
         agent=None,
         retry_horizon: float = Config.delivery_retry_hours * 3600,
+        per_destination: int = Config.delivery_per_destination,
         fhir_settings: Mapping[str, Mapping] | None = None,
         clock: Callable[[], datetime] | None = None,
         rng: Callable[[], float] = random.random,
@@ -288,6 +289,9 @@ class DeliveryWorker(Service):
         self.poll_interval = poll_interval
         self.agent = agent or Agent(reactor, connectTimeout=timeout)
         self.retry_horizon = retry_horizon
+        #: At most ``per_destination`` attempts at once to one destination, ``concurrency`` in all.
+        self._slots = DestinationSlots(per_destination=min(per_destination, concurrency), total=concurrency)
+        self._waiting: set[str] = set()
         self.clock = clock or (lambda: datetime.now(UTC))
         self.rng = rng
         # One channel per FHIR endpoint (it holds the endpoint's token cache). Made now, so a bad
@@ -369,15 +373,25 @@ class DeliveryWorker(Service):
                 room = self.concurrency - len(self._inflight)
                 if room <= 0:
                     break
-                due = yield self.store.due_notifications(self.reactor.seconds(), room, self._inflight)
+                skip = self._inflight | self._waiting
+                due = yield self.store.due_notifications(self.reactor.seconds(), room, tuple(skip))
                 if not self.running or self.paused:
                     # Stopped (or paused) while the outbox was read: start nothing that stopService
                     # would not wait for, and whose record would reach a stopped store.
                     break
+                started = 0
                 for n in due:
+                    if not self._slots.take(n.target):
+                        # Its destination has all its slots busy (a slow or stalled receiver): it
+                        # waits, and the rest of this poll goes to other destinations.
+                        self._waiting.add(n.id)
+                        continue
                     self._inflight.add(n.id)
                     self._attempt(n)
+                    started += 1
                 if not self._again and len(due) < room:
+                    break
+                if not started and due:
                     break
         except Exception:
             self._log.failure("polling the outbox failed")
@@ -396,6 +410,9 @@ class DeliveryWorker(Service):
     def _done(self, n: Notification) -> None:
         self._inflight.discard(n.id)
         self._attempts.pop(n.id, None)
+        self._slots.give(n.target)
+        # A slot came free: what waited for one is looked at again.
+        self._waiting.clear()
         if self.running:
             self._schedule(0)
 
