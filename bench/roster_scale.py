@@ -52,6 +52,7 @@ from gateway.matching import (  # noqa: E402
     members_to_compare,
 )
 from gateway.store import StoredRoster, open_roster_snapshot, roster_count  # noqa: E402
+from gateway.store.keys import KeyRing, new_key_file  # noqa: E402
 
 ACO = "ACO-BENCH"
 ENCOUNTER = "2026-11-20"
@@ -219,6 +220,8 @@ def main() -> int:
         result["csv_mb"] = round(roster_csv.stat().st_size / 1e6, 1)
         data = tmp / "data"
         data.mkdir()
+        # Encryption at rest is on, as in production: a key ring of the bench's own (keys/herald.key).
+        new_key_file(data / "keys" / "herald.key")
         sender = None
         if args.serve:
             server = Server("herald", True, data, free_port())
@@ -277,7 +280,8 @@ def time_queries(args, folder: Path, result: dict) -> int:
     saved = json.loads((folder / "sample.json").read_text())
     sample, zips, seed = saved["sample"], saved["zips"], saved["seed"]
     data = folder / "data"
-    snapshot = open_roster_snapshot(data / "herald.db")
+    keys = KeyRing.load(data / "keys" / "herald.key", environ={}) if (data / "keys" / "herald.key").exists() else None
+    snapshot = open_roster_snapshot(data / "herald.db", keys)
     conn = snapshot.conn
     result["keys_per_member"] = round(
         conn.execute("SELECT COUNT(*) FROM roster_keys").fetchone()[0] / roster_count(snapshot), 2
