@@ -387,3 +387,14 @@ def test_acks_follow_frame_order_through_the_server(reactor, store, intake):
     acks = frames_written(t)
     assert [segments(a)[1] for a in acks] == [b"MSA|AA|MSG%05d|" % i for i in range(1, 6)]
     assert [r["control_id"] for r in rows(store)] == [f"MSG{i:05d}" for i in range(1, 6)]
+
+
+def test_a_rejection_log_line_names_the_field_once(reactor, store, intake):
+    """The log said "MSH-10 MSH-10 message control id is empty"; it names the field once (issue 15)."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    raw = ADT.replace(b"|MSG00001|", b"||", 1)
+    with capturedLogs() as logged:
+        answer(reactor, intake.frameReceived(raw, PEER))
+    lines = [formatEvent(e) for e in logged if "rejected a frame" in formatEvent(e)]
+    assert lines == [f"rejected a frame from {PEER}: MSH-10 message control id is empty"]

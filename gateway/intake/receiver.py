@@ -133,10 +133,12 @@ class Intake:
         if not self.rejections.admit(peer, f"{error.code} {error.location}".strip()):
             return defer.succeed(nak)
         self._log.warn(
-            "rejected a frame from {peer}: {location} {reason}",
+            "rejected a frame from {peer}: {reason}",
             peer=peer,
-            location=error.location,
-            reason=error.reason,
+            # Reasons mostly name their field already ("MSH-10 message control id is empty"): said once.
+            reason=error.reason
+            if not error.location or error.reason.startswith(error.location)
+            else f"{error.location}: {error.reason}",
         )
         record = self._rejected_record(message, peer, header, guess, str(error))
         d = self.store.record_frame(record)
