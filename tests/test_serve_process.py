@@ -115,3 +115,42 @@ def test_demo_replays_every_sample_and_prints_its_notifications():
     # The PCP of a matched patient is named; the cancel is shown as one.
     assert any("Dr. Lena Marsh" in ln and ln.rstrip().endswith("pcp [sent]") for ln in lines), out
     assert any("(A11 cancel)" in ln and "hie [sent]" in ln for ln in lines), out
+
+
+def _with_msh15(raw: bytes, value: bytes, control_id: bytes) -> bytes:
+    fields = raw.split(b"|", 15)
+    fields[9] = control_id
+    fields[14] = value
+    return b"|".join(fields)
+
+
+def test_send_does_not_wait_for_acks_msh15_says_not_to_send(herald_server, tmp_path):
+    """MSH-15 NE (no accept ACK) and ER (only on error): `herald send` waited 30 s on each and called it an
+    error (issue 15). Now it waits briefly, counts them as sent without an ACK asked for, and exits 0."""
+    port, _, _ = herald_server
+    folder = tmp_path / "quiet"
+    folder.mkdir()
+    raw = (ROOT / "sample_messages" / "epic-v251-a04-ed-registration.hl7").read_bytes()
+    for i, mode in enumerate((b"NE", b"ER", b"AL")):
+        (folder / f"{i}.hl7").write_bytes(_with_msh15(raw, mode, b"QUIET%d" % i))
+    started = time.monotonic()
+    sent = herald("send", f"127.0.0.1:{port}", str(folder), "--quiet", "--timeout", "20")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert time.monotonic() - started < 10
+    assert "sent 3, accepted 1, not accepted 0, no ACK asked (MSH-15 NE/ER) 2, errors 0" in sent.stdout
+
+
+def test_send_leaves_out_a_licence_file_in_a_folder_and_says_so(herald_server, tmp_path):
+    """A corpus folder with a LICENSE.txt was refused whole (issue 15): now the file is left out, named."""
+    port, _, _ = herald_server
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "LICENSE.txt").write_text("Apache License\nVersion 2.0, January 2004\n", encoding="utf-8")
+    (folder / "a04.hl7").write_bytes((ROOT / "sample_messages" / "epic-v251-a04-ed-registration.hl7").read_bytes())
+    sent = herald("send", f"127.0.0.1:{port}", str(folder), "--quiet")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "LICENSE.txt: " in sent.stderr and "left out" in sent.stderr
+    assert "sent 1, accepted 1" in sent.stdout
+    # Named explicitly, a file with no message is still an error: the operator asked for it.
+    named = herald("send", f"127.0.0.1:{port}", str(folder / "LICENSE.txt"), "--quiet")
+    assert named.returncode == 2

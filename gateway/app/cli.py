@@ -200,8 +200,9 @@ def send(target, paths, timeout, quiet, tls, ca, cert, key, server_name):
     if not host or not port.isdigit():
         raise click.UsageError(f"{target!r} is not HOST:PORT")
     options = _client_tls(host, tls, ca, cert, key, server_name)
+    skipped: list[str] = []
     try:
-        messages = collect_messages(paths)
+        messages = collect_messages(paths, skipped)
     except ReplayError as e:
         # Nothing is sent: the operator fixes (or leaves out) the files named and runs again.
         for line in str(e).splitlines():
@@ -211,14 +212,18 @@ def send(target, paths, timeout, quiet, tls, ca, cert, key, server_name):
     if not messages:
         click.echo("herald send: no HL7 messages (text starting with MSH) in the given paths", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    for line in skipped:
+        click.echo(f"herald send: {line}", err=True)
     report = replay(host, int(port), messages, timeout=timeout, progress=not quiet, tls=options)
     for line in report.failures:
         click.echo(line, err=True)
+    answered = report.sent - report.unanswered
+    quiet_said = f", no ACK asked (MSH-15 NE/ER) {report.unanswered}" if report.unanswered else ""
     click.echo(
-        f"sent {report.sent}, accepted {report.accepted}, not accepted {report.sent - report.accepted}, "
+        f"sent {report.sent}, accepted {report.accepted}, not accepted {answered - report.accepted}{quiet_said}, "
         f"errors {report.errors} in {report.seconds:.2f} s"
     )
-    sys.exit(0 if report.accepted == len(messages) else 1)
+    sys.exit(0 if report.accepted + report.unanswered == len(messages) and not report.errors else 1)
 
 
 def _client_tls(host, tls, ca, cert, key, server_name):
@@ -379,8 +384,9 @@ def profile_test(spec, paths, config_path):
     from gateway.app.replay import ReplayError, collect_messages
 
     cfg = _config(config_path, None)
+    skipped: list[str] = []
     try:
-        messages = collect_messages(paths)
+        messages = collect_messages(paths, skipped)
     except ReplayError as e:
         for line in str(e).splitlines():
             click.echo(f"herald profile test: {line}", err=True)
@@ -410,8 +416,9 @@ def profile_diff(paths, config_path):
 
     cfg = _config(config_path, None)
     vocab = load_vocabulary()
+    skipped: list[str] = []
     try:
-        messages = collect_messages(paths)
+        messages = collect_messages(paths, skipped)
     except ReplayError as e:
         for line in str(e).splitlines():
             click.echo(f"herald profile diff: {line}", err=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 from twisted.internet import defer
 
-from gateway.errors import HeraldError
+from gateway.errors import HeraldError, MessageError
+from gateway.header import read_msh
 from mllp import AckTimeout, connect
 from mllp.client import client_endpoint, describe_loss
 
@@ -84,22 +85,28 @@ def split_messages(data: bytes) -> list[bytes]:
 NO_MESSAGE = "no HL7 message (text starting with MSH) found"
 
 
-def collect_messages(paths) -> list[tuple[str, bytes]]:
+def collect_messages(paths, skipped: list[str] | None = None) -> list[tuple[str, bytes]]:
     """Every message in the files and folders given (folders: ``*.hl7`` and ``*.txt``, sorted).
 
     Raises :class:`ReplayError` naming every file that cannot be read, holds
     no message or is a malformed batch (one line each), so that nothing is
-    skipped silently and nothing is sent from a set the operator must fix.
+    sent from a set the operator must fix. A ``.txt`` file found in a folder
+    that holds no HL7 at all (a ``LICENSE.txt``, a ``README.txt``) is not an
+    error: it is left out and named in ``skipped``, so nothing is skipped silently.
     """
     out: list[tuple[str, bytes]] = []
     problems: list[str] = []
     for p in map(Path, paths):
+        in_folder = p.is_dir()
         files = (
             sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".hl7", ".txt"))
-            if p.is_dir()
+            if in_folder
             else [p]
         )
         for f in files:
+            if in_folder and f.suffix.lower() == ".txt" and skipped is not None and not _holds_hl7(f):
+                skipped.append(f"{f}: {NO_MESSAGE}; left out")
+                continue
             try:
                 found = split_messages(f.read_bytes())
             except OSError as e:
@@ -117,12 +124,23 @@ def collect_messages(paths) -> list[tuple[str, bytes]]:
     return out
 
 
+def _holds_hl7(path: Path) -> bool:
+    """Whether a file has any line that starts like an HL7 segment header (MSH, FHS, BHS)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return True  # reading it again names the error
+    return any(line[:3] in (b"MSH", b"FHS", b"BHS") for line in _LINE_END.split(data.lstrip(b"\xef\xbb\xbf")))
+
+
 @dataclass
 class ReplayReport:
     """What a replay did."""
 
     sent: int = 0
     accepted: int = 0
+    #: Sent with MSH-15 NE or ER and no accept ACK came, as the standard says (no error reported).
+    unanswered: int = 0
     errors: int = 0
     seconds: float = 0.0
     acks: list[tuple[str, str, str]] = field(default_factory=list)  # (where, MSA-1, MSA-3)
@@ -148,6 +166,17 @@ def read_ack(ack: bytes) -> tuple[str, str, str]:
     return code, control, reason
 
 
+#: Seconds to wait for an ACK the message did not ask for (MSH-15 NE) or asked for only on error (ER).
+QUIET_WAIT = 0.5
+
+
+def _accept_ack_type(raw: bytes) -> str:
+    try:
+        return read_msh(raw).accept_ack_type.strip().upper()
+    except MessageError:
+        return ""
+
+
 @defer.inlineCallbacks
 def replay_async(reactor, host: str, port: int, messages, timeout: float = 30.0, progress=None, tls=None):
     """Send each (where, bytes) on one connection, one at a time; fire with a ReplayReport.
@@ -166,12 +195,18 @@ def replay_async(reactor, host: str, port: int, messages, timeout: float = 30.0,
                 report.failures.append(f"{where}: cannot connect to {host}:{port}: {e}")
                 break
         report.sent += 1
+        asks = _accept_ack_type(raw)
+        # MSH-15 NE asks for no accept ACK, ER for one only on an error: wait briefly, not the full timeout.
+        quiet = asks in ("NE", "ER")
         try:
-            ack = yield client.send(raw, timeout)
+            ack = yield client.send(raw, min(timeout, QUIET_WAIT) if quiet else timeout)
         except AckTimeout as e:
-            report.errors += 1
-            report.failures.append(f"{where}: {e}")
-            client = None
+            client = None  # the client closes a connection whose ACK did not come (a late one would mismatch)
+            if quiet:
+                report.unanswered += 1
+            else:
+                report.errors += 1
+                report.failures.append(f"{where}: {e}")
         except Exception as e:
             report.errors += 1
             report.failures.append(f"{where}: connection lost before the ACK ({describe_loss(e)})")
