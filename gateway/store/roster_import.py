@@ -135,9 +135,12 @@ def _open_work_copy(
     conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute(f"PRAGMA cache_size=-{_IMPORT_CACHE_KIB}")
-    # Plaintext an upgrade replaces is overwritten, not left in free pages; staging stays in memory.
+    # Plaintext an upgrade replaces is overwritten, not left in free pages. The staging table goes to
+    # SQLite's temporary file (deleted when the import ends): every staged name, date, address, MBI
+    # and MRN is sealed or hashed before it is staged, so the file holds no readable PHI, and a
+    # million staged members do not sit in memory (1.95 GB RSS when they did).
     conn.execute("PRAGMA secure_delete=ON")
-    conn.execute("PRAGMA temp_store=MEMORY")
+    conn.execute("PRAGMA temp_store=FILE")
     try:
         found = conn.execute("PRAGMA user_version").fetchone()[0]
         sealed = 0
