@@ -72,6 +72,8 @@ class Config:
     roster_format: str = "auto"
     roster_columns: dict[str, str] = field(default_factory=dict)
     roster_strict: bool = False  # a column no roster column reads refuses the file (`roster import --strict`)
+    #: The site's own roster columns Herald is not to read (header names or shell patterns, any case).
+    roster_ignored: tuple[str, ...] = ()
     matching_model: Path | None = None
     matching_certain: float | None = None
     matching_probable: float | None = None
@@ -186,6 +188,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "format": ("roster_format", str),
         "columns": ("roster_columns", dict),
         "strict": ("roster_strict", bool),
+        "ignored": ("roster_ignored", list),
     },
     "matching": {
         "model": ("matching_model", str),
@@ -411,6 +414,8 @@ def _check_storage(cfg: Config) -> None:
 
 
 def _check_roster(cfg: Config) -> None:
+    if not all(isinstance(x, str) and x.strip() for x in cfg.roster_ignored):
+        raise ConfigError("roster.ignored", "expected a list of header names (or patterns such as 'hcc_*')")
     if cfg.roster_format not in ROSTER_FORMATS:
         raise ConfigError("roster.format", f"{cfg.roster_format!r} is not one of {', '.join(ROSTER_FORMATS)}")
     if cfg.roster_aco_id != cfg.roster_aco_id.strip():

@@ -189,3 +189,45 @@ def test_review_list_shows_why_a_review_was_rejected():
     }
     lines = describe_review(None, item)
     assert any("rejected by carol" in line and "twin sister" in line for line in lines), lines
+
+
+# -- a site's own roster columns (issue 10's gap) ---------------------------------------------
+
+
+def _wider_roster(tmp_path):
+    from test_cli import ROSTER_HEADER, ROSTER_ROWS
+
+    path = tmp_path / "wider.csv"
+    rows = [r + ",2.1,0.7" for r in ROSTER_ROWS]
+    path.write_text("\n".join([ROSTER_HEADER + ",HCC_Score,Risk_Tier", *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_sites_own_columns_named_in_config_are_said_once_and_pass_strict(tmp_path):
+    """[roster] ignored names the ACO's own extra columns: one line says so, --strict loads the file."""
+    config = tmp_path / "herald.toml"
+    config.write_text('[roster]\nstrict = true\nignored = ["hcc_*", "Risk_Tier"]\n', encoding="utf-8")
+    path = _wider_roster(tmp_path)
+    result = run("roster", "import", path, "--config", config, "--data", tmp_path / "data")
+    assert_clean_exit(result, 0)
+    said = [line for line in result.stderr.splitlines() if "not read" in line]
+    assert said == [f"{path}: line 1: not read, as [roster] ignored says: HCC_Score, Risk_Tier"], explain(result)
+
+
+def test_ignore_on_the_command_line_adds_to_the_config(tmp_path):
+    path = _wider_roster(tmp_path)
+    refused = run("roster", "import", path, "--strict", "--ignore", "hcc_score", "--data", tmp_path / "d")
+    assert_clean_exit(refused, 2)
+    assert "column 'Risk_Tier': not a roster column Herald reads" in refused.stderr, explain(refused)
+    loaded = run(
+        "roster", "import", path, "--strict", "--ignore", "hcc_score", "--ignore", "risk_*", "--data", tmp_path / "d"
+    )
+    assert_clean_exit(loaded, 0)
+
+
+def test_a_bad_ignored_setting_names_the_key(tmp_path):
+    config = tmp_path / "herald.toml"
+    config.write_text('[roster]\nignored = ["ok", ""]\n', encoding="utf-8")
+    result = run("roster", "import", _wider_roster(tmp_path), "--config", config, "--data", tmp_path / "d")
+    assert result.exit_code != 0
+    assert "roster.ignored" in result.output, explain(result)

@@ -520,11 +520,29 @@ def _print_problems(path, problems, suffix: str = "") -> None:
     default=None,
     help="Refuse a file with a column Herald does not read (default: [roster] strict, else warn and go on).",
 )
+@click.option(
+    "--ignore",
+    multiple=True,
+    metavar="COLUMN",
+    help="A column of the site's own Herald is not to read (a header or a pattern like 'hcc_*'; repeatable).",
+)
 @click.option("--by", default=None, help="Who imports (for the audit trail; default: the login name).")
 @config_option
 @data_option
 def roster_import(
-    file, aco_id, fmt, pcp_file, opt_out_file, effective, update, skip_bad_rows, strict, by, config_path, data_dir
+    file,
+    aco_id,
+    fmt,
+    pcp_file,
+    opt_out_file,
+    effective,
+    update,
+    skip_bad_rows,
+    strict,
+    ignore,
+    by,
+    config_path,
+    data_dir,
 ):
     """Import FILE as the new roster of its ACO(s): members missing from it are end-dated.
 
@@ -557,6 +575,7 @@ def roster_import(
         pcp=pcp,
         opted_out=opted_out,
         strict=cfg.roster_strict if strict is None else strict,
+        ignored=tuple(n.strip().lower() for n in (*cfg.roster_ignored, *ignore)),
     )
 
     def say_columns_not_read(source) -> None:

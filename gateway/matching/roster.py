@@ -153,6 +153,11 @@ class RosterFormat:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.ignored)
 
 
+def said_names(said: list) -> list[list[str]]:
+    """The header names already said, per group (a header both lists name is said once)."""
+    return [names for _, _, names in said]
+
+
 @dataclass(frozen=True, slots=True)
 class UnreadColumn:
     """A header cell of a delimited roster file whose values no roster column takes.
@@ -213,6 +218,9 @@ class RosterOptions:
     opted_out: frozenset[str] = frozenset()
     today: date | None = None
     strict: bool = False
+    #: Headers (or shell-style patterns, lower case) of the site's own columns Herald is not to read
+    #: (``[roster] ignored`` in the config, ``--ignore`` on the command line): said once, never refused.
+    ignored: tuple[str, ...] = ()
 
 
 def load_formats(path: Path | None = None) -> dict[str, RosterFormat]:
@@ -402,7 +410,7 @@ class RosterSource:
                 continue
             if not name:
                 unread.append(UnreadColumn(i + 1, cell))
-            elif self.format.ignores(name):
+            elif self.format.ignores(name) or any(fnmatch.fnmatchcase(name, p) for p in self.options.ignored):
                 ignored.append(cell.strip())
             elif name in spelling_of and spelling_of[name] in self._index:
                 col = spelling_of[name]
@@ -419,14 +427,22 @@ class RosterSource:
         A run of headers one pattern names (``hcc_col_*``) is shown as its
         first and last and a count.
         """
-        groups: dict[str, list[str]] = {}
-        for name in self.not_read:
-            pattern = next(p for p in self.format.ignored if fnmatch.fnmatchcase(name.lower(), p))
-            groups.setdefault(pattern, []).append(name)
-        shown: list[str] = []
-        for names in groups.values():
-            shown += [f"{names[0]} .. {names[-1]} ({len(names)} columns)"] if len(names) > 2 else names
-        return f"not read, as the {self.format.name} format says: {', '.join(shown)}" if shown else ""
+        said = []
+        for patterns, who in (
+            (self.format.ignored, f"the {self.format.name} format says"),
+            (self.options.ignored, "[roster] ignored says"),
+        ):
+            groups: dict[str, list[str]] = {}
+            for name in self.not_read:
+                pattern = next((p for p in patterns if fnmatch.fnmatchcase(name.lower(), p)), None)
+                if pattern is not None and not any(name in g for g in said_names(said)):
+                    groups.setdefault(pattern, []).append(name)
+            shown: list[str] = []
+            for names in groups.values():
+                shown += [f"{names[0]} .. {names[-1]} ({len(names)} columns)"] if len(names) > 2 else names
+            if shown:
+                said.append((who, shown, [n for names in groups.values() for n in names]))
+        return "; ".join(f"not read, as {who}: {', '.join(shown)}" for who, shown, _ in said)
 
     @classmethod
     def from_text(cls, text: str, options: RosterOptions | None = None, name: str = "roster") -> RosterSource:
