@@ -283,6 +283,10 @@ def load_config(
             if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
                 raise ConfigError(f"{section}.{key}", f"expected {_type_name(types)}, got {type(value).__name__}")
             values[attr] = value
+    if data_dir is None and "data_dir" in values and path is not None:
+        # Every path a config file names is relative to the file (data_dir too); --data, to the shell.
+        from_file = Path(values["data_dir"]).expanduser()
+        values["data_dir"] = from_file if from_file.is_absolute() else Path(path).parent / from_file
     if data_dir is not None:
         values["data_dir"] = data_dir
     if listen:

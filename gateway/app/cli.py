@@ -168,6 +168,36 @@ def serve(config_path, listen, allow_plain, data_dir):
             raise
 
 
+@main.command("check-config")
+@config_option
+@click.option("--listen", multiple=True, help="As for serve.")
+@click.option("--allow-plain", is_flag=True, default=None, help="As for serve.")
+@data_option
+def check_config(config_path, listen, allow_plain, data_dir):
+    """Check what `herald serve` would start with, without starting it: the settings, the listeners,
+    the TLS files, the key and the sender profiles. Exit 0 and a summary, or 1 naming the problem."""
+    from twisted.internet import reactor
+
+    from gateway.app.service import tls_server_options
+    from gateway.config import check_listen, parse_listen
+
+    cfg = _config(config_path, data_dir, list(listen) or None, allow_plain)
+    try:
+        check_listen(cfg.listen, reactor)
+        if any(parse_listen(spec).tls for spec in cfg.listen):
+            tls_server_options(cfg)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    keys = _keys(cfg)
+    _check_keys(cfg, keys)
+    profiles = _profiles(cfg)
+    roles = ", ".join(f"{r.role} ({r.channel} {r.target})" for r in cfg.recipients.values() if r.enabled)
+    click.echo(f"config OK{f': {config_path}' if config_path else ' (embedded defaults)'}")
+    click.echo(f"  listen: {', '.join(cfg.listen)}; data in {cfg.data_dir}")
+    click.echo(f"  encryption at rest: {'on, key ' + ', '.join(keys.ids) if keys.enabled else 'off'}")
+    click.echo(f"  sender profiles: {len(getattr(profiles, 'profiles', {}))}; recipients: {roles or 'none'}")
+
+
 # -- send --------------------------------------------------------------------
 
 
