@@ -55,7 +55,7 @@ from synthetic_people import (  # noqa: E402
     mbi,
 )
 
-from gateway.matching.roster import npi_check_digit  # noqa: E402
+from gateway.conversion.datatypes import npi_check_digit  # noqa: E402
 from gateway.records import MEMBER_COLUMNS  # noqa: E402
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import UTC, datetime
 
 import pytest
 from test_cli import ROSTER_HEADER, ROSTER_ROWS, assert_clean_exit, explain, roster_file, run
 
-from gateway.matching.roster import npi_check_digit, npi_problem
+from gateway.conversion.datatypes import npi_check_digit
+from gateway.matching.roster import npi_problem
 from gateway.store import open_roster_snapshot, roster_count
 
 
@@ -90,38 +92,22 @@ def test_roster_versions_shows_the_effective_date_when_it_defaulted_to_today(tmp
 def _store_one(data, *, accept_ack_type: str, events: list[tuple[str, str]] = ()):
     """A data folder holding one accepted message with MSH-15 ``accept_ack_type`` and extra ``(at, kind)`` events."""
     from test_cli import NOW, SAMPLES
+    from test_intake import accepted_record
 
     from gateway.app.replay import split_messages
-    from gateway.header import read_header
-    from gateway.records import RECEIVED, IntakeRecord
     from gateway.store import Store
     from gateway.store.events import append_event
     from gateway.store.keys import KeyRing
     from gateway.store.messages import record_frame
 
     raw = split_messages((SAMPLES / "epic-v251-a04-ed-registration.hl7").read_bytes())[0]
-    h = read_header(raw)
     keys = KeyRing.load(None)  # the ring the CLI reads too ($HERALD_KEYS, set by conftest)
     store = Store(data / "herald.db", reactor=object(), clock=lambda: NOW, keys=keys)  # never started: SQL only
     conn = store._conn
     now = NOW.isoformat(timespec="milliseconds")
-    result = record_frame(
-        conn,
-        IntakeRecord(
-            raw=raw,
-            peer="127.0.0.1:50000",
-            state=RECEIVED,
-            ack_code="CA",
-            sending_application=h.sending_application,
-            sending_facility=h.sending_facility,
-            message_type=h.message_type,
-            trigger_event=h.trigger_event,
-            control_id=h.control_id,
-            version=h.version,
-            accept_ack_type=accept_ack_type,
-        ),
-        now,
-    )
+    # As intake stores an accepted frame, with this MSH-15.
+    record = dataclasses.replace(accepted_record(raw), accept_ack_type=accept_ack_type, ack_code="CA")
+    result = record_frame(conn, record, now)
     for at, kind in events:
         append_event(conn, at, result.message_id, None, "test", kind, {"code": "CA"} if kind == "ack-sent" else None)
     conn.close()

@@ -36,6 +36,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from gateway.conversion.convert import MBI_PATTERN
+from gateway.conversion.datatypes import npi_check_digit
 from gateway.errors import RosterError
 from gateway.matching.blocking import BLOCKING_RECIPE, blocking_keys
 from gateway.matching.people import frequency_terms, pack_person, person_from_member, unpack_person
@@ -256,18 +257,6 @@ def _supplement_columns(kind: str, path: Path | None = None) -> dict[str, tuple[
 
 FORMATS = load_formats()
 NAME_SUFFIXES = load_name_suffixes()
-
-
-def npi_check_digit(first_nine: str) -> str:
-    """The check digit of an NPI from its first nine digits: Luhn over the digits prefixed
-    with 80840 (the card issuer prefix CMS assigns the NPI, per its "NPI Check Digit" paper)."""
-    total = 0
-    for k, d in enumerate(reversed("80840" + first_nine)):
-        n = int(d)
-        if k % 2 == 0:  # doubled: these sit at odd positions from the right once the check digit follows
-            n = n * 2 - 9 if n > 4 else n * 2
-        total += n
-    return str((10 - total % 10) % 10)
 
 
 def npi_problem(npi: str) -> str | None:

@@ -34,7 +34,6 @@ from twisted.internet import defer
 
 from gateway.errors import StoreError
 from gateway.records import (
-    RECEIVED,
     DeliveryAttempt,
     IntakeRecord,
     IntakeResult,
@@ -272,15 +271,11 @@ class Store(Writer):
 
 
 def _checked_pending(conn, after_id: int, limit: int) -> tuple[dict[int, str], list[PendingMessage]]:
-    """(altered messages among the next pending ones, with what is wrong; else the pending messages)."""
-    ids = [
-        r[0]
-        for r in conn.execute(
-            "SELECT id FROM messages WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (RECEIVED, after_id, limit)
-        )
-    ]
-    altered = integrity.altered_messages(conn, ids)
-    return (altered, []) if altered else ({}, messages.pending_messages(conn, after_id, limit))
+    """(altered messages among the next pending ones, with what is wrong; else the pending messages).
+
+    One read: each body is opened once, for the check and for the pipeline."""
+    altered, intact = integrity.checked_pending(conn, after_id, limit)
+    return (altered, []) if altered else ({}, [PendingMessage(*fields) for fields in intact])
 
 
 def _drop_legacy_roster(conn, detail: dict | None, now: str) -> None:

@@ -159,21 +159,28 @@ def message_problem(conn: sqlite3.Connection, row) -> str | None:
     The wording names what changed when the message's ``received`` event (in
     the chained trail) says what it was.
     """
+    return checked_raw(conn, row)[0]
+
+
+def checked_raw(conn: sqlite3.Connection, row) -> tuple[str | None, bytes | None]:
+    """``(problem, raw message)`` of a stored row: :func:`message_problem`'s answer, and the message
+    opened on the way when it is intact (None when purged or altered), so a caller that goes on to
+    process it does not read and open it a second time."""
     keys = chain_keys(conn)
     stored = row["digest"]
     if stored is None:
-        return f"{ALTERED}: it has no digest (it was not written by Herald's intake)"
+        return f"{ALTERED}: it has no digest (it was not written by Herald's intake)", None
     if not hmac.compare_digest(message_digest(keys, row), bytes(stored)):
-        return f"{ALTERED}: {_what_changed(conn, row)}"
+        return f"{ALTERED}: {_what_changed(conn, row)}", None
     if row["purged_at"]:
-        return None
+        return None, None
     try:
         plain = keys.open(_raw_bytes(row["raw"]), message_context("raw", row["id"]))
     except KeyRingError:
-        return f"{ALTERED}: its raw message does not open (changed, or sealed under a key this ring lacks)"
+        return f"{ALTERED}: its raw message does not open (changed, or sealed under a key this ring lacks)", None
     if not message_digest_matches(keys, row["sha256"] or "", plain, keys.digest(plain)):
-        return f"{ALTERED}: its raw message was changed (it does not match the hash stored with it)"
-    return None
+        return f"{ALTERED}: its raw message was changed (it does not match the hash stored with it)", None
+    return None, plain
 
 
 def _what_changed(conn: sqlite3.Connection, row) -> str:
@@ -190,6 +197,24 @@ def check_message(conn: sqlite3.Connection, message_id: int) -> str | None:
     """:func:`message_problem` of one message by id (None when it is intact or does not exist)."""
     row = conn.execute(f"SELECT {_CHECK_SELECT} FROM messages WHERE id = ?", (message_id,)).fetchone()
     return None if row is None else message_problem(conn, row)
+
+
+def checked_pending(conn: sqlite3.Connection, after_id: int, limit: int) -> tuple[dict[int, str], list[tuple]]:
+    """The next messages still ``received`` after ``after_id``, each checked against its digest, in
+    one read: ``(altered id -> what is wrong, [(id, raw, received_at, charset) of the intact ones])``."""
+    rows = conn.execute(
+        f"SELECT {_CHECK_SELECT} FROM messages WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
+        (RECEIVED, after_id, limit),
+    ).fetchall()
+    altered: dict[int, str] = {}
+    intact: list[tuple] = []
+    for r in rows:
+        problem, plain = checked_raw(conn, r)
+        if problem is not None:
+            altered[r["id"]] = problem
+        else:
+            intact.append((r["id"], plain if plain is not None else b"", r["received_at"], r["charset"] or ""))
+    return altered, intact
 
 
 def altered_messages(conn: sqlite3.Connection, message_ids: Iterable[int]) -> dict[int, str]:
