@@ -141,6 +141,20 @@ class Notification:
     bundle: str | None = None
     #: When the outbox row was written (ISO 8601, UTC): the retry horizon counts from it.
     created_at: str = ""
+    #: The recipient directory entry this goes to ("" for a ``[recipients]`` role from the config),
+    #: and which of its channels.
+    recipient_id: str = ""
+    channel_index: int = 0
+    #: Who the notification is about, for ordering: notifications about one patient to one
+    #: destination are sent in the order of their messages. In memory it is plain (a member or
+    #: MRN key); the store keeps only its keyed hash.
+    patient_key: str = ""
+    #: The attribution the human-readable summary shows (ACO, PCP, care manager); sealed at rest.
+    attribution: dict | None = None
+    #: Not before this time (epoch seconds): a daily digest's next time. None: due at once.
+    not_before: float | None = None
+    #: The v2 message as received (read with a due MLLP-forward notification).
+    original: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,7 +242,14 @@ def test_rows_from_before_the_chain_are_chained_by_the_migration_and_anchored(tm
         "ALTER TABLE events DROP COLUMN mac",
         "ALTER TABLE messages DROP COLUMN digest",
         "ALTER TABLE messages DROP COLUMN purged_at",
-        "DELETE FROM migrations WHERE version = 6",
+        # and what came after 6 (the recipient directory, version 7)
+        "DROP TABLE recipients",
+        "DROP INDEX notifications_order",
+        "ALTER TABLE notifications DROP COLUMN recipient_id",
+        "ALTER TABLE notifications DROP COLUMN channel_index",
+        "ALTER TABLE notifications DROP COLUMN patient_key",
+        "ALTER TABLE notifications DROP COLUMN attribution",
+        "DELETE FROM migrations WHERE version >= 6",
     ):
         db.execute(sql)
     db.close()

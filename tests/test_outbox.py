@@ -256,11 +256,13 @@ per_destination = 2
 
     @defer.inlineCallbacks
     def test_a_receiver_that_stalls_mid_body_is_cut_off_and_file_drops_carry_on(self):
-        """Six ED visits: the HIE stalls every body; the PCP's and care team's file drops all go out at once,
-        the HIE's attempts end at the 1 s timeout as retryable, and no more than 2 wait on the HIE at a time."""
+        """Six ED visits (six MRNs, so the HIE's are not held in order behind one another): the HIE stalls
+        every body; the PCP's and care team's file drops all go out at once, the HIE's attempts end at the
+        1 s timeout as retryable, and no more than 2 wait on the HIE at a time."""
         c = yield self.client()
         for i in range(6):
             raw = e2e.sample(e2e.ED_VISIT).replace(b"LSR8841200", b"STALL%05d" % i, 1)
+            raw = raw.replace(b"E2249017^", b"E22490%02d^" % i, 1)
             yield c.send(raw, timeout=10)
         started = reactor.seconds()
         yield self.wait_for(

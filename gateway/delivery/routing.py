@@ -12,11 +12,40 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 
 from gateway.config import Recipient
 from gateway.conversion.convert import Conversion, resource_id
+from gateway.delivery.directory import DirectoryEntry, event_kind, recipients_for
+from gateway.delivery.policy import next_digest_time
 from gateway.matching import Match
 from gateway.records import Notification
+
+
+def patient_keys(conversion: Conversion, member: Mapping | None) -> tuple[str, str]:
+    """(key for the member's recipients, key for the HIE): who a notification is about, for ordering.
+
+    The member (ACO and member id) when matched; the HIE gets every message,
+    matched or not, so its key is the sending facility's MRN when there is one.
+    Plain here, hashed with the key ring by the store.
+    """
+    member_key = f"member:{member.get('aco_id', '')}:{member.get('member_id', '')}" if member else ""
+    mrns = conversion.patient.mrns
+    mrn_key = f"mrn:{conversion.facility}:{mrns[0][1]}:{mrns[0][0]}" if mrns else ""
+    return member_key, mrn_key or member_key
+
+
+def attribution_of(member: Mapping | None) -> dict | None:
+    """What the summary says of the attribution: the ACO, the PCP and the care manager (roster values)."""
+    if not member:
+        return None
+    out = {
+        "aco": member.get("aco_id", ""),
+        "pcp": member.get("pcp_name", ""),
+        "pcp_npi": member.get("pcp_npi", ""),
+        "care_manager": member.get("care_manager", ""),
+    }
+    return {k: v for k, v in out.items() if v}
 
 
 def route(
@@ -24,10 +53,20 @@ def route(
     match: Match,
     recipients: Mapping[str, Recipient | None],
     message_id: int,
+    directory: Mapping[str, DirectoryEntry] | None = None,
+    now: datetime | None = None,
 ) -> list[Notification]:
     """One notification per recipient: the PCP and the ACO care team when the
-    patient matched, the HIE (when configured) always."""
+    patient matched, the HIE (when configured) always.
+
+    With a recipient ``directory`` (not empty) the directory decides instead
+    (:func:`route_directory`); ``[recipients]`` in the config are then not used.
+    """
+    if directory:
+        return route_directory(conversion, match, directory, message_id, now)[0]
     member = match.member
+    member_key, hie_key = patient_keys(conversion, member)
+    attribution = attribution_of(member)
     wanted: list[tuple[str, str]] = []
     if member is not None:
         if recipients.get("pcp") and (member.get("pcp_npi") or member.get("pcp_name")):
@@ -62,14 +101,81 @@ def route(
                 target=recipient.target,
                 event_code=conversion.event_code,
                 payload=None,  # built from the message's Bundle when sent
+                patient_key=hie_key if role == "hie" else member_key,
+                attribution=attribution,
             )
         )
     return out
 
 
+def route_directory(
+    conversion: Conversion,
+    match: Match,
+    directory: Mapping[str, DirectoryEntry],
+    message_id: int,
+    now: datetime | None = None,
+) -> tuple[list[Notification], tuple[str, ...]]:
+    """The notifications the recipient directory asks for, and the PCP NPIs it has no entry for.
+
+    One per (entry, channel) that wants this kind of event (ED visit, admit,
+    discharge, discharge to a SNF, transfer). A digest entry's notification is
+    not due before its next digest time (in its own time zone).
+    """
+    member = match.member
+    kind = event_kind(conversion.bundle)
+    selection = recipients_for(kind, member, directory)
+    member_key, hie_key = patient_keys(conversion, member)
+    attribution = attribution_of(member)
+    moment = now or datetime.now(UTC)
+    base = conversion.bundle
+    out = []
+    for entry, index, channel in selection.deliveries:
+        nid = resource_id("Notification", base["id"], entry.id, str(index), str(message_id))
+        not_before = None
+        if entry.mode == "digest":
+            not_before = next_digest_time(moment, entry.digest_at, entry.timezone).timestamp()
+        who = entry.name + (f" (NPI {entry.npi})" if entry.npi else "")
+        out.append(
+            Notification(
+                id=nid,
+                message_id=message_id,
+                recipient_role=entry.kind,
+                recipient=who,
+                channel=channel["channel"],
+                target=channel_target(channel),
+                event_code=conversion.event_code,
+                payload=None,
+                recipient_id=entry.id,
+                channel_index=index,
+                patient_key=hie_key if entry.kind == "hie" else member_key,
+                attribution=attribution,
+                not_before=not_before,
+            )
+        )
+    return out, selection.missing_pcps
+
+
+def channel_target(channel: Mapping) -> str:
+    """The destination a directory channel names, as the outbox lists it (no credentials)."""
+    kind = channel["channel"]
+    if kind == "fhir":
+        base = str(channel["url"]).rstrip("/")
+        return base if base.endswith("$process-message") else base + "/$process-message"
+    if kind == "mllp":
+        return f"mllp://{channel['host']}:{channel['port']}"
+    if kind == "direct":
+        return f"direct:{channel['to']}"
+    return str(channel["directory"])
+
+
 def destination_endpoint(channel: str, target: str) -> str:
-    """MessageHeader.destination.endpoint for a recipient: its URL, or a file: URL for a file drop."""
-    return target if channel == "fhir" else f"file://{target}"
+    """MessageHeader.destination.endpoint for a recipient: its URL, a file: URL for a file drop,
+    ``mailto:`` for a Direct address, the ``mllp://`` address for an MLLP forward."""
+    if channel in ("fhir", "mllp"):
+        return target
+    if channel == "direct":
+        return "mailto:" + target.removeprefix("direct:")
+    return f"file://{target}"
 
 
 def bundle_json(bundle: dict) -> str:

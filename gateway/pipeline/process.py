@@ -20,7 +20,8 @@ from gateway.conversion.convert import convert, is_notification_event, message_e
 from gateway.conversion.profiles import ProfileSet, apply_profile, open_message, profile_event
 from gateway.conversion.v2 import V2Message
 from gateway.conversion.vocabulary import Vocabulary
-from gateway.delivery.routing import bundle_json, route
+from gateway.delivery.directory import DirectoryEntry
+from gateway.delivery.routing import bundle_json, route, route_directory
 from gateway.errors import MessageError
 from gateway.limits import Limits
 from gateway.matching import (
@@ -134,6 +135,7 @@ def process_message(
     policy: MatchPolicy | None = None,
     limits: Limits = Config.limits,
     profiles: ProfileSet | None = None,
+    directory: Mapping[str, DirectoryEntry] | None = None,
 ) -> MessageOutcome:
     """Turn one stored message into its outcome (state, FHIR, match, notifications).
 
@@ -142,7 +144,9 @@ def process_message(
     the batch is tried again later. A message over ``limits`` fails at
     parsing: it is never converted. With ``profiles``, the sender's profile
     is applied before the conversion (its time zone, when it has one, wins
-    over ``default_tz``); a sender with none fails when they say so.
+    over ``default_tz``); a sender with none fails when they say so. With a
+    recipient ``directory`` (not empty), it decides who is told, and a PCP the
+    roster names with no entry is recorded (``pcp-missing``), not skipped silently.
     """
     mid = pending.id
     selection = None
@@ -224,7 +228,14 @@ def process_message(
         )
     routed = match if decision.member is match.member else dataclasses.replace(match, member=None)
     try:
-        notifications = route(conversion, routed, recipients, mid)
+        if directory:
+            notifications, missing = route_directory(conversion, routed, directory, mid)
+            for npi in missing:
+                events.append(
+                    ("pcp-missing", {"npi": npi, "reason": "the roster names this PCP; the directory does not"})
+                )
+        else:
+            notifications = route(conversion, routed, recipients, mid)
     except Exception as e:
         return _internal_error(mid, "route", e, events)
     if review is not None:
@@ -253,6 +264,7 @@ def route_reviewed(
     member: dict,
     recipients: Mapping[str, Recipient | None],
     profiles: ProfileSet | None = None,
+    directory: Mapping[str, DirectoryEntry] | None = None,
 ) -> tuple[list[Notification], list[tuple[str, dict]], PatientQuery]:
     """The notifications held for review, now that a reviewer chose ``member``.
 
@@ -279,8 +291,24 @@ def route_reviewed(
             "reason": "the member opted out of data sharing",
         }
         return [], [("opt-out-honoured", event)], query
+    if directory:
+        # The HIE was told when the message arrived: only the member's own recipients now.
+        member_entries = {k: e for k, e in directory.items() if e.kind != "hie"}
+        notifications, missing = route_directory(conversion, chosen, member_entries, pending.id)
+        events = [
+            ("pcp-missing", {"npi": npi, "reason": "the roster names this PCP; the directory does not"})
+            for npi in missing
+        ]
+        return notifications, events, query
     held = {role: recipients.get(role) for role in MEMBER_ROLES}
     return route(conversion, chosen, held, pending.id), [], query
+
+
+def pcp_missing_events(npis) -> list[tuple[str, dict]]:
+    """A ``pcp-missing`` audit event per PCP NPI the roster names and the directory does not."""
+    return [
+        ("pcp-missing", {"npi": npi, "reason": "the roster names this PCP; the directory does not"}) for npi in npis
+    ]
 
 
 @lru_cache(maxsize=1)

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from gateway.config import Config
 from gateway.conversion.profiles import ProfileRegistry, ProfileSet
 from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
+from gateway.delivery.directory_cache import DirectoryCache
 from gateway.errors import HeraldError
 from gateway.pipeline.process import MatchPolicy, process_message
 from gateway.records import ROLES, MessageOutcome, PendingMessage
@@ -62,6 +63,7 @@ def process_batch_here(
     recipients,
     tz,
     profiles: ProfileSet | None = None,
+    directory=None,
 ) -> list[MessageOutcome]:
     """Process a batch: one roster version throughout (the newest published when it starts), the
     confirmed MRN links of ``conn`` in one read snapshot per message, one set of sender profiles.
@@ -78,7 +80,15 @@ def process_batch_here(
         with read_transaction(conn):
             outcomes.append(
                 process_message(
-                    p, vocab, tz, lookups, recipients, policy=policy, limits=config.limits, profiles=profiles
+                    p,
+                    vocab,
+                    tz,
+                    lookups,
+                    recipients,
+                    policy=policy,
+                    limits=config.limits,
+                    profiles=profiles,
+                    directory=directory,
                 )
             )
     return outcomes
@@ -122,6 +132,7 @@ class BatchContext:
         self._profiles_generation = 0
         self._conn = None
         self._roster: RosterReader | None = None
+        self._directory = DirectoryCache()
 
     def adopt_profiles(self, generation: int, profiles: ProfileSet | bytes) -> None:
         """Use ``profiles`` (a set, or one pickled by the server's registry) from now on, unless they are
@@ -148,7 +159,15 @@ class BatchContext:
             self._conn = open_database(self.database, readonly=True, keys=self.keys)
             self._roster = RosterReader(self.database, self.keys)
         return process_batch_here(
-            batch, self._conn, self._roster, self.config, self.vocab, self.recipients, self.tz, self.profiles
+            batch,
+            self._conn,
+            self._roster,
+            self.config,
+            self.vocab,
+            self.recipients,
+            self.tz,
+            self.profiles,
+            self._directory.entries(self._conn),
         )
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from gateway.store.events import append_event
 
 __all__ = [
     "DIRECTORY_SCHEMA",
+    "directory_version",
     "directory_entries",
     "directory_entry",
     "put_directory_entry",
@@ -101,3 +102,10 @@ def roster_pcp_npis(roster_conn: sqlite3.Connection) -> dict[str, int]:
         "SELECT pcp_npi, COUNT(*) FROM roster_members WHERE pcp_npi != '' AND ended_by IS NULL GROUP BY pcp_npi"
     )
     return {npi: n for npi, n in rows}
+
+
+def directory_version(conn: sqlite3.Connection) -> tuple:
+    """What changes whenever the directory does: (entries, newest change)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'recipients'").fetchone() is None:
+        return (0, "")
+    return tuple(conn.execute("SELECT COUNT(*), COALESCE(MAX(updated_at), '') FROM recipients").fetchone())

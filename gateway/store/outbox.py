@@ -10,12 +10,13 @@ here, as is the message's Bundle a due notification is built from.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 
 from gateway.records import CANCELLED, DEAD, PENDING, RETRYING, SENT, DeliveryAttempt, Notification
 from gateway.store.events import append_event, append_events
-from gateway.store.sealing import keys_of, message_context, payload_context
+from gateway.store.sealing import attribution_context, keys_of, message_context, payload_context
 
 __all__ = [
     "attempts_of",
@@ -35,27 +36,51 @@ _LISTED = "id, message_id, recipient_role, recipient, channel, target, event_cod
 
 
 def insert_notification(conn: sqlite3.Connection, n: Notification, now: str, due: float) -> None:
-    """One outbox row, pending from ``due`` (reactor seconds), and its ``routed`` audit event."""
-    payload = keys_of(conn).seal_text(n.payload, payload_context(n.id))
+    """One outbox row, pending from ``due`` (reactor seconds; a digest's from its time), and its ``routed`` event.
+
+    The patient key is stored as its keyed hash; the attribution sealed.
+    """
+    keys = keys_of(conn)
+    payload = keys.seal_text(n.payload, payload_context(n.id))
+    attribution = None
+    if n.attribution:
+        attribution = keys.seal_text(json.dumps(n.attribution, sort_keys=True), attribution_context(n.id))
+    patient_key = keys.lookup(n.patient_key) if n.patient_key else ""
+    if n.not_before is not None:
+        due = max(due, n.not_before)
     conn.execute(
         "INSERT INTO notifications (id, message_id, recipient_role, recipient, channel, target, event_code, "
-        "payload, state, attempts, next_attempt_at, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        "payload, state, attempts, next_attempt_at, created_at, updated_at, recipient_id, channel_index, "
+        "patient_key, attribution) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
         (n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, payload, PENDING)
-        + (due, now, now),
+        + (due, now, now, n.recipient_id, n.channel_index, patient_key, attribution),
     )
     detail = {"role": n.recipient_role, "channel": n.channel, "target": n.target}
+    if n.recipient_id:
+        detail["recipient_id"] = n.recipient_id
+    if n.not_before is not None:
+        detail["digest"] = True
     append_event(conn, now, n.message_id, n.id, "router", "routed", detail)
 
 
 def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, exclude: tuple) -> list[Notification]:
-    """Notifications pending or retrying whose next attempt is due, with the Bundle they are built from."""
+    """Notifications pending or retrying whose next attempt is due, with the Bundle they are built from.
+
+    One waits while an earlier notification (by message) about the same patient
+    to the same destination is not yet sent, dead or cancelled: a receiver gets
+    one patient's events in the order they happened, even after an outage.
+    An MLLP forward is read with the v2 message as received.
+    """
     rows = conn.execute(
         "SELECT n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, "
-        "n.payload, n.state, n.attempts, CASE WHEN n.payload IS NULL THEN m.fhir END AS bundle, n.created_at "
+        "n.payload, n.state, n.attempts, CASE WHEN n.payload IS NULL THEN m.fhir END AS bundle, n.created_at, "
+        "n.recipient_id, n.channel_index, n.attribution, CASE WHEN n.channel = 'mllp' THEN m.raw END AS original "
         "FROM notifications n JOIN messages m ON m.id = n.message_id "
-        "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? ORDER BY n.next_attempt_at LIMIT ?",
-        (PENDING, RETRYING, now_seconds, limit + len(exclude)),
+        "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? AND (n.patient_key = '' OR NOT EXISTS ("
+        "SELECT 1 FROM notifications e WHERE e.patient_key = n.patient_key AND e.target = n.target "
+        "AND e.state IN (?, ?) AND e.message_id < n.message_id AND e.patient_key != '')) "
+        "ORDER BY n.next_attempt_at, n.message_id LIMIT ?",
+        (PENDING, RETRYING, now_seconds, PENDING, RETRYING, limit + len(exclude)),
     ).fetchall()
     keys = keys_of(conn)
     due = []
@@ -65,6 +90,11 @@ def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, 
         item = dict(r)
         item["payload"] = keys.open_text(item["payload"], payload_context(item["id"]))
         item["bundle"] = keys.open_text(item["bundle"], message_context("fhir", item["message_id"]))
+        attribution = keys.open_text(item["attribution"], attribution_context(item["id"]))
+        item["attribution"] = json.loads(attribution) if attribution else None
+        if item["original"] is not None:
+            original = keys.open(item["original"], message_context("raw", item["message_id"]))
+            item["original"] = original
         due.append(Notification(**item))
         if len(due) == limit:
             break

@@ -321,6 +321,28 @@ def _migrate_v6(conn: sqlite3.Connection) -> None:
     events.chain_existing(conn, iso(utc_now()))
 
 
+# Version 7: the recipient directory (gateway.store.directory), and what an outbox row
+# needs to be sent through it: the directory entry and which of its channels, an
+# ordering key per patient (a keyed hash: notifications for one patient to one
+# destination go in the order their messages came), and the attribution shown in
+# the human-readable summary (sealed: it names the member's PCP and ACO).
+def _migrate_v7(conn: sqlite3.Connection) -> None:
+    from gateway.store.directory import DIRECTORY_SCHEMA
+
+    run_sql(conn, DIRECTORY_SCHEMA)
+    run_sql(conn, _SCHEMA_V7)
+
+
+_SCHEMA_V7 = """
+ALTER TABLE notifications ADD COLUMN recipient_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE notifications ADD COLUMN channel_index INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE notifications ADD COLUMN patient_key TEXT NOT NULL DEFAULT '';
+ALTER TABLE notifications ADD COLUMN attribution BLOB;
+CREATE INDEX notifications_order ON notifications (patient_key, target, message_id)
+    WHERE state IN ('pending', 'retrying') AND patient_key != ''
+"""
+
+
 def _migrate_v3(conn: sqlite3.Connection) -> None:
     run_sql(conn, _SCHEMA_V3)
     if conn.execute("SELECT 1 FROM roster_members LIMIT 1").fetchone() is None:
@@ -410,6 +432,7 @@ MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [
     (4, _SCHEMA_V4),
     (5, _migrate_v5),
     (6, _migrate_v6),
+    (7, _migrate_v7),
 ]
 
 #: The schema version this code writes.

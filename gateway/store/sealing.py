@@ -92,6 +92,11 @@ def payload_context(notification_id: str) -> bytes:
     return b"notifications.payload:" + notification_id.encode("utf-8")
 
 
+def attribution_context(notification_id: str) -> bytes:
+    """The context of a notification's attribution (ACO, PCP, care manager, for its summary)."""
+    return b"notifications.attribution:" + notification_id.encode("utf-8")
+
+
 def candidates_context(message_id: int) -> bytes:
     """The context of a review's candidates (one review per message)."""
     return b"reviews.candidates:%d" % message_id
