@@ -68,6 +68,8 @@ class Config:
     delivery_concurrency: int = 16
     delivery_poll_interval: float = 1.0
     recipients: dict[str, Recipient] = field(default_factory=dict)
+    #: ``[direct]``: the SMTP relay and our Direct certificate, for recipients' Direct channels.
+    direct_relay: dict = field(default_factory=dict, compare=False)
     roster_aco_id: str = ""
     roster_format: str = "auto"
     roster_columns: dict[str, str] = field(default_factory=dict)
@@ -269,11 +271,12 @@ def load_config(
             raise ConfigError("--config", f"{p} is not valid TOML: {e}") from None
     values: dict[str, Any] = {}
     for section, content in raw.items():
-        if section in ("recipients", "senders"):
+        if section in ("recipients", "senders", "direct"):
             continue
         keys = _SCHEMA.get(section)
         if keys is None:
-            raise ConfigError(section, f"unknown section (known: {', '.join([*_SCHEMA, 'recipients', 'senders'])})")
+            known = ", ".join([*_SCHEMA, "recipients", "senders", "direct"])
+            raise ConfigError(section, f"unknown section (known: {known})")
         if not isinstance(content, dict):
             raise ConfigError(section, "must be a table")
         for key, value in content.items():
@@ -321,9 +324,42 @@ def load_config(
     for role, content in configured.items():
         recipients[role] = _recipient(role, content, base, Path(path).parent if path is not None else None)
     _transport_values(values, raw, path)
+    values["direct_relay"] = _direct_relay(raw.get("direct"), Path(path).parent if path is not None else None)
     cfg = Config(data_dir=base, recipients=recipients, **values)
     _check(cfg)
     return cfg
+
+
+#: ``[direct]``: the SMTP relay (HISP) and our Direct identity, the same for every Direct recipient.
+_DIRECT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "smtp_host": str,
+    "smtp_port": int,
+    "starttls": bool,
+    "sender": str,
+    "sign_cert": str,
+    "sign_key": str,
+    "ca": str,
+}
+_DIRECT_PATHS = ("sign_cert", "sign_key", "ca")
+
+
+def _direct_relay(content: Any, config_dir: Path | None) -> dict[str, Any]:
+    """The ``[direct]`` relay settings, checked by name and type, file paths relative to the config file."""
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError("direct", "must be a table")
+    out: dict[str, Any] = {}
+    for k, v in content.items():
+        if k not in _DIRECT_KEYS:
+            raise ConfigError(f"direct.{k}", f"unknown setting (known: {', '.join(_DIRECT_KEYS)})")
+        if (isinstance(v, bool) and _DIRECT_KEYS[k] is not bool) or not isinstance(v, _DIRECT_KEYS[k]):
+            raise ConfigError(f"direct.{k}", f"expected {_type_name(_DIRECT_KEYS[k])}")
+        if k in _DIRECT_PATHS:
+            p = Path(v).expanduser()
+            v = str(p if p.is_absolute() or config_dir is None else config_dir / p)
+        out[k] = v
+    return out
 
 
 def _recipient(role: str, content: Any, base: Path, config_dir: Path | None = None) -> Recipient:

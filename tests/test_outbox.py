@@ -208,7 +208,7 @@ def test_a_missing_smart_key_stops_the_start_naming_the_key(tmp_path):
 # -- a stalled receiver, end to end -------------------------------------------------------------
 
 import test_end_to_end as e2e  # noqa: E402
-from twisted.internet import defer, reactor  # noqa: E402
+from twisted.internet import defer, reactor, task  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 from twisted.web.server import NOT_DONE_YET  # noqa: E402
 
@@ -280,3 +280,32 @@ per_destination = 2
         self.assertEqual(states, {"retrying": 6})
         self.assertLessEqual(self.receiver.most_open, 2, "more than per_destination attempts held by one receiver")
         self.assertGreaterEqual(len(self.receiver.requests), 6)
+
+
+class StopUnderStallTests(e2e.GatewayTestCase):
+    make_receiver = StalledReceiverTests.make_receiver
+    extra_config = """
+[delivery]
+timeout = 120.0
+poll_interval = 0.05
+"""
+
+    @defer.inlineCallbacks
+    def test_a_stop_is_not_held_by_a_stalled_receiver(self):
+        """With a 120 s timeout and the HIE stalling every body, stopping takes the 1 s grace, not 120 s; the
+        cancelled attempts are recorded to retry, and the file drops were sent."""
+        c = yield self.client()
+        yield c.send(e2e.sample(e2e.ED_VISIT), timeout=10)
+        yield self.wait_for(
+            "SELECT COUNT(*) FROM notifications WHERE recipient_role != 'hie' AND state = 'sent'", expected=2
+        )
+        deadline = reactor.seconds() + 10
+        while not self.receiver.requests and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.gw.delivery.stop_grace = 1.0
+        started = reactor.seconds()
+        yield self.gw.delivery.stopService()
+        self.assertLess(reactor.seconds() - started, 3.0)
+        yield self.wait_for(
+            "SELECT COUNT(*) FROM notifications WHERE recipient_role = 'hie' AND state = 'retrying'", expected=1
+        )

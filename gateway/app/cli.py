@@ -1367,5 +1367,12 @@ def certs_show(file):
             click.echo(line)
 
 
+# -- commands in their own modules (registered here, after everything they import from this one) --------
+
+from gateway.app.cli_recipients import recipients  # noqa: E402
+
+main.add_command(recipients)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

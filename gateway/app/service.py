@@ -171,6 +171,7 @@ def make_service(
         keys=keys,
         file_drop_sealed=functools.lru_cache(maxsize=256)(config.file_drop_sealed),
         private_root=config.data_dir,
+        direct_relay=config.direct_relay,
     )
     pipeline = PipelineWorker(store, config, vocab, reactor, on_routed=delivery.wake)
     rejections = RejectionSampler(store, config.rejected_sample, config.rejected_window, reactor)

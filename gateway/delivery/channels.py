@@ -92,6 +92,8 @@ class OutboundNotification:
     summary: str = field(default="", repr=False)
     #: The v2 message as received, for an MLLP forward.
     original: bytes = field(default=b"", repr=False)
+    #: A digest's Bundles, ``(file name, JSON)`` each, attached instead of ``payload`` (Direct).
+    attachments: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,9 +75,14 @@ def direct_message(
     """The whole email (headers and S/MIME body, ``\\n`` line ends as Twisted's SMTP client wants them)."""
     content = EmailMessage()
     content.set_content(item.summary or "Encounter notification: see the attached FHIR Bundle.", cte="quoted-printable")
-    content.add_attachment(
-        item.payload, maintype="application", subtype="fhir+json", filename=f"{_ID_UNSAFE.sub('-', item.id)}.json"
-    )
+    attachments = item.attachments or ((f"{item.id}.json", item.payload),)
+    for name, data in attachments:
+        content.add_attachment(
+            data,
+            maintype="application",
+            subtype="fhir+json",
+            filename=_ID_UNSAFE.sub("-", name.removesuffix(".json")) + ".json",
+        )
     # CRLF line ends: the signature is over the canonical (RFC 5751) form.
     canonical = content.as_bytes(policy=policy.SMTP)
     signed = (

@@ -1,6 +1,7 @@
-"""Delivery: send outbox notifications, retry with backoff, dead-letter at the limit.
+"""Delivery: send outbox notifications, retry with backoff and jitter, dead-letter only when it is hopeless.
 
-Channels:
+Channels (where a notification's settings come from: its recipient directory
+entry, else ``channel_settings`` by destination, else ``[recipients]``):
 
 * ``file``: one JSON file per notification, ``<notification id>.json``, written
   to a temporary name, fsynced and renamed, so a reader never sees half a file.
@@ -8,38 +9,61 @@ Channels:
   ``outbox/``) it is sealed with the key ring, ``<notification id>.json.sealed``
   (read with ``herald outbox open FILE``), and private (0600 in a 0700 folder);
   a recipient's own share outside it is written as plain JSON unless its
-  ``encrypt = true`` (see ``Config.file_drop_sealed``).
-* ``fhir``: ``POST [base]/$process-message`` with ``application/fhir+json``;
-  any 2xx answer is success.
+  ``encrypt = true`` (see ``Config.file_drop_sealed``). A digest recipient's
+  ``ndjson`` file channel gets one file per digest, a Bundle a line.
+* ``fhir``: ``POST [base]/$process-message`` (:mod:`gateway.delivery.fhir`).
+* ``mllp``: the v2 message as received (or the notification's own v2
+  payload, an ED alert) to an MLLP listener (:mod:`gateway.delivery.mllp_forward`).
+* ``direct``: S/MIME signed and encrypted email through the ``[direct]``
+  relay (:mod:`gateway.delivery.direct`), the summary with the Bundle; a
+  digest recipient gets one email per digest with every Bundle attached.
 
 The notification id is the Bundle id and stays the same across retries, so a
-receiver can drop duplicates (delivery is at least once).
+receiver can drop duplicates (delivery is at least once). Each destination
+has its own concurrency slots and circuit breaker (:mod:`gateway.delivery.policy`),
+so a dead or stalled receiver never holds up another.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import random
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent
 
 from gateway.config import Config
-from gateway.delivery.channels import DeliveryFailed, FhirDestination, OutboundNotification
+from gateway.delivery.channels import (
+    DeliveryFailed,
+    DirectDestination,
+    FhirDestination,
+    MllpDestination,
+    OutboundNotification,
+)
+from gateway.delivery.direct import DirectChannel
+from gateway.delivery.directory_cache import DirectoryCache
 from gateway.delivery.fhir import FhirChannel
-from gateway.delivery.policy import DestinationSlots, retry_delay
+from gateway.delivery.mllp_forward import MllpForwardChannel
+from gateway.delivery.policy import CircuitBreaker, DestinationSlots, retry_delay
 from gateway.delivery.routing import payload_builder
+from gateway.delivery.summary import notification_summary
+from gateway.errors import ConfigError
 from gateway.records import DEAD, RETRYING, SENT, DeliveryAttempt, Notification
 from gateway.store import Store
 from gateway.store.files import FILE_MODE, private_folder
 from gateway.store.keys import KeyRing
+from gateway.store.outbox import due_for_recipient
 from gateway.store.sealing import OUTBOX_SUFFIX, file_drop_context
 
 
@@ -276,9 +300,20 @@ class DeliveryWorker(Service):
         keys: KeyRing | None = None,
         file_drop_sealed: Callable[[str], bool] | None = None,
         private_root: Path | None = None,
+        channel_settings: Mapping[str, Mapping[str, Any]] | None = None,
+        direct_relay: Mapping[str, Any] | None = None,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 30.0,
+        breaker_cap: float = 600.0,
     ) -> None:
         """``keys`` seals the file drops ``file_drop_sealed(target folder)`` names (none without it);
-        files under ``private_root`` (the data folder) are private (see :func:`write_notification_files`)."""
+        files under ``private_root`` (the data folder) are private (see :func:`write_notification_files`).
+
+        ``channel_settings``: a channel's settings by destination (the outbox
+        row's target) for notifications with no directory entry (ED alerts).
+        ``direct_relay``: the ``[direct]`` relay settings for Direct channels.
+        After ``breaker_threshold`` retryable failures in a row a destination
+        rests ``breaker_cooldown`` seconds (doubling while it keeps failing, up to ``breaker_cap``)."""
         self.store = store
         self.reactor = reactor
         self.max_attempts = max_attempts
@@ -308,13 +343,36 @@ class DeliveryWorker(Service):
         }
         self._inflight: set[str] = set()
         self._attempts: dict[str, defer.Deferred] = {}
+        if file_drop_sealed is not None:
+            config_sealed = file_drop_sealed
+
+            def file_drop_sealed(target: str) -> bool:
+                # A directory entry's own ``encrypt`` wins over the config's rule for its folder.
+                chosen = self._file_encrypt.get(target)
+                return config_sealed(target) if chosen is None else chosen
+
         write = functools.partial(
             write_notification_files, keys=keys, sealed=file_drop_sealed, private_root=private_root
         )
         sealing = keys is not None and keys.enabled and file_drop_sealed is not None
-        self._files = _FileDropBatch(
-            reactor, write, lambda n: file_drop_name(n, sealing and bool(file_drop_sealed(n.target)))
-        )
+        self._sealed = (lambda target: bool(file_drop_sealed(target))) if sealing else (lambda target: False)
+        self._private_root = private_root
+        self._keys = keys
+        self._files = _FileDropBatch(reactor, write, lambda n: file_drop_name(n, self._sealed(n.target)))
+        self._channel_settings = dict(channel_settings or {})
+        self._direct_relay = dict(direct_relay or {})
+        self._channels: dict[tuple[str, str], Any] = {}
+        self._directory = DirectoryCache()
+        self._entries: dict = {}
+        self._file_encrypt: dict[str, bool] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self.breaker_threshold = breaker_threshold
+        self.breaker_cooldown = breaker_cooldown
+        self.breaker_cap = breaker_cap
+        #: Called after every attempt as ``observer(notification, state, seconds)`` (state: sent, retrying
+        #: or dead; seconds from the attempt's start): metrics and logs hang here.
+        self.observers: list[Callable[[Notification, str, float], None]] = []
+        self._started_at: dict[str, float] = {}
         self._records: list[tuple[DeliveryAttempt, defer.Deferred]] = []
         self._call = None
         self._polling = False
@@ -327,13 +385,31 @@ class DeliveryWorker(Service):
         super().startService()
         self.wake()
 
+    #: Seconds a stop waits for attempts under way before it cancels them (recorded as retryable).
+    stop_grace = 5.0
+
     def stopService(self):
-        """Stop polling and wait for attempts under way (each is bounded by its timeout)."""
+        """Stop polling; wait up to :attr:`stop_grace` for attempts under way, then cancel the rest.
+
+        A cancelled attempt closes its connection and is recorded as a failure
+        to retry, so a stalled receiver cannot hold a shutdown longer than the grace.
+        """
         super().stopService()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        return defer.DeferredList(list(self._attempts.values()))
+        pending = list(self._attempts.values())
+        if not pending:
+            return defer.succeed(None)
+        done = defer.DeferredList(pending)
+        timer = self.reactor.callLater(self.stop_grace, lambda: [d.cancel() for d in list(self._attempts.values())])
+
+        def stopped(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addBoth(stopped)
 
     def pause(self) -> None:
         """Take no new notification (the disk is short of space); attempts under way finish and are recorded."""
@@ -367,6 +443,9 @@ class DeliveryWorker(Service):
         if self._polling or not self.running or self.paused:
             return
         self._polling = True
+        # What waited (a busy or resting destination) is looked at afresh each poll; within one poll
+        # it is skipped, so the poll reaches other destinations' notifications.
+        self._waiting.clear()
         try:
             while True:
                 self._again = False
@@ -374,6 +453,7 @@ class DeliveryWorker(Service):
                 if room <= 0:
                     break
                 skip = self._inflight | self._waiting
+                self._entries = yield self.store.submit_read(self._directory.entries)
                 due = yield self.store.due_notifications(self.reactor.seconds(), room, tuple(skip))
                 if not self.running or self.paused:
                     # Stopped (or paused) while the outbox was read: start nothing that stopService
@@ -381,9 +461,20 @@ class DeliveryWorker(Service):
                     break
                 started = 0
                 for n in due:
+                    breaker = self._breaker(n.target)
+                    if breaker.state == "open":
+                        # The destination rests: its notifications wait without spending attempts.
+                        self._waiting.add(n.id)
+                        self._schedule(max(breaker.reopens_in(), self.poll_interval))
+                        continue
                     if not self._slots.take(n.target):
                         # Its destination has all its slots busy (a slow or stalled receiver): it
                         # waits, and the rest of this poll goes to other destinations.
+                        self._waiting.add(n.id)
+                        continue
+                    if not breaker.allow():
+                        # Half-open, and its one trial is already under way.
+                        self._slots.give(n.target)
                         self._waiting.add(n.id)
                         continue
                     self._inflight.add(n.id)
@@ -399,7 +490,20 @@ class DeliveryWorker(Service):
             self._polling = False
         self._schedule(self.poll_interval)
 
+    def _breaker(self, target: str) -> CircuitBreaker:
+        breaker = self._breakers.get(target)
+        if breaker is None:
+            breaker = self._breakers[target] = CircuitBreaker(
+                self.reactor.seconds, self.breaker_threshold, self.breaker_cooldown, self.breaker_cap
+            )
+        return breaker
+
+    def breaker_states(self) -> dict[str, str]:
+        """Each destination's circuit breaker: closed, open or half-open."""
+        return {target: b.state for target, b in sorted(self._breakers.items())}
+
     def _attempt(self, n: Notification) -> None:
+        self._started_at[n.id] = self.reactor.seconds()
         d = defer.maybeDeferred(self._send, n)
         d.addCallbacks(self._succeeded, self._failed, callbackArgs=(n,), errbackArgs=(n,))
         d.addErrback(lambda f: self._log.failure("recording a delivery attempt failed", f))
@@ -407,7 +511,16 @@ class DeliveryWorker(Service):
         if not d.called:
             self._attempts[n.id] = d
 
+    def _observe(self, n: Notification, state: str) -> None:
+        seconds = self.reactor.seconds() - self._started_at.pop(n.id, self.reactor.seconds())
+        for observer in self.observers:
+            try:
+                observer(n, state, seconds)
+            except Exception:
+                self._log.failure("a delivery observer failed")
+
     def _done(self, n: Notification) -> None:
+        self._started_at.pop(n.id, None)
         self._inflight.discard(n.id)
         self._attempts.pop(n.id, None)
         self._slots.give(n.target)
@@ -441,6 +554,8 @@ class DeliveryWorker(Service):
 
     def _succeeded(self, detail: str, n: Notification):
         self.delivered += 1
+        self._breaker(n.target).succeeded()
+        self._observe(n, SENT)
         return self._record(n, "ok", detail, SENT, 0.0)
 
     def _failed(self, failure, n: Notification):
@@ -453,7 +568,9 @@ class DeliveryWorker(Service):
         )
         if getattr(error, "permanent", False):
             self._log.warn("notification {id} is dead: {reason} (permanent)", id=n.id, reason=reason)
+            self._observe(n, DEAD)
             return self._record(n, "error", f"{reason} (permanent: not retried)", DEAD, 0.0)
+        self._breaker(n.target).failed()
         if self.max_attempts and attempt >= self.max_attempts:
             self._log.warn(
                 "notification {id} is dead after {attempts} attempts: {reason}",
@@ -461,6 +578,7 @@ class DeliveryWorker(Service):
                 attempts=attempt,
                 reason=reason,
             )
+            self._observe(n, DEAD)
             return self._record(n, "error", reason, DEAD, 0.0)
         delay = retry_delay(attempt, self.backoff_initial, self.backoff_max, self.rng)
         asked = getattr(error, "retry_after", None)
@@ -474,6 +592,7 @@ class DeliveryWorker(Service):
                 hours=hours,
                 reason=reason,
             )
+            self._observe(n, DEAD)
             return self._record(n, "error", f"{reason} (past the {hours:g} h retry horizon)", DEAD, 0.0)
         self._log.info(
             "notification {id} attempt {attempt} failed ({reason}); retrying in {delay:.1f} s",
@@ -482,6 +601,7 @@ class DeliveryWorker(Service):
             reason=reason,
             delay=delay,
         )
+        self._observe(n, RETRYING)
         return self._record(n, "error", reason, RETRYING, self.reactor.seconds() + delay)
 
     def _past_horizon(self, n: Notification, delay: float) -> bool:
@@ -497,25 +617,219 @@ class DeliveryWorker(Service):
 
     # -- channels -------------------------------------------------------------
 
+    def _settings_for(self, n: Notification) -> tuple[Mapping[str, Any], str, Any]:
+        """(channel settings, where they are configured, the directory entry or None) for ``n``."""
+        if n.recipient_id:
+            entry = self._entries.get(n.recipient_id)
+            if entry is not None:
+                channels = entry.channels or (
+                    self._entries[entry.practice].channels if entry.practice in self._entries else ()
+                )
+                if n.channel_index < len(channels) and channels[n.channel_index].get("channel") == n.channel:
+                    return channels[n.channel_index], f"recipient {entry.id} channels[{n.channel_index}]", entry
+            if n.target not in self._channel_settings:
+                raise DeliveryFailed(
+                    f"recipient {n.recipient_id} no longer has this {n.channel} channel in the directory",
+                    permanent=True,
+                )
+        if n.target in self._channel_settings:
+            return self._channel_settings[n.target], f"destination {n.target}", None
+        return {}, "recipients", None
+
+    def _channel(self, kind: str, settings: Mapping[str, Any], where: str, make: Callable[[], Any]):
+        """One channel object per settings (it holds a FHIR endpoint's token cache); made again when they change."""
+        key = (kind, json.dumps(settings, sort_keys=True, default=str))
+        channel = self._channels.get(key)
+        if channel is None:
+            try:
+                channel = self._channels[key] = make()
+            except ConfigError as e:
+                raise DeliveryFailed(f"{where}: {e}", permanent=True) from None
+        return channel
+
     def _send(self, n: Notification):
+        if n.channel == "file" and not n.recipient_id:
+            return self._files.send(n)
+        settings, where, entry = self._settings_for(n)
+        digest = entry is not None and entry.mode == "digest"
         if n.channel == "file":
+            if "encrypt" in settings:
+                self._file_encrypt[n.target] = bool(settings["encrypt"])
+            if digest and settings.get("format") == "ndjson":
+                return self._send_digest(n, entry, settings)
             return self._files.send(n)
         if n.channel == "fhir":
-            return self._send_fhir(n)
+            return self._send_fhir(n, settings, where)
+        if n.channel == "mllp":
+            return self._send_mllp(n, settings, where)
+        if n.channel == "direct":
+            if digest:
+                return self._send_digest(n, entry, settings, where)
+            return self._send_direct(n, settings, where)
         raise DeliveryFailed(f"unknown channel {n.channel!r}", permanent=True)
 
     @defer.inlineCallbacks
-    def _send_fhir(self, n: Notification):
+    def _payload(self, n: Notification):
         (payload,) = yield threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), notification_payloads, [n]
         )
         if isinstance(payload, DeliveryFailed):
             raise payload
-        channel = self._fhir.get(n.target)
+        return payload
+
+    @defer.inlineCallbacks
+    def _send_fhir(self, n: Notification, settings: Mapping[str, Any] = {}, where: str = "recipients"):  # noqa: B006
+        payload = yield self._payload(n)
+        channel = self._fhir.get(n.target) if not settings else None
         if channel is None:
-            # A row queued for an endpoint the config no longer names: sent with the defaults.
-            channel = self._fhir[n.target] = FhirChannel(
-                FhirDestination(url=n.target, timeout=self.timeout), self.reactor
-            )
+            if settings:
+                channel = self._channel(
+                    "fhir",
+                    settings,
+                    where,
+                    lambda: FhirChannel(
+                        FhirDestination.from_settings(
+                            {"timeout": self.timeout, **{k: v for k, v in settings.items() if k != "channel"}}, where
+                        ),
+                        self.reactor,
+                    ),
+                )
+            else:
+                # A row queued for an endpoint the config no longer names: sent with the defaults.
+                channel = self._fhir[n.target] = FhirChannel(
+                    FhirDestination(url=n.target, timeout=self.timeout), self.reactor
+                )
         result = yield channel.send(OutboundNotification(n.id, payload))
         return result.detail
+
+    @defer.inlineCallbacks
+    def _send_mllp(self, n: Notification, settings: Mapping[str, Any], where: str):
+        if n.payload is not None:
+            message = n.payload.encode("utf-8")  # its own v2 message (an ED alert)
+        elif n.original is not None:
+            message = n.original
+        else:
+            raise DeliveryFailed(
+                "the v2 message's body is no longer stored (retention purged it): nothing to forward",
+                permanent=True,
+            )
+        channel = self._channel(
+            "mllp",
+            settings,
+            where,
+            lambda: MllpForwardChannel(
+                MllpDestination.from_settings(
+                    {"timeout": self.timeout, **{k: v for k, v in settings.items() if k != "channel"}}, where
+                ),
+                self.reactor,
+            ),
+        )
+        result = yield channel.send(OutboundNotification(n.id, b"", original=message))
+        return result.detail
+
+    def _direct_channel(self, settings: Mapping[str, Any], where: str) -> DirectChannel:
+        if not self._direct_relay:
+            raise DeliveryFailed(f"{where}: a direct channel needs the [direct] relay settings", permanent=True)
+        return self._channel(
+            "direct",
+            {**settings, "relay": self._direct_relay},
+            where,
+            lambda: DirectChannel(DirectDestination.from_settings(settings, self._direct_relay, where), self.reactor),
+        )
+
+    @defer.inlineCallbacks
+    def _send_direct(self, n: Notification, settings: Mapping[str, Any], where: str):
+        channel = self._direct_channel(settings, where)
+        payload = yield self._payload(n)
+        summary = yield threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), _summary, payload, n.attribution
+        )
+        result = yield channel.send(OutboundNotification(n.id, payload, summary=summary))
+        return result.detail
+
+    # -- digests ---------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _send_digest(self, n: Notification, entry, settings: Mapping[str, Any], where: str = ""):
+        """Send every due notification of ``n``'s recipient and channel as one digest; record each.
+
+        The others are claimed (in flight) so no poll starts them alone; the
+        digest's id is a hash of its notifications' ids, the same on a retry
+        of the same digest.
+        """
+        group = yield self.store.submit_read(
+            due_for_recipient, n.recipient_id, n.channel_index, self.reactor.seconds(), tuple(self._inflight - {n.id})
+        )
+        others = [m for m in group if m.id != n.id and m.id not in self._inflight]
+        for m in others:
+            self._inflight.add(m.id)
+        members = [n, *others]
+        digest_id = "digest-" + hashlib.sha256("\n".join(sorted(m.id for m in members)).encode()).hexdigest()[:24]
+        try:
+            payloads = yield threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), notification_payloads, members
+            )
+            good = [(m, p) for m, p in zip(members, payloads, strict=True) if not isinstance(p, BaseException)]
+            for m, p in zip(members, payloads, strict=True):
+                if isinstance(p, BaseException) and m is not n:
+                    self._record_outcome(m, Failure(p))
+            if not good:
+                raise DeliveryFailed("no notification in the digest has a Bundle to send", permanent=True)
+            if n.channel == "file":
+                detail = yield threads.deferToThreadPool(
+                    self.reactor,
+                    self.reactor.getThreadPool(),
+                    self._write_digest_file,
+                    digest_id,
+                    n.target,
+                    [p for _, p in good],
+                )
+            else:
+                channel = self._direct_channel(settings, where)
+                summary = yield threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), _digest_summary, good
+                )
+                item = OutboundNotification(
+                    digest_id, b"", summary=summary, attachments=tuple((f"{m.id}.json", p) for m, p in good)
+                )
+                detail = (yield channel.send(item)).detail
+        except Exception:
+            failure = Failure()
+            for m in others:
+                self._record_outcome(m, failure)
+            raise
+        for m in others:
+            self._record_outcome(m, f"{detail} (digest {digest_id})")
+        return f"{detail} (digest {digest_id})"
+
+    def _record_outcome(self, m: Notification, outcome) -> None:
+        """Record one digest member's outcome as its own attempt, and free it."""
+        d = self._failed(outcome, m) if isinstance(outcome, Failure) else self._succeeded(outcome, m)
+        d.addErrback(lambda f: self._log.failure("recording a delivery attempt failed", f))
+        d.addBoth(lambda _: (self._inflight.discard(m.id), self._started_at.pop(m.id, None)))
+
+    def _write_digest_file(self, digest_id: str, target: str, payloads: list[bytes]) -> str:
+        data = b"".join(p.rstrip(b"\n") + b"\n" for p in payloads)
+        sealed = self._sealed(target)
+        name = digest_id + (".ndjson" + OUTBOX_SUFFIX.removeprefix(".json") if sealed else ".ndjson")
+        if sealed:
+            data = self._keys.seal(data, file_drop_context(digest_id))
+        (error,) = write_files_atomically([(Path(target), name, data)], self._private_root)
+        if error is not None:
+            raise DeliveryFailed(
+                f"cannot write the digest: {getattr(error, 'strerror', None) or error}", permanent=False
+            )
+        return f"wrote {name} ({len(payloads)} notifications)"
+
+
+def _summary(payload: bytes, attribution: Mapping | None) -> str:
+    return notification_summary(json.loads(payload), attribution)
+
+
+def _digest_summary(members: list[tuple[Notification, bytes]]) -> str:
+    parts = [f"Daily digest: {len(members)} encounter notification(s).", ""]
+    for i, (m, payload) in enumerate(members, 1):
+        parts.append(f"{i}. ({m.id}.json)")
+        parts.append(_summary(payload, m.attribution))
+        parts.append("")
+    return "\n".join(parts)

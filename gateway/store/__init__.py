@@ -41,7 +41,7 @@ from gateway.records import (
     Notification,
     PendingMessage,
 )
-from gateway.store import events, integrity, messages, outbox, retention, reviews, schema
+from gateway.store import directory, events, integrity, messages, outbox, retention, reviews, schema
 from gateway.store.messages import count_by_state, list_messages, message_detail, outstanding_work
 from gateway.store.outbox import list_outbox, notifications_for, outbox_counts
 from gateway.store.reviews import list_reviews, review_detail, stored_match
@@ -187,6 +187,16 @@ class Store(Writer):
     def cancel_notifications(self, ids: list[str], *, by: str) -> list[str]:
         """Cancel notifications not yet sent; returns those cancelled (audited)."""
         return self.call(outbox.cancel_notifications, ids, iso(self.clock()), by)
+
+    # -- the recipient directory (blocking) ---------------------------------------------
+
+    def put_recipient(self, entry: dict, *, by: str) -> str:
+        """Add or change a directory entry (checked already); ``added``, ``changed`` or ``unchanged`` (audited)."""
+        return self.call(directory.put_directory_entry, entry, iso(self.clock()), by)
+
+    def remove_recipient(self, entry_id: str, *, by: str) -> bool:
+        """Remove a directory entry; False when there was none (audited)."""
+        return self.call(directory.remove_directory_entry, entry_id, iso(self.clock()), by)
 
     # -- reviews and the roster's audit (blocking) -------------------------------------
 

@@ -25,6 +25,7 @@ __all__ = [
     "outbox_counts",
     "requeue_notifications",
     "due_notifications",
+    "due_for_recipient",
     "insert_notification",
     "notification_message_id",
     "notifications_for",
@@ -72,33 +73,55 @@ def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, 
     An MLLP forward is read with the v2 message as received.
     """
     rows = conn.execute(
-        "SELECT n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, "
-        "n.payload, n.state, n.attempts, CASE WHEN n.payload IS NULL THEN m.fhir END AS bundle, n.created_at, "
-        "n.recipient_id, n.channel_index, n.attribution, CASE WHEN n.channel = 'mllp' THEN m.raw END AS original "
-        "FROM notifications n JOIN messages m ON m.id = n.message_id "
+        f"SELECT {_DUE_COLUMNS} FROM notifications n JOIN messages m ON m.id = n.message_id "
         "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? AND (n.patient_key = '' OR NOT EXISTS ("
         "SELECT 1 FROM notifications e WHERE e.patient_key = n.patient_key AND e.target = n.target "
         "AND e.state IN (?, ?) AND e.message_id < n.message_id AND e.patient_key != '')) "
         "ORDER BY n.next_attempt_at, n.message_id LIMIT ?",
         (PENDING, RETRYING, now_seconds, PENDING, RETRYING, limit + len(exclude)),
     ).fetchall()
-    keys = keys_of(conn)
     due = []
     for r in rows:
         if r["id"] in exclude:
             continue
-        item = dict(r)
-        item["payload"] = keys.open_text(item["payload"], payload_context(item["id"]))
-        item["bundle"] = keys.open_text(item["bundle"], message_context("fhir", item["message_id"]))
-        attribution = keys.open_text(item["attribution"], attribution_context(item["id"]))
-        item["attribution"] = json.loads(attribution) if attribution else None
-        if item["original"] is not None:
-            original = keys.open(item["original"], message_context("raw", item["message_id"]))
-            item["original"] = original
-        due.append(Notification(**item))
+        due.append(_due_row(conn, r))
         if len(due) == limit:
             break
     return due
+
+
+_DUE_COLUMNS = (
+    "n.id, n.message_id, n.recipient_role, n.recipient, n.channel, n.target, n.event_code, "
+    "n.payload, n.state, n.attempts, CASE WHEN n.payload IS NULL THEN m.fhir END AS bundle, n.created_at, "
+    "n.recipient_id, n.channel_index, n.attribution, CASE WHEN n.channel = 'mllp' THEN m.raw END AS original"
+)
+
+
+def _due_row(conn: sqlite3.Connection, r: sqlite3.Row) -> Notification:
+    """A due row as a Notification, its sealed values opened."""
+    keys = keys_of(conn)
+    item = dict(r)
+    item["payload"] = keys.open_text(item["payload"], payload_context(item["id"]))
+    item["bundle"] = keys.open_text(item["bundle"], message_context("fhir", item["message_id"]))
+    attribution = keys.open_text(item["attribution"], attribution_context(item["id"]))
+    item["attribution"] = json.loads(attribution) if attribution else None
+    if item["original"] is not None:
+        item["original"] = keys.open(item["original"], message_context("raw", item["message_id"]))
+    return Notification(**item)
+
+
+def due_for_recipient(
+    conn: sqlite3.Connection, recipient_id: str, channel_index: int, now_seconds: float, exclude: tuple = ()
+) -> list[Notification]:
+    """Every due notification (pending or retrying) of one directory recipient's channel, oldest message
+    first: what a digest sends together."""
+    rows = conn.execute(
+        f"SELECT {_DUE_COLUMNS} FROM notifications n JOIN messages m ON m.id = n.message_id "
+        "WHERE n.recipient_id = ? AND n.channel_index = ? AND n.state IN (?, ?) AND n.next_attempt_at <= ? "
+        "ORDER BY n.message_id",
+        (recipient_id, channel_index, PENDING, RETRYING, now_seconds),
+    ).fetchall()
+    return [_due_row(conn, r) for r in rows if r["id"] not in exclude]
 
 
 def record_attempts(conn: sqlite3.Connection, attempts: list[DeliveryAttempt], now: str) -> int:
