@@ -168,6 +168,10 @@ class DeliveryAttempt:
     detail: str
     state: str  # sent / retrying / dead
     next_attempt_at: float
+    #: The receiver's HTTP status or SMTP reply code, when it gave one.
+    status: int | None = None
+    #: How long the attempt took, in milliseconds (None when not measured).
+    elapsed_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -249,6 +249,8 @@ def test_rows_from_before_the_chain_are_chained_by_the_migration_and_anchored(tm
         "ALTER TABLE notifications DROP COLUMN channel_index",
         "ALTER TABLE notifications DROP COLUMN patient_key",
         "ALTER TABLE notifications DROP COLUMN attribution",
+        "ALTER TABLE delivery_attempts DROP COLUMN status",
+        "ALTER TABLE delivery_attempts DROP COLUMN elapsed_ms",
         "DELETE FROM migrations WHERE version >= 6",
     ):
         db.execute(sql)

@@ -1199,6 +1199,32 @@ def outbox_list(state, destination, limit, config_path, data_dir):
         )
 
 
+@outbox.command("show")
+@click.argument("notification_id")
+@config_option
+@data_option
+def outbox_show(notification_id, config_path, data_dir):
+    """One notification: recipient, channel, destination, state, and every attempt with its status and time."""
+    from gateway.store.outbox import notification_detail
+
+    cfg = _config(config_path, data_dir)
+    n = notification_detail(_read_conn(cfg), notification_id)
+    if n is None:
+        click.echo(f"herald outbox show: no notification {notification_id!r}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    via = f" (directory entry {n['recipient_id']})" if n["recipient_id"] else ""
+    click.echo(f"notification {n['id']}  message {n['message_id']}  {n['event_code']}")
+    click.echo(f"  to        {n['recipient_role']}: {n['recipient']}{via}")
+    click.echo(f"  by        {n['channel']} {n['target']}")
+    click.echo(f"  state     {n['state']} after {n['attempts']} attempt(s); queued {n['created_at']}")
+    if n["last_error"]:
+        click.echo(f"  last error {n['last_error']}")
+    for a in n["attempt_log"]:
+        status = f" {a['status']}" if a["status"] is not None else ""
+        took = f" {a['elapsed_ms']} ms" if a["elapsed_ms"] is not None else ""
+        click.echo(f"  attempt {a['attempt']:<3} {a['at']}  {a['outcome']:<5}{status}{took}  {a['detail']}")
+
+
 @outbox.command("counts")
 @config_option
 @data_option

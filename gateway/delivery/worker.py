@@ -50,6 +50,7 @@ from gateway.delivery.channels import (
     FhirDestination,
     MllpDestination,
     OutboundNotification,
+    SendResult,
 )
 from gateway.delivery.direct import DirectChannel
 from gateway.delivery.directory_cache import DirectoryCache
@@ -512,7 +513,7 @@ class DeliveryWorker(Service):
             self._attempts[n.id] = d
 
     def _observe(self, n: Notification, state: str) -> None:
-        seconds = self.reactor.seconds() - self._started_at.pop(n.id, self.reactor.seconds())
+        seconds = self.reactor.seconds() - self._started_at.get(n.id, self.reactor.seconds())
         for observer in self.observers:
             try:
                 observer(n, state, seconds)
@@ -529,12 +530,16 @@ class DeliveryWorker(Service):
         if self.running:
             self._schedule(0)
 
-    def _record(self, n: Notification, outcome: str, detail: str, state: str, next_at: float) -> defer.Deferred:
+    def _record(
+        self, n: Notification, outcome: str, detail: str, state: str, next_at: float, status: int | None = None
+    ) -> defer.Deferred:
         """Queue an attempt's record; the attempts of one reactor turn are written in one store job."""
         d: defer.Deferred = defer.Deferred()
         if not self._records:
             self.reactor.callLater(0, self._flush_records)
-        attempt = DeliveryAttempt(n.id, n.message_id, n.attempts + 1, outcome, detail, state, next_at)
+        started = self._started_at.get(n.id)
+        elapsed = None if started is None else round((self.reactor.seconds() - started) * 1000)
+        attempt = DeliveryAttempt(n.id, n.message_id, n.attempts + 1, outcome, detail, state, next_at, status, elapsed)
         self._records.append((attempt, d))
         return d
 
@@ -552,15 +557,19 @@ class DeliveryWorker(Service):
 
         job.addCallbacks(fire, failed)
 
-    def _succeeded(self, detail: str, n: Notification):
+    def _succeeded(self, result, n: Notification):
         self.delivered += 1
         self._breaker(n.target).succeeded()
+        detail, status = (result.detail, result.status) if isinstance(result, SendResult) else (result, None)
+        record = self._record(n, "ok", detail, SENT, 0.0, status)
         self._observe(n, SENT)
-        return self._record(n, "ok", detail, SENT, 0.0)
+        return record
 
     def _failed(self, failure, n: Notification):
         attempt = n.attempts + 1
         error = failure.value
+        status = getattr(error, "status", None)
+        record = functools.partial(self._record, status=status)
         reason = (
             failure.getErrorMessage()
             if failure.check(DeliveryFailed)
@@ -569,7 +578,7 @@ class DeliveryWorker(Service):
         if getattr(error, "permanent", False):
             self._log.warn("notification {id} is dead: {reason} (permanent)", id=n.id, reason=reason)
             self._observe(n, DEAD)
-            return self._record(n, "error", f"{reason} (permanent: not retried)", DEAD, 0.0)
+            return record(n, "error", f"{reason} (permanent: not retried)", DEAD, 0.0)
         self._breaker(n.target).failed()
         if self.max_attempts and attempt >= self.max_attempts:
             self._log.warn(
@@ -579,7 +588,7 @@ class DeliveryWorker(Service):
                 reason=reason,
             )
             self._observe(n, DEAD)
-            return self._record(n, "error", reason, DEAD, 0.0)
+            return record(n, "error", reason, DEAD, 0.0)
         delay = retry_delay(attempt, self.backoff_initial, self.backoff_max, self.rng)
         asked = getattr(error, "retry_after", None)
         if asked is not None:
@@ -593,7 +602,7 @@ class DeliveryWorker(Service):
                 reason=reason,
             )
             self._observe(n, DEAD)
-            return self._record(n, "error", f"{reason} (past the {hours:g} h retry horizon)", DEAD, 0.0)
+            return record(n, "error", f"{reason} (past the {hours:g} h retry horizon)", DEAD, 0.0)
         self._log.info(
             "notification {id} attempt {attempt} failed ({reason}); retrying in {delay:.1f} s",
             id=n.id,
@@ -602,7 +611,7 @@ class DeliveryWorker(Service):
             delay=delay,
         )
         self._observe(n, RETRYING)
-        return self._record(n, "error", reason, RETRYING, self.reactor.seconds() + delay)
+        return record(n, "error", reason, RETRYING, self.reactor.seconds() + delay)
 
     def _past_horizon(self, n: Notification, delay: float) -> bool:
         """Whether the next try would fall past the retry horizon, counted from when the row was queued."""
@@ -700,7 +709,7 @@ class DeliveryWorker(Service):
                     FhirDestination(url=n.target, timeout=self.timeout), self.reactor
                 )
         result = yield channel.send(OutboundNotification(n.id, payload))
-        return result.detail
+        return result
 
     @defer.inlineCallbacks
     def _send_mllp(self, n: Notification, settings: Mapping[str, Any], where: str):
@@ -725,7 +734,7 @@ class DeliveryWorker(Service):
             ),
         )
         result = yield channel.send(OutboundNotification(n.id, b"", original=message))
-        return result.detail
+        return result
 
     def _direct_channel(self, settings: Mapping[str, Any], where: str) -> DirectChannel:
         if not self._direct_relay:
@@ -745,7 +754,7 @@ class DeliveryWorker(Service):
             self.reactor, self.reactor.getThreadPool(), _summary, payload, n.attribution
         )
         result = yield channel.send(OutboundNotification(n.id, payload, summary=summary))
-        return result.detail
+        return result
 
     # -- digests ---------------------------------------------------------------
 

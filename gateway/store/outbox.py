@@ -20,6 +20,7 @@ from gateway.store.sealing import attribution_context, keys_of, message_context,
 
 __all__ = [
     "attempts_of",
+    "notification_detail",
     "cancel_notifications",
     "list_outbox",
     "outbox_counts",
@@ -135,8 +136,9 @@ def record_attempts(conn: sqlite3.Connection, attempts: list[DeliveryAttempt], n
         ],
     )
     conn.executemany(
-        "INSERT INTO delivery_attempts (notification_id, attempt, at, outcome, detail) VALUES (?, ?, ?, ?, ?)",
-        [(a.notification_id, a.attempt, now, a.outcome, a.detail) for a in attempts],
+        "INSERT INTO delivery_attempts (notification_id, attempt, at, outcome, detail, status, elapsed_ms) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(a.notification_id, a.attempt, now, a.outcome, a.detail, a.status, a.elapsed_ms) for a in attempts],
     )
     kinds = {SENT: "delivered", DEAD: "dead-letter"}
     append_events(
@@ -148,12 +150,33 @@ def record_attempts(conn: sqlite3.Connection, attempts: list[DeliveryAttempt], n
                 a.notification_id,
                 "delivery",
                 kinds.get(a.state, "delivery-failed"),
-                {"attempt": a.attempt, "detail": a.detail},
+                {"attempt": a.attempt, "detail": a.detail, "status": a.status, "elapsed_ms": a.elapsed_ms},
             )
             for a in attempts
         ],
     )
     return len(attempts)
+
+
+def notification_detail(conn: sqlite3.Connection, notification_id: str) -> dict | None:
+    """One outbox row (no payload, no attribution) with every attempt: when, outcome, status, time taken."""
+    row = conn.execute(
+        "SELECT id, message_id, recipient_role, recipient, recipient_id, channel, target, event_code, state, "
+        "attempts, next_attempt_at, last_error, created_at, updated_at FROM notifications WHERE id = ?",
+        (notification_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    out = dict(row)
+    out["attempt_log"] = [
+        dict(a)
+        for a in conn.execute(
+            "SELECT attempt, at, outcome, status, elapsed_ms, detail FROM delivery_attempts "
+            "WHERE notification_id = ? ORDER BY id",
+            (notification_id,),
+        )
+    ]
+    return out
 
 
 def notifications_for(conn: sqlite3.Connection, message_ids: Iterable[int] | None = None) -> list[sqlite3.Row]:

@@ -325,7 +325,8 @@ def _migrate_v6(conn: sqlite3.Connection) -> None:
 # needs to be sent through it: the directory entry and which of its channels, an
 # ordering key per patient (a keyed hash: notifications for one patient to one
 # destination go in the order their messages came), and the attribution shown in
-# the human-readable summary (sealed: it names the member's PCP and ACO).
+# the human-readable summary (sealed: it names the member's PCP and ACO). Each attempt keeps
+# the receiver's status (HTTP or SMTP code) and how long it took.
 def _migrate_v7(conn: sqlite3.Connection) -> None:
     from gateway.store.directory import DIRECTORY_SCHEMA
 
@@ -338,6 +339,8 @@ ALTER TABLE notifications ADD COLUMN recipient_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE notifications ADD COLUMN channel_index INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE notifications ADD COLUMN patient_key TEXT NOT NULL DEFAULT '';
 ALTER TABLE notifications ADD COLUMN attribution BLOB;
+ALTER TABLE delivery_attempts ADD COLUMN status INTEGER;
+ALTER TABLE delivery_attempts ADD COLUMN elapsed_ms INTEGER;
 CREATE INDEX notifications_order ON notifications (patient_key, target, message_id)
     WHERE state IN ('pending', 'retrying') AND patient_key != ''
 """
