@@ -189,6 +189,23 @@ class FourOhOneTests(DirectoryTestCase):
         self.assertEqual(len([r for r in self.fhir.received if r["path"] == b"/fhir/$process-message"]), 2)
         code, out = herald("log", "list", "--data", str(self.data))
         self.assertIn("dead", out)
+        (nid,) = (
+            sqlite3.connect(self.config.database)
+            .execute("SELECT id FROM notifications WHERE state = 'dead'")
+            .fetchone()
+        )
+        code, out = herald("outbox", "show", nid, "--data", str(self.data))
+        self.assertEqual(code, 0, out)
+        self.assertRegex(out, r"attempt 1 .* error 401 \d+ ms")
+
+        # The receiver's credentials are fixed; the operator re-sends the dead letter, and it arrives.
+        self.token.valid = set(self.token.issued)
+        self.token.valid.update(f"token-{i}" for i in range(1, 20))
+        code, out = herald("outbox", "retry", "--all-dead", "--by", "ops", "--data", str(self.data))
+        self.assertEqual(code, 0, out)
+        self.gw.delivery.wake()
+        yield self.wait_for("SELECT COUNT(*) FROM notifications WHERE state = 'sent'", expected=3)
+        self.assertEqual(len([r for r in self.fhir.received if "bundle" in r]), 1)
 
 
 class _RejectsAll(set):
@@ -287,3 +304,39 @@ class CliTests(unittest.TestCase):
         result = CliRunner().invoke(main, ["recipients", "add", "--from", str(path), "--data", str(folder / "data")])
         self.assertEqual(result.exit_code, 2, result.output)
         self.assertIn("recipient 1: npi:", result.output)
+
+
+def test_recipients_add_list_show_missing_and_remove_from_the_command_line(tmp_path, monkeypatch):
+    """A PCP added with options is listed and shown (its certificate path made absolute); `missing` names the
+    roster's other PCPs with their member counts and exits 3; removing an entry is said, an unknown one refused."""
+    from test_cli import SAMPLES
+
+    from gateway.app.roster import import_roster_file
+    from gateway.store.keys import KeyRing
+
+    data = tmp_path / "data"
+    import_roster_file(data / "herald.db", SAMPLES / "roster.csv", by="tests", keys=KeyRing.load(None))
+    (tmp_path / "dr.pem").write_text("not read until sent")
+    monkeypatch.chdir(tmp_path)
+    code, out = herald(
+        "recipients", "add", "--kind", "pcp", "--name", "Dr. Priya Halvorsen", "--npi", PCP_NPI,
+        "--direct", "dr.halvorsen@direct.example.org", "--certificate", "dr.pem", "--digest", "07:30",
+        "--timezone", "America/Chicago", "--data", str(data),
+    )  # fmt: skip
+    assert code == 0, out
+    assert f"added pcp:{PCP_NPI}" in out
+    code, out = herald("recipients", "list", "--data", str(data))
+    assert f"pcp:{PCP_NPI}" in out and "digest 07:30 America/Chicago" in out, out
+    code, out = herald("recipients", "show", f"pcp:{PCP_NPI}", "--data", str(data))
+    shown = json.loads(out)
+    assert shown["channels"][0]["certificate"] == str(tmp_path / "dr.pem")
+    assert shown["updated_by"]
+    code, out = herald("recipients", "missing", "--data", str(data))
+    assert code == 3, out
+    assert "1234567893  2 member(s)" in out and "1345678902  1 member(s)" in out, out
+    assert PCP_NPI not in out.split("PCPs on the roster")[0]
+    assert "without a directory entry: 2" in out
+    code, out = herald("recipients", "remove", f"pcp:{PCP_NPI}", "--data", str(data))
+    assert code == 0 and f"removed pcp:{PCP_NPI}" in out
+    result = CliRunner().invoke(main, ["recipients", "remove", "pcp:0000000000", "--data", str(data)])
+    assert result.exit_code == 2 and "no entry" in result.output
