@@ -71,24 +71,48 @@ def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, 
     One waits while an earlier notification (by message) about the same patient
     to the same destination is not yet sent, dead or cancelled: a receiver gets
     one patient's events in the order they happened, even after an outage.
-    An MLLP forward is read with the v2 message as received.
+    Candidates are read in pages in due order and each is checked with one
+    lookup on the ordering index, so a poll costs what it returns, not the
+    size of the backlog. An MLLP forward is read with the v2 message as received.
     """
-    rows = conn.execute(
-        f"SELECT {_DUE_COLUMNS} FROM notifications n JOIN messages m ON m.id = n.message_id "
-        "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? AND (n.patient_key = '' OR NOT EXISTS ("
-        "SELECT 1 FROM notifications e WHERE e.patient_key = n.patient_key AND e.target = n.target "
-        "AND e.state IN (?, ?) AND e.message_id < n.message_id AND e.patient_key != '')) "
-        "ORDER BY n.next_attempt_at, n.message_id LIMIT ?",
-        (PENDING, RETRYING, now_seconds, PENDING, RETRYING, limit + len(exclude)),
-    ).fetchall()
-    due = []
-    for r in rows:
-        if r["id"] in exclude:
-            continue
-        due.append(_due_row(conn, r))
-        if len(due) == limit:
+    due: list[Notification] = []
+    skip = set(exclude)
+    page = max(limit + len(skip), 32)
+    after: tuple[float, int] = (float("-inf"), 0)
+    while len(due) < limit:
+        rows = conn.execute(
+            "SELECT n.id, n.next_attempt_at, n.message_id, n.patient_key, n.target FROM notifications n "
+            "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? AND (n.next_attempt_at, n.message_id) > (?, ?) "
+            "ORDER BY n.next_attempt_at, n.message_id LIMIT ?",
+            (PENDING, RETRYING, now_seconds, *after, page),
+        ).fetchall()
+        for r in rows:
+            if r["id"] in skip or (r["patient_key"] and _held_back(conn, r)):
+                continue
+            full = conn.execute(
+                f"SELECT {_DUE_COLUMNS} FROM notifications n JOIN messages m ON m.id = n.message_id WHERE n.id = ?",
+                (r["id"],),
+            ).fetchone()
+            due.append(_due_row(conn, full))
+            if len(due) == limit:
+                break
+        if len(rows) < page:
             break
+        last = rows[-1]
+        after = (last["next_attempt_at"], last["message_id"])
     return due
+
+
+def _held_back(conn: sqlite3.Connection, r: sqlite3.Row) -> bool:
+    """Whether an earlier notification about the same patient to the same destination is still unsent."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM notifications INDEXED BY notifications_order WHERE patient_key = ? AND target = ? "
+            "AND state IN ('pending', 'retrying') AND patient_key != '' AND message_id < ? LIMIT 1",
+            (r["patient_key"], r["target"], r["message_id"]),
+        ).fetchone()
+        is not None
+    )
 
 
 _DUE_COLUMNS = (
