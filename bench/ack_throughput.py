@@ -98,8 +98,9 @@ def free_port() -> int:
 def herald_command() -> list[str]:
     """The ``herald`` console script next to this Python (the venv's), else on PATH."""
     beside = Path(sys.executable).parent / "herald"
+    profile = os.environ.get("HERALD_BENCH_PROFILE")  # a file: run the server under cProfile, stats written there
     if beside.exists():
-        return [str(beside)]
+        return [sys.executable, "-m", "cProfile", "-o", profile, str(beside)] if profile else [str(beside)]
     found = shutil.which("herald")
     if found is None:
         raise SystemExit("bench: no herald console script next to this Python or on PATH")

@@ -105,8 +105,10 @@ class DestinationSlots:
     def in_use(self) -> int:
         return sum(self.busy.values())
 
-    def take(self, destination: str) -> bool:
-        if self.in_use >= self.total or self.busy.get(destination, 0) >= self.per_destination:
+    def take(self, destination: str, limit: int | None = None) -> bool:
+        """Take a slot for ``destination`` (at most ``limit`` at once there, default ``per_destination``)."""
+        most = self.per_destination if limit is None else limit
+        if self.in_use >= self.total or self.busy.get(destination, 0) >= most:
             return False
         self.busy[destination] = self.busy.get(destination, 0) + 1
         return True

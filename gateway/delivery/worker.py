@@ -468,7 +468,10 @@ class DeliveryWorker(Service):
                         self._waiting.add(n.id)
                         self._schedule(max(breaker.reopens_in(), self.poll_interval))
                         continue
-                    if not self._slots.take(n.target):
+                    # A file drop is our own disk, written in batches: it may use every slot; a receiver
+                    # across the network gets per_destination, so a stalled one holds only its own.
+                    limit = self.concurrency if n.channel == "file" else None
+                    if not self._slots.take(n.target, limit):
                         # Its destination has all its slots busy (a slow or stalled receiver): it
                         # waits, and the rest of this poll goes to other destinations.
                         self._waiting.add(n.id)
