@@ -78,14 +78,20 @@ def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, 
     due: list[Notification] = []
     skip = set(exclude)
     page = max(limit + len(skip), 32)
-    after: tuple[float, int] = (float("-inf"), 0)
+    offset = 0
     while len(due) < limit:
-        rows = conn.execute(
-            "SELECT n.id, n.next_attempt_at, n.message_id, n.patient_key, n.target FROM notifications n "
-            "WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? AND (n.next_attempt_at, n.message_id) > (?, ?) "
-            "ORDER BY n.next_attempt_at, n.message_id LIMIT ?",
-            (PENDING, RETRYING, now_seconds, *after, page),
-        ).fetchall()
+        # One indexed range read per state (notifications_due: state, next_attempt_at), no sort of the backlog.
+        rows: list[sqlite3.Row] = []
+        full_page = False
+        for state in (PENDING, RETRYING):
+            got = conn.execute(
+                "SELECT id, next_attempt_at, message_id, patient_key, target FROM notifications "
+                "WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ? OFFSET ?",
+                (state, now_seconds, page, offset),
+            ).fetchall()
+            rows.extend(got)
+            full_page = full_page or len(got) == page
+        rows.sort(key=lambda r: (r["next_attempt_at"], r["message_id"]))
         for r in rows:
             if r["id"] in skip or (r["patient_key"] and _held_back(conn, r)):
                 continue
@@ -96,10 +102,9 @@ def due_notifications(conn: sqlite3.Connection, now_seconds: float, limit: int, 
             due.append(_due_row(conn, full))
             if len(due) == limit:
                 break
-        if len(rows) < page:
+        if not full_page:
             break
-        last = rows[-1]
-        after = (last["next_attempt_at"], last["message_id"])
+        offset += page
     return due
 
 
