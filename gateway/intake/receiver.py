@@ -8,6 +8,7 @@ pipeline picks stored messages up later.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -31,8 +32,24 @@ from gateway.records import REJECTED as STATE_REJECTED
 from gateway.store import Store
 
 
+class IntakeWatch(Protocol):
+    """What intake tells the metrics of (``gateway.app.metrics.GatewayMetrics``); no patient data passes."""
+
+    def message_received(self, header: MessageHeader, duplicate: bool = False) -> None: ...
+
+    def ack_sent(self, header: MessageHeader | None, code: str) -> None: ...
+
+    def frame_rejected(self, header: MessageHeader | None, error: str) -> None: ...
+
+    def tls_refused(self, reason: str) -> None: ...
+
+
 class Intake:
-    """Stores each frame durably before it is acknowledged (provides ``mllp.FrameReceiver``)."""
+    """Stores each frame durably before it is acknowledged (provides ``mllp.FrameReceiver``).
+
+    Every accepted message is logged (id, control id, sender, type, state, ACK
+    code): header fields and codes, never the message's content.
+    """
 
     _log = Logger()
 
@@ -46,6 +63,7 @@ class Intake:
         rejections: RejectionSampler | None = None,
         rejected_bytes_kept: int = Config.rejected_bytes_kept,
         senders: SenderPolicy | None = None,
+        watch: IntakeWatch | None = None,
     ) -> None:
         self.store = store
         self.acks = acks or AckBuilder()
@@ -57,6 +75,8 @@ class Intake:
         self.rejected_bytes_kept = rejected_bytes_kept
         #: The sender allowlist (None: any connection may send as any sender; make_service always sets it).
         self.senders = senders
+        #: Told of every message, ACK and refusal (the gateway's metrics); None: nobody.
+        self.watch = watch
 
     def frameReceived(self, message: bytes, peer: str) -> defer.Deferred[bytes | None]:
         """Store ``message``; fire with the ACK (or ``None`` when MSH-15 asks for none)."""
@@ -88,16 +108,40 @@ class Intake:
         return d
 
     def _stored(self, result: IntakeResult, header: MessageHeader) -> bytes | None:
-        if result.duplicate_of is None:
+        duplicate = result.duplicate_of is not None
+        if not duplicate:
             try:
                 self.on_stored()
             except Exception:
                 # The message is committed: it must still be acknowledged.
                 self._log.failure("on_stored hook failed after message {id} was stored", id=result.message_id)
-        if not should_acknowledge(header, ACCEPTED):
+        answered = should_acknowledge(header, ACCEPTED)
+        code = ack_code(ACCEPTED, header.enhanced_mode)
+        self._log.info(
+            "{kind} message {message_id}: control id {control_id} from {sender} ({message_type}), {state}; {code}",
+            kind="retransmitted" if duplicate else "accepted",
+            message_id=result.message_id,
+            control_id=header.control_id,
+            sender=header.sender,
+            message_type=_message_type(header),
+            state=RECEIVED,
+            code=f"ACK {code}" if answered else "no ACK asked (MSH-15)",
+        )
+        self._tell("message_received", header, duplicate)
+        if not answered:
             return None
-        self.store.record_ack_sent(result.message_id, ack_code(ACCEPTED, header.enhanced_mode))
+        self.store.record_ack_sent(result.message_id, code)
+        self._tell("ack_sent", header, code)
         return self.acks.build(header, ACCEPTED)
+
+    def _tell(self, what: str, *args) -> None:
+        """Tell :attr:`watch` (the metrics); a failing watcher never costs a message its answer."""
+        if self.watch is None:
+            return
+        try:
+            getattr(self.watch, what)(*args)
+        except Exception:
+            self._log.failure("the intake watcher failed on {kind}", kind=what)
 
     def _not_stored(self, failure, header: MessageHeader) -> bytes | None:
         self._log.error(
@@ -108,6 +152,7 @@ class Intake:
         )
         if not should_acknowledge(header, ERROR):
             return None
+        self._tell("ack_sent", header, ack_code(ERROR, header.enhanced_mode))
         return self.acks.build(
             header,
             ERROR,
@@ -130,6 +175,8 @@ class Intake:
             error_sequence=error.sequence if isinstance(error, LimitExceeded) else 1,
             reason=error.reason,
         )
+        self._tell("frame_rejected", header, error.code)
+        self._tell("ack_sent", header, ack_code(REJECTED, header.enhanced_mode if header else False))
         if not self.rejections.admit(peer, f"{error.code} {error.location}".strip()):
             return defer.succeed(nak)
         self._log.warn(
@@ -180,6 +227,8 @@ class Intake:
             error_code=ERR_VALUE_TOO_LONG,
             reason=reason,
         )
+        self._tell("frame_rejected", header, ERR_VALUE_TOO_LONG)
+        self._tell("ack_sent", header, ack_code(REJECTED, header.enhanced_mode if header else False))
         if not self.rejections.admit(peer, f"{ERR_VALUE_TOO_LONG} frame"):
             return defer.succeed(nak)
         record = self._rejected_record(prefix, peer, header, guess, reason + f" (first {len(prefix)} bytes kept)")
@@ -217,6 +266,7 @@ class Intake:
         Sampled per peer host like rejected frames, so a flood of bad
         handshakes is summarised rather than written down one by one.
         """
+        self._tell("tls_refused", reason)
         if not self.rejections.admit(peer, f"TLS: {reason}"):
             return
         detail = {**peer_detail(peer), "reason": reason}
@@ -228,3 +278,8 @@ class Intake:
         self.store.record_connection_event(kind, detail, actor).addErrback(
             lambda f: self._log.error("could not audit {kind}: {e}", kind=kind, e=f.getErrorMessage())
         )
+
+
+def _message_type(header: MessageHeader) -> str:
+    """MSH-9 as analysts say it: ``ADT^A01``."""
+    return header.message_type + (f"^{header.trigger_event}" if header.trigger_event else "")
