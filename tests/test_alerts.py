@@ -131,3 +131,31 @@ def test_separators_in_the_text_are_escaped():
     first = next(s for s in message.split("\r") if s.startswith("OBX|1|"))
     assert "A\\F\\B\\S\\C\\T\\D\\R\\E\\E\\F" in first
     assert first.count("|") == 11
+
+
+def test_a_name_with_an_accent_is_sent_as_declared_utf8():
+    """A PID with non-ASCII text makes the alert declare MSH-18 UNICODE UTF-8 (and encode it so)."""
+    message = alert_message(
+        CONTENT,
+        pid="PID|1||X^^^F^MR||VANTERPOOL^ZOË",
+        visit="V1",
+        patient_class="E",
+        sending=("H", "A"),
+        receiving=("E", "L"),
+        control_id="1",
+        now=T,
+    )
+    msh = message.split(b"\r")[0].decode().split("|")
+    assert msh[17] == "UNICODE UTF-8"
+    assert "ZOË".encode() in message
+    plain = alert_message(
+        CONTENT,
+        pid="PID|1||X",
+        visit="V1",
+        patient_class="E",
+        sending=("H", "A"),
+        receiving=("E", "L"),
+        control_id="1",
+        now=T,
+    )
+    assert len(plain.split(b"\r")[0].split(b"|")) == 16, "ASCII: no MSH-18"

@@ -150,3 +150,53 @@ def _bytes(text: str):
     from io import BytesIO
 
     return BytesIO(text.encode())
+
+
+class DeferredLookupTests(unittest.TestCase):
+    """The wiring answers from a thread: a lookup that fires later, an issuer without cards, keys that come later."""
+
+    def setUp(self):
+        self.audited = []
+        root = Resource()
+        self.port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}/cds-services"
+        self.resource = CdsHooksResource(
+            self.base,
+            [TrustedIssuer(EHR, {}), TrustedIssuer("https://quiet.example", {"keys": [EHR_JWK]}, cards=False)],
+            self.lookup,
+            lambda k, d: self.audited.append((k, d)),
+        )
+        root.putChild(b"cds-services", self.resource)
+        self.agent = Agent(reactor)
+
+    def tearDown(self):
+        return self.port.stopListening()
+
+    def lookup(self, patient, context):
+        from twisted.internet import task
+
+        from gateway.app.cds_hooks import CardAnswer
+
+        return task.deferLater(reactor, 0.01, lambda: CardAnswer(CONTENT, {"member": "M-1"}))
+
+    @defer.inlineCallbacks
+    def call(self, iss):
+        url = f"{self.base}/herald-aco-patient-view"
+        body = {"hook": "patient-view", "context": {"patientId": "e1"}, "prefetch": {"patient": MEMBER}}
+        headers = Headers({b"Authorization": [f"Bearer {token(url, iss=iss)}".encode()]})
+        response = yield self.agent.request(b"POST", url.encode(), headers, FileBodyProducer(_bytes(json.dumps(body))))
+        return response.code, json.loads((yield readBody(response)))
+
+    @defer.inlineCallbacks
+    def test_keys_that_come_later_a_deferred_card_and_an_issuer_without_cards(self):
+        """Before its JWKS is loaded a call is refused; after, the Deferred's card is sent; cards=False gets none."""
+        code, body = yield self.call(EHR)
+        self.assertEqual(code, 401)
+        self.assertIn("not loaded yet", body["error"])
+        self.resource.set_issuer(TrustedIssuer(EHR, {"keys": [EHR_JWK]}))
+        code, body = yield self.call(EHR)
+        self.assertEqual(code, 200)
+        self.assertEqual(len(body["cards"]), 1)
+        self.assertEqual(self.audited[-1][1]["member"], "M-1")
+        code, body = yield self.call("https://quiet.example")
+        self.assertEqual((code, body), (200, {"cards": []}))

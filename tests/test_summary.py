@@ -72,6 +72,16 @@ def test_attribution_names_the_aco_pcp_and_care_manager(vocab):
     )
 
 
+def test_care_transition_flags_are_said_in_words(vocab):
+    """The flags the transitions service puts on a notification's attribution end the summary, in words."""
+    text = notification_summary(
+        bundle_of("A01", vocab, pv1={2: "I"}), {"aco": "A1234", "flags": ["readmission-30d", "admitted-from-snf"]}
+    )
+    assert text.splitlines()[-1] == (
+        "Flags: readmitted within 30 days of a discharge; admitted from a skilled nursing facility"
+    )
+
+
 def test_a_message_with_no_time_zone_says_so_rather_than_guess():
     bundle = {
         "resourceType": "Bundle",

@@ -37,6 +37,13 @@ _DISPOSITIONS = {
     "65": "a psychiatric hospital",
     "66": "a critical access hospital",
 }
+#: What each care-transition flag (gateway.transitions.alerts.encounter_flags) says to a person.
+_FLAGS = {
+    "readmission-30d": "readmitted within 30 days of a discharge",
+    "ed-3-in-60d": "3 or more ED visits in 60 days",
+    "admitted-from-snf": "admitted from a skilled nursing facility",
+    "discharged-to-snf": "discharged to a skilled nursing facility",
+}
 _EVENTS = {
     "notification-admit": "Admission",
     "notification-discharge": "Discharge",
@@ -203,4 +210,7 @@ def notification_summary(bundle: Mapping, attribution: Mapping[str, str] | None 
     ]
     if said:
         lines.append("Attributed: " + "; ".join(said))
+    flags = [_FLAGS.get(f, f) for f in attribution.get("flags") or ()]
+    if flags:
+        lines.append("Flags: " + "; ".join(flags))
     return "\n".join(lines)

@@ -21,12 +21,16 @@ from pathlib import Path
 from gateway.store.integrity import check_message, stamp_message
 from gateway.store.keys import SEALED_PREFIX, KeyRing, KeyRingError
 from gateway.store.sealing import (
+    attribution_context,
     candidates_context,
+    episode_event_context,
+    episode_state_context,
     keys_of,
     link_context,
     message_context,
     mrn_hash,
     payload_context,
+    task_context,
 )
 
 __all__ = [
@@ -77,6 +81,34 @@ SEALED_COLUMNS = (
         lambda r: link_context(r["mrn_hash"], r["mrn_authority"], r["aco_id"]),
         True,
     ),
+    SealedColumn(
+        "notifications.attribution",
+        "notifications",
+        "id",
+        "attribution",
+        (),
+        lambda r: attribution_context(r["id"]),
+        True,
+    ),
+    SealedColumn(
+        "episode_events.event",
+        "episode_events",
+        "message_id",
+        "event",
+        (),
+        lambda r: episode_event_context(r["message_id"]),
+        True,
+    ),
+    SealedColumn(
+        "episodes.state",
+        "episodes",
+        "id",
+        "state",
+        ("episode_key",),
+        lambda r: episode_state_context(r["episode_key"]),
+        True,
+    ),
+    SealedColumn("tasks.resource", "tasks", "id", "resource", (), lambda r: task_context(r["id"]), True),
 )
 _BY_NAME = {c.name: c for c in SEALED_COLUMNS}
 

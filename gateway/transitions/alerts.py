@@ -202,4 +202,8 @@ def alert_message(
     else:
         obr = f"OBR|1||{control_id}|ACO-ALERT^ACO care coordination alert^L|||{stamp}|||||||||||||||{stamp}||OTH|F"
         segments = [msh, pid, pv1, obr, *obx]
-    return "\r".join(s for s in segments if s).encode("utf-8") + b"\r"
+    text_out = "\r".join(s for s in segments if s) + "\r"
+    if not text_out.isascii():
+        # A name with an accent (copied from the ED's PID): say the encoding, MSH-18, as UTF-8.
+        text_out = text_out.replace(msh, msh + "||UNICODE UTF-8", 1)
+    return text_out.encode("utf-8")

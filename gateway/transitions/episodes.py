@@ -27,7 +27,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["Episode", "EpisodeEvent", "close_stale", "episode_event", "fold", "setting_of", "timeline"]
+__all__ = [
+    "Episode",
+    "EpisodeEvent",
+    "close_stale",
+    "episode_as_dict",
+    "episode_event",
+    "episode_from_dict",
+    "event_as_dict",
+    "event_from_dict",
+    "fold",
+    "setting_of",
+    "timeline",
+]
 
 _BEGIN = {"A01", "A04", "A05"}
 _SNF_DISPOSITIONS = {"03", "61", "64"}
@@ -253,3 +265,42 @@ def _time(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError:
         return None
+
+
+_EVENT_TIMES = ("event_time", "message_time", "admit_time", "discharge_time")
+_EPISODE_TIMES = ("start", "end")
+
+
+def event_as_dict(event: EpisodeEvent) -> dict:
+    """An event as plain data (times as ISO 8601): what a pipeline outcome carries and the store seals."""
+    out = {f: getattr(event, f) for f in EpisodeEvent.__dataclass_fields__}
+    for name in _EVENT_TIMES:
+        out[name] = out[name].isoformat() if out[name] is not None else None
+    return out
+
+
+def event_from_dict(data: Mapping) -> EpisodeEvent:
+    """:func:`event_as_dict` read back (keys it does not know, such as the member's ids, are left out)."""
+    values = {f: data[f] for f in EpisodeEvent.__dataclass_fields__ if f in data}
+    for name in _EVENT_TIMES:
+        values[name] = _time(values.get(name))
+    return EpisodeEvent(**values)
+
+
+def episode_as_dict(episode: Episode) -> dict:
+    """An episode as plain data (times as ISO 8601, tuples as lists)."""
+    out = {f: getattr(episode, f) for f in Episode.__dataclass_fields__}
+    for name in _EPISODE_TIMES:
+        out[name] = out[name].isoformat() if out[name] is not None else None
+    out["units"], out["messages"] = list(episode.units), list(episode.messages)
+    return out
+
+
+def episode_from_dict(data: Mapping) -> Episode:
+    """:func:`episode_as_dict` read back."""
+    values = {f: data[f] for f in Episode.__dataclass_fields__ if f in data}
+    for name in _EPISODE_TIMES:
+        values[name] = _time(values.get(name))
+    values["units"] = tuple(values.get("units") or ())
+    values["messages"] = tuple(values.get("messages") or ())
+    return Episode(**values)

@@ -59,6 +59,8 @@ class WorklistRules:
     tasks: tuple[TaskRule, ...]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     per_aco: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Discharge dispositions (HL7 table 0112) that make no follow-up task: not a return to the community.
+    no_task_dispositions: frozenset[str] = frozenset()
 
     def setting(self, aco_id: str, name: str) -> Any:
         return {**self.defaults, **self.per_aco.get(aco_id, {})}[name]
@@ -131,7 +133,14 @@ def load_worklist(path: Path | None = None) -> WorklistRules:
     codes = [t.code for t in tasks]
     if len(set(codes)) != len(codes):
         raise ConfigError(f"{where}: tasks", "two tasks share a code")
-    return WorklistRules(calendar, tuple(tasks), defaults, per_aco)
+    dispositions = raw.get("dispositions", {})
+    for key in dispositions:
+        if key != "no_tasks":
+            raise ConfigError(f"{where}: dispositions.{key}", "unknown setting (known: no_tasks)")
+    no_tasks = dispositions.get("no_tasks", [])
+    if not isinstance(no_tasks, list) or not all(isinstance(c, str) and c for c in no_tasks):
+        raise ConfigError(f"{where}: dispositions.no_tasks", "a list of disposition codes (HL7 table 0112), as text")
+    return WorklistRules(calendar, tuple(tasks), defaults, per_aco, frozenset(no_tasks))
 
 
 def plan_tasks(event: str, day: date, aco_id: str, rules: WorklistRules) -> list[TaskPlan]:
