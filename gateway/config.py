@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -59,13 +60,16 @@ class Config:
     pipeline_batch: int = 64
     pipeline_enabled: bool = True
     pipeline_workers: int = field(default_factory=lambda: _default_workers())
+    #: The share of messages whose Bundle the pipeline validates with fhir.resources (the converter's output is
+    #: proven valid by the test suite; a sample keeps checking it in production). ``herald convert`` validates all.
+    pipeline_validate_sample: float = field(default_factory=lambda: _default_validate_sample())
     delivery_max_attempts: int = 0  # 0: no limit by count; the retry horizon decides
     delivery_retry_hours: float = 72.0
     delivery_per_destination: int = 4  # attempts at once to one destination (of delivery_concurrency)
     delivery_backoff_initial: float = 2.0
     delivery_backoff_max: float = 600.0
     delivery_timeout: float = 30.0
-    delivery_concurrency: int = 16
+    delivery_concurrency: int = 64
     delivery_poll_interval: float = 1.0
     recipients: dict[str, Recipient] = field(default_factory=dict)
     #: ``[direct]``: the SMTP relay and our Direct certificate, for recipients' Direct channels.
@@ -81,6 +85,21 @@ class Config:
     matching_probable: float | None = None
     matching_possible: float | None = None
     matching_route_probable: bool = True
+    # [transitions], [alerts."FACILITY"], [cds_hooks] (README, "Care transitions").
+    transitions_enabled: bool = True
+    transitions_worklist: Path | None = None  # None: the shipped mappings/worklist.toml
+    transitions_ed_close_hours: float = 24.0  # an ED visit with no A03 is closed this long after it began
+    transitions_snf_facilities: tuple[str, ...] = ()  # facilities (as the timeline names them) that are SNFs
+    transitions_poll_seconds: float = 5.0
+    transitions_pcp_phones: Path | None = None  # a CSV file of npi,phone: the PCP's number the e-alert gives
+    #: Per ACO id: {"name": ..., "care_manager_phone": ...}, what the e-alert says of the ACO.
+    transitions_acos: dict = field(default_factory=dict, compare=False)
+    #: Per facility: {"mllp": {host, port, ...}, "message": "MDM^T02" | "ORU^R01", "cds_hooks": bool}.
+    alerts: dict = field(default_factory=dict, compare=False)
+    cds_hooks_listen: str = ""  # "": no CDS Hooks service; else tls:PORT[:interface=ADDRESS]
+    cds_hooks_base_url: str = ""  # the URL EHRs call (their JWT's aud); "": https://<interface>:<port>/cds-services
+    #: Trusted EHRs: ({"iss": ..., "jwks": file path or https URL, "facility": ...}, ...).
+    cds_hooks_issuers: tuple = field(default=(), compare=False)
     # [storage] and [retention] (README, "Audit trail, retention and disk").
     storage_reserve_mb: float = 64.0  # below this much free space the pipeline and delivery pause
     storage_wal_limit_mb: float = 64.0  # the write-ahead log is truncated beyond this
@@ -112,6 +131,30 @@ class Config:
     # unknown_senders (who may connect): this one says how a sender with no profile is converted.
     profiles_folder: Path | None = None  # None: the shipped mappings/senders
     profiles_unknown_senders: str = "default"  # "default": the default profile, flagged; "reject": failed
+
+    # [health] (README, "Health, metrics and logs"): the HTTP listener of /healthz, /readyz and /metrics.
+    health_enabled: bool = True
+    health_listen: str = "tcp:9102:interface=127.0.0.1"
+    health_stall_seconds: float = 300.0  # /readyz fails when a message waits this long for the pipeline
+    health_dead_letters: int = 0  # ... or a destination has more dead notifications than this
+    health_pending_minutes: float = 60.0  # ... or its oldest unsent notification has waited this long
+    #: Per destination (as the outbox names it): {"dead_letters": N, "pending_minutes": M}, over the two above.
+    health_destinations: dict = field(default_factory=dict, compare=False)
+    # [logging]: text or JSON lines, the lowest level written, and a file (None: standard error).
+    log_format: str = "text"
+    log_level: str = "info"
+    log_file: Path | None = None
+    # [console] (README, "Web console"): the interface analysts' web console, behind a login.
+    console_enabled: bool = False  # off until an operator has added users and turns it on
+    console_listen: str = "tls:8443:interface=127.0.0.1"  # tls: the [tls] server certificate; tcp: needs allow_plain
+    console_session_hours: float = 8.0  # a login lasts this long
+    console_login_attempts: int = 5  # failed logins a user name may have in 15 minutes (a client address: 4 times)
+
+    def destination_thresholds(self, destination: str) -> tuple[int, float]:
+        """(dead letters allowed, minutes a notification may wait) at ``destination`` before /readyz fails."""
+        own = self.health_destinations.get(destination, {})
+        dead = own.get("dead_letters", self.health_dead_letters)
+        return dead, own.get("pending_minutes", self.health_pending_minutes)
 
     @property
     def tls_files(self) -> tuple[Path, Path, Path]:
@@ -174,6 +217,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "batch_size": ("pipeline_batch", int),
         "workers": ("pipeline_workers", int),
         "enabled": ("pipeline_enabled", bool),
+        "validate_sample": ("pipeline_validate_sample", (int, float)),
     },
     "delivery": {
         "max_attempts": ("delivery_max_attempts", int),
@@ -204,9 +248,42 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "wal_limit_mb": ("storage_wal_limit_mb", (int, float)),
     },
     "retention": {"days": ("retention_days", int)},
+    "transitions": {
+        "enabled": ("transitions_enabled", bool),
+        "worklist": ("transitions_worklist", str),
+        "ed_close_hours": ("transitions_ed_close_hours", (int, float)),
+        "snf_facilities": ("transitions_snf_facilities", list),
+        "poll_seconds": ("transitions_poll_seconds", (int, float)),
+        "pcp_phones": ("transitions_pcp_phones", str),
+        "acos": ("transitions_acos", dict),
+    },
+    "cds_hooks": {
+        "listen": ("cds_hooks_listen", str),
+        "base_url": ("cds_hooks_base_url", str),
+        "issuers": ("cds_hooks_issuers", list),
+    },
     "profiles": {
         "folder": ("profiles_folder", str),
         "unknown_senders": ("profiles_unknown_senders", str),
+    },
+    "health": {
+        "enabled": ("health_enabled", bool),
+        "listen": ("health_listen", str),
+        "stall_seconds": ("health_stall_seconds", (int, float)),
+        "dead_letters": ("health_dead_letters", int),
+        "pending_minutes": ("health_pending_minutes", (int, float)),
+        "destinations": ("health_destinations", dict),
+    },
+    "logging": {
+        "format": ("log_format", str),
+        "level": ("log_level", str),
+        "file": ("log_file", str),
+    },
+    "console": {
+        "enabled": ("console_enabled", bool),
+        "listen": ("console_listen", str),
+        "session_hours": ("console_session_hours", (int, float)),
+        "login_attempts": ("console_login_attempts", int),
     },
     "security": {
         "key_file": ("key_file", str),
@@ -271,11 +348,11 @@ def load_config(
             raise ConfigError("--config", f"{p} is not valid TOML: {e}") from None
     values: dict[str, Any] = {}
     for section, content in raw.items():
-        if section in ("recipients", "senders", "direct"):
+        if section in ("recipients", "senders", "direct", "alerts"):
             continue
         keys = _SCHEMA.get(section)
         if keys is None:
-            known = ", ".join([*_SCHEMA, "recipients", "senders", "direct"])
+            known = ", ".join([*_SCHEMA, "recipients", "senders", "direct", "alerts"])
             raise ConfigError(section, f"unknown section (known: {known})")
         if not isinstance(content, dict):
             raise ConfigError(section, "must be a table")
@@ -314,6 +391,11 @@ def load_config(
             raise ConfigError("profiles.folder", "must be a folder (leave it out for the shipped mappings/senders)")
         folder = Path(values["profiles_folder"]).expanduser()
         values["profiles_folder"] = folder if folder.is_absolute() or path is None else Path(path).parent / folder
+    if "log_file" in values:
+        if not values["log_file"]:
+            raise ConfigError("logging.file", "must be a file path (leave it out for standard error)")
+        log_file = Path(values["log_file"]).expanduser()
+        values["log_file"] = log_file if log_file.is_absolute() or path is None else Path(path).parent / log_file
     message_limits = {k.removeprefix("limits."): values.pop(k) for k in list(values) if k.startswith("limits.")}
     if message_limits:
         values["limits"] = Limits(**message_limits)
@@ -324,6 +406,9 @@ def load_config(
     for role, content in configured.items():
         recipients[role] = _recipient(role, content, base, Path(path).parent if path is not None else None)
     _transport_values(values, raw, path)
+    _transitions_values(values, raw, path)
+    if os.environ.get(VALIDATE_SAMPLE_ENV) is not None:
+        values["pipeline_validate_sample"] = _default_validate_sample()  # the environment wins (the test suite)
     values["direct_relay"] = _direct_relay(raw.get("direct"), Path(path).parent if path is not None else None)
     cfg = Config(data_dir=base, recipients=recipients, **values)
     _check(cfg)
@@ -421,6 +506,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("pipeline.batch_size", "must be at least 1")
     if cfg.pipeline_workers < 0:
         raise ConfigError("pipeline.workers", "must be 0 (convert in the server process) or more")
+    if not 0 <= cfg.pipeline_validate_sample <= 1:
+        raise ConfigError("pipeline.validate_sample", "must be between 0 (none) and 1 (every message)")
     if cfg.delivery_max_attempts < 0:
         raise ConfigError("delivery.max_attempts", "must be 0 (no limit: the retry horizon decides) or more")
     if cfg.delivery_per_destination < 1:
@@ -440,8 +527,68 @@ def _check(cfg: Config) -> None:
     _check_storage(cfg)
     _check_limits(cfg)
     _check_transport(cfg)
+    _check_transitions(cfg)
+    _check_health(cfg)
+    _check_console(cfg)
     if cfg.profiles_unknown_senders not in ("default", "reject"):
         raise ConfigError("profiles.unknown_senders", f"{cfg.profiles_unknown_senders!r} is not one of default, reject")
+
+
+def _check_console(cfg: Config) -> None:
+    try:
+        listen = parse_listen(cfg.console_listen)
+    except ConfigError:
+        raise ConfigError(
+            "console.listen",
+            f"{cfg.console_listen!r}: expected tls:PORT[:interface=ADDRESS] (HTTPS with the [tls] server "
+            "certificate; browsers need no client certificate) or tcp:PORT[:interface=ADDRESS]",
+        ) from None
+    if not listen.tls and not cfg.allow_plain:
+        raise ConfigError(
+            "console.listen",
+            f"{cfg.console_listen!r} is plain HTTP (passwords and patient data in clear text): use "
+            f"tls:{listen.port} (the [tls] server certificate), or set server.allow_plain = true",
+        )
+    if not 0 < cfg.console_session_hours <= 24 * 7:
+        raise ConfigError("console.session_hours", "must be more than 0 and at most 168 (a week)")
+    if cfg.console_login_attempts < 1:
+        raise ConfigError("console.login_attempts", "must be at least 1")
+
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+_HEALTH_LISTEN = re.compile(r"(tcp6?):(\d{1,5})(:interface=[^:]+)?")
+_DESTINATION_KEYS: dict[str, type | tuple[type, ...]] = {"dead_letters": int, "pending_minutes": (int, float)}
+
+
+def _check_health(cfg: Config) -> None:
+    """[health] and [logging]: the health listener's endpoint, the /readyz thresholds, the log's format and level."""
+    found = _HEALTH_LISTEN.fullmatch(cfg.health_listen)
+    if found is None or int(found.group(2)) > 65535:
+        raise ConfigError(
+            "health.listen", f"{cfg.health_listen!r}: expected tcp:PORT[:interface=ADDRESS] (PORT 0: any free port)"
+        )
+    if not 0 < cfg.health_stall_seconds < math.inf:
+        raise ConfigError("health.stall_seconds", "must be a positive number of seconds")
+    if cfg.health_dead_letters < 0:
+        raise ConfigError("health.dead_letters", "must be 0 (any dead letter fails /readyz) or more")
+    if not 0 < cfg.health_pending_minutes < math.inf:
+        raise ConfigError("health.pending_minutes", "must be a positive number of minutes")
+    for destination, own in cfg.health_destinations.items():
+        key = f"health.destinations.{destination}"
+        if not isinstance(own, dict):
+            raise ConfigError(key, "must be a table (dead_letters, pending_minutes)")
+        for k, v in own.items():
+            types = _DESTINATION_KEYS.get(k)
+            if types is None:
+                raise ConfigError(f"{key}.{k}", f"unknown setting (known: {', '.join(_DESTINATION_KEYS)})")
+            if isinstance(v, bool) or not isinstance(v, types) or v < 0 or (k == "pending_minutes" and not v > 0):
+                what = "a positive number" if k == "pending_minutes" else "a whole number, 0 or more"
+                raise ConfigError(f"{key}.{k}", f"expected {what}")
+    if cfg.log_format not in LOG_FORMATS:
+        raise ConfigError("logging.format", f"{cfg.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+    if cfg.log_level not in LOG_LEVELS:
+        raise ConfigError("logging.level", f"{cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 
 
 def _check_storage(cfg: Config) -> None:
@@ -697,6 +844,24 @@ def check_listen(endpoints: tuple[str, ...], reactor) -> None:
             raise ConfigError("server.listen", f"{spec!r} is not a valid endpoint: {e}") from None
 
 
+#: Overrides ``[pipeline] validate_sample`` (the test suite sets 1: every Bundle validated).
+VALIDATE_SAMPLE_ENV = "HERALD_VALIDATE_SAMPLE"
+#: The default share of Bundles validated in the pipeline: one in fifty.
+DEFAULT_VALIDATE_SAMPLE = 0.02
+
+
+def _default_validate_sample() -> float:
+    import os
+
+    value = os.environ.get(VALIDATE_SAMPLE_ENV)
+    if value is None:
+        return DEFAULT_VALIDATE_SAMPLE
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(VALIDATE_SAMPLE_ENV, f"{value!r} is not a number between 0 and 1") from None
+
+
 def _default_workers() -> int:
     """One conversion process per core (they run at a lower priority than the server)."""
     import os
@@ -708,3 +873,126 @@ def _type_name(types) -> str:
     if isinstance(types, tuple):
         return " or ".join(t.__name__ for t in types)
     return types.__name__
+
+
+# -- care transitions: [transitions], [alerts."FACILITY"], [cds_hooks] (README, "Care transitions") ------
+
+#: The e-alert's message types (gateway.transitions.alerts.alert_message).
+ALERT_MESSAGES = ("MDM^T02", "ORU^R01")
+_ALERT_KEYS: dict[str, type | tuple[type, ...]] = {"mllp": dict, "message": str, "cds_hooks": bool}
+_ALERT_MLLP_KEYS: dict[str, type | tuple[type, ...]] = {
+    "host": str,
+    "port": int,
+    "ca": str,
+    "client_cert": str,
+    "client_key": str,
+    "timeout": (int, float),
+    "on_error": str,
+}
+_ACO_KEYS = ("name", "care_manager_phone")
+_ISSUER_KEYS = ("iss", "jwks", "facility")
+
+
+def _relative(value: str, path: Path | str | None) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() or path is None else Path(path).parent / p
+
+
+def _transitions_values(values: dict[str, Any], raw: dict[str, Any], path: Path | str | None) -> None:
+    """[transitions] paths relative to the config file; [alerts."FACILITY"] and [[cds_hooks.issuers]] read."""
+    for attr, key in (("transitions_worklist", "worklist"), ("transitions_pcp_phones", "pcp_phones")):
+        if attr in values:
+            if not values[attr]:
+                raise ConfigError(f"transitions.{key}", "must be a file path (leave it out for none)")
+            values[attr] = _relative(values[attr], path)
+    if "transitions_snf_facilities" in values:
+        names = values["transitions_snf_facilities"]
+        if not all(isinstance(n, str) and n.strip() for n in names):
+            raise ConfigError("transitions.snf_facilities", "expected a list of facility names")
+        values["transitions_snf_facilities"] = tuple(names)
+    for aco, info in values.get("transitions_acos", {}).items():
+        if not isinstance(info, dict):
+            raise ConfigError(f"transitions.acos.{aco}", "must be a table (name, care_manager_phone)")
+        for k, v in info.items():
+            if k not in _ACO_KEYS:
+                raise ConfigError(f"transitions.acos.{aco}.{k}", f"unknown setting (known: {', '.join(_ACO_KEYS)})")
+            if not isinstance(v, str):
+                raise ConfigError(f"transitions.acos.{aco}.{k}", "expected str")
+    alerts = raw.get("alerts", {})
+    if not isinstance(alerts, dict):
+        raise ConfigError("alerts", 'must be tables, one per facility ([alerts."LSR"])')
+    out: dict[str, dict] = {}
+    for facility, content in alerts.items():
+        key = f"alerts.{facility}"
+        if not isinstance(content, dict):
+            raise ConfigError(key, "must be a table (mllp, message, cds_hooks)")
+        for k, v in content.items():
+            if k not in _ALERT_KEYS:
+                raise ConfigError(f"{key}.{k}", f"unknown setting (known: {', '.join(_ALERT_KEYS)})")
+            if isinstance(v, bool) is not (_ALERT_KEYS[k] is bool) or not isinstance(v, _ALERT_KEYS[k]):
+                raise ConfigError(f"{key}.{k}", f"expected {_type_name(_ALERT_KEYS[k])}")
+        entry: dict[str, Any] = {
+            "message": content.get("message", "MDM^T02"),
+            "cds_hooks": content.get("cds_hooks", True),
+        }
+        if entry["message"] not in ALERT_MESSAGES:
+            raise ConfigError(f"{key}.message", f"{entry['message']!r} is not one of {', '.join(ALERT_MESSAGES)}")
+        if "mllp" in content:
+            mllp = dict(content["mllp"])
+            for k, v in mllp.items():
+                types = _ALERT_MLLP_KEYS.get(k)
+                if types is None:
+                    raise ConfigError(f"{key}.mllp.{k}", f"unknown setting (known: {', '.join(_ALERT_MLLP_KEYS)})")
+                if isinstance(v, bool) or not isinstance(v, types):
+                    raise ConfigError(f"{key}.mllp.{k}", f"expected {_type_name(types)}")
+            if not mllp.get("host", "").strip():
+                raise ConfigError(f"{key}.mllp.host", "the ED's inbound interface needs host")
+            if not 0 < mllp.get("port", 0) < 65536:
+                raise ConfigError(f"{key}.mllp.port", "must be a TCP port number")
+            if mllp.get("on_error", "retry") not in ("retry", "dead"):
+                raise ConfigError(f"{key}.mllp.on_error", "must be 'retry' or 'dead' (what an AE/CE answer does)")
+            for k in ("ca", "client_cert", "client_key"):
+                if k in mllp:
+                    mllp[k] = str(_relative(mllp[k], path))
+            entry["mllp"] = mllp
+        out[facility] = entry
+    values["alerts"] = out
+    issuers = []
+    for i, content in enumerate(values.get("cds_hooks_issuers", ()), 1):
+        key = f"cds_hooks.issuers[{i}]"
+        if not isinstance(content, dict):
+            raise ConfigError(key, "must be a table (iss, jwks, facility)")
+        for k, v in content.items():
+            if k not in _ISSUER_KEYS:
+                raise ConfigError(f"{key}.{k}", f"unknown setting (known: {', '.join(_ISSUER_KEYS)})")
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"{key}.{k}", "expected a non-empty string")
+        for k in ("iss", "jwks"):
+            if k not in content:
+                raise ConfigError(f"{key}.{k}", "a trusted EHR needs iss (its issuer) and jwks (a file or https URL)")
+        issuer = dict(content)
+        if not issuer["jwks"].startswith(("https://", "http://")):
+            issuer["jwks"] = str(_relative(issuer["jwks"], path))
+        issuers.append(issuer)
+    values["cds_hooks_issuers"] = tuple(issuers)
+
+
+def _check_transitions(cfg: Config) -> None:
+    if not 0 < cfg.transitions_ed_close_hours < math.inf:
+        raise ConfigError("transitions.ed_close_hours", "must be a positive number of hours")
+    if not 0 < cfg.transitions_poll_seconds < math.inf:
+        raise ConfigError("transitions.poll_seconds", "must be a positive number of seconds")
+    if not cfg.cds_hooks_listen:
+        return
+    try:
+        listen = parse_listen(cfg.cds_hooks_listen)
+    except ConfigError as e:
+        raise ConfigError("cds_hooks.listen", e.reason.replace("server.listen", "cds_hooks.listen")) from None
+    if not listen.tls and not cfg.allow_plain:
+        raise ConfigError(
+            "cds_hooks.listen", f"{cfg.cds_hooks_listen!r} is plain HTTP: use tls:PORT, or set server.allow_plain"
+        )
+    if cfg.cds_hooks_base_url and not cfg.cds_hooks_base_url.startswith(("https://", "http://")):
+        raise ConfigError("cds_hooks.base_url", "must be the https:// URL EHRs call (ending /cds-services)")
+    if not cfg.cds_hooks_issuers:
+        raise ConfigError("cds_hooks.issuers", "a CDS Hooks service needs at least one trusted EHR (iss and jwks)")

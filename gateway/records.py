@@ -204,6 +204,10 @@ class MessageOutcome:
     events: list[tuple[str, dict]] = field(default_factory=list)
     #: The review to open: {"candidates": [...]} (ids, scores and grades; no demographics).
     review: dict | None = None
+    #: What the message says about its visit, for care transitions (gateway.transitions.episodes):
+    #: the EpisodeEvent's fields (times as ISO 8601) with the member's ``aco_id`` and ``member_id``.
+    #: Only for a member the message is routed for (not unmatched, in review or opted out). Sealed at rest.
+    episode: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app.roster import import_roster_file
-from gateway.config import load_config
+from gateway.config import VALIDATE_SAMPLE_ENV, load_config
 from gateway.conversion.vocabulary import Vocabulary, load_vocabulary
 from gateway.intake.ack import AckBuilder
 from gateway.pipeline.process import MatchPolicy
@@ -28,6 +28,8 @@ from gateway.store.keys import KEYS_ENV
 # environment), seals PHI at rest with this throwaway key ring, as a deployed Herald does:
 # encrypt_at_rest is on by default and a gateway without a key refuses to start.
 os.environ[KEYS_ENV] = f"test {base64.b64encode(os.urandom(32)).decode('ascii')}"
+# The pipeline validates a sample of Bundles in production; under test, every one.
+os.environ[VALIDATE_SAMPLE_ENV] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_messages"

@@ -251,6 +251,20 @@ def test_rows_from_before_the_chain_are_chained_by_the_migration_and_anchored(tm
         "ALTER TABLE notifications DROP COLUMN attribution",
         "ALTER TABLE delivery_attempts DROP COLUMN status",
         "ALTER TABLE delivery_attempts DROP COLUMN elapsed_ms",
+        # and care transitions (version 8)
+        "DROP TABLE episode_events",
+        "DROP TABLE episodes",
+        "DROP TABLE tasks",
+        # and the web console (version 9)
+        "DROP TABLE console_users",
+        "DROP TABLE console_sessions",
+        "DROP TABLE console_meta",
+        "DROP TABLE message_terms",
+        "DROP INDEX messages_control",
+        "DROP INDEX messages_received",
+        "DROP INDEX messages_sender_time",
+        "DROP INDEX messages_state_time",
+        "DROP INDEX matches_member",
         "DELETE FROM migrations WHERE version >= 6",
     ):
         db.execute(sql)

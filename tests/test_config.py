@@ -311,3 +311,30 @@ def test_matching_model_path_is_relative_to_the_config_file(tmp_path):
         load_config(write(tmp_path, '[matching]\nmodel = "model.toml"'))
     assert caught.value.key == "matching.model"
     assert "model.toml: thresholds.roster_size" in caught.value.reason
+
+
+def test_the_pipeline_validates_a_spread_sample_of_bundles():
+    """validate_sample 0.02 validates about one message in fifty, spread over consecutive ids, the same ones on
+    a re-run; 1 validates all, 0 none; out of range is refused naming the key."""
+    from gateway.pipeline.workers import validated
+
+    chosen = [i for i in range(1, 10_001) if validated(i, 0.02)]
+    assert 170 <= len(chosen) <= 230
+    assert max(b - a for a, b in zip(chosen, chosen[1:], strict=False)) < 400
+    assert chosen == [i for i in range(1, 10_001) if validated(i, 0.02)]
+    assert all(validated(i, 1) for i in range(100)) and not any(validated(i, 0) for i in range(100))
+
+
+def test_validate_sample_is_checked_and_the_environment_wins(tmp_path, monkeypatch):
+    """[pipeline] validate_sample = 2 is refused; HERALD_VALIDATE_SAMPLE overrides the file (the suite sets 1)."""
+    from gateway.config import VALIDATE_SAMPLE_ENV
+
+    path = tmp_path / "h.toml"
+    path.write_text("[pipeline]\nvalidate_sample = 0.5\n")
+    monkeypatch.setenv(VALIDATE_SAMPLE_ENV, "1")
+    assert load_config(path).pipeline_validate_sample == 1.0
+    monkeypatch.delenv(VALIDATE_SAMPLE_ENV)
+    assert load_config(path).pipeline_validate_sample == 0.5
+    path.write_text("[pipeline]\nvalidate_sample = 2\n")
+    with pytest.raises(ConfigError, match="pipeline.validate_sample"):
+        load_config(path)

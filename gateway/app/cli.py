@@ -116,15 +116,42 @@ def main() -> None:
     "--allow-plain", is_flag=True, default=None, help="Allow plain tcp: listeners (overrides server.allow_plain)."
 )
 @data_option
-def serve(config_path, listen, allow_plain, data_dir):
-    """Run the gateway daemon until interrupted."""
-    from twisted.internet import defer, task
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default=None, help="Log lines (overrides [logging] format)."
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warn", "error"]),
+    default=None,
+    help="Lowest level logged (overrides [logging] level).",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Log to this file, reopened on SIGHUP (overrides [logging] file; default: standard error).",
+)
+def serve(config_path, listen, allow_plain, data_dir, log_format, log_level, log_file):
+    """Run the gateway daemon until interrupted (SIGTERM, SIGINT).
 
+    SIGHUP reloads the sender profiles (as `herald reload` asks) and reopens the log file.
+    """
+    import dataclasses
+
+    from twisted.internet import defer, task
+    from twisted.logger import Logger
+
+    from gateway.app.logs import on_hangup, start_logging
     from gateway.app.service import make_service, tls_server_options
     from gateway.config import check_listen, parse_listen
 
     cfg = _config(config_path, data_dir, list(listen) or None, allow_plain)
+    cfg = dataclasses.replace(
+        cfg,
+        log_format=log_format or cfg.log_format,
+        log_level=log_level or cfg.log_level,
+        log_file=log_file or cfg.log_file,
+    )
     if any(parse_listen(spec).tls for spec in cfg.listen):
         try:
             tls_server_options(cfg)  # missing or wrong certificates: said here, before anything starts
@@ -140,10 +167,25 @@ def serve(config_path, listen, allow_plain, data_dir):
             check_listen(cfg.listen, reactor)
         except ConfigError as e:
             raise click.ClickException(str(e)) from None
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-        gw = make_service(cfg, reactor, keys=keys)
+        try:
+            log = start_logging(cfg.log_format, cfg.log_level, cfg.log_file)
+        except OSError as e:
+            raise click.ClickException(f"logging.file: cannot open {cfg.log_file}: {e.strerror}") from None
+        try:
+            gw = make_service(cfg, reactor, keys=keys)
+        except ConfigError as e:  # a setting only the service reads (a JWKS, a worklist): said, no traceback
+            raise click.ClickException(str(e)) from None
         gw.service.startService()
         done = defer.Deferred()
+
+        def hangup() -> None:
+            reopened = log.reopen()
+            Logger(namespace="gateway.app.serve").info(
+                "SIGHUP: {said}; reloading the sender profiles",
+                said=f"log file {cfg.log_file} reopened" if reopened else "logging to standard error",
+            )
+
+        on_hangup(reactor, hangup)
 
         def failed(f):
             click.echo(f"herald: could not listen: {f.getErrorMessage()}", err=True)
@@ -158,6 +200,16 @@ def serve(config_path, listen, allow_plain, data_dir):
             )
         )
         d.addErrback(lambda f: failed(f.value.subFailure if hasattr(f.value, "subFailure") else f))
+        if gw.health is not None:
+            # Not fatal: intake goes on without its health port (the log says why at error level).
+            gw.health.ready.addCallback(
+                lambda port: click.echo(
+                    f"herald: health and metrics on {gw.health.address} (/healthz, /readyz, /metrics)"
+                    if port is not None
+                    else f"herald: health and metrics NOT served: {cfg.health_listen}: {gw.health.error}",
+                    err=True,
+                )
+            )
         reactor.addSystemEventTrigger("before", "shutdown", gw.service.stopService)
         return done
 
@@ -244,7 +296,8 @@ def send(target, paths, timeout, quiet, tls, ca, cert, key, server_name):
         sys.exit(EXIT_BAD_INPUT)
     for line in skipped:
         click.echo(f"herald send: {line}", err=True)
-    report = replay(host, int(port), messages, timeout=timeout, progress=not quiet, tls=options)
+    # The bar only on a terminal: piped or logged, stderr keeps the failures and this command's summary.
+    report = replay(host, int(port), messages, timeout=timeout, progress=not quiet and _stderr_is_tty(), tls=options)
     for line in report.failures:
         click.echo(line, err=True)
     answered = report.sent - report.unanswered
@@ -608,11 +661,15 @@ def roster_import(
         ignored=tuple(n.strip().lower() for n in (*cfg.roster_ignored, *ignore)),
     )
 
+    bars = []
+
     def say_columns_not_read(source) -> None:
         # Said before the rows are read: a long import shows them at once.
         _print_problems(file, [u.warning() for u in source.unread])
         if note := source.not_read_note():
             click.echo(f"{file}: line 1: {note}", err=True)
+        if _stderr_is_tty():
+            bars.append(_rows_progress(source, file))
 
     try:
         # A path, not an opened store: the file's header is read and checked before the database is opened.
@@ -637,6 +694,9 @@ def roster_import(
         sys.exit(EXIT_BAD_INPUT)
     except HeraldError as e:  # the store: a roster or database written with another key ring, ...
         raise click.ClickException(str(e)) from None
+    finally:
+        for bar in bars:
+            bar.render_finish()
     _print_problems(file, report.problems, " (row skipped)")
     click.echo(
         f"imported {file} as roster version {report.import_id} of {', '.join(report.acos)}"
@@ -651,6 +711,35 @@ def roster_import(
         f"{report.publish_seconds:.2f} s; the gateway's database was locked {report.lock_seconds * 1000:.0f} ms "
         "(the audit event)"
     )
+
+
+def _stderr_is_tty() -> bool:
+    """Whether a progress bar is wanted: standard error is a terminal."""
+    return sys.stderr.isatty()
+
+
+def _rows_progress(source, path: Path):
+    """A bar on stderr over a roster file's rows as they are read (its length: the file's lines)."""
+    with open(path, "rb") as f:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    total = max(1, lines - (0 if source.fixed else 1))
+    bar = click.progressbar(
+        length=total,
+        label=f"reading {path.name}",
+        file=sys.stderr,
+        update_min_steps=max(1, total // 200),
+    )
+    rows = source.rows
+
+    def counted():
+        # The source's rows are the import's only input: each one read moves the bar.
+        for row in rows():
+            bar.update(1)
+            yield row
+
+    source.rows = counted
+    bar.render_progress()
+    return bar
 
 
 @roster.command("versions")
@@ -1110,8 +1199,17 @@ def keys_rotate(no_new_key, batch, config_path, data_dir):
     _read_conn(cfg, keys).close()
     _check_keys(cfg, keys)
     last = [0.0]
+    bar = _sealing_progress(cfg) if _stderr_is_tty() else None
+    done_by_column: dict[str, int] = {}
 
     def progress(column: str, done: int) -> None:
+        if bar is not None:
+            if column in bar.columns:
+                step = done - done_by_column.get(column, 0)
+                done_by_column[column] = done
+                bar.label = f"sealing {column}"
+                bar.update(max(0, min(step, bar.length - bar.pos)))
+            return
         now = time.monotonic()
         if now - last[0] >= 1.0:
             last[0] = now
@@ -1121,6 +1219,9 @@ def keys_rotate(no_new_key, batch, config_path, data_dir):
         report = rotate_keys(cfg, new_key=not no_new_key, batch=batch, progress=progress)
     except HeraldError as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.render_finish()
     if report.added:
         click.echo(f"added key {report.added} to {cfg.key_path}; it seals every new value")
     click.echo(f"sealed under {report.sealing_key} in {report.seconds:.1f} s:")
@@ -1131,6 +1232,22 @@ def keys_rotate(no_new_key, batch, config_path, data_dir):
         click.echo(f"  {'message digests keyed':<24} {report.digests:>9}")
     if not report.checkpointed:
         click.echo("  the write-ahead log was in use; the gateway's writer empties it later", err=True)
+
+
+def _sealing_progress(cfg):
+    """A bar on stderr over every value `keys rotate` seals again (counted first, as `keys status` counts)."""
+    from gateway.app.keys import key_status
+
+    try:
+        status = key_status(cfg)
+    except HeraldError:
+        return None  # rotate says what is wrong
+    sizes = {column: sum(counts.values()) for column, counts in status.columns.items()}
+    sizes["roster members"] = sum(status.roster.values())
+    bar = click.progressbar(length=max(1, sum(sizes.values())), label="sealing", file=sys.stderr)
+    bar.columns = set(sizes)
+    bar.render_progress()
+    return bar
 
 
 @keys_group.command("status")
@@ -1394,11 +1511,29 @@ def certs_show(file):
 
 
 # -- commands in their own modules (registered here, after everything they import from this one) --------
+#
+# They import this module's helpers. Run as ``python -m gateway.app.cli`` this file is ``__main__``, and
+# importing them here would load a second copy of it half-way: the entry point below imports the module
+# proper instead, which registers them.
 
-from gateway.app.cli_recipients import recipients  # noqa: E402
+if __name__ not in ("__main__", "__mp_main__"):
+    from gateway.app.cli_recipients import recipients
 
-main.add_command(recipients)
+    main.add_command(recipients)
+
+    from gateway.app.cli_transitions import patient, snf, tasks
+
+    main.add_command(patient)
+    main.add_command(tasks)
+    main.add_command(snf)
+
+    from gateway.app.cli_console import index, users
+
+    main.add_command(users)
+    main.add_command(index)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    from gateway.app.cli import main as registered
+
+    registered()

@@ -71,6 +71,11 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
             yield defer.gatherResults([lst.ready for lst in gw.listeners])
             port = gw.listening_ports()[0]
             echo(f"  listening on 127.0.0.1:{port} (MLLP over mutual TLS); replaying {len(messages)} sample messages")
+            if gw.health is not None and (yield gw.health.ready) is not None:
+                echo(f"  health and metrics on {gw.health.address} (/healthz, /readyz, /metrics)")
+            if gw.console is not None:
+                # Up while the demo runs, on the demo's throwaway certificate; it has no users yet (see --keep).
+                echo(f"  web console on {(yield gw.console.ready)} (sign-in needs a user: see --keep)")
             cert, key = certs.client(DEMO_CLIENT)
             tls = client_options("localhost", certs.ca.read_bytes(), cert.read_bytes(), key.read_bytes())
             report = yield replay_async(reactor, "127.0.0.1", port, messages, timeout=10, tls=tls)
@@ -133,6 +138,10 @@ def run_demo(keep: bool = False, samples: Path = SAMPLES, out=None) -> int:
             echo(f"  not accepted: {Path(where).name}: {code} {reason}")
     if keep:
         echo(f"\nData kept in {folder}; try: herald log list --data {folder}")
+        echo(
+            f"The web console: herald users add NAME --role admin --config {folder}/herald.toml --data {folder}, then "
+            f"herald serve --config {folder}/herald.toml --data {folder} (its log says where the console listens)"
+        )
     else:
         shutil.rmtree(folder, ignore_errors=True)
     undelivered = [n for n in notes if n["state"] != "sent"]
@@ -146,6 +155,8 @@ def demo_config(folder: Path, messages):
     headers = [read_header_leniently(raw) for _, raw in messages]
     senders = sorted({(h.sending_application, h.sending_facility) for h in headers if h is not None})
     lines = ["[server]", 'listen = ["tls:0:interface=127.0.0.1"]']
+    lines += ["", "[health]", 'listen = "tcp:0:interface=127.0.0.1"']  # a free port: a running Herald may hold 9102
+    lines += ["", "[console]", "enabled = true", 'listen = "tls:0:interface=127.0.0.1"']  # HTTPS, its certificate
     for application, facility in senders:
         # json.dumps writes a valid TOML basic string.
         lines += ["", "[[senders]]", f"application = {json.dumps(application)}", f"facility = {json.dumps(facility)}"]

@@ -17,13 +17,20 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import Logger
 
 from gateway.app.audit import PeriodicPurge
+from gateway.app.cds_hooks import CdsHooksListener, cds_hooks_listener
+from gateway.app.console import ConsoleService, web_console
 from gateway.app.disk import DiskReserve
+from gateway.app.health import HealthListener, Readiness, health_site
+from gateway.app.logs import delivery_logged
+from gateway.app.metrics import GatewayMetrics
 from gateway.app.roster import adopt_legacy_roster
+from gateway.app.transitions_service import TransitionsService, alert_targets, care_transitions
 from gateway.config import Config, Listen, parse_listen
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.delivery.worker import DeliveryWorker
 from gateway.errors import ConfigError
 from gateway.intake.ack import AckBuilder
+from gateway.intake.connections import IntakeServerFactory
 from gateway.intake.receiver import Intake
 from gateway.intake.rejections import RejectionSampler
 from gateway.intake.senders import SenderPolicy
@@ -31,7 +38,6 @@ from gateway.pipeline.runner import PipelineWorker
 from gateway.store import Store
 from gateway.store.files import private_data_dir
 from gateway.store.keys import KeyRing, load_ring
-from mllp import MLLPServerFactory
 from mllp.tls import server_options
 
 _MB = 1024 * 1024
@@ -107,6 +113,11 @@ class Gateway:
     delivery: DeliveryWorker
     listeners: list[Listener]
     disk: DiskReserve | None = None  # the free-space reserve ([storage] reserve_mb), when one is set
+    metrics: GatewayMetrics | None = None  # this gateway's own registry (/metrics)
+    health: HealthListener | None = None  # the /healthz, /readyz, /metrics listener ([health] enabled)
+    transitions: TransitionsService | None = None  # care transitions ([transitions] enabled)
+    cds_hooks: CdsHooksListener | None = None  # the CDS Hooks listener ([cds_hooks] listen)
+    console: ConsoleService | None = None  # the web console ([console] enabled)
 
     def listening_ports(self) -> list[int]:
         """The TCP ports actually bound (useful with ``tcp:0``), once started."""
@@ -154,6 +165,15 @@ def make_service(
 
     store_service = _StoreService()
     store_service.setServiceParent(top)
+    metrics = GatewayMetrics()
+    metrics.watch_outcomes(store)
+    listeners: list[Listener] = []
+    health = None
+    if config.health_enabled:
+        # Right after the store: it answers while the rest starts, and /readyz says not ready until the
+        # listeners are bound; it stops after them, saying not ready meanwhile.
+        health = HealthListener(config.health_listen, None, reactor)
+        health.setServiceParent(top)
 
     delivery = DeliveryWorker(
         store,
@@ -172,8 +192,13 @@ def make_service(
         file_drop_sealed=functools.lru_cache(maxsize=256)(config.file_drop_sealed),
         private_root=config.data_dir,
         direct_relay=config.direct_relay,
+        channel_settings=alert_targets(config),
     )
-    pipeline = PipelineWorker(store, config, vocab, reactor, on_routed=delivery.wake)
+    delivery.observers.append(metrics.delivery_attempted)
+    delivery.observers.append(delivery_logged)
+    transitions = care_transitions(config, store, reactor, on_queued=delivery.wake)
+    on_routed = delivery.wake if transitions is None else _both(delivery.wake, transitions.wake)
+    pipeline = PipelineWorker(store, config, vocab, reactor, on_routed=on_routed)
     rejections = RejectionSampler(store, config.rejected_sample, config.rejected_window, reactor)
     # After the store: it stops (writing its last summary) before the store does.
     rejections.setServiceParent(top)
@@ -192,6 +217,7 @@ def make_service(
         rejections=rejections,
         rejected_bytes_kept=config.rejected_bytes_kept,
         senders=SenderPolicy.from_config(config),
+        watch=metrics,
     )
     disk = None
     if config.storage_reserve_mb > 0:
@@ -201,10 +227,12 @@ def make_service(
     if config.retention_days > 0:
         PeriodicPurge(store, config.data_dir, config.retention_days, reactor).setServiceParent(top)
     delivery.setServiceParent(top)
+    if transitions is not None:
+        transitions.setServiceParent(top)  # after delivery (it queues e-alerts), before the pipeline (it wakes it)
     if config.pipeline_enabled:
         pipeline.setServiceParent(top)
     # Listeners last: they start last and stop first.
-    factory = MLLPServerFactory(
+    factory = IntakeServerFactory(
         intake,
         maxLength=config.max_frame_bytes,
         idleTimeout=config.idle_timeout,
@@ -213,7 +241,6 @@ def make_service(
         maxConnections=config.max_connections,
         maxConnectionsPerPeer=config.max_connections_per_peer,
     )
-    listeners = []
     for listen in listens:
         if listen.tls:
             endpoint = SSL4ServerEndpoint(reactor, listen.port, tls, listen.backlog, listen.interface)
@@ -222,7 +249,26 @@ def make_service(
         svc = Listener(listen.spec, endpoint, factory, listen)
         svc.setServiceParent(top)
         listeners.append(svc)
-    return Gateway(top, store, intake, pipeline, delivery, listeners, disk)
+    cds_hooks = cds_hooks_listener(config, reactor, store, transitions)
+    if cds_hooks is not None:
+        cds_hooks.setServiceParent(top)
+    if health is not None:
+        health.site = health_site(Readiness(store, config, listeners, pipeline, reactor, disk), metrics, store)
+    gateway = Gateway(top, store, intake, pipeline, delivery, listeners, disk, metrics, health)
+    gateway.transitions, gateway.cds_hooks = transitions, cds_hooks
+    # The web console: after the store (its pages read and write through it), and stopped before it.
+    gateway.console = web_console(config, store, keys, reactor)
+    if gateway.console is not None:
+        gateway.console.setServiceParent(top)
+    return gateway
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        first()
+        second()
+
+    return call
 
 
 def tls_server_options(config: Config):

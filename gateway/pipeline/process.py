@@ -46,6 +46,7 @@ from gateway.records import (
     Notification,
     PendingMessage,
 )
+from gateway.transitions.episodes import episode_event, event_as_dict
 
 __all__ = ["MatchPolicy", "decide", "match_record", "process_message", "review_candidates", "route_reviewed"]
 
@@ -195,6 +196,7 @@ def process_message(
                 "event": conversion.event_code,
                 "resources": len(conversion.bundle["entry"]),
                 "warnings": conversion.warnings,
+                "validated": validate,
             },
         )
     )
@@ -253,7 +255,27 @@ def process_message(
         notifications,
         events,
         review,
+        episode=_episode_of(conversion.bundle, trigger, mid, decision.member, events),
     )
+
+
+def _episode_of(bundle: dict, trigger: str, message_id: int, member: dict | None, events: list) -> dict | None:
+    """The message's episode event (care transitions) for the member it is routed for; None without one.
+
+    Episodes are a member's: an unmatched patient, one in review and an opted-out member have none.
+    A message with no visit number (PV1-19) has none either. Reading it never fails the message.
+    """
+    if member is None:
+        return None
+    aco_id, member_id = str(member.get("aco_id", "")), str(member.get("member_id", ""))
+    try:
+        event = episode_event(bundle, trigger, message_id, f"{aco_id}|{member_id}")
+    except Exception as e:
+        events.append(("episode-skipped", {"reason": f"the visit could not be read ({type(e).__name__})"}))
+        return None
+    if event is None:
+        return None
+    return {**event_as_dict(event), "aco_id": aco_id, "member_id": member_id}
 
 
 def route_reviewed(

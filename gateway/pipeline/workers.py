@@ -73,6 +73,7 @@ def process_batch_here(
     (it grew without bound under a steady load).
     """
     snapshot = roster.current()
+    sample = config.pipeline_validate_sample
     lookups = StoredRoster(snapshot, conn)
     policy = policy_for(snapshot, config)
     outcomes = []
@@ -89,9 +90,21 @@ def process_batch_here(
                     limits=config.limits,
                     profiles=profiles,
                     directory=directory,
+                    validate=validated(p.id, sample),
                 )
             )
     return outcomes
+
+
+def validated(message_id: int, sample: float) -> bool:
+    """Whether the pipeline validates this message's Bundle: every one at 1, none at 0, else a spread
+    ``sample`` of them, chosen by the message's id (the same choice on a re-run)."""
+    if sample >= 1:
+        return True
+    if sample <= 0:
+        return False
+    # Fibonacci hashing spreads consecutive ids evenly over [0, 1).
+    return ((message_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) / 2**64 < sample
 
 
 def policy_for(snapshot: RosterSnapshot, config: Config) -> MatchPolicy:

@@ -41,7 +41,7 @@ from gateway.records import (
     Notification,
     PendingMessage,
 )
-from gateway.store import directory, events, integrity, messages, outbox, retention, reviews, schema
+from gateway.store import directory, events, integrity, messages, outbox, retention, reviews, schema, transitions
 from gateway.store.messages import count_by_state, list_messages, message_detail, outstanding_work
 from gateway.store.outbox import list_outbox, notifications_for, outbox_counts
 from gateway.store.reviews import list_reviews, review_detail, stored_match
@@ -197,6 +197,40 @@ class Store(Writer):
     def remove_recipient(self, entry_id: str, *, by: str) -> bool:
         """Remove a directory entry; False when there was none (audited)."""
         return self.call(directory.remove_directory_entry, entry_id, iso(self.clock()), by)
+
+    # -- care transitions (gateway.store.transitions) -----------------------------------
+
+    def use_episode_flags(self, flags_of: transitions.FlagsOf) -> None:
+        """Have pipeline outcomes flag the member's notifications (readmission, ED use, SNF).
+
+        ``flags_of`` runs on the writer thread, in the outcome's transaction
+        (:func:`~gateway.store.transitions.record_episode_event`). Call it before :meth:`start`.
+        """
+        self._conn.episode_flags = flags_of
+
+    def unfolded_episode_events(self, limit: int) -> defer.Deferred:
+        """Episode events the transitions service has not folded yet, oldest first (a Deferred list)."""
+        return self.submit_read(transitions.unfolded_events, limit)
+
+    def transitions_state(self, members: Iterable[tuple[str, str]]) -> defer.Deferred:
+        """Each member's events, episodes and open tasks (a Deferred dict by ``(aco_id, member_id)``)."""
+        return self.submit_read(transitions.member_state, list(members))
+
+    def open_episodes(self, setting: str) -> defer.Deferred:
+        """Open episodes of one setting (a Deferred list)."""
+        return self.submit_read(transitions.open_episodes, setting)
+
+    def alert_source(self, message_id: int) -> defer.Deferred:
+        """The message an ED e-alert answers, opened (a Deferred dict, None when its body is gone)."""
+        return self.submit_read(transitions.alert_source, message_id)
+
+    def apply_transitions(self, change: dict) -> defer.Deferred:
+        """Write what the transitions service decided (episodes, tasks, e-alerts, events), one transaction."""
+        return self.submit_background(transitions.apply_transitions, change, iso(self.clock()), self.seconds())
+
+    def complete_task(self, task_id: str, *, by: str) -> str | None:
+        """Mark a worklist task done (audited); its status before, None when there is no such task (blocking)."""
+        return self.call(transitions.complete_task, task_id, by, iso(self.clock()))
 
     # -- reviews and the roster's audit (blocking) -------------------------------------
 

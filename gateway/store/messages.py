@@ -23,12 +23,14 @@ from gateway.records import (
     MessageOutcome,
     PendingMessage,
 )
+from gateway.store.console import index_message
 from gateway.store.events import append_event, events_of
 from gateway.store.integrity import intake_digest, message_problem
 from gateway.store.keys import KeyRingError
 from gateway.store.outbox import attempts_of, insert_notification, notifications_of
 from gateway.store.reviews import record_match
 from gateway.store.sealing import keys_of, message_context, message_digest_matches
+from gateway.store.transitions import record_episode_event
 
 __all__ = [
     "apply_outcomes",
@@ -164,7 +166,10 @@ def _apply_outcome(conn: sqlite3.Connection, o: MessageOutcome, now: str, due: f
         append_event(conn, now, o.message_id, None, "pipeline", kind, detail)
     if o.match is not None:
         record_match(conn, o.message_id, o.match, o.review, now)
-    for n in o.notifications:
+    # The patient's terms in the message browser's blind index (gateway.store.console).
+    index_message(conn, o.message_id, o.fhir_json)
+    # The member's episode event (care transitions), and its flags on the member's notifications.
+    for n in record_episode_event(conn, o, now):
         insert_notification(conn, n, now, due)
     return 1
 

@@ -346,6 +346,66 @@ CREATE INDEX notifications_order ON notifications (patient_key, target, message_
 """
 
 
+# Version 8: care transitions (gateway.store.transitions). Each routed member's message
+# leaves its episode event (sealed); the transitions service folds them into episodes (one
+# per facility and visit number, found by the keyed hash of both; the state sealed) and
+# makes worklist tasks (the FHIR Task sealed). Member and ACO ids, settings and statuses stay
+# readable: the service and the CLI select by them.
+_SCHEMA_V8 = """
+CREATE TABLE episode_events (
+    message_id INTEGER PRIMARY KEY,
+    aco_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    episode_key TEXT NOT NULL,
+    event BLOB NOT NULL,
+    recorded_at TEXT NOT NULL,
+    folded_at TEXT
+);
+CREATE INDEX episode_events_member ON episode_events (aco_id, member_id);
+CREATE INDEX episode_events_key ON episode_events (episode_key);
+CREATE INDEX episode_events_unfolded ON episode_events (message_id) WHERE folded_at IS NULL;
+CREATE TABLE episodes (
+    id INTEGER PRIMARY KEY,
+    episode_key TEXT NOT NULL UNIQUE,
+    aco_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    status TEXT NOT NULL,
+    snf INTEGER NOT NULL DEFAULT 0,
+    state BLOB NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX episodes_member ON episodes (aco_id, member_id);
+CREATE INDEX episodes_status ON episodes (status, setting);
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY,
+    aco_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    code TEXT NOT NULL,
+    episode_key TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    resource BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    closed_by TEXT
+);
+CREATE INDEX tasks_status ON tasks (status, aco_id);
+CREATE INDEX tasks_member ON tasks (aco_id, member_id)
+"""
+
+
+# Version 9: the web console (gateway.store.console): its users and sessions (a session
+# found by the hash of its cookie), and the message browser's blind index, message_terms
+# (keyed hashes of the patient's identifiers, names and birth date, each with its message),
+# with the indexes the browser reads by (control id, time received, a member's matches).
+# The messages stored before are indexed in the background, not here.
+def _migrate_v9(conn: sqlite3.Connection) -> None:
+    from gateway.store.console import create_console_tables
+
+    create_console_tables(conn)
+
+
 def _migrate_v3(conn: sqlite3.Connection) -> None:
     run_sql(conn, _SCHEMA_V3)
     if conn.execute("SELECT 1 FROM roster_members LIMIT 1").fetchone() is None:
@@ -436,6 +496,8 @@ MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [
     (5, _migrate_v5),
     (6, _migrate_v6),
     (7, _migrate_v7),
+    (8, _SCHEMA_V8),
+    (9, _migrate_v9),
 ]
 
 #: The schema version this code writes.

@@ -15,7 +15,14 @@ value                                 context
 ``confirmed_links.mrn``               ``confirmed_links.mrn:<mrn hash>:<authority>:<aco>``
 a file drop (``<id>.json.sealed``)    ``outbox:<notification id>``
 roster: ``phi`` and ``person``        ``roster.<column>:<aco id>\\x1f<member id>``
+``episode_events.event``              ``episode_events.event:<message id>``
+``episodes.state``                    ``episodes.state:<episode key>``
+``tasks.resource``                    ``tasks.resource:<task id>``
 ====================================  ==========================================
+
+An episode (care transitions) is found by its *episode key*, the keyed hash
+of its facility and visit number (:func:`episode_key`): the visit number is
+never stored in the clear.
 
 A message's id is reserved inside the writer's transaction (the next rowid,
 read under its write lock) so its body is sealed once, with its own id.
@@ -41,6 +48,9 @@ __all__ = [
     "ROSTER_PHI_COLUMNS",
     "block_hash",
     "candidates_context",
+    "episode_event_context",
+    "episode_key",
+    "episode_state_context",
     "file_drop_context",
     "keys_of",
     "link_context",
@@ -52,6 +62,7 @@ __all__ = [
     "payload_context",
     "roster_context",
     "row_digest",
+    "task_context",
     "term_hash",
 ]
 
@@ -100,6 +111,26 @@ def attribution_context(notification_id: str) -> bytes:
 def candidates_context(message_id: int) -> bytes:
     """The context of a review's candidates (one review per message)."""
     return b"reviews.candidates:%d" % message_id
+
+
+def episode_event_context(message_id: int) -> bytes:
+    """The context of a message's episode event (care transitions): one per message."""
+    return b"episode_events.event:%d" % message_id
+
+
+def episode_state_context(key: str) -> bytes:
+    """The context of an episode's folded state: its episode key."""
+    return b"episodes.state:" + key.encode("ascii")
+
+
+def task_context(task_id: str) -> bytes:
+    """The context of a worklist task's FHIR Task: the task's id."""
+    return b"tasks.resource:" + task_id.encode("utf-8")
+
+
+def episode_key(keys: KeyRing, facility: str, visit: str) -> str:
+    """The keyed hash an episode is found by: its facility and visit number."""
+    return keys.lookup("episode:" + facility + "\x1f" + visit)
 
 
 def file_drop_context(notification_id: str) -> bytes:
