@@ -719,7 +719,7 @@ def print_report(report: dict) -> None:
     print(code_under_test())
     print(f"machine: {m['cores']} cores, load average {m['load_average']} at the start (other work shows here)")
     print("herald serve: HIE as a fhir recipient (http://127.0.0.1, one connection a POST), PCP and care team off,")
-    print("no roster (one HIE notification a message), delivery defaults (16 at once, 4 a destination)")
+    print("no roster (one HIE notification a message), delivery defaults (64 at once, 4 a destination)")
     pre = report.get("preload")
     if pre:
         load = pre["load"]
