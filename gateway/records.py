@@ -208,6 +208,9 @@ class MessageOutcome:
     #: the EpisodeEvent's fields (times as ISO 8601) with the member's ``aco_id`` and ``member_id``.
     #: Only for a member the message is routed for (not unmatched, in review or opted out). Sealed at rest.
     episode: dict | None = None
+    #: The Patient resource the pipeline built (the same as in ``fhir_json``): the store indexes its search
+    #: terms from it without parsing the whole Bundle again. None: the store reads the stored message.
+    patient: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)

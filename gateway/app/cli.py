@@ -928,18 +928,6 @@ def log_list(state, limit, config_path, data_dir):
         )
 
 
-def _ack_said(message: dict, events: list[dict]) -> str:
-    """What the sender was answered: the ACK code sent, or why none was (MSH-15 NE/ER asks for none)."""
-    sent = [e for e in events if e["kind"] == "ack-sent"]
-    if sent:
-        return f"ACK {json.loads(sent[-1]['detail'] or '{}').get('code', message['ack_code'])}"
-    if message["state"] == "rejected" and message["ack_code"]:
-        return f"ACK {message['ack_code']} (refused)"
-    if message["accept_ack_type"] in ("NE", "ER"):
-        return f"no accept ACK sent (MSH-15 {message['accept_ack_type']})"
-    return "no ACK recorded"
-
-
 @log.command("show")
 @click.argument("message_id", type=int)
 @click.option("--fields", is_flag=True, help="Also list every field with its HL7 name (per the message's version).")
@@ -947,7 +935,7 @@ def _ack_said(message: dict, events: list[dict]) -> str:
 @data_option
 def log_show(message_id, fields, config_path, data_dir):
     """Show one message: raw v2, FHIR, match, notifications, deliveries and audit events."""
-    from gateway.app.operations import message_view
+    from gateway.app.operations import ack_said, message_view
 
     cfg = _config(config_path, data_dir)
     keys = _keys(cfg)
@@ -965,7 +953,7 @@ def log_show(message_id, fields, config_path, data_dir):
     click.echo(
         f"  received {m['received_at']} from {m['peer']}; sender {m['sending_application']}|{m['sending_facility']}; "
         f"{m['message_type']}^{m['trigger_event']} v{m['version']}; control id {m['control_id']}; "
-        f"{_ack_said(m, detail['events'])}"
+        f"{ack_said(m, detail['events'])}"
     )
     if m["flag"]:
         click.echo(f"  flag: {m['flag']}")

@@ -8,6 +8,7 @@ read-only connection) and the configuration, does one thing, and raises
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from gateway.app.roster import opened_store
@@ -28,6 +29,7 @@ __all__ = [
     "OperationError",
     "ReviewDecision",
     "accept_review",
+    "ack_said",
     "message_view",
     "opened_store",
     "reject_review",
@@ -201,3 +203,15 @@ def _field_lines(raw: bytes, charset: str, version: str) -> list[str]:
             name = f" {info[0]} ({info[1]})" if info else ""
             lines.append(f"{seg.name}-{n}{name}: {value}")
     return lines
+
+
+def ack_said(message: dict, events: list[dict]) -> str:
+    """What the sender was answered: the ACK code sent, or why none was (MSH-15 NE/ER asks for none)."""
+    sent = [e for e in events if e["kind"] == "ack-sent"]
+    if sent:
+        return f"ACK {json.loads(sent[-1]['detail'] or '{}').get('code', message['ack_code'])}"
+    if message["state"] == "rejected" and message["ack_code"]:
+        return f"ACK {message['ack_code']} (refused)"
+    if message["accept_ack_type"] in ("NE", "ER"):
+        return f"no accept ACK sent (MSH-15 {message['accept_ack_type']})"
+    return "no ACK recorded"

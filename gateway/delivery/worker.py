@@ -690,7 +690,7 @@ class DeliveryWorker(Service):
         return payload
 
     @defer.inlineCallbacks
-    def _send_fhir(self, n: Notification, settings: Mapping[str, Any] = {}, where: str = "recipients"):  # noqa: B006
+    def _send_fhir(self, n: Notification, settings: Mapping[str, Any], where: str):
         payload = yield self._payload(n)
         channel = self._fhir.get(n.target) if not settings else None
         if channel is None:

@@ -256,6 +256,7 @@ def process_message(
         events,
         review,
         episode=_episode_of(conversion.bundle, trigger, mid, decision.member, events),
+        patient=conversion.patient_resource,
     )
 
 

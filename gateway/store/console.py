@@ -89,10 +89,6 @@ __all__ = [
 
 #: The roles a console user can have: an admin may also manage users and verify the audit trail.
 CONSOLE_ROLES = ("analyst", "admin")
-#: What the blind index holds of a message's patient.
-TERM_KINDS = ("mrn", "mbi", "family", "given", "birth")
-#: The MBI's identifier system in a Bundle (the converter writes it).
-_MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
 
 _TABLES = """
 CREATE TABLE console_users (
@@ -162,6 +158,14 @@ def _set_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
 
 # -- normalising and hashing terms -------------------------------------------------------------
 
+
+# -- normalising and hashing terms -------------------------------------------------------------
+
+#: What the blind index holds of a message's patient.
+TERM_KINDS = ("mrn", "mbi", "family", "given", "birth")
+#: The MBI's identifier system in a Bundle (the converter writes it).
+_MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
+
 _DROP = re.compile(r"['’`.]")
 _WORD = re.compile(r"[A-Z0-9]+")
 _IDENTIFIER_DROP = re.compile(r"[\s-]")
@@ -214,6 +218,33 @@ def normalise_term(kind: str, value: str) -> str:
     return _IDENTIFIER_DROP.sub("", value or "").upper()
 
 
+def patient_terms(patient: dict) -> set[tuple[str, str]]:
+    """The (kind, normalised value) terms of a Patient resource: identifiers, names, birth date."""
+    terms: set[tuple[str, str]] = set()
+    for identifier in patient.get("identifier") or ():
+        value = normalise_term("mrn", str(identifier.get("value") or ""))
+        if value:
+            terms.add(("mbi" if identifier.get("system") == _MBI_SYSTEM else "mrn", value))
+    for name in patient.get("name") or ():
+        terms.update(("family", t) for t in _name_terms(str(name.get("family") or "")))
+        for given in name.get("given") or ():
+            terms.update(("given", t) for t in _name_terms(str(given)))
+    birth = _date_term(str(patient.get("birthDate") or ""))
+    if birth:
+        terms.add(("birth", birth))
+    return terms
+
+
+def bundle_terms(bundle: dict) -> set[tuple[str, str]]:
+    """The terms of every Patient in a Bundle (see :func:`patient_terms`)."""
+    terms: set[tuple[str, str]] = set()
+    for entry in bundle.get("entry") or ():
+        resource = (entry or {}).get("resource") or {}
+        if resource.get("resourceType") == "Patient":
+            terms.update(patient_terms(resource))
+    return terms
+
+
 def _term_key(keys: KeyRing, kind: str, value: str) -> int:
     return keys.lookup_int(f"msg.{kind}:{value}".encode())
 
@@ -232,27 +263,6 @@ def plain_terms(conn: sqlite3.Connection) -> bool:
     """Whether some terms were hashed with encryption at rest off (under the disabled ring's public key)."""
     row = conn.execute("SELECT value FROM console_meta WHERE name = 'plain_terms'").fetchone()
     return row is not None and row[0] == "1"
-
-
-def bundle_terms(bundle: dict) -> set[tuple[str, str]]:
-    """The (kind, normalised value) terms of a Bundle's Patient: identifiers, names, birth date."""
-    terms: set[tuple[str, str]] = set()
-    for entry in bundle.get("entry") or ():
-        patient = (entry or {}).get("resource") or {}
-        if patient.get("resourceType") != "Patient":
-            continue
-        for identifier in patient.get("identifier") or ():
-            value = normalise_term("mrn", str(identifier.get("value") or ""))
-            if value:
-                terms.add(("mbi" if identifier.get("system") == _MBI_SYSTEM else "mrn", value))
-        for name in patient.get("name") or ():
-            terms.update(("family", t) for t in _name_terms(str(name.get("family") or "")))
-            for given in name.get("given") or ():
-                terms.update(("given", t) for t in _name_terms(str(given)))
-        birth = _date_term(str(patient.get("birthDate") or ""))
-        if birth:
-            terms.add(("birth", birth))
-    return terms
 
 
 def raw_terms(raw: bytes, charset: str = "") -> set[tuple[str, str]]:
@@ -303,11 +313,15 @@ def _insert_terms(conn: sqlite3.Connection, message_id: int, terms: Iterable[tup
     return len(rows)
 
 
-def index_message(conn: sqlite3.Connection, message_id: int, fhir_json: str | None) -> int:
-    """Index one message's patient (in the caller's transaction): from its Bundle, else from its stored v2.
+def index_message(conn: sqlite3.Connection, message_id: int, fhir_json: str | None, patient: dict | None = None) -> int:
+    """Index one message's patient (in the caller's transaction): the Patient resource when the pipeline
+    handed it over (no second parse of the whole Bundle on the writer), else from its Bundle, else from
+    its stored v2.
 
     Called as the pipeline's outcome is recorded; returns how many terms.
     """
+    if patient is not None:
+        return _insert_terms(conn, message_id, patient_terms(patient))
     if fhir_json:
         try:
             return _insert_terms(conn, message_id, bundle_terms(json.loads(fhir_json)))

@@ -167,7 +167,7 @@ def _apply_outcome(conn: sqlite3.Connection, o: MessageOutcome, now: str, due: f
     if o.match is not None:
         record_match(conn, o.message_id, o.match, o.review, now)
     # The patient's terms in the message browser's blind index (gateway.store.console).
-    index_message(conn, o.message_id, o.fhir_json)
+    index_message(conn, o.message_id, o.fhir_json, o.patient)
     # The member's episode event (care transitions), and its flags on the member's notifications.
     for n in record_episode_event(conn, o, now):
         insert_notification(conn, n, now, due)

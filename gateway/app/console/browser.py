@@ -13,11 +13,12 @@ import re
 from datetime import UTC, datetime
 
 from gateway.app.console.exchange import PageError, Visit
-from gateway.app.console.html import badge, esc, href, page, post_button, section, table
-from gateway.app.operations import OperationError, message_view
+from gateway.app.console.html import badge, esc, href, page, section, table
+from gateway.app.console.queues import notification_actions
+from gateway.app.operations import OperationError, ack_said, message_view
 from gateway.conversion.fieldnames import field_info
 from gateway.errors import StoreError
-from gateway.records import DEAD, MESSAGE_STATES, PENDING, RETRYING
+from gateway.records import MESSAGE_STATES
 from gateway.store.console import (
     MessageSearch,
     index_status,
@@ -183,18 +184,6 @@ def messages_page(visit: Visit):
 # -- one message -------------------------------------------------------------------------
 
 
-def _ack_said(message: dict, events: list[dict]) -> str:
-    """What the sender was answered: the ACK code sent, or why none was (MSH-15 NE/ER asks for none)."""
-    sent = [e for e in events if e["kind"] == "ack-sent"]
-    if sent:
-        return f"ACK {json.loads(sent[-1]['detail'] or '{}').get('code', message['ack_code'])}"
-    if message["state"] == "rejected" and message["ack_code"]:
-        return f"ACK {message['ack_code']} (refused)"
-    if message["accept_ack_type"] in ("NE", "ER"):
-        return f"no accept ACK sent (MSH-15 {message['accept_ack_type']})"
-    return "no ACK recorded"
-
-
 def _fields(segments: list[str], version: str) -> tuple[str, list[list[str]]]:
     """The raw message with each field named on hover, and a table row per non-empty field (from hl7apy)."""
     if not segments or not segments[0].startswith("MSH") or len(segments[0]) < 4:
@@ -253,20 +242,7 @@ def _notifications_section(visit: Visit, message_id: int, notifications: list[di
     back = f"/messages/{message_id}"
     rows = []
     for n in notifications:
-        actions = []
-        if n["state"] in (DEAD, RETRYING):
-            actions.append(post_button(visit, "/notifications/retry", "Resend", {"ids": n["id"], "back": back}))
-        if n["state"] in (PENDING, RETRYING, DEAD):
-            actions.append(
-                post_button(
-                    visit,
-                    "/notifications/cancel",
-                    "Cancel",
-                    {"ids": n["id"], "back": back},
-                    confirm="Cancel this notification? It will never be sent.",
-                    cls="danger",
-                )
-            )
+        actions = notification_actions(visit, n, back, resend="Resend")
         rows.append(
             [
                 f"<code>{esc(n['id'][:8])}</code>",
@@ -322,7 +298,7 @@ def message_page(visit: Visit, message_id: int):
         ("Sender", esc(f"{m['sending_application']}|{m['sending_facility']}")),
         ("Type", esc(f"{m['message_type']}^{m['trigger_event']} v{m['version']}")),
         ("Control id", esc(m["control_id"])),
-        ("Answer", esc(_ack_said(m, detail["events"]))),
+        ("Answer", esc(ack_said(m, detail["events"]))),
     ]
     if m["flag"]:
         facts.append(("Flag", esc(m["flag"])))

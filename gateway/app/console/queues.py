@@ -22,6 +22,25 @@ from gateway.store import list_outbox, list_reviews, outbox_counts, roster_membe
 __all__ = ["cancel_action", "outbox_page", "retry_action", "review_action", "reviews_page"]
 
 
+def notification_actions(visit: Visit, n: dict, back: str, resend: str = "Retry") -> list[str]:
+    """The buttons a notification in state ``n["state"]`` offers: send again (dead or retrying), cancel (unsent)."""
+    actions = []
+    if n["state"] in (DEAD, RETRYING):
+        actions.append(post_button(visit, "/notifications/retry", resend, {"ids": n["id"], "back": back}))
+    if n["state"] in (PENDING, RETRYING, DEAD):
+        actions.append(
+            post_button(
+                visit,
+                "/notifications/cancel",
+                "Cancel",
+                {"ids": n["id"], "back": back},
+                confirm="Cancel this notification? It will never be sent.",
+                cls="danger",
+            )
+        )
+    return actions
+
+
 def local_path(target: str, default: str) -> str:
     """``target`` if it is a path on this console (never another site: no scheme, no ``//``); else ``default``."""
     if target.startswith("/") and not target.startswith("//") and "\\" not in target:
@@ -54,20 +73,7 @@ def outbox_page(visit: Visit):
     rows = []
     back = url("/outbox", state=state, destination=destination)
     for n in list_outbox(visit.conn, None if state == "all" else state, destination or None, limit=200):
-        actions = []
-        if n["state"] in (DEAD, RETRYING):
-            actions.append(post_button(visit, "/notifications/retry", "Retry", {"ids": n["id"], "back": back}))
-        if n["state"] in (PENDING, RETRYING, DEAD):
-            actions.append(
-                post_button(
-                    visit,
-                    "/notifications/cancel",
-                    "Cancel",
-                    {"ids": n["id"], "back": back},
-                    confirm="Cancel this notification? It will never be sent.",
-                    cls="danger",
-                )
-            )
+        actions = notification_actions(visit, n, back)
         rows.append(
             [
                 f"<code>{esc(n['id'][:8])}</code>",
