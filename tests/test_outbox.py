@@ -316,3 +316,28 @@ poll_interval = 0.05
         yield self.wait_for(
             "SELECT COUNT(*) FROM notifications WHERE recipient_role = 'hie' AND state = 'retrying'", expected=1
         )
+
+
+def test_a_stop_while_the_directory_is_read_reads_no_more_from_the_store():
+    """Stopped while its poll waits for the recipient directory, the worker does not go on to read the outbox
+    from a store that is stopping too (it said "the store is not running" in a test's log)."""
+    from twisted.internet import defer as _defer
+
+    class SlowStore:
+        def __init__(self):
+            self.directory = _defer.Deferred()
+            self.outbox_reads = 0
+
+        def submit_read(self, fn, *args):
+            return self.directory
+
+        def due_notifications(self, *args):
+            self.outbox_reads += 1
+            return _defer.succeed([])
+
+    store = SlowStore()
+    worker = DeliveryWorker(store, Clock(), agent=object())
+    worker.startService()
+    worker.stopService()
+    store.directory.callback({})
+    assert store.outbox_reads == 0

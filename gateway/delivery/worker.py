@@ -455,6 +455,8 @@ class DeliveryWorker(Service):
                     break
                 skip = self._inflight | self._waiting
                 self._entries = yield self.store.submit_read(self._directory.entries)
+                if not self.running or self.paused:
+                    break  # stopped while the directory was read: the store may be stopping too
                 due = yield self.store.due_notifications(self.reactor.seconds(), room, tuple(skip))
                 if not self.running or self.paused:
                     # Stopped (or paused) while the outbox was read: start nothing that stopService
