@@ -57,6 +57,27 @@ def test_attribute_and_index_access_are_withheld_even_on_safe_names():
     assert safe_text(e) == "<id.real withheld> <reason[0] withheld> 3 1.23"
 
 
+@pytest.mark.parametrize("stamp", [1767225600.0, 1767225600.0015, 1767225659.999, 1767225600.5, 1767311999.25])
+def test_a_line_time_is_what_isoformat_writes(stamp):
+    """The cached second plus milliseconds reads as datetime.isoformat(timespec="milliseconds") does."""
+    from datetime import UTC, datetime
+
+    expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
+    assert event_record(event("x", log_time=stamp))["time"] == expected
+    stream = io.StringIO()
+    log_observer("text", "info", LogDestination(stream=stream))(event("x", log_time=stamp))
+    assert stream.getvalue().startswith(expected + " [gateway.intake.receiver#info] x")
+
+
+def test_the_same_format_renders_each_event_from_its_own_fields():
+    """A format is read once and kept; each event still gets its own values, and a missing field is withheld."""
+    fmt = "message {message_id} from {sender}: {state}"
+    first = safe_text(event(fmt, message_id=1, sender="A|B", state="received"))
+    second = safe_text(event(fmt, message_id=2, sender="C|D"))
+    assert first == "message 1 from A|B: received"
+    assert second == "message 2 from C|D: <state withheld>"
+
+
 def test_a_failure_is_its_type_and_stack_never_its_message():
     """An exception's text may quote the data it choked on: the record keeps its type and frames only."""
     try:

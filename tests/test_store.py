@@ -67,6 +67,25 @@ def test_one_conflicting_outcome_fails_alone(store):
     assert kinds == ["received", "failed"]
 
 
+def test_a_batch_of_outcomes_writes_its_events_in_order_and_the_chain_holds(store):
+    """The batch's events are chained at its end (one read of the head): in outcome order, and verify() passes."""
+    from gateway.store.events import gathered
+    from gateway.store.integrity import verify
+
+    ids = [stored(store, f"C{i}") for i in range(5)]
+    conn = store._conn
+    before = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    outcomes = [outcome(mid, f"n-{mid}") for mid in ids] + [outcome(ids[0], "n-again")]
+    with gathered(conn) as waiting:  # the outer block: apply_outcomes' own joins it, and nothing is written yet
+        assert apply_outcomes(conn, outcomes, STAMP, 0.0) == 5
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == before
+        assert len(waiting) == 10  # converted + routed, per applied outcome
+    rows = conn.execute("SELECT message_id, kind FROM events WHERE id > ? ORDER BY id", (before,)).fetchall()
+    assert [tuple(r) for r in rows] == [(mid, kind) for mid in ids for kind in ("converted", "routed")]
+    report = verify(conn)
+    assert report.intact, report.findings
+
+
 def test_outcome_applies_only_once(store):
     """A message already past 'received' is not turned into notifications a second time."""
     mid = stored(store, "C1")

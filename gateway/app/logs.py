@@ -18,11 +18,14 @@ rendered as they are; Herald's data does not pass through them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from string import Formatter
 from typing import TextIO
@@ -112,8 +115,37 @@ _RESERVED = ("time", "level", "namespace", "text", "error_type", "traceback")
 
 
 def _herald(event: dict) -> bool:
-    namespace = event.get("log_namespace") or ""
+    return _is_herald_namespace(event.get("log_namespace") or "")
+
+
+@lru_cache(maxsize=256)
+def _is_herald_namespace(namespace: str) -> bool:
     return any(namespace == n or namespace.startswith(n + ".") for n in HERALD_NAMESPACES)
+
+
+@lru_cache(maxsize=1024)
+def _template(fmt: str) -> tuple | None:
+    """A format string's parts, read once: (literal, field name or None, spec, conversion); None when unreadable.
+
+    A field that may never be written (not in SAFE_FIELDS, a dotted or indexed
+    name, a nested spec) comes back with its name as ``<name withheld>`` in the
+    literal and no field. Formats are constants in the code, so the cache holds
+    a few dozen entries; it is bounded all the same.
+    """
+    try:
+        parsed = list(Formatter().parse(fmt))
+    except ValueError:
+        return None
+    parts = []
+    for literal, name, spec, conversion in parsed:
+        if name is None:
+            parts.append((literal, None, "", None))
+        elif name not in SAFE_FIELDS or "{" in (spec or ""):
+            # Plain names only: "{x.attr}", "{x[0]}" and "{f()}" would reach past the whitelist.
+            parts.append((f"{literal}<{name} withheld>", None, "", None))
+        else:
+            parts.append((literal, name, spec or "", conversion))
+    return tuple(parts)
 
 
 def safe_text(event: dict) -> str:
@@ -123,17 +155,15 @@ def safe_text(event: dict) -> str:
     fmt = event.get("log_format")
     if not fmt:
         return ""
-    out = []
-    try:
-        parsed = list(Formatter().parse(fmt))
-    except ValueError:
+    parts = _template(fmt)
+    if parts is None:
         return "<unreadable log format>"
-    for literal, name, spec, conversion in parsed:
+    out = []
+    for literal, name, spec, conversion in parts:
         out.append(literal)
         if name is None:
             continue
-        # Plain names only: "{x.attr}", "{x[0]}" and "{f()}" would reach past the whitelist.
-        if name not in SAFE_FIELDS or name not in event or "{" in (spec or ""):
+        if name not in event:
             out.append(f"<{name} withheld>")
             continue
         value = event[name]
@@ -142,7 +172,7 @@ def safe_text(event: dict) -> str:
         elif conversion in ("s", "a"):
             value = str(value) if conversion == "s" else ascii(value)
         try:
-            out.append(format(value, spec or ""))
+            out.append(format(value, spec))
         except (TypeError, ValueError):
             out.append(str(value))
     return "".join(out)
@@ -168,13 +198,29 @@ def _failure(event: dict) -> tuple[str, list[str]] | None:
     return kind.removeprefix("builtins."), frames
 
 
+@lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _stamp(stamp: float | None) -> str:
+    """``stamp`` (epoch seconds; None: now) as ISO 8601 UTC with milliseconds, as ``isoformat`` writes it.
+
+    The second's text is cached: lines come many a second, and formatting a
+    datetime each time was a tenth of a line's cost.
+    """
+    if stamp is None:
+        stamp = time.time()
+    whole = math.floor(stamp)
+    millis = min(int((stamp - whole) * 1000), 999)
+    return f"{_second(whole)}.{millis:03d}+00:00"
+
+
 def event_record(event: dict) -> dict:
     """An event as the JSON line writes it: time, level, namespace, text, the safe fields, a failure's type."""
-    stamp = event.get("log_time")
-    moment = datetime.fromtimestamp(stamp, UTC) if stamp is not None else datetime.now(UTC)
     level = event.get("log_level")
     record: dict = {
-        "time": moment.isoformat(timespec="milliseconds"),
+        "time": _stamp(event.get("log_time")),
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace") or "",
         "text": safe_text(event),
@@ -265,11 +311,17 @@ def text_observer(destination: LogDestination) -> Callable[[dict], None]:
     """An observer writing ``TIME [NAMESPACE#LEVEL] TEXT`` lines, a failure's type and stack indented below."""
 
     def observe(event: dict) -> None:
-        r = event_record(event)
-        line = f"{r['time']} [{r['namespace']}#{r['level']}] {r['text']}\n"
-        if "error_type" in r:
-            frames = "".join(f"      {f}\n" for f in r["traceback"])
-            line += f"    Traceback (the exception's message withheld): {r['error_type']}\n{frames}"
+        # Not through event_record: a text line needs no JSON values of the fields.
+        level = event.get("log_level")
+        line = (
+            f"{_stamp(event.get('log_time'))} [{event.get('log_namespace') or ''}#"
+            f"{level.name if level is not None else 'info'}] {safe_text(event)}\n"
+        )
+        failed = _failure(event)
+        if failed is not None:
+            kind, stack = failed
+            frames = "".join(f"      {f}\n" for f in stack)
+            line += f"    Traceback (the exception's message withheld): {kind}\n{frames}"
         destination.write(line)
 
     return observe

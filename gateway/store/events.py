@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from gateway.store.keys import KeyRing
 from gateway.store.sealing import keys_of
@@ -30,6 +31,7 @@ __all__ = [
     "chain_keys",
     "event_bytes",
     "events_of",
+    "gathered",
     "rekey_chain",
 ]
 
@@ -93,9 +95,45 @@ def append_event(
     append_events(conn, [(now, message_id, notification_id, actor, kind, detail)])
 
 
+#: Connections whose appends are being gathered (:func:`gathered`): ``id(conn)`` to the rows waiting.
+_GATHERING: dict[int, list[tuple]] = {}
+
+
+@contextmanager
+def gathered(conn: sqlite3.Connection) -> Iterator[list[tuple]]:
+    """Within the block, the connection's appends wait in a list; they are chained and written at its end.
+
+    One read of the chain's head and one ``executemany`` for a whole batch of
+    pipeline outcomes, instead of one each per event (a routed message makes
+    five or more). Yields the list, so a caller that rolls a savepoint back can
+    drop the rows appended since (``del rows[mark:]``). When the block raises,
+    nothing is written (the transaction is being rolled back). Nested blocks
+    write at the outermost one's end. Nothing in the block may read the events
+    table: the rows are not there yet.
+    """
+    key = id(conn)
+    if key in _GATHERING:
+        yield _GATHERING[key]
+        return
+    rows: list[tuple] = []
+    _GATHERING[key] = rows
+    try:
+        yield rows
+    finally:
+        del _GATHERING[key]
+    _write_events(conn, rows)
+
+
 def append_events(conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
     """Append many events: rows of (at, message id, notification id, actor, kind, detail dict or None)."""
-    rows = list(rows)
+    waiting = _GATHERING.get(id(conn))
+    if waiting is not None:
+        waiting.extend(rows)
+        return
+    _write_events(conn, list(rows))
+
+
+def _write_events(conn: sqlite3.Connection, rows: list[tuple]) -> None:
     if not rows:
         return
     keys = chain_keys(conn)

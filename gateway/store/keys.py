@@ -124,6 +124,7 @@ class KeyRing:
         # Keyed once; each hash copies it (half the cost of keying an HMAC per value).
         self._lookup_mac = hmac.new(self._lookup_key, digestmod=hashlib.sha256)
         self._chain_key = _derive(first, b"audit chain")
+        self._chain_mac = hmac.new(self._chain_key, digestmod=hashlib.sha256)  # keyed once; copied per row
         #: Names the first key (hence the lookups) without revealing it: a database
         #: records it, so a wrong key is refused by name instead of failing row by row.
         self.fingerprint = hmac.new(_derive(first, b"check"), b"herald key check", hashlib.sha256).hexdigest()[:16]
@@ -316,7 +317,10 @@ class KeyRing:
 
     def chain_mac(self, previous: bytes, row: bytes) -> bytes:
         """The audit chain's MAC of ``row`` following ``previous`` (the MAC of the row before)."""
-        return hmac.new(self._chain_key, previous + row, hashlib.sha256).digest()
+        mac = self._chain_mac.copy()
+        mac.update(previous)
+        mac.update(row)
+        return mac.digest()
 
 
 _DISABLED: KeyRing | None = None

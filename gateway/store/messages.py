@@ -24,7 +24,7 @@ from gateway.records import (
     PendingMessage,
 )
 from gateway.store.console import index_message
-from gateway.store.events import append_event, events_of
+from gateway.store.events import append_event, events_of, gathered
 from gateway.store.integrity import intake_digest, message_problem
 from gateway.store.keys import KeyRingError
 from gateway.store.outbox import attempts_of, insert_notification, notifications_of
@@ -137,20 +137,23 @@ def apply_outcomes(conn: sqlite3.Connection, outcomes: list[MessageOutcome], now
     one message's conflict does not hold up the rest.
     """
     applied = 0
-    for o in outcomes:
-        conn.execute("SAVEPOINT outcome")
-        try:
-            applied += _apply_outcome(conn, o, now, due)
-            conn.execute("RELEASE outcome")
-        except sqlite3.IntegrityError as e:
-            conn.execute("ROLLBACK TO outcome")
-            conn.execute("RELEASE outcome")
-            reason = f"its outcome could not be stored: {e}"
-            conn.execute(
-                "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = ?",
-                (FAILED, reason, now, o.message_id, RECEIVED),
-            )
-            append_event(conn, now, o.message_id, None, "pipeline", "failed", {"stage": "store", "reason": reason})
+    with gathered(conn) as events:  # the batch's audit events chained and written at once
+        for o in outcomes:
+            mark = len(events)
+            conn.execute("SAVEPOINT outcome")
+            try:
+                applied += _apply_outcome(conn, o, now, due)
+                conn.execute("RELEASE outcome")
+            except sqlite3.IntegrityError as e:
+                conn.execute("ROLLBACK TO outcome")
+                conn.execute("RELEASE outcome")
+                del events[mark:]  # the rolled-back outcome's events go with it
+                reason = f"its outcome could not be stored: {e}"
+                conn.execute(
+                    "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = ?",
+                    (FAILED, reason, now, o.message_id, RECEIVED),
+                )
+                append_event(conn, now, o.message_id, None, "pipeline", "failed", {"stage": "store", "reason": reason})
     return applied
 
 
