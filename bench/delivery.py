@@ -10,8 +10,9 @@ The server's configuration: the HIE as a ``fhir`` recipient at the receiver
 (``[recipients.hie] channel = "fhir"``), the PCP and care-team recipients
 disabled. There is no roster, so no patient matches and the HIE, which gets
 every message, is the only recipient: one notification a message. The
-delivery defaults apply (16 attempts at once, 4 to one destination; Herald
-opens one HTTP connection a POST).
+delivery defaults apply (64 attempts at once, 4 to one destination; Herald
+keeps up to 4 HTTP connections to it alive and sends one POST after another
+on each).
 
 1. **Delivery throughput** (``--messages``, default 5000): the messages are
    sent with mllp-load to a server whose delivery is paused (this script's
@@ -718,7 +719,7 @@ def print_report(report: dict) -> None:
     m = report["machine"]
     print(code_under_test())
     print(f"machine: {m['cores']} cores, load average {m['load_average']} at the start (other work shows here)")
-    print("herald serve: HIE as a fhir recipient (http://127.0.0.1, one connection a POST), PCP and care team off,")
+    print("herald serve: HIE as a fhir recipient (http://127.0.0.1, kept-alive connections), PCP and care team off,")
     print("no roster (one HIE notification a message), delivery defaults (64 at once, 4 a destination)")
     pre = report.get("preload")
     if pre:

@@ -39,6 +39,7 @@ from gateway.delivery.channels import (
     DeliveryFailed,
     FhirDestination,
     HttpAnswer,
+    HttpConnections,
     HttpTimeout,
     OutboundNotification,
     SendResult,
@@ -113,6 +114,8 @@ class FhirChannel:
 
     ``tokens``: a shared :class:`SmartTokens` (made from ``destination.auth``
     when not given). ``clock``: the wall clock (assertion times, HTTP-dates).
+    ``connections``: the delivery worker's kept-alive connections, for the
+    POSTs and the token requests (None: a connection a request).
     Unreadable TLS or key files raise :class:`~gateway.errors.ConfigError` here.
     """
 
@@ -125,15 +128,24 @@ class FhirChannel:
         *,
         tokens: SmartTokens | None = None,
         clock: Callable[[], float] = time.time,
+        connections: HttpConnections | None = None,
     ) -> None:
         self.destination = destination
         self.reactor = reactor
         self.clock = clock
+        self.connections = connections
         self.url = destination.process_message_url
         self.where = host_of(self.url)
         self._tls = client_tls(destination.tls) if self.url.startswith("https://") else None
         if tokens is None and destination.auth is not None:
-            tokens = SmartTokens(destination.auth, reactor, timeout=destination.timeout, tls=self._tls, clock=clock)
+            tokens = SmartTokens(
+                destination.auth,
+                reactor,
+                timeout=destination.timeout,
+                tls=self._tls,
+                clock=clock,
+                connections=connections,
+            )
         self.tokens = tokens
 
     def send(self, item: OutboundNotification) -> defer.Deferred[SendResult]:
@@ -197,7 +209,7 @@ class FhirChannel:
         if remaining <= 0:
             raise self._timed_out()
         try:
-            answer = yield http_post(self.reactor, self.url, headers, payload, remaining, self._tls)
+            answer = yield http_post(self.reactor, self.url, headers, payload, remaining, self._tls, self.connections)
         except HttpTimeout:
             raise self._timed_out() from None
         except defer.CancelledError:

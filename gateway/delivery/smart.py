@@ -35,6 +35,7 @@ from gateway.delivery.channels import (
     DEFAULT_TIMEOUT,
     DeliveryFailed,
     HttpAnswer,
+    HttpConnections,
     SmartAuth,
     connection_failure,
     host_of,
@@ -104,7 +105,9 @@ class SmartTokens:
     (``reactor.seconds``); ``clock`` is the wall clock the assertion's
     ``exp`` and ``iat`` are read from. ``tls`` is the TLS client of the
     destination (:func:`gateway.delivery.channels.client_tls`), also used for
-    the token endpoint. A bad key raises :class:`ConfigError` here, at start.
+    the token endpoint; ``connections``, the destination's kept-alive
+    connections (None: a connection a request). A bad key raises
+    :class:`ConfigError` here, at start.
     """
 
     _log = Logger()
@@ -118,6 +121,7 @@ class SmartTokens:
         tls: Callable[[str], Any] | None = None,
         clock: Callable[[], float] = time.time,
         new_jti: Callable[[], str] = lambda: str(uuid.uuid4()),
+        connections: HttpConnections | None = None,
     ) -> None:
         self.auth = auth
         self.reactor = reactor
@@ -125,6 +129,7 @@ class SmartTokens:
         self.tls = tls
         self.clock = clock
         self.new_jti = new_jti
+        self.connections = connections
         self._key = load_signing_key(auth)
         self.kid = auth.kid or key_thumbprint(self._key)
         self._token: str | None = None
@@ -201,7 +206,9 @@ class SmartTokens:
             b"User-Agent": [b"Herald"],
         }
         try:
-            answer = yield http_post(self.reactor, self.auth.token_url, headers, form, self.timeout, self.tls)
+            answer = yield http_post(
+                self.reactor, self.auth.token_url, headers, form, self.timeout, self.tls, self.connections
+            )
         except defer.CancelledError:
             raise
         except Exception:

@@ -48,6 +48,7 @@ from gateway.delivery.channels import (
     DeliveryFailed,
     DirectDestination,
     FhirDestination,
+    HttpConnections,
     MllpDestination,
     OutboundNotification,
     SendResult,
@@ -125,14 +126,19 @@ def write_files_atomically(
     """
     results: list[BaseException | None] = [None] * len(items)
     written: list[tuple[int, Path, Path]] = []
+    # Each folder is resolved and made once a batch (a batch is mostly a few recipients' folders, many files each).
+    ready: dict[Path, bool] = {}
     for i, (directory, name, data) in enumerate(items):
         tmp = directory / f".{name}.tmp"
-        private = _is_under(directory, private_root)
         try:
-            if private:
-                private_folder(directory)
-            else:
-                directory.mkdir(parents=True, exist_ok=True)
+            private = ready.get(directory)
+            if private is None:
+                private = _is_under(directory, private_root)
+                if private:
+                    private_folder(directory)
+                else:
+                    directory.mkdir(parents=True, exist_ok=True)
+                ready[directory] = private
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE if private else 0o666)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -330,6 +336,8 @@ class DeliveryWorker(Service):
         self._waiting: set[str] = set()
         self.clock = clock or (lambda: datetime.now(UTC))
         self.rng = rng
+        # Kept-alive HTTP connections for every FHIR channel: as many idle a destination as it has slots.
+        self._http = HttpConnections(reactor, per_host=self._slots.per_destination)
         # One channel per FHIR endpoint (it holds the endpoint's token cache). Made now, so a bad
         # TLS file or SMART key fails at start naming its key, not at the first notification.
         self._fhir: dict[str, FhirChannel] = {
@@ -339,6 +347,7 @@ class DeliveryWorker(Service):
                     "recipients",
                 ),
                 reactor,
+                connections=self._http,
             )
             for target, settings in (fhir_settings or {}).items()
         }
@@ -401,14 +410,14 @@ class DeliveryWorker(Service):
         self._call = None
         pending = list(self._attempts.values())
         if not pending:
-            return defer.succeed(None)
+            return self._http.close()
         done = defer.DeferredList(pending)
         timer = self.reactor.callLater(self.stop_grace, lambda: [d.cancel() for d in list(self._attempts.values())])
 
         def stopped(result):
             if timer.active():
                 timer.cancel()
-            return result
+            return self._http.close()  # no kept-alive connection outlives the worker
 
         return done.addBoth(stopped)
 
@@ -706,12 +715,13 @@ class DeliveryWorker(Service):
                             {"timeout": self.timeout, **{k: v for k, v in settings.items() if k != "channel"}}, where
                         ),
                         self.reactor,
+                        connections=self._http,
                     ),
                 )
             else:
                 # A row queued for an endpoint the config no longer names: sent with the defaults.
                 channel = self._fhir[n.target] = FhirChannel(
-                    FhirDestination(url=n.target, timeout=self.timeout), self.reactor
+                    FhirDestination(url=n.target, timeout=self.timeout), self.reactor, connections=self._http
                 )
         result = yield channel.send(OutboundNotification(n.id, payload))
         return result
