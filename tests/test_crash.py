@@ -19,6 +19,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,12 +36,17 @@ MESSAGES = 800
 SECONDS = 120
 
 
+#: In the environment of every server this test starts, so their processes (and their workers) can be found.
+TAG = f"herald-crash-test-{os.getpid()}-{time.time_ns()}"
+
+
 def start(data: Path) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [*HERALD, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--allow-plain", "--data", str(data)],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "HERALD_TEST_TAG": TAG},
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -56,6 +62,22 @@ def start(data: Path) -> tuple[subprocess.Popen, int]:
     pytest.fail("herald serve did not start")
 
 
+def tagged_processes() -> list[int]:
+    """Pids of live processes started by this test's servers (the servers, their pipeline workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"HERALD_TEST_TAG={TAG}".encode() in environ.split(b"\0") and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def message(i: int) -> bytes:
     raw = split_messages((SAMPLES / "meditech-v24-a04-outpatient-unmatched.hl7").read_bytes())[0]
     fields = raw.split(b"|", 10)
@@ -63,12 +85,14 @@ def message(i: int) -> bytes:
     return b"|".join(fields)
 
 
-def send_until_lost(port: int, todo: list[int], acked: list[str]) -> None:
+def send_until_lost(port: int, todo: list[int], acked: list[str], sent: list[int] | None = None) -> None:
     """Send ``todo`` in order on one connection, one at a time; stop at the first lost connection."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             while todo:
                 i = todo[0]
+                if sent is not None:
+                    sent.append(i)
                 s.sendall(b"\x0b" + message(i) + b"\x1c\x0d")
                 answer = b""
                 while not answer.endswith(b"\x1c\x0d"):
@@ -86,11 +110,12 @@ def send_until_lost(port: int, todo: list[int], acked: list[str]) -> None:
         return
 
 
-def test_kill_9_under_load_loses_no_acked_message_and_notifies_each_once(tmp_path):
+def test_kill_9_under_load_loses_no_acked_message_and_notifies_each_once(tmp_path, record_property):
     data = tmp_path / "data"
     rng = random.Random(16)
     todo = list(range(MESSAGES))
     acked: list[str] = []
+    sent: list[int] = []
     ended = time.monotonic() + SECONDS
     kills = 0
     proc = None
@@ -100,7 +125,7 @@ def test_kill_9_under_load_loses_no_acked_message_and_notifies_each_once(tmp_pat
             if kills < KILLS:
                 timer = threading.Timer(rng.uniform(0.3, 0.8), lambda p=proc: p.send_signal(signal.SIGKILL))
                 timer.start()
-            sender = threading.Thread(target=send_until_lost, args=(port, todo, acked))
+            sender = threading.Thread(target=send_until_lost, args=(port, todo, acked, sent))
             sender.start()
             sender.join(timeout=max(1.0, ended - time.monotonic()))
             if kills < KILLS:
@@ -131,6 +156,12 @@ def test_kill_9_under_load_loses_no_acked_message_and_notifies_each_once(tmp_pat
                 proc.kill()
                 proc.wait()
 
+    # No orphans: a server killed while starting its pipeline workers takes them with it.
+    deadline = time.monotonic() + 10
+    while tagged_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tagged_processes() == [], "processes of a killed server outlived it"
+
     assert len(acked) == len(set(acked)) == MESSAGES
     conn = sqlite3.connect(data / "herald.db")
     stored = conn.execute(
@@ -148,6 +179,7 @@ def test_kill_9_under_load_loses_no_acked_message_and_notifies_each_once(tmp_pat
     assert len(per_message) == MESSAGES
     assert all(count == 1 and sent == 1 for _, count, sent in per_message), "a notification missing or repeated"
     delivered = conn.execute("SELECT COUNT(*) FROM delivery_attempts WHERE outcome = 'ok'").fetchone()[0]
+    retransmissions = conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'retransmission'").fetchone()[0]
     conn.close()
     files = [p for p in (data / "outbox").rglob("*") if p.is_file() and not p.name.startswith(".")]
     # Exactly once: one successful attempt recorded per notification, one file each. (A kill between
@@ -156,3 +188,30 @@ def test_kill_9_under_load_loses_no_acked_message_and_notifies_each_once(tmp_pat
     assert delivered == MESSAGES
     assert len(files) == MESSAGES
     assert os.stat(data / "herald.db").st_size > 0
+    counts = {
+        "kills": kills,
+        "frames_sent": len(sent),
+        "resent": len(sent) - len(set(sent)),
+        "acked": len(acked),
+        "stored": len(by_id),
+        "retransmissions_recognised": retransmissions,
+        "notified": delivered,
+        "duplicates": sum(n - 1 for n, _ in by_id.values()) + sum(count - 1 for _, count, _ in per_message),
+    }
+    record_property("crash_counts", counts)  # in the junit XML; printed with -s
+    print(f"\ncrash test counts: {counts}")
+
+
+@pytest.mark.parametrize("told", ["own parent", "another process"])
+def test_a_worker_whose_server_is_gone_at_its_start_exits_at_once(told):
+    """The check that covers a server killed before its worker asked the kernel for the parent-death signal."""
+    code = (
+        "import os, sys\n"
+        "from gateway.pipeline.workers import _die_with_parent\n"
+        "_die_with_parent(os.getppid() if sys.argv[1] == 'own parent' else 1)\n"
+        "print('still here')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, told], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert ("still here" in done.stdout) == (told == "own parent")

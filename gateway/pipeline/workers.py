@@ -192,23 +192,31 @@ class BatchContext:
         self._conn = self._roster = None
 
 
-def _die_with_parent() -> None:
-    """On Linux, ask the kernel to end this worker when the server process dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the server process (pid ``parent``) dies: now, if it already has; later, on Linux.
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
+    The kernel's parent-death signal covers a death after the ``prctl`` call;
+    a server killed while it was starting this worker (kill -9 in its first
+    second) died before it, and the worker would wait on its queue for ever,
+    an orphan holding the database open. So the parent is looked at once
+    the signal is asked for.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            pass
+    if os.getppid() != parent:
+        os._exit(0)  # nothing of ours to flush: the batch queue's owner is gone
 
 
-def _serve(requests, replies, database: str, config: Config) -> None:
+def _serve(requests, replies, parent: int, database: str, config: Config) -> None:
     """A worker process: build the context once, then answer batches until told to stop (``None``)."""
-    _die_with_parent()
+    _die_with_parent(parent)
     # Conversion soaks up idle CPU; the server's intake (the ACK path) comes first.
     try:
         os.nice(WORKER_NICENESS)
@@ -278,7 +286,10 @@ class WorkerPool:
         processes = []
         for n in range(self._workers):
             p = self._mp.Process(
-                target=_serve, args=(requests, replies, *self._args), name=f"herald-pipeline-{n}", daemon=True
+                target=_serve,
+                args=(requests, replies, os.getpid(), *self._args),
+                name=f"herald-pipeline-{n}",
+                daemon=True,
             )
             p.start()
             processes.append(p)
