@@ -79,6 +79,7 @@ def sign_in(driver, base: str, name: str, password: str) -> None:
 def test_an_analyst_s_walk_through_the_console(gateway, browser, tmp_path):
     """Refused with a wrong password; then search by MRN, the message page, a retry, a review accepted."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     base = f"http://127.0.0.1:{gateway.port}"
@@ -95,13 +96,18 @@ def test_an_analyst_s_walk_through_the_console(gateway, browser, tmp_path):
 
     # Search by MRN and open the message.
     driver.find_element(By.NAME, "mrn").send_keys("E100")
+    listed = driver.find_element(By.CSS_SELECTOR, "main table")
     driver.find_element(By.CSS_SELECTOR, "form.search button[type=submit]").click()
-    # The click only starts the navigation: read the rows of the results page, not of the list before it.
+    # The click only starts the navigation (the address may change before the new page is there): read the
+    # rows once the list page's table is gone, not the list page's own three.
+    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(listed))
     WebDriverWait(driver, 10).until(lambda d: "mrn=E100" in d.current_url)
     routed = gateway.ids["C-ROUTED"]
     rows = driver.find_elements(By.CSS_SELECTOR, "main table tbody tr")
     assert len(rows) == 1 and "C-ROUTED" in rows[0].text
+    results = driver.find_element(By.CSS_SELECTOR, "main table")
     rows[0].find_element(By.LINK_TEXT, str(routed)).click()
+    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(results))
     WebDriverWait(driver, 10).until(lambda d: d.current_url == f"{base}/messages/{routed}")
 
     # The raw v2 with its fields named (hl7apy's names), and the FHIR Bundle.
