@@ -391,14 +391,20 @@ def run_mllp_load(port: int, n: int, connections: int, max_seconds: float, extra
     return result
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a live process has used (Linux /proc; 0.0 when unreadable)."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a live process has used (Linux /proc; zeros when unreadable)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used (Linux /proc; 0.0 when unreadable)."""
+    return sum(cpu_split(pid))
 
 
 def server_cpu(server: Server) -> tuple[float, float]:

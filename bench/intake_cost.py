@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ack_throughput import ROOT, code_under_test, running_server  # noqa: E402
+from ack_throughput import ROOT, code_under_test, cpu_split, running_server  # noqa: E402
 from peers import run_yardstick  # noqa: E402
 
 from gateway.records import RECEIVED, IntakeRecord  # noqa: E402
@@ -46,15 +46,8 @@ from gateway.store.keys import KeyRing  # noqa: E402
 from gateway.store.messages import record_frame  # noqa: E402
 from gateway.store.schema import migrate, open_database  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 SAMPLE = "cerner-v23-a01-admit.hl7"
 CONTROL_ID = b"NRG20261118091500001"  # the sample's MSH-10, made unique a message
-
-
-def process_cpu(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def server_figures(n1: int, n8: int, idle: float, max_seconds: float) -> list[dict]:
@@ -62,14 +55,14 @@ def server_figures(n1: int, n8: int, idle: float, max_seconds: float) -> list[di
     with running_server("instrumented", pipeline=False) as server:
         time.sleep(4)  # its start-up is not in the figures
         pid = server.proc.pid
-        u0, s0 = process_cpu(pid)
+        u0, s0 = cpu_split(pid)
         time.sleep(idle)
-        u1, s1 = process_cpu(pid)
+        u1, s1 = cpu_split(pid)
         rows.append({"what": f"server idle {idle:g} s", "user_s": u1 - u0, "sys_s": s1 - s0})
         for connections, n in ((1, n1), (8, n8)):
-            u0, s0 = process_cpu(pid)
+            u0, s0 = cpu_split(pid)
             result = run_yardstick(server.port, n, connections, 0.0, max_seconds)
-            u1, s1 = process_cpu(pid)
+            u1, s1 = cpu_split(pid)
             answered = result["answered"] or 1
             rows.append(
                 {

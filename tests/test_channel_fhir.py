@@ -171,12 +171,14 @@ class FhirChannelTestCase(unittest.TestCase):
     """A FHIR endpoint with SMART Backend Services on 127.0.0.1."""
 
     auth = True
+    #: The receiver's site (a subclass may count more).
+    site_factory = CountingSite
 
     def setUp(self):
         self.folder = _scratch(self)
         self.token = TokenEndpoint(rsa_key().public_key()) if self.auth else None
         self.fhir = ProcessMessage(self.token)
-        self.site = CountingSite(Root(self.token, self.fhir))
+        self.site = self.site_factory(Root(self.token, self.fhir))
         self.port = self.listen()
         self.base = f"{self.scheme}://127.0.0.1:{self.port.getHost().port}"
         if self.token is not None:

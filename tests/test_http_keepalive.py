@@ -15,12 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from test_channel_fhir import ProcessMessage, Root, sample_item
-from test_smart import CountingSite, TokenEndpoint, _scratch, issue, rsa_key, smart_auth, write_key
+from test_channel_fhir import FhirChannelTestCase, sample_item
+from test_smart import CountingSite, issue, rsa_key, smart_auth, write_key
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial import unittest
 
 from gateway.delivery.channels import (
     MAX_BODY,
@@ -70,33 +69,23 @@ def pause(seconds: float = 0.05):
     yield task.deferLater(reactor, seconds, lambda: None)
 
 
-class KeepAliveTestCase(unittest.TestCase):
-    """A FHIR receiver (with a token endpoint when ``auth``) on 127.0.0.1, and one worker's connections."""
+class KeepAliveTestCase(FhirChannelTestCase):
+    """test_channel_fhir's receiver (with a token endpoint when ``auth``), counting connections, and one worker's
+    kept-alive connections."""
 
     auth = False
-    scheme = "http"
+    site_factory = Receiver
 
     def setUp(self):
-        self.folder = _scratch(self)
-        self.token = TokenEndpoint(rsa_key().public_key()) if self.auth else None
-        self.fhir = ProcessMessage(self.token)
-        self.site = Receiver(Root(self.token, self.fhir))
-        self.port = self.listen()
-        self.base = f"{self.scheme}://127.0.0.1:{self.port.getHost().port}"
-        if self.token is not None:
-            self.token.url = f"{self.base}/token"
+        super().setUp()
         self.connections = HttpConnections(reactor)
-
-    def listen(self):
-        return reactor.listenTCP(0, self.site, interface="127.0.0.1")
 
     @defer.inlineCallbacks
     def tearDown(self):
-        for finished in self.fhir.stalled:
+        for finished in self.fhir.stalled:  # before the close aborts them
             finished.addErrback(lambda _: None)
         yield self.connections.close()
-        yield self.port.stopListening()
-        yield self.site.closed()
+        yield super().tearDown()
 
     def channel(self, timeout: float = 5.0, kept: bool = True, **kw) -> FhirChannel:
         """A channel to the receiver; ``kept``: on the test's connections (else a connection a request)."""
