@@ -152,8 +152,9 @@ def test_an_analyst_s_walk_through_the_console(gateway, browser, tmp_path):
 
     # Signed out, an analyst is refused the admin pages.
     driver.find_element(By.CSS_SELECTOR, "nav button.link").click()
-    assert driver.current_url.startswith(base + "/login")
+    WebDriverWait(driver, 10).until(lambda d: d.current_url.startswith(base + "/login"))
     sign_in(driver, base, "bob", PASSWORDS["bob"])
+    WebDriverWait(driver, 10).until(lambda d: d.current_url == base + "/messages")
     assert "Users" not in driver.find_element(By.TAG_NAME, "nav").text
     driver.get(base + "/admin/users")
     assert "is an analyst: this page is for admins" in driver.find_element(By.CSS_SELECTOR, "p.error").text
