@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from gateway.errors import ConfigError
 from gateway.limits import Limits
 from gateway.records import MEMBER_COLUMNS, ROLES
+from gateway.store.postgres import PostgresDatabase, parse_store
 
 CHANNELS = ("file", "fhir")
 
@@ -103,6 +104,9 @@ class Config:
     #: Trusted EHRs: ({"iss": ..., "jwks": file path or https URL, "facility": ...}, ...).
     cds_hooks_issuers: tuple = field(default=(), compare=False)
     # [storage] and [retention] (README, "Audit trail, retention and disk").
+    #: Where the store is: "" (default) or sqlite:///<path> for a SQLite file (one node), or
+    #: postgresql://user@host:port/db for a PostgreSQL database several nodes share (README, "One node or several").
+    storage_store: str = ""
     storage_reserve_mb: float = 64.0  # below this much free space the pipeline and delivery pause
     storage_wal_limit_mb: float = 64.0  # the write-ahead log is truncated beyond this
     retention_days: int = 0  # 0: bodies are kept; else purged this many days after receipt, work done
@@ -169,8 +173,16 @@ class Config:
         )
 
     @property
-    def database(self) -> Path:
-        return self.data_dir / "herald.db"
+    def database(self) -> Path | PostgresDatabase:
+        """The store: ``<data_dir>/herald.db`` unless ``[storage] store`` names another file or a PostgreSQL server."""
+        if not self.storage_store:
+            return self.data_dir / "herald.db"
+        return parse_store(self.storage_store, self.data_dir)
+
+    @property
+    def on_postgres(self) -> bool:
+        """Whether the store is a PostgreSQL database (several nodes may share it)."""
+        return isinstance(self.database, PostgresDatabase)
 
     @property
     def key_path(self) -> Path:
@@ -246,6 +258,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "route_probable": ("matching_route_probable", bool),
     },
     "storage": {
+        "store": ("storage_store", str),
         "reserve_mb": ("storage_reserve_mb", (int, float)),
         "wal_limit_mb": ("storage_wal_limit_mb", (int, float)),
     },
@@ -409,6 +422,13 @@ def load_config(
         recipients[role] = _recipient(role, content, base, Path(path).parent if path is not None else None)
     _transport_values(values, raw, path)
     _transitions_values(values, raw, path)
+    if os.environ.get(STORE_ENV):
+        values["storage_store"] = os.environ[STORE_ENV]  # a password stays out of the config file
+    if values.get("storage_store"):
+        try:
+            parse_store(values["storage_store"], base)
+        except ValueError as e:
+            raise ConfigError("storage.store", str(e)) from None
     if os.environ.get(VALIDATE_SAMPLE_ENV) is not None:
         values["pipeline_validate_sample"] = _default_validate_sample()  # the environment wins (the test suite)
     values["direct_relay"] = _direct_relay(raw.get("direct"), Path(path).parent if path is not None else None)
@@ -848,6 +868,8 @@ def check_listen(endpoints: tuple[str, ...], reactor) -> None:
 
 #: Overrides ``[pipeline] validate_sample`` (the test suite sets 1: every Bundle validated).
 VALIDATE_SAMPLE_ENV = "HERALD_VALIDATE_SAMPLE"
+#: The store's URL (``[storage] store``), from the environment: a password need not be in the config file.
+STORE_ENV = "HERALD_STORE"
 #: The default share of Bundles validated in the pipeline: one in fifty.
 DEFAULT_VALIDATE_SAMPLE = 0.02
 

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -73,6 +74,49 @@ def sample_policy(tmp_path_factory) -> MatchPolicy:
         return MatchPolicy.from_config(load_config(None), roster.size())
     finally:
         roster.close()
+
+
+# -- PostgreSQL (tests/postgres_server.py) ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The admin URL of a real PostgreSQL server: ``.ci/run``'s, or one started for this session."""
+    from postgres_server import REQUIRE_ENV, URL_ENV, binaries, start, stop
+
+    url = os.environ.get(URL_ENV)
+    if url:
+        yield url
+        return
+    if binaries() is None:
+        reason = f"PostgreSQL is not installed (apt-get install postgresql, or set {URL_ENV})"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 but {reason}")
+        pytest.skip(reason)
+    folder = Path(tempfile.mkdtemp(prefix="herald-pg-"))
+    url = start(folder)
+    yield url
+    stop(folder)
+
+
+@pytest.fixture
+def pg_database(postgres_server, tmp_path):
+    """A new, empty PostgreSQL database for one test, as a store location (the node's folder is ``tmp_path``)."""
+    from postgres_server import create_database, drop_database
+
+    from gateway.store.postgres import PostgresDatabase
+
+    url = create_database(postgres_server)
+    yield PostgresDatabase(url, tmp_path)
+    drop_database(postgres_server, url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """Where a test's store is: a new SQLite file, then a new PostgreSQL database (the store on both backends)."""
+    if request.param == "sqlite":
+        return tmp_path / "herald.db"
+    return request.getfixturevalue("pg_database")
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ STAMP = NOW.isoformat(timespec="milliseconds")
 
 
 @pytest.fixture
-def store(tmp_path):
-    """A Store on a fresh file, never started: its job functions are called directly."""
-    s = Store(tmp_path / "herald.db", reactor=object(), clock=lambda: NOW)
+def store(database):
+    """A Store on a fresh database (SQLite, then PostgreSQL), never started: its job functions are called directly."""
+    s = Store(database, reactor=object(), clock=lambda: NOW)
     yield s
     s._conn.close()
 

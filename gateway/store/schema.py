@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import sqlite_utils
-
 from gateway.errors import StoreError
 from gateway.store.files import create_private_file, private_file, private_folder
 from gateway.store.keys import KeyRing, KeyRingError
+from gateway.store.postgres import PostgresDatabase, is_postgres, prepare_database, table_exists
 from gateway.store.sealing import keys_of, link_context, mrn_hash
 
 __all__ = [
@@ -430,14 +429,20 @@ class HeraldConnection(sqlite3.Connection):
     keys: KeyRing
 
 
-def open_database(path: Path | str, *, readonly: bool = False, keys: KeyRing | None = None) -> sqlite3.Connection:
+def open_database(
+    path: Path | str | PostgresDatabase, *, readonly: bool = False, keys: KeyRing | None = None
+) -> sqlite3.Connection:
     """Open the store's SQLite file with Herald's pragmas, sealing and opening PHI with ``keys``.
 
     Without ``keys`` the disabled ring: values are written as given (and
     sealed ones cannot be read). A read-only connection with an enabled ring
     checks that the database was written with it (:func:`check_keys`). A new
-    file is created 0600 in a folder of mode 0700.
+    file is created 0600 in a folder of mode 0700. A
+    :class:`~gateway.store.postgres.PostgresDatabase` opens a connection to
+    the PostgreSQL server instead (:mod:`gateway.store.postgres`).
     """
+    if isinstance(path, PostgresDatabase):
+        return _open_postgres(path, readonly, keys)
     path = Path(path)
     if readonly and not path.exists():
         raise StoreError(f"no Herald database at {path}")
@@ -449,6 +454,22 @@ def open_database(path: Path | str, *, readonly: bool = False, keys: KeyRing | N
     if readonly and conn.keys.enabled:
         try:
             check_keys(conn, path)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def _open_postgres(location: PostgresDatabase, readonly: bool, keys: KeyRing | None):
+    from gateway.store.postgres import connect
+
+    conn = connect(location, keys=keys, readonly=readonly)
+    if readonly:
+        try:
+            if not table_exists(conn, "migrations"):
+                raise StoreError(f"no Herald database at {location}")
+            if conn.keys.enabled:
+                check_keys(conn, location)
         except BaseException:
             conn.close()
             raise
@@ -513,7 +534,7 @@ def run_sql(conn: sqlite3.Connection, script: str) -> None:
 
 def schema_version(conn: sqlite3.Connection) -> int:
     """The newest migration applied to this database (0 for a new file)."""
-    if not sqlite_utils.Database(conn)["migrations"].exists():
+    if not table_exists(conn, "migrations"):
         return 0
     return conn.execute("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
 
@@ -531,10 +552,16 @@ def migrate(conn: sqlite3.Connection, now: datetime | None = None) -> None:
     if current == SCHEMA_VERSION:
         return
     stamp = iso(now or utc_now())
-    # Whatever this build's default: the pages that held PHI a migration drops are overwritten.
-    conn.execute("PRAGMA secure_delete=ON")
+    postgres = is_postgres(conn)
+    if postgres:
+        prepare_database(conn)
+    else:
+        # Whatever this build's default: the pages that held PHI a migration drops are overwritten.
+        conn.execute("PRAGMA secure_delete=ON")
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if postgres:  # one node migrates; another starting meanwhile waits, then finds it done
+            conn.take_write_lock()
         run_sql(conn, _MIGRATIONS_TABLE)
         # Read again under the write lock: another process may have migrated meanwhile.
         current = schema_version(conn)
@@ -550,7 +577,7 @@ def migrate(conn: sqlite3.Connection, now: datetime | None = None) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    if current < 4:
+    if current < 4 and not postgres:
         # The pages that held the summaries were overwritten in the database (secure_delete);
         # their older copies in the write-ahead log go with a checkpoint that truncates it.
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -566,7 +593,7 @@ def check_keys(conn: sqlite3.Connection, path: Path | str = "the database", *, r
     has no record and takes any ring.
     """
     keys = keys_of(conn)
-    if not sqlite_utils.Database(conn)["key_check"].exists():
+    if not table_exists(conn, "key_check"):
         return
     row = conn.execute("SELECT value FROM key_check WHERE name = 'lookup'").fetchone()
     stored = row[0] if row else None
@@ -612,7 +639,7 @@ def read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def legacy_roster(conn: sqlite3.Connection) -> list[dict] | None:
     """The members a version-1 database held in itself (every column as text), or None when there is none."""
-    if not sqlite_utils.Database(conn)["legacy_roster_members"].exists():
+    if not table_exists(conn, "legacy_roster_members"):
         return None
     cols = ", ".join(LEGACY_MEMBER_COLUMNS)
     rows = conn.execute(f"SELECT {cols} FROM legacy_roster_members ORDER BY aco_id, member_id").fetchall()

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from gateway.errors import StoreError
 from gateway.store.integrity import resume_chain
 from gateway.store.keys import KeyRing
+from gateway.store.postgres import PostgresDatabase, is_postgres
 from gateway.store.schema import check_keys, iso, migrate, open_database, utc_now
 
 __all__ = ["Writer"]
@@ -164,7 +165,7 @@ class Writer:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
-        self.path = Path(path)
+        self.path = path if isinstance(path, PostgresDatabase) else Path(path)
         self._reactor = reactor
         self.clock = clock
         self.keys = keys or KeyRing.disabled()
@@ -174,7 +175,7 @@ class Writer:
         self._conn = open_database(self.path, keys=self.keys)
         try:
             migrate(self._conn, clock())
-            self._conn.execute("BEGIN IMMEDIATE")
+            _begin(self._conn)
             try:
                 check_keys(self._conn, self.path, record=True)
             finally:
@@ -191,7 +192,9 @@ class Writer:
         #: Commits that ran again job by job because one job failed.
         self.replays = 0
         self.wal_limit = self.WAL_LIMIT_BYTES
-        self._wal = self.path.with_name(self.path.name + "-wal")
+        self._wal = Path(self.path).with_name(self.path.name + "-wal")
+        #: PostgreSQL keeps its own log (the WAL bound below is SQLite's).
+        self._postgres = is_postgres(self._conn)
         self._next_wal_check = 0.0
         self._wal_dirty = True  # written to since the last checkpoint that emptied the log
         self._checkpoint_wait_ms = self.WAL_CHECKPOINT_WAIT_MS
@@ -204,7 +207,7 @@ class Writer:
         """The audit chain under this ring (:func:`~gateway.store.integrity.resume_chain`), in its own transaction."""
         conn = self._conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin(conn)
             try:
                 said = resume_chain(conn, iso(self.clock()))
             except BaseException:
@@ -372,6 +375,8 @@ class Writer:
 
     def _bound_wal(self, conn: sqlite3.Connection, idle: bool) -> None:
         """Checkpoint and truncate the write-ahead log when it has grown (between commits; never in one)."""
+        if self._postgres:
+            return
         if not idle:
             self._wal_dirty = True
             now = time.monotonic()
@@ -423,7 +428,7 @@ class Writer:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> list:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin(conn)
         except sqlite3.Error as e:
             err = StoreError(f"could not begin a transaction: {e}")
             return [(job, False, err) for job in batch]
@@ -444,7 +449,7 @@ class Writer:
     def _run_isolated(self, conn: sqlite3.Connection, batch: list[_Job]) -> list:
         """Run each job in its own savepoint, so that one failing job is undone alone."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin(conn)
         except sqlite3.Error as e:
             err = StoreError(f"could not begin a transaction: {e}")
             return [(job, False, err) for job in batch]
@@ -499,6 +504,17 @@ class Writer:
                 job.waiter.callback(value)
             else:
                 job.waiter.errback(value)
+
+
+def _begin(conn) -> None:
+    """Begin a write transaction: SQLite's write lock at once; on PostgreSQL, the nodes' one writer lock."""
+    conn.execute("BEGIN IMMEDIATE")
+    if is_postgres(conn):
+        try:
+            conn.take_write_lock()
+        except BaseException:
+            _rollback(conn)
+            raise
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
