@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_audit import store_of
 
 from gateway.app.cli import main
 from gateway.app.keys import key_status, rotate_keys
@@ -24,12 +25,14 @@ from gateway.app.roster import import_roster_file
 from gateway.config import default_recipients, load_config
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.delivery.worker import open_file_drop, write_notification_files
+from gateway.errors import StoreError
 from gateway.pipeline.process import process_message
 from gateway.records import RECEIVED, IntakeRecord, Notification
 from gateway.store import Store, StoredRoster, message_detail, open_database, open_roster_snapshot, roster_path
 from gateway.store import keys as keys_module
 from gateway.store.keys import KEYS_ENV, KeyRing, KeyRingError, new_key_file
 from gateway.store.messages import apply_outcomes, pending_messages, record_frame
+from gateway.store.postgres import PostgresDatabase
 from gateway.store.roster_import import roster_key_counts
 from gateway.store.schema import MIGRATIONS, run_sql
 from gateway.store.sealing import OUTBOX_SUFFIX, message_context
@@ -160,21 +163,25 @@ class Server:
                 self.proc.wait()
 
 
-def wait_until_done(database: Path, messages: int, seconds: float = 60.0) -> None:
+def wait_until_done(database: Path | PostgresDatabase, messages: int, seconds: float = 60.0) -> None:
     """Poll (read-only, no key needed for counts) until every message is routed and every notification sent."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
         try:
-            stored = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-            open_work = conn.execute(
-                "SELECT (SELECT COUNT(*) FROM messages WHERE state = 'received') + "
-                "(SELECT COUNT(*) FROM notifications WHERE state != 'sent')"
-            ).fetchone()[0]
-        except sqlite3.OperationalError:
+            conn = open_database(database, readonly=True)
+        except StoreError:  # not made yet
             stored, open_work = 0, 1
-        finally:
-            conn.close()
+        else:
+            try:
+                stored = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+                open_work = conn.execute(
+                    "SELECT (SELECT COUNT(*) FROM messages WHERE state = 'received') + "
+                    "(SELECT COUNT(*) FROM notifications WHERE state != 'sent')"
+                ).fetchone()[0]
+            except sqlite3.Error:
+                stored, open_work = 0, 1
+            finally:
+                conn.close()
         if stored >= messages and open_work == 0:
             return
         time.sleep(0.2)
@@ -264,10 +271,10 @@ def test_serve_refuses_to_start_without_a_key_and_says_how_to_make_one(tmp_path)
     assert not (tmp_path / "data" / "herald.db").exists()
 
 
-def test_a_wrong_key_is_refused_by_name_not_with_a_traceback(tmp_path, monkeypatch):
+def test_a_wrong_key_is_refused_by_name_not_with_a_traceback(data_dir, tmp_path, monkeypatch):
     """A database and roster written with one key ring: another ring is refused, naming both key checks, by
     serve, log show and the roster commands; with encryption turned off the database says it is encrypted."""
-    data = tmp_path / "data"
+    data = data_dir
     first = KeyRing.load(None)  # conftest's $HERALD_KEYS
     stored_messages(data, first)
     other = KeyRing.from_text(f"k1 {_b64()}", "other")
@@ -283,12 +290,12 @@ def test_a_wrong_key_is_refused_by_name_not_with_a_traceback(tmp_path, monkeypat
     assert served.returncode == 1 and "another key ring" in served.stderr and "Traceback" not in served.stderr
     # The wrong ring never opens a value; the store refuses it before any write.
     with pytest.raises(KeyRingError, match="another key ring"):
-        Store(data / "herald.db", reactor=object(), keys=other)
+        Store(store_of(data), reactor=object(), keys=other)
     # Encryption off on an encrypted database: refused, saying so.
     config = tmp_path / "off.toml"
     config.write_text(f'[server]\ndata_dir = "{data}"\n\n[security]\nencrypt_at_rest = false\n')
     with pytest.raises(KeyRingError, match="is encrypted"):
-        Store(data / "herald.db", reactor=object(), keys=KeyRing.disabled())
+        Store(store_of(data), reactor=object(), keys=KeyRing.disabled())
     monkeypatch.delenv(KEYS_ENV)
     result = CliRunner().invoke(main, ["log", "show", "1", "--config", str(config)])
     assert result.exit_code == 1 and "is encrypted" in result.output, result.output
@@ -305,8 +312,9 @@ def _b64() -> str:
 
 
 def stored_messages(data: Path, keys: KeyRing, raws: list[bytes] | None = None) -> None:
-    """A data folder with the roster imported and ``raws`` stored and run through the pipeline, sealed with ``keys``."""
-    db = data / "herald.db"
+    """A data folder with the roster imported and ``raws`` stored and run through the pipeline, sealed with ``keys``
+    (its store where the CLI finds it: ``herald.db``, or the database ``HERALD_STORE`` names)."""
+    db = store_of(data)
     roster_csv = data.parent / "roster.csv"
     roster_csv.write_text(f"{ROSTER_HEADER}\n{ROSTER_ROW}\n")
     data.mkdir(parents=True, exist_ok=True)
@@ -326,13 +334,13 @@ def stored_messages(data: Path, keys: KeyRing, raws: list[bytes] | None = None) 
     conn.close()
 
 
-def test_rotation_seals_every_value_under_the_new_key_and_old_data_still_reads(tmp_path, monkeypatch):
+def test_rotation_seals_every_value_under_the_new_key_and_old_data_still_reads(data_dir, tmp_path, monkeypatch):
     """`herald keys rotate` appends k2 and seals every value (database and roster) under it; status says so; the
     messages still read, a value sealed under k1 before (a backup) still opens, and a ring loaded before the
     rotation (a running gateway's) picks k2 up from the file."""
     monkeypatch.delenv(KEYS_ENV)
     monkeypatch.setattr(keys_module, "REFRESH_SECONDS", 0.0)
-    data = tmp_path / "data"
+    data = data_dir
     key_file = new_key_file(tmp_path / "keys" / "herald.key")
     config = write_config(tmp_path, data, key_file)
     cfg = load_config(config)
@@ -375,10 +383,10 @@ def test_rotation_seals_every_value_under_the_new_key_and_old_data_still_reads(t
     snapshot.close()
 
 
-def test_rotation_runs_while_the_gateway_takes_messages(tmp_path):
+def test_rotation_runs_while_the_gateway_takes_messages(data_dir, tmp_path):
     """`herald keys rotate` on a running gateway's data, while a sender keeps sending: every message is ACKed and
     routed, the gateway seals with the new key (read from the file) and nothing is left under the old one."""
-    data = tmp_path / "data"
+    data = data_dir
     key_file = tmp_path / "keys" / "herald.key"
     config = write_config(tmp_path, data, key_file)
     assert herald("keys", "init", "--config", config).returncode == 0
@@ -407,7 +415,7 @@ def test_rotation_runs_while_the_gateway_takes_messages(tmp_path):
         assert sender.returncode == 0, out
         assert rotated.returncode == 0, rotated.stdout + rotated.stderr
         assert "added key k2" in rotated.stdout
-        wait_until_done(data / "herald.db", 640, seconds=120)
+        wait_until_done(store_of(data), 640, seconds=120)
         status = key_status(load_config(config), environ={})
         assert status.totals().get("k1", 0) == 0 and None not in status.totals(), status.columns
         assert status.columns["messages.raw"]["k2"] == 640
@@ -417,14 +425,56 @@ def test_rotation_runs_while_the_gateway_takes_messages(tmp_path):
     assert phi_found(server.log.read_bytes()) == []
 
 
-def test_rotate_refuses_to_append_to_keys_from_the_environment(tmp_path):
+def test_rotate_refuses_to_append_to_keys_from_the_environment(data_dir):
     """Keys from $HERALD_KEYS cannot be appended to: rotate says what to do; --no-new-key seals with the newest."""
-    data = tmp_path / "data"
+    data = data_dir
     stored_messages(data, KeyRing.load(None))
     result = CliRunner().invoke(main, ["keys", "rotate", "--data", str(data)])
     assert result.exit_code == 1 and "--no-new-key" in result.output, result.output
     result = CliRunner().invoke(main, ["keys", "rotate", "--no-new-key", "--data", str(data)])
     assert result.exit_code == 0, result.output
+
+
+def test_rotate_hashes_again_and_seals_the_links_confirmed_with_encryption_off(database):
+    """MRN links confirmed while encryption was off are hashed under the ring and sealed, batch after batch; a
+    link confirmed since under the ring's hash gives way to the one from before (the row is not there twice)."""
+    from gateway.store.rotation import key_counts, reseal_batch
+    from gateway.store.sealing import link_context, mrn_hash
+
+    links = [("MRN-1", "FAC", "M-1"), ("MRN-2", "FAC", "M-2"), ("MRN-3", "fac", "M-3")]
+
+    def confirm(conn, mrn, authority, member_id):
+        keys = conn.keys
+        hashed = mrn_hash(keys, mrn)
+        conn.execute(
+            "INSERT INTO confirmed_links (mrn_hash, mrn_authority, aco_id, member_id, review_id, confirmed_by, "
+            "confirmed_at, mrn) VALUES (?, ?, 'ACO', ?, NULL, 'alice', 't', ?)",
+            (hashed, authority, member_id, keys.seal_text(mrn, link_context(hashed, authority, "ACO"))),
+        )
+
+    plain = Store(database, reactor=object(), keys=KeyRing.disabled())
+    for link in links:
+        confirm(plain._conn, *link)
+    plain._conn.close()
+    ring = KeyRing.from_text(f"k1 {_b64()}", "test")
+    conn = Store(database, reactor=object(), keys=ring)._conn  # the database takes the key
+    confirm(conn, "MRN-1", "fac", "M-NEW")  # the same link, confirmed since under the ring's hash
+    sealed, after = 0, None
+    for _ in range(10):
+        n, after = reseal_batch(conn, "confirmed_links.mrn", after, 1)
+        sealed += n
+        if after is None:
+            break
+    assert (sealed, after) == (3, None)
+    rows = conn.execute("SELECT mrn_hash, mrn_authority, member_id, mrn FROM confirmed_links").fetchall()
+    opened = {
+        (ring.open_text(r[3], link_context(r[0], r[1], "ACO")), r[1].upper(), r[2])
+        for r in rows
+        if r[0] == mrn_hash(ring, ring.open_text(r[3], link_context(r[0], r[1], "ACO")))
+    }
+    assert len(rows) == 3 and opened == {("MRN-1", "FAC", "M-1"), ("MRN-2", "FAC", "M-2"), ("MRN-3", "FAC", "M-3")}
+    assert key_counts(conn)["confirmed_links.mrn"] == {"k1": 3}
+    conn.close()
 
 
 # -- a database from before ------------------------------------------------------------------
@@ -590,10 +640,10 @@ def test_database_roster_and_key_files_are_private_under_umask_022(tmp_path):
 # -- what stays readable holds no PHI --------------------------------------------------------------
 
 
-def test_reasons_and_details_left_readable_hold_no_patient_values(tmp_path):
+def test_reasons_and_details_left_readable_hold_no_patient_values(data_dir):
     """The columns left unsealed (messages.reason, events.detail, matches.detail, delivery details) hold no
     patient value, even for messages that fail (a bad birth date, an unknown sex code, an unconvertible event)."""
-    data = tmp_path / "data"
+    data = data_dir
     keys = KeyRing.load(None)
     bad = [
         adt("A01", "BAD0001").replace(BIRTH.encode(), b"19319999"),
@@ -602,7 +652,7 @@ def test_reasons_and_details_left_readable_hold_no_patient_values(tmp_path):
         adt("A04", "OK0001"),
     ]
     stored_messages(data, keys, bad)
-    conn = sqlite3.connect(data / "herald.db")
+    conn = open_database(store_of(data))
     readable = [
         *conn.execute("SELECT reason FROM messages WHERE reason IS NOT NULL"),
         *conn.execute("SELECT detail FROM events"),

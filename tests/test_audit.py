@@ -1,7 +1,8 @@
 """The tamper-evident trail: the event chain, message digests, `herald audit verify` and `export`, audited reads.
 
-Each tampering is done the way an attacker with a copy of the file would: a
-plain sqlite3 connection editing rows, with no key.
+Each tampering is done the way an attacker with a copy of the database would: a
+connection editing rows, with no key. Every test runs on SQLite and on
+PostgreSQL (the ``data_dir`` fixture) but the migration's, which is SQLite's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from test_intake import STORED_AT, accepted_record, drain, success
 
 from gateway.app.cli import main
 from gateway.app.replay import split_messages
-from gateway.config import default_recipients
+from gateway.config import default_recipients, load_config
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.pipeline.process import process_message
 from gateway.records import FAILED, SENT, DeliveryAttempt
@@ -51,12 +52,12 @@ def gateway_data(data: Path, names=MESSAGES, *, at: datetime = NOW, encrypted: b
     """A data folder as a running gateway leaves it: ``names`` stored by intake, processed, each
     notification delivered once; the key ring at ``data/keys/herald.key`` (or none). Returns the ring."""
     keys = KeyRing.load(new_key_file(data / "keys" / "herald.key"), environ={}) if encrypted else KeyRing.disabled()
-    store = Store(data / "herald.db", reactor=object(), clock=lambda: at, keys=keys)  # never started: its SQL only
+    store = Store(store_of(data), reactor=object(), clock=lambda: at, keys=keys)  # never started: its SQL only
     conn = store._conn
     now = at.isoformat(timespec="milliseconds")
     for name in names:
         record_frame(conn, accepted_record(sample(name)), now)
-    roster = open_roster_snapshot(data / "herald.db", keys)
+    roster = open_roster_snapshot(store_of(data), keys)
     lookups = StoredRoster(roster, conn)
     vocab = load_vocabulary()
     outcomes = [
@@ -73,9 +74,14 @@ def gateway_data(data: Path, names=MESSAGES, *, at: datetime = NOW, encrypted: b
     return keys
 
 
+def store_of(data: Path):
+    """The store of a data folder, as the CLI finds it: its herald.db, or the database HERALD_STORE names."""
+    return load_config(None, data_dir=data).database
+
+
 def attacker(data: Path) -> sqlite3.Connection:
-    """A plain connection to the database file, as someone with a copy of it has (no key)."""
-    return sqlite3.connect(data / "herald.db", isolation_level=None)
+    """A connection to the database with no key, as someone with a copy of it (or its password) has."""
+    return open_database(store_of(data))
 
 
 def run(*args):
@@ -87,15 +93,15 @@ def explain(result) -> str:
 
 
 def chain(data: Path, keys: KeyRing) -> sqlite3.Connection:
-    return open_database(data / "herald.db", readonly=True, keys=keys)
+    return open_database(store_of(data), readonly=True, keys=keys)
 
 
 # -- the chain and the digests ---------------------------------------------------------------
 
 
-def test_an_intact_trail_verifies(tmp_path):
+def test_an_intact_trail_verifies(data_dir):
     """A database as the gateway wrote it verifies, every event and message checked."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     result = run("audit", "verify", "--data", data)
     assert result.exit_code == 0, explain(result)
@@ -105,11 +111,11 @@ def test_an_intact_trail_verifies(tmp_path):
     assert "messages: 3 checked" in result.output
 
 
-def test_every_event_row_carries_a_mac_chained_to_the_one_before(tmp_path):
+def test_every_event_row_carries_a_mac_chained_to_the_one_before(data_dir):
     """Each row's MAC is the chain MAC of its canonical bytes after the previous row's MAC."""
     from gateway.store.events import event_bytes
 
-    data = tmp_path / "data"
+    data = data_dir
     keys = gateway_data(data)
     previous = b""
     for row in attacker(data).execute(
@@ -140,9 +146,9 @@ def _reorder_events(db, n):
     ids=["edited", "deleted", "reordered"],
 )
 @pytest.mark.parametrize("row", [1, 6, "last-but-one"])
-def test_verify_fails_at_the_event_row_that_was_tampered_with(tmp_path, tamper, what, row):
+def test_verify_fails_at_the_event_row_that_was_tampered_with(data_dir, tamper, what, row):
     """Editing, deleting or moving one event makes verify exit 1 naming that event and what happened."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     db = attacker(data)
     if row == "last-but-one":
@@ -153,9 +159,9 @@ def test_verify_fails_at_the_event_row_that_was_tampered_with(tmp_path, tamper, 
     assert f"BROKEN at event {row}: {what}:" in result.output, explain(result)
 
 
-def test_a_deleted_delivery_event_is_named(tmp_path):
+def test_a_deleted_delivery_event_is_named(data_dir):
     """The attack found: a message's delivery events deleted; verify names the first of them."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     db = attacker(data)
     ids = [r[0] for r in db.execute("SELECT id FROM events WHERE message_id = 1 AND kind = 'delivered' ORDER BY id")]
@@ -195,9 +201,9 @@ def _edit_control_id(db, n):
     ],
     ids=["raw-replaced", "sealed-raw-edited", "peer", "control-id"],
 )
-def test_verify_fails_at_the_message_that_was_altered(tmp_path, tamper, why):
+def test_verify_fails_at_the_message_that_was_altered(data_dir, tamper, why):
     """A message's raw text or header changed after it was stored: verify exits 1 naming the message."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     tamper(attacker(data), 2)
     result = run("audit", "verify", "--data", data)
@@ -206,9 +212,9 @@ def test_verify_fails_at_the_message_that_was_altered(tmp_path, tamper, why):
     assert why in result.output, explain(result)
 
 
-def test_a_plaintext_database_is_checked_the_same_way(tmp_path):
+def test_a_plaintext_database_is_checked_the_same_way(data_dir, tmp_path):
     """Without encryption at rest the chain uses the disabled ring's key: an edit is still found."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data, encrypted=False)
     config = tmp_path / "herald.toml"
     config.write_text("[security]\nencrypt_at_rest = false\n")
@@ -220,9 +226,9 @@ def test_a_plaintext_database_is_checked_the_same_way(tmp_path):
     )
 
 
-def test_the_end_of_the_trail_deleted_with_a_message_is_named(tmp_path):
+def test_the_end_of_the_trail_deleted_with_a_message_is_named(data_dir):
     """A message's every event deleted from the end of the trail (no gap left): its message is named."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     db = attacker(data)
     first = db.execute("SELECT MIN(id) FROM events WHERE message_id = 3").fetchone()[0]
@@ -265,11 +271,18 @@ def test_rows_from_before_the_chain_are_chained_by_the_migration_and_anchored(tm
         "DROP INDEX messages_sender_time",
         "DROP INDEX messages_state_time",
         "DROP INDEX matches_member",
+        # and claims (version 10) and the roster's published versions (version 11)
+        "ALTER TABLE messages DROP COLUMN claimed_by",
+        "ALTER TABLE messages DROP COLUMN claim_expires",
+        "ALTER TABLE notifications DROP COLUMN claimed_by",
+        "ALTER TABLE notifications DROP COLUMN claim_expires",
+        "DROP TABLE roster_chunks",
+        "DROP TABLE roster_versions",
         "DELETE FROM migrations WHERE version >= 6",
     ):
         db.execute(sql)
     db.close()
-    Store(data / "herald.db", reactor=object(), clock=lambda: NOW, keys=keys)._conn.close()
+    Store(store_of(data), reactor=object(), clock=lambda: NOW, keys=keys)._conn.close()
     anchor = attacker(data).execute("SELECT id, actor, kind, detail FROM events ORDER BY id DESC LIMIT 1").fetchone()
     assert anchor[1:3] == ("store", "chain-started")
     assert json.loads(anchor[3])["chained"] == count
@@ -278,12 +291,12 @@ def test_rows_from_before_the_chain_are_chained_by_the_migration_and_anchored(tm
     assert report.legacy_events == count
 
 
-def test_turning_encryption_on_rekeys_the_chain_instead_of_breaking_it(tmp_path):
+def test_turning_encryption_on_rekeys_the_chain_instead_of_breaking_it(data_dir):
     """A trail written without a key, then opened with one: a chain-rekeyed anchor, and it still verifies."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data, encrypted=False)
     keys = KeyRing.load(new_key_file(data / "keys" / "herald.key"), environ={})
-    Store(data / "herald.db", reactor=object(), clock=lambda: NOW, keys=keys)._conn.close()
+    Store(store_of(data), reactor=object(), clock=lambda: NOW, keys=keys)._conn.close()
     kinds = [r[0] for r in attacker(data).execute("SELECT kind FROM events WHERE actor = 'store'")]
     assert kinds == ["chain-rekeyed"]
     report = verify(chain(data, keys))
@@ -294,12 +307,12 @@ def test_turning_encryption_on_rekeys_the_chain_instead_of_breaking_it(tmp_path)
     assert [str(f) for f in verify(chain(data, keys)).findings][0].startswith("event 2: edited")
 
 
-def test_a_trail_rewritten_under_the_public_key_is_not_adopted(tmp_path):
+def test_a_trail_rewritten_under_the_public_key_is_not_adopted(data_dir):
     """Every MAC of an encrypted database recomputed with the disabled ring's (public) key: a restart does
     not take it for a trail written before encryption, and verify says no row checks."""
     from gateway.store.events import event_bytes
 
-    data = tmp_path / "data"
+    data = data_dir
     keys = gateway_data(data)
     db = attacker(data)
     previous = b""
@@ -307,7 +320,7 @@ def test_a_trail_rewritten_under_the_public_key_is_not_adopted(tmp_path):
     for row in rows.fetchall():
         previous = KeyRing.disabled().chain_mac(previous, event_bytes(*row))
         db.execute("UPDATE events SET mac = ? WHERE id = ?", (previous, row[0]))
-    Store(data / "herald.db", reactor=object(), clock=lambda: NOW, keys=keys)._conn.close()  # a restart
+    Store(store_of(data), reactor=object(), clock=lambda: NOW, keys=keys)._conn.close()  # a restart
     assert attacker(data).execute("SELECT COUNT(*) FROM events WHERE actor = 'store'").fetchone()[0] == 0
     [finding, *_] = verify(chain(data, keys)).findings
     assert (finding.where, finding.what) == ("event 1", "unverifiable")
@@ -317,9 +330,9 @@ def test_a_trail_rewritten_under_the_public_key_is_not_adopted(tmp_path):
 # -- reading an altered message --------------------------------------------------------------
 
 
-def test_log_show_of_an_altered_message_warns(tmp_path):
+def test_log_show_of_an_altered_message_warns(data_dir):
     """`herald log show` of a message whose peer was changed says so first, last and on stderr."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     _edit_peer(attacker(data), 1)
     result = run("log", "show", "1", "--data", data)
@@ -331,36 +344,36 @@ def test_log_show_of_an_altered_message_warns(tmp_path):
     assert "MSH|^~\\&|EPIC|LSR|" in result.output  # the record is still shown, under the warning
 
 
-def test_log_show_of_an_intact_message_has_no_warning(tmp_path):
+def test_log_show_of_an_intact_message_has_no_warning(data_dir):
     """No warning when nothing was changed."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     result = run("log", "show", "1", "--data", data)
     assert result.exit_code == 0, explain(result)
     assert "WARNING" not in result.output
 
 
-def test_the_pipeline_refuses_an_altered_message(tmp_path, reactor, monkeypatch):
+def test_the_pipeline_refuses_an_altered_message(data_dir, reactor):
     """A pending message whose row was altered is not processed: it is failed, with the reason, and audited."""
-    store = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
+    store = Store(store_of(data_dir), reactor=reactor, clock=lambda: STORED_AT)
     store.start()
     try:
         for name in MESSAGES[:2]:
             success(drain(reactor, store.record_frame(accepted_record(sample(name)))))
-        _edit_raw(attacker(tmp_path), 1)
+        _edit_raw(attacker(data_dir), 1)
         pending = success(drain(reactor, store.pending_messages(0, 10)))
         assert [p.id for p in pending] == [2]
-        row = attacker(tmp_path).execute("SELECT state, reason FROM messages WHERE id = 1").fetchone()
+        row = attacker(data_dir).execute("SELECT state, reason FROM messages WHERE id = 1").fetchone()
         assert row[0] == FAILED
         assert row[1].startswith("this message's record was altered after it was stored: its raw message was changed")
         event = (
-            attacker(tmp_path)
+            attacker(data_dir)
             .execute("SELECT actor, kind, detail FROM events WHERE message_id = 1 ORDER BY id DESC LIMIT 1")
             .fetchone()
         )
         assert event[:2] == ("pipeline", "failed") and json.loads(event[2])["stage"] == "integrity"
         # The refusal itself is chained: the trail verifies up to the altered message.
-        findings = verify(open_database(tmp_path / "herald.db", readonly=True)).findings
+        findings = verify(open_database(store_of(data_dir), readonly=True)).findings
         assert [str(f).split(":")[0] for f in findings] == ["message 1"]
     finally:
         success(drain(reactor, store.stop()))
@@ -369,9 +382,9 @@ def test_the_pipeline_refuses_an_altered_message(tmp_path, reactor, monkeypatch)
 # -- export ----------------------------------------------------------------------------------------
 
 
-def test_export_is_valid_fhir_auditevent_ndjson_without_patient_data(tmp_path):
+def test_export_is_valid_fhir_auditevent_ndjson_without_patient_data(data_dir, tmp_path):
     """Every line is an R4 AuditEvent that fhir.resources validates; no name, MRN or birth date leaves."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     out = tmp_path / "audit.ndjson"
     result = run("audit", "export", "--data", data, "--out", out)
@@ -395,9 +408,9 @@ def test_export_is_valid_fhir_auditevent_ndjson_without_patient_data(tmp_path):
             assert value and value.decode() not in text, value
 
 
-def test_export_since_keeps_the_later_events(tmp_path):
+def test_export_since_keeps_the_later_events(data_dir):
     """--since takes an ISO time: only events stamped from then are exported."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     result = run("audit", "export", "--data", data, "--since", "2026-11-20T09:00:00")
     assert result.exit_code == 0, explain(result)
@@ -417,11 +430,11 @@ def phi_reads(data: Path) -> list[tuple]:
     )
 
 
-def test_log_show_appends_a_phi_read_event(tmp_path):
+def test_log_show_appends_a_phi_read_event(data_dir):
     """`herald log show 2` leaves a phi-read event by cli:<user> about message 2, and the trail verifies."""
     import getpass
 
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     assert phi_reads(data) == []
     result = run("log", "show", "2", "--data", data)
@@ -432,9 +445,9 @@ def test_log_show_appends_a_phi_read_event(tmp_path):
     assert run("audit", "verify", "--data", data).exit_code == 0
 
 
-def test_match_appends_a_phi_read_event(tmp_path):
+def test_match_appends_a_phi_read_event(data_dir):
     """`herald match` shows roster members: the read is audited (no file names, a count)."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
     result = run("match", SAMPLES / MESSAGES[0], "--data", data)
     assert result.exit_code in (0, 2), explain(result)
@@ -442,12 +455,12 @@ def test_match_appends_a_phi_read_event(tmp_path):
     assert message_id is None and json.loads(detail) == {"command": "match", "files": 1}
 
 
-def test_a_read_that_cannot_be_audited_shows_nothing(tmp_path, monkeypatch):
+def test_a_read_that_cannot_be_audited_shows_nothing(data_dir, monkeypatch):
     """When the phi-read event cannot be written, log show fails and prints no patient data."""
     from gateway.errors import StoreError
     from gateway.store import Store as RealStore
 
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
 
     def refuse(self, *args, **kwargs):

@@ -14,7 +14,7 @@ from test_intake import accepted_record
 from gateway.app.cli import main
 from gateway.app.replay import split_messages
 from gateway.app.roster import import_roster_file
-from gateway.config import default_recipients
+from gateway.config import default_recipients, load_config
 from gateway.conversion.convert import validate_bundle
 from gateway.conversion.vocabulary import load_vocabulary
 from gateway.pipeline.process import process_message
@@ -65,8 +65,10 @@ def roster_file(tmp_path: Path, *rows: str, name: str = "roster.csv") -> Path:
 
 
 def stored_messages(data: Path, paths: list[Path]) -> None:
-    """A data folder holding ``paths`` stored by intake and run through the pipeline, roster loaded."""
-    db = data / "herald.db"
+    """A data folder holding ``paths`` stored by intake and run through the pipeline, roster loaded.
+
+    Its store is where the CLI finds it: ``herald.db``, or the database ``HERALD_STORE`` names."""
+    db = load_config(None, data_dir=data).database
     keys = KeyRing.load(None)  # the ring the CLI reads too ($HERALD_KEYS, set by conftest)
     import_roster_file(db, SAMPLES / "roster.csv", now=NOW, keys=keys)
     store = Store(db, reactor=object(), clock=lambda: NOW, keys=keys)  # never started: used for its SQL only

@@ -2,8 +2,8 @@
 the index's background work (back-fill, intake refusals, purges), users and sessions; and the CLI over them.
 
 Messages are stored by intake's SQL and processed by the production batch
-function on a real SQLite file, sealed with a key ring, as in
-test_matching_flow.
+function on a real database (a SQLite file, then a PostgreSQL database: the
+``database`` fixture), sealed with a key ring, as in test_matching_flow.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from gateway.store import RosterReader, migrate, open_database
 from gateway.store import console as store
 from gateway.store.keys import KeyRing
 from gateway.store.messages import apply_outcomes, pending_messages, record_frame
+from gateway.store.postgres import PostgresDatabase
 from gateway.store.retention import purge_next
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +39,14 @@ START = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 class Log:
     """A Herald database with a roster; messages stored at chosen times and run through the pipeline."""
 
-    def __init__(self, root: Path, keys: KeyRing | None = None) -> None:
+    def __init__(self, root: Path, database: Path | PostgresDatabase, keys: KeyRing | None = None) -> None:
         self.root = root
         self.config_file = root / "herald.toml"
+        # The store: herald.db in the data folder, or the PostgreSQL database.
+        storage = f'[storage]\nstore = "{database.url}"\n' if isinstance(database, PostgresDatabase) else ""
         self.config_file.write_text(
             f'[server]\ndata_dir = "{root / "data"}"\n[matching]\ncertain = 35.0\nprobable = 24.0\npossible = 14.0\n'
+            + storage
         )
         self.config = load_config(self.config_file)
         self.keys = keys if keys is not None else KeyRing.load(None)
@@ -91,8 +95,9 @@ def terms(**typed) -> tuple:
 
 
 @pytest.fixture
-def log(tmp_path):
-    return Log(tmp_path)
+def log(tmp_path, database):
+    """A Herald database with a roster (SQLite, then PostgreSQL)."""
+    return Log(tmp_path, database)
 
 
 # -- the terms ---------------------------------------------------------------------------------
@@ -166,12 +171,20 @@ def test_the_index_holds_keyed_hashes_never_the_values(log):
     log.process()
     rows = log.conn.execute("SELECT term, message_id FROM message_terms").fetchall()
     assert len(rows) == 4 and all(isinstance(r[0], int) for r in rows)  # mrn, family, given, birth
-    log.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    on_disk = log.config.database.read_bytes()
-    assert b"PEMBERTON" not in on_disk and b"E100^" not in on_disk and b"ROSALIND" not in on_disk
     other = open_database(log.config.database, keys=KeyRing([("x", b"\x01" * 32)], "other"))  # unchecked: rw
     assert store.search_messages(other, store.MessageSearch(terms=terms(mrn="E100"))).rows == []
     assert log.search(terms=terms(mrn="E100")) == ["C-1"]
+
+
+def test_the_sqlite_file_holds_no_indexed_value(tmp_path):
+    """The database file's bytes (its write-ahead log checkpointed) hold no MRN or name of an indexed message."""
+    log = Log(tmp_path, tmp_path / "data" / "herald.db")
+    log.store(adt("C-1", "E100^^^FLOWHOSP^MR", **ROSALIND_FULL), START)
+    log.process()
+    assert log.search(terms=terms(mrn="E100")) == ["C-1"]
+    log.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    on_disk = log.config.database.read_bytes()
+    assert b"PEMBERTON" not in on_disk and b"E100^" not in on_disk and b"ROSALIND" not in on_disk
 
 
 # -- searching -------------------------------------------------------------------------------------
@@ -322,9 +335,9 @@ def test_a_purged_message_is_no_longer_found_by_its_patient(busy):
     assert busy.search(control_id="C-2") == ["C-2"]
 
 
-def test_terms_written_with_encryption_off_are_found_after_it_is_on_and_rebuilt(tmp_path):
+def test_terms_written_with_encryption_off_are_found_after_it_is_on_and_rebuilt(tmp_path, database):
     """Terms hashed under the disabled ring are searched too, until a rebuild hashes them under the key."""
-    plain = Log(tmp_path, keys=KeyRing.disabled())
+    plain = Log(tmp_path, database, keys=KeyRing.disabled())
     plain.store(adt("C-1", "E100^^^FLOWHOSP^MR", **ROSALIND_FULL), START)
     plain.process()
     assert store.plain_terms(plain.conn)

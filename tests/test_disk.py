@@ -48,6 +48,19 @@ def wal_size(db: Path) -> int:
         return 0
 
 
+@pytest.fixture
+def store(tmp_path, reactor):
+    """A running Store on a SQLite file: these tests are about SQLite's write-ahead log (PostgreSQL keeps its own)."""
+    from test_intake import STORED_AT
+
+    from gateway.store import Store
+
+    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
+    s.start()
+    yield s
+    success(drain(reactor, s.stop()))
+
+
 def test_the_wal_is_truncated_once_it_outgrows_its_limit(tmp_path, reactor, store):
     """A reader holding a snapshot lets the log grow past the limit; once it lets go, the next check truncates it."""
     store.wal_limit = 128 * 1024

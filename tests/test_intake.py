@@ -1,4 +1,5 @@
-"""Intake over a real Store on a SQLite file: stored first, then answered; refusals logged and answered.
+"""Intake over a real Store (a SQLite file, then a PostgreSQL database): stored first, then answered; refusals
+logged and answered.
 
 The Store's writer thread hands results back through ``reactor.callFromThread``.
 Here that reactor is a queue: the test thread runs the queued calls itself
@@ -366,9 +367,9 @@ def test_stored_message_is_acknowledged_even_if_the_wake_hook_fails(reactor, sto
     assert answer(reactor, intake.frameReceived(ADT, PEER)) == AA_FOR_ADT
 
 
-def test_store_not_running_answers_ae(tmp_path, reactor, pinned_acks):
+def test_store_not_running_answers_ae(database, reactor, pinned_acks):
     """A store that is not running fails the write at once: the sender gets AE, never silence."""
-    stopped = Store(tmp_path / "idle.db", reactor=reactor, clock=lambda: STORED_AT)
+    stopped = Store(database, reactor=reactor, clock=lambda: STORED_AT)
     try:
         ack = success(Intake(stopped, pinned_acks).frameReceived(ADT, PEER))
         assert segments(ack)[1].startswith(b"MSA|AE|MSG00001|")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from test_audit import store_of
 from test_cli import NOW, SAMPLES, assert_clean_exit, explain, run, stored_messages
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -13,7 +14,7 @@ from twisted.python.failure import Failure
 from gateway.delivery.channels import DeliveryFailed
 from gateway.delivery.worker import DeliveryWorker
 from gateway.records import DEAD, RETRYING, DeliveryAttempt, Notification
-from gateway.store import Store
+from gateway.store import Store, open_database
 from gateway.store.keys import KeyRing
 
 
@@ -108,10 +109,11 @@ def test_retries_are_jittered():
 
 
 @pytest.fixture
-def with_dead_letter(tmp_path):
-    data = tmp_path / "data"
+def with_dead_letter(data_dir):
+    """A data folder (its store SQLite, then PostgreSQL) with one message's notifications, the first dead."""
+    data = data_dir
     stored_messages(data, [SAMPLES / "epic-v251-a04-ed-registration.hl7"])
-    store = Store(data / "herald.db", reactor=Clock(), clock=lambda: NOW, keys=KeyRing.load(None))
+    store = Store(store_of(data), reactor=Clock(), clock=lambda: NOW, keys=KeyRing.load(None))
     conn = store._conn
     rows = conn.execute("SELECT id, message_id FROM notifications ORDER BY id").fetchall()
     from gateway.store.outbox import record_attempts
@@ -144,9 +146,7 @@ def test_outbox_retry_makes_a_dead_letter_due_again_and_audits_it(with_dead_lett
     result = run("outbox", "retry", nid, "--by", "ops", "--data", data)
     assert_clean_exit(result, 0)
     assert "requeued 1 notification(s)" in result.output
-    import sqlite3
-
-    conn = sqlite3.connect(data / "herald.db")
+    conn = open_database(store_of(data))
     state, due = conn.execute("SELECT state, next_attempt_at FROM notifications WHERE id = ?", (nid,)).fetchone()
     assert state == "pending"
     assert due <= datetime.now(UTC).timestamp() + 1

@@ -1,7 +1,8 @@
 """A receiver down far longer than the old 254 s: with a fake clock, every notification is delivered exactly
 once after it recovers, and one patient's notifications reach each destination in the order of their messages.
 
-The store is real (a SQLite file, its reader and writer threads); time is a
+The store is real (a SQLite file, then a PostgreSQL database: the ``...OnPostgres``
+classes; its reader and writer threads); time is a
 :class:`~twisted.internet.task.Clock` for the worker (its timers, its "now",
 the retry horizon's clock); the receiver's outage is failure injection at the
 channel: while it is down every attempt fails as a refused connection would.
@@ -12,11 +13,14 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 
+import pytest
+from test_audit import store_of
 from test_cli import SAMPLES, stored_messages
 from test_smart import _scratch
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from gateway.config import STORE_ENV
 from gateway.delivery.channels import DeliveryFailed
 from gateway.delivery.worker import DeliveryWorker
 from gateway.store import Store
@@ -54,6 +58,25 @@ class Receiver:
         return defer.succeed("HTTP 200")
 
 
+@defer.inlineCallbacks
+def step(clock: task.Clock, worker: DeliveryWorker, seconds: float):
+    """Advance the fake clock, then let the store's threads answer: the poll that started is waited for
+    (however long the store takes to answer it), the attempts' records a moment."""
+    clock.advance(seconds)
+    yield task.deferLater(reactor, 0.003, lambda: None)
+    deadline = reactor.seconds() + 10
+    while worker._polling and reactor.seconds() < deadline:
+        yield task.deferLater(reactor, 0.001, lambda: None)
+
+
+class OnPostgres:
+    """Mixed into a TestCase: each test's data folder keeps its store in a new PostgreSQL database."""
+
+    @pytest.fixture(autouse=True)
+    def _store_on_postgres(self, pg_database, monkeypatch):
+        monkeypatch.setenv(STORE_ENV, pg_database.url)
+
+
 class OutageTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_every_notification_once_in_order_per_patient_after_a_ten_minute_outage(self):
@@ -62,7 +85,7 @@ class OutageTests(unittest.TestCase):
         data = _scratch(self) / "data"
         stored_messages(data, SAMPLE_FILES)
         keys = KeyRing.load(None)
-        store = Store(data / "herald.db", reactor=reactor, keys=keys)
+        store = Store(store_of(data), reactor=reactor, keys=keys)
         store.start()
         self.addCleanup(store.stop)
         clock = FakeClockWithThreads()
@@ -85,17 +108,15 @@ class OutageTests(unittest.TestCase):
         expected = conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0]
         self.assertGreater(expected, 10)
         # The rows were written "now" (the fixture's NOW); count the horizon from the fake clock's start.
-        with conn:
-            conn.execute(
-                "UPDATE notifications SET created_at = ?", (datetime.fromtimestamp(clock.seconds(), UTC).isoformat(),)
-            )
+        # (The connection commits each statement by itself, on either engine.)
+        conn.execute(
+            "UPDATE notifications SET created_at = ?", (datetime.fromtimestamp(clock.seconds(), UTC).isoformat(),)
+        )
 
         @defer.inlineCallbacks
-        def run_for(seconds: float, step: float = 1.0):
-            for _ in range(int(seconds / step)):
-                clock.advance(step)
-                # Let the store's threads answer (reads and the attempts' records).
-                yield task.deferLater(reactor, 0.003, lambda: None)
+        def run_for(seconds: float, every: float = 1.0):
+            for _ in range(int(seconds / every)):
+                yield step(clock, worker, every)
 
         yield run_for(600)
         states = dict(conn.execute("SELECT state, COUNT(*) FROM notifications GROUP BY state").fetchall())
@@ -105,7 +126,7 @@ class OutageTests(unittest.TestCase):
 
         receiver.down = False
         for _ in range(60):
-            yield run_for(30, step=2.0)
+            yield run_for(30, every=2.0)
             if conn.execute("SELECT COUNT(*) FROM notifications WHERE state != 'sent'").fetchone()[0] == 0:
                 break
         self.assertEqual(conn.execute("SELECT COUNT(*) FROM notifications WHERE state != 'sent'").fetchone()[0], 0)
@@ -135,7 +156,7 @@ class BreakerTests(unittest.TestCase):
         the PCP and care team drops are all delivered; after the cooldown one trial goes."""
         data = _scratch(self) / "data"
         stored_messages(data, SAMPLE_FILES)
-        store = Store(data / "herald.db", reactor=reactor, keys=KeyRing.load(None))
+        store = Store(store_of(data), reactor=reactor, keys=KeyRing.load(None))
         store.start()
         self.addCleanup(store.stop)
         clock = FakeClockWithThreads()
@@ -161,8 +182,7 @@ class BreakerTests(unittest.TestCase):
         worker.startService()
         self.addCleanup(worker.stopService)
         for _ in range(40):
-            clock.advance(0.5)
-            yield task.deferLater(reactor, 0.003, lambda: None)
+            yield step(clock, worker, 0.5)
         to_hie = [t for t, target in attempts if target == hie]
         self.assertEqual(worker.breaker_states()[hie], "open")
         self.assertEqual(len(to_hie), 5, "attempts went on while the breaker was open")
@@ -171,8 +191,15 @@ class BreakerTests(unittest.TestCase):
         ).fetchone()[0]
         self.assertEqual(others, 0, "the other destinations waited behind the dead one")
         for _ in range(30):
-            clock.advance(0.5)
-            yield task.deferLater(reactor, 0.003, lambda: None)
+            yield step(clock, worker, 0.5)
         to_hie = [t for t, target in attempts if target == hie]
         self.assertEqual(len(to_hie), 6, "one trial after the cooldown")
         self.assertGreaterEqual(to_hie[5] - to_hie[4], 30.0)
+
+
+class OutageTestsOnPostgres(OnPostgres, OutageTests):
+    """The outage, with the store on PostgreSQL."""
+
+
+class BreakerTestsOnPostgres(OnPostgres, BreakerTests):
+    """The breaker, with the store on PostgreSQL."""

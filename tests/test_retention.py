@@ -1,4 +1,6 @@
-"""Retention: `herald purge` removes the bodies of finished messages past retention; the trail still verifies."""
+"""Retention: `herald purge` removes the bodies of finished messages past retention; the trail still verifies.
+
+On SQLite and on PostgreSQL (the ``data_dir`` fixture)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from test_audit import MESSAGES, NOW, attacker, explain, gateway_data, run, sample
+from test_audit import MESSAGES, NOW, attacker, explain, gateway_data, run, sample, store_of
 from test_intake import QueueReactor, accepted_record, drain, run_until, success
 from twisted.internet.task import Clock
 
@@ -31,12 +33,12 @@ def bodies(data: Path) -> dict[int, tuple[int, bool, bool]]:
     return {r[0]: (r[1], bool(r[2]), bool(r[3])) for r in rows}
 
 
-def test_purge_removes_old_bodies_keeps_rows_and_the_trail_verifies(tmp_path):
+def test_purge_removes_old_bodies_keeps_rows_and_the_trail_verifies(data_dir):
     """Messages past retention lose raw and Bundle; newer ones keep theirs; verify passes; the event names them."""
-    data = tmp_path / "data"
+    data = data_dir
     keys = gateway_data(data, MESSAGES[:2], at=NOW - timedelta(days=100))
-    Store(data / "herald.db", reactor=object(), clock=lambda: NOW, keys=keys)._conn.close()
-    conn = open_database(data / "herald.db", keys=keys)
+    Store(store_of(data), reactor=object(), clock=lambda: NOW, keys=keys)._conn.close()
+    conn = open_database(store_of(data), keys=keys)
     record_frame(conn, accepted_record(sample(MESSAGES[2])), NOW.isoformat(timespec="milliseconds"))
     conn.close()
     config = load_config(None, data_dir=data)
@@ -55,14 +57,14 @@ def test_purge_removes_old_bodies_keeps_rows_and_the_trail_verifies(tmp_path):
         "received_before": "2026-08-22T08:00:00.000+00:00",
         "notification_payloads": 0,
     }
-    report = verify(open_database(data / "herald.db", readonly=True, keys=keys))
+    report = verify(open_database(store_of(data), readonly=True, keys=keys))
     assert report.intact, report.findings
     assert report.purged == 2
 
 
-def test_purge_cli_then_verify_and_log_show(tmp_path):
+def test_purge_cli_then_verify_and_log_show(data_dir):
     """`herald purge --older-than 90d` purges, removes the message's notification file, and verify still passes."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data, at=NOW.replace(year=2020))
     drops = attacker(data).execute("SELECT target, id FROM notifications WHERE message_id = 1").fetchall()
     files = [Path(target) / f"{nid}.json.sealed" for target, nid in drops]
@@ -87,24 +89,24 @@ def test_purge_cli_then_verify_and_log_show(tmp_path):
     assert "purged the bodies of 0 message(s)" in again.output
 
 
-def test_purge_keeps_messages_whose_work_is_not_finished(tmp_path):
+def test_purge_keeps_messages_whose_work_is_not_finished(data_dir):
     """A message still to be processed, or with a notification still to deliver, keeps its body."""
-    data = tmp_path / "data"
+    data = data_dir
     keys = gateway_data(data, MESSAGES[:2], at=NOW - timedelta(days=200))
     db = attacker(data)
     db.execute("UPDATE notifications SET state = 'retrying' WHERE message_id = 1")
-    conn = open_database(data / "herald.db", keys=keys)
+    conn = open_database(store_of(data), keys=keys)
     record_frame(conn, accepted_record(sample(MESSAGES[2])), (NOW - timedelta(days=200)).isoformat())
     conn.close()
     report = purge_bodies(load_config(None, data_dir=data), keys, timedelta(days=90), by="tests", now=NOW)
     assert report.message_ids == (2,)
 
 
-def test_a_body_removed_without_a_purge_event_is_named(tmp_path):
+def test_a_body_removed_without_a_purge_event_is_named(data_dir):
     """Blanking a body and marking it purged by hand is caught: no purged event names the message."""
-    data = tmp_path / "data"
+    data = data_dir
     gateway_data(data)
-    attacker(data).execute("UPDATE messages SET raw = X'', purged_at = '2026-12-01' WHERE id = 2")
+    attacker(data).execute("UPDATE messages SET raw = ?, purged_at = '2026-12-01' WHERE id = 2", (b"",))
     result = run("audit", "verify", "--data", data)
     assert result.exit_code == 1, explain(result)
     assert "BROKEN at message 2: altered: its body was removed, but no 'purged' event names it" in result.output
@@ -135,12 +137,12 @@ class ClockedQueueReactor(QueueReactor):
         return self.clock.callLater(delay, f, *args, **kwargs)
 
 
-def test_the_server_purges_periodically_with_retention_days(tmp_path):
+def test_the_server_purges_periodically_with_retention_days(data_dir):
     """With [retention] days set, the server purges a minute after start, batch after batch, then hourly."""
-    data = tmp_path / "data"
+    data = data_dir
     keys = gateway_data(data, at=NOW - timedelta(days=40))
     reactor = ClockedQueueReactor()
-    store = Store(data / "herald.db", reactor=reactor, clock=lambda: NOW, keys=keys)
+    store = Store(store_of(data), reactor=reactor, clock=lambda: NOW, keys=keys)
     store.start()
     try:
         purge = PeriodicPurge(store, data, 30, reactor)
@@ -161,4 +163,4 @@ def test_the_server_purges_periodically_with_retention_days(tmp_path):
     finally:
         success(drain(reactor, store.stop()))
     assert {m: b[2] for m, b in bodies(data).items()} == {1: True, 2: True, 3: True}
-    assert verify(open_database(data / "herald.db", readonly=True, keys=keys)).intact
+    assert verify(open_database(store_of(data), readonly=True, keys=keys)).intact

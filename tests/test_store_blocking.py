@@ -19,11 +19,11 @@ STAMP = "2026-05-01T09:30:00.000+00:00"
 
 
 @pytest.fixture
-def store(tmp_path):
-    """A started Store whose reactor is a Clock (never run) at 1234 s and whose clock is pinned."""
+def store(database):
+    """A started Store (SQLite, then PostgreSQL) whose reactor is a Clock (never run) at 1234 s, its clock pinned."""
     reactor = Clock()
     reactor.advance(1234)
-    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: THEN)
+    s = Store(database, reactor=reactor, clock=lambda: THEN)
     s.start()
     yield s
     s.close()
@@ -75,9 +75,9 @@ def test_a_blocking_write_raises_what_the_job_raised(store):
         store.reject_review(1, by="bob")
 
 
-def test_a_stopped_store_refuses_blocking_calls(tmp_path):
+def test_a_stopped_store_refuses_blocking_calls(database):
     """call() and read() on a store that is not running fail at once instead of waiting."""
-    s = Store(tmp_path / "herald.db", reactor=Clock())
+    s = Store(database, reactor=Clock())
     with pytest.raises(StoreError, match="not running"):
         s.call(lambda conn: None)
     with pytest.raises(StoreError, match="not running"):

@@ -1,6 +1,6 @@
 """The store's writer and reader threads: what goes into each commit, reads off the writer, failures alone.
 
-A running Store on a real SQLite file; its threads hand results back through a
+A running Store on a real database (SQLite, then PostgreSQL); its threads hand results back through a
 queue that the test thread drains (the QueueReactor of test_intake), so no
 reactor runs and no test sleeps.
 """
@@ -14,6 +14,7 @@ from test_intake import STORED_AT, drain, success
 from gateway.errors import StoreError
 from gateway.records import RECEIVED, IntakeRecord
 from gateway.store import Store
+from gateway.store.events import append_event
 
 
 def record(control_id: str) -> IntakeRecord:
@@ -66,7 +67,7 @@ def test_one_failing_job_in_a_group_fails_alone_and_the_group_is_replayed(store,
     good = [store.record_frame(record(f"C{i}")) for i in range(3)]
 
     def bad(conn):
-        conn.execute("INSERT INTO events (at, actor, kind) VALUES ('t', 'test', 'half')")
+        append_event(conn, "t", None, None, "test", "half", None)
         raise RuntimeError("boom")
 
     failing = store.submit(bad)
@@ -108,12 +109,12 @@ def test_outcomes_are_written_in_slices_and_counted(store, reactor, monkeypatch)
     assert success(drain(reactor, states)) == ["routed"] * 5
 
 
-def test_background_jobs_queued_before_stop_are_finished(tmp_path, reactor):
+def test_background_jobs_queued_before_stop_are_finished(database, reactor):
     """Stopping the store commits the background jobs already queued instead of failing them."""
-    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
+    s = Store(database, reactor=reactor, clock=lambda: STORED_AT)
     s.start()
     release = held_writer(s)
-    jobs = [s.submit_background(lambda conn: conn.execute("INSERT INTO events (at, actor, kind) VALUES ('t','b','k')"))]
+    jobs = [s.submit_background(append_event, "t", None, None, "b", "k", None)]
     jobs += [s.submit_background(lambda conn: 1) for _ in range(4)]
     # stop() joins the writer here (the test's thread pool is inline): let the held job go a moment later.
     threading.Timer(0.2, release.set).start()
@@ -123,9 +124,9 @@ def test_background_jobs_queued_before_stop_are_finished(tmp_path, reactor):
     success(drain(reactor, stopped))
 
 
-def test_jobs_after_stop_fail_cleanly(tmp_path, reactor):
+def test_jobs_after_stop_fail_cleanly(database, reactor):
     """A write or read given to a stopped store fails with StoreError instead of hanging."""
-    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
+    s = Store(database, reactor=reactor, clock=lambda: STORED_AT)
     s.start()
     success(drain(reactor, s.stop()))
     for d in (s.submit(lambda c: 1), s.submit_background(lambda c: 1), s.submit_read(lambda c: 1)):

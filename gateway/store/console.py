@@ -672,7 +672,8 @@ def sender_stats(conn: sqlite3.Connection, since: str | None = None) -> list[dic
     out = []
     for application, facility in senders(conn):
         row = conn.execute(
-            "SELECT COUNT(*) AS messages, SUM(state = ?) AS rejected, SUM(state = ?) AS failed, "
+            "SELECT COUNT(*) AS messages, SUM(CASE WHEN state = ? THEN 1 ELSE 0 END) AS rejected, "
+            "SUM(CASE WHEN state = ? THEN 1 ELSE 0 END) AS failed, "
             "MAX(received_at) AS last_at FROM messages "
             "WHERE sending_application = ? AND sending_facility = ? AND received_at >= ?",
             (REJECTED, FAILED, application, facility, since or ""),

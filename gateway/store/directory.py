@@ -13,6 +13,7 @@ import json
 import sqlite3
 
 from gateway.store.events import append_event
+from gateway.store.postgres import table_exists
 
 __all__ = [
     "DIRECTORY_SCHEMA",
@@ -106,6 +107,6 @@ def roster_pcp_npis(roster_conn: sqlite3.Connection) -> dict[str, int]:
 
 def directory_version(conn: sqlite3.Connection) -> tuple:
     """What changes whenever the directory does: (entries, newest change)."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'recipients'").fetchone() is None:
+    if not table_exists(conn, "recipients"):
         return (0, "")
     return tuple(conn.execute("SELECT COUNT(*), COALESCE(MAX(updated_at), '') FROM recipients").fetchone())

@@ -31,6 +31,7 @@ when sealing, and at once when it meets a value sealed under a key it lacks.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import hmac
 import os
@@ -132,6 +133,24 @@ class KeyRing:
         self._path: Path | None = None
         self._identity: tuple[int, int, int] | None = None
         self._next_refresh = 0.0
+
+    #: Whether :meth:`seal_text` gives bytes when disabled too (:meth:`binary`).
+    text_as_bytes = False
+    _binary: KeyRing | None = None
+
+    def binary(self) -> KeyRing:
+        """This ring for a database whose sealed columns are binary (PostgreSQL's BYTEA): text is written
+        as its UTF-8 bytes when disabled too, since a binary column does not keep text as it is.
+
+        An enabled ring seals text to bytes already: it is itself. SQLite keeps text in those columns.
+        """
+        if self.enabled or self.text_as_bytes:
+            return self
+        if self._binary is None:
+            ring = copy.copy(self)
+            ring.text_as_bytes = True
+            self._binary = ring
+        return self._binary
 
     @classmethod
     def disabled(cls) -> KeyRing:
@@ -284,10 +303,15 @@ class KeyRing:
         return bytes(value[start + 1 : start + 1 + value[start]]).decode("ascii", "replace")
 
     def seal_text(self, text: str | None, context: bytes) -> bytes | str | None:
-        """A text column's value sealed (bytes), or the text itself when disabled (None stays None)."""
+        """A text column's value sealed (bytes), or the text itself when disabled (None stays None).
+
+        Disabled, on a binary column (:meth:`binary`): the text's UTF-8 bytes, which :meth:`open_text` reads.
+        """
         if text is None:
             return None
-        return self.seal(text.encode("utf-8"), context) if self.enabled else text
+        if self.enabled:
+            return self.seal(text.encode("utf-8"), context)
+        return text.encode("utf-8") if self.text_as_bytes else text
 
     def open_text(self, value: bytes | str | None, context: bytes) -> str | None:
         """The text of a column written by :meth:`seal_text` (or plaintext from before)."""

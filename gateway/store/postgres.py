@@ -13,10 +13,14 @@ per statement text (:func:`translate`):
 - ``?`` placeholders become ``%s``;
 - ``INSERT OR IGNORE`` becomes ``ON CONFLICT DO NOTHING`` and ``INSERT OR
   REPLACE`` an upsert on the table's key (:data:`UPSERT_KEYS`);
-- in the schema: ``BLOB`` is ``BYTEA``, ``REAL`` is ``DOUBLE PRECISION``,
+- in the schema: ``BLOB`` is ``BYTEA`` (and so are the columns of text that
+  hold sealed values, :data:`SEALED_TEXT_COLUMNS`), ``REAL`` is ``DOUBLE PRECISION``,
   ``INTEGER`` is ``BIGINT`` (an ``INTEGER PRIMARY KEY`` takes its values from
   a sequence, as SQLite's rowid does), ``COLLATE NOCASE`` is a
-  case-insensitive ICU collation, ``WITHOUT ROWID`` goes.
+  case-insensitive ICU collation, ``WITHOUT ROWID`` goes;
+- ``CAST(x AS BLOB)`` casts to ``BYTEA``; SQLite's planner hints (``INDEXED
+  BY``, ``CROSS JOIN ... ON`` for the join order) go, PostgreSQL's planner
+  choosing.
 
 Statements that have no common form (a SQLite ``PRAGMA``, reserving a
 message's id, JSON functions) ask :func:`is_postgres` and say both forms where
@@ -46,6 +50,7 @@ from gateway.errors import StoreError
 from gateway.store.keys import KeyRing
 
 __all__ = [
+    "SEALED_TEXT_COLUMNS",
     "UPSERT_KEYS",
     "WRITE_LOCK",
     "PgConnection",
@@ -157,6 +162,14 @@ def table_exists(conn: Any, name: str) -> bool:
     return conn.execute(sql, (name,)).fetchone() is not None
 
 
+def column_names(conn: Any, table: str) -> list[str]:
+    """The names of a table's columns (either engine)."""
+    if not is_postgres(conn):
+        return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+    sql = "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ?"
+    return [r[0] for r in conn.execute(sql + " ORDER BY ordinal_position", (table,))]
+
+
 # -- statements ----------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?")
@@ -188,13 +201,25 @@ def translate(sql: str, has_params: bool = True) -> str:
     if _DDL.match(text):
         text = _ddl(text)
     text = re.sub(r"\bgroup_concat\(([^)]*)\)", r"string_agg(CAST(\1 AS TEXT), ',')", text, flags=re.IGNORECASE)
+    text = re.sub(r"\bAS\s+BLOB\s*\)", "AS BYTEA)", text, flags=re.IGNORECASE)  # CAST(x AS BLOB)
+    # SQLite's planner hints (an index; CROSS JOIN ... ON for the join order): PostgreSQL's planner chooses.
+    text = re.sub(r"\s+INDEXED\s+BY\s+\w+", "", text, flags=re.IGNORECASE)
+    text = re.sub(r"\bCROSS\s+JOIN(?=\s+\w+(?:\s+\w+)?\s+ON\b)", "JOIN", text, flags=re.IGNORECASE)
     if has_params:
         text = text.replace("%", "%%")
         text = _PLACEHOLDER.sub(lambda m: "%s" if m.group(0) == "?" else m.group(0), text)
     return text
 
 
+#: The columns of text that hold sealed values (messages.fhir, notifications.payload, reviews.candidates):
+#: sealed, a value is bytes, which SQLite keeps in a TEXT column as it is; here they are BYTEA, as the
+#: other sealed columns (BLOB) are. A connection writes their text as bytes (``KeyRing.binary``).
+SEALED_TEXT_COLUMNS = ("fhir", "payload", "candidates")
+_SEALED_TEXT = re.compile(rf"\b({'|'.join(SEALED_TEXT_COLUMNS)})\s+TEXT\b", re.IGNORECASE)
+
+
 def _ddl(text: str) -> str:
+    text = _SEALED_TEXT.sub(r"\1 BYTEA", text)
     text = re.sub(r"\bINTEGER\s+PRIMARY\s+KEY\b", "BIGSERIAL PRIMARY KEY", text, flags=re.IGNORECASE)
     text = re.sub(r"\bINTEGER\b", "BIGINT", text, flags=re.IGNORECASE)
     text = re.sub(r"\bBLOB\b", "BYTEA", text, flags=re.IGNORECASE)
@@ -267,7 +292,8 @@ class PgConnection:
     def __init__(self, raw, location: PostgresDatabase, keys: KeyRing | None = None) -> None:
         self.raw = raw
         self.location = location
-        self.keys = keys or KeyRing.disabled()
+        # The columns that hold sealed values are BYTEA here: text written with encryption off goes as bytes.
+        self.keys = (keys or KeyRing.disabled()).binary()
 
     # sqlite3.Connection's row_factory: rows here are always Row.
     row_factory = None

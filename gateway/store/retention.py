@@ -68,8 +68,8 @@ def purge_next(conn: sqlite3.Connection, before: str, now: str, actor: str, limi
     # The row keeps its header and digest; the body (raw, Bundle) goes. With secure_delete
     # on (open_database) the pages that held it are overwritten, not left free.
     conn.execute(
-        f"UPDATE messages SET raw = X'', fhir = NULL, purged_at = ?, updated_at = ? WHERE id IN ({marks})",
-        [now, now, *ids],
+        f"UPDATE messages SET raw = ?, fhir = NULL, purged_at = ?, updated_at = ? WHERE id IN ({marks})",
+        [b"", now, now, *ids],
     )
     payloads = conn.execute(
         f"UPDATE notifications SET payload = NULL WHERE message_id IN ({marks}) AND payload IS NOT NULL", ids

@@ -131,9 +131,8 @@ def accept_review(
         (REVIEW_ACCEPTED, by, now, aco_id, member_id, review_id),
     )
     conn.execute(
-        "UPDATE matches SET aco_id = ?, member_id = ?, method = 'review', "
-        "detail = json_set(COALESCE(detail, '{}'), '$.review', ?, '$.reviewed_by', ?) WHERE message_id = ?",
-        (aco_id, member_id, review_id, by, message_id),
+        "UPDATE matches SET aco_id = ?, member_id = ?, method = 'review', detail = ? WHERE message_id = ?",
+        (aco_id, member_id, _reviewed_detail(conn, message_id, review_id, by), message_id),
     )
     decision = {"review": review_id, "by": by, "aco": aco_id, "member": member_id}
     append_event(conn, now, message_id, None, "review", "review-accepted", decision)
@@ -161,13 +160,22 @@ def reject_review(conn: sqlite3.Connection, review_id: int, by: str, reason: str
         (REVIEW_REJECTED, by, now, reason or None, review_id),
     )
     conn.execute(
-        "UPDATE matches SET aco_id = NULL, member_id = NULL, grade = 'none', method = 'review', "
-        "detail = json_set(COALESCE(detail, '{}'), '$.review', ?, '$.reviewed_by', ?) WHERE message_id = ?",
-        (review_id, by, message_id),
+        "UPDATE matches SET aco_id = NULL, member_id = NULL, grade = 'none', method = 'review', detail = ? "
+        "WHERE message_id = ?",
+        (_reviewed_detail(conn, message_id, review_id, by), message_id),
     )
     decision = {"review": review_id, "by": by, **({"reason": reason} if reason else {})}
     append_event(conn, now, message_id, None, "review", "review-rejected", decision)
     return _settle(conn, message_id, UNMATCHED, now)
+
+
+def _reviewed_detail(conn: sqlite3.Connection, message_id: int, review_id: int, by: str) -> str:
+    """A match's detail with the review that decided it and who did (read and written here: the
+    engines' JSON functions differ)."""
+    row = conn.execute("SELECT detail FROM matches WHERE message_id = ?", (message_id,)).fetchone()
+    detail = json.loads(row[0] or "{}") if row is not None else {}
+    detail.update(review=review_id, reviewed_by=by)
+    return json.dumps(detail)
 
 
 def _settle(conn: sqlite3.Connection, message_id: int, without_notifications: str, now: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gateway.store.integrity import check_message, stamp_message
 from gateway.store.keys import SEALED_PREFIX, KeyRing, KeyRingError
+from gateway.store.postgres import PostgresDatabase
 from gateway.store.sealing import (
     attribution_context,
     candidates_context,
@@ -50,18 +51,19 @@ class SealedColumn:
 
     name: str  # as status and progress say it: "messages.raw"
     table: str
-    key: str  # an integer (or text) column that orders the rows
+    key: str | None  # an integer (or text) column that orders the rows; None: walked by what they hold
     column: str
     also: tuple[str, ...]  # other columns the context needs
     context: Callable[[sqlite3.Row], bytes]
     text: bool  # the plaintext is text (JSON), not bytes
+    before_first: int | str = -1  # a value below every key (text keys: "")
 
 
 SEALED_COLUMNS = (
     SealedColumn("messages.raw", "messages", "id", "raw", (), lambda r: message_context("raw", r["id"]), False),
     SealedColumn("messages.fhir", "messages", "id", "fhir", (), lambda r: message_context("fhir", r["id"]), True),
     SealedColumn(
-        "notifications.payload", "notifications", "id", "payload", (), lambda r: payload_context(r["id"]), True
+        "notifications.payload", "notifications", "id", "payload", (), lambda r: payload_context(r["id"]), True, ""
     ),
     SealedColumn(
         "reviews.candidates",
@@ -72,10 +74,12 @@ SEALED_COLUMNS = (
         lambda r: candidates_context(r["message_id"]),
         True,
     ),
+    # Its key is three columns and a re-hash changes one of them: each batch takes the rows not yet
+    # sealed under the newest key, whichever they are.
     SealedColumn(
         "confirmed_links.mrn",
         "confirmed_links",
-        "rowid",
+        None,
         "mrn",
         ("mrn_hash", "mrn_authority", "aco_id"),
         lambda r: link_context(r["mrn_hash"], r["mrn_authority"], r["aco_id"]),
@@ -89,6 +93,7 @@ SEALED_COLUMNS = (
         (),
         lambda r: attribution_context(r["id"]),
         True,
+        "",
     ),
     SealedColumn(
         "episode_events.event",
@@ -108,7 +113,7 @@ SEALED_COLUMNS = (
         lambda r: episode_state_context(r["episode_key"]),
         True,
     ),
-    SealedColumn("tasks.resource", "tasks", "id", "resource", (), lambda r: task_context(r["id"]), True),
+    SealedColumn("tasks.resource", "tasks", "id", "resource", (), lambda r: task_context(r["id"]), True, ""),
 )
 _BY_NAME = {c.name: c for c in SEALED_COLUMNS}
 
@@ -122,21 +127,29 @@ def reseal_batch(conn: sqlite3.Connection, name: str, after, limit: int) -> tupl
     """Seal under the newest key up to ``limit`` values of column ``name`` (rows after ``after``) that are not.
 
     Returns (how many were sealed, the row key to go on after; None when the
-    column is done). A confirmed link's MRN is hashed again on the way when
-    its hash is another ring's.
+    column is done). A column walked without a key (confirmed links) finds
+    the rows left by what they hold, whatever ``after`` says. A confirmed
+    link's MRN is hashed again on the way when its hash is another ring's.
     """
     keys = keys_of(conn)
     if not keys.enabled:
         return 0, None
     c = _BY_NAME[name]
     head = _head(keys)
-    columns = ", ".join(dict.fromkeys((c.key, c.column, *c.also)))
-    start = after if after is not None else ("" if c.table == "notifications" else -1)
-    rows = conn.execute(
-        f"SELECT {columns} FROM {c.table} WHERE {c.key} > ? AND {c.column} IS NOT NULL "
-        f"AND (typeof({c.column}) != 'blob' OR substr({c.column}, 1, ?) != ?) ORDER BY {c.key} LIMIT ?",
-        (start, len(head), head, limit),
-    ).fetchall()
+    # A value sealed under the newest key starts with its head; text (plaintext from before) never does.
+    left = f"{c.column} IS NOT NULL AND substr(CAST({c.column} AS BLOB), 1, ?) != ?"
+    if c.key is None:
+        rows = conn.execute(
+            f"SELECT {', '.join((c.column, *c.also))} FROM {c.table} WHERE {left} ORDER BY {', '.join(c.also)} LIMIT ?",
+            (len(head), head, limit),
+        ).fetchall()
+    else:
+        start = after if after is not None else c.before_first
+        rows = conn.execute(
+            f"SELECT {', '.join(dict.fromkeys((c.key, c.column, *c.also)))} FROM {c.table} "
+            f"WHERE {c.key} > ? AND {left} ORDER BY {c.key} LIMIT ?",
+            (start, len(head), head, limit),
+        ).fetchall()
     for r in rows:
         if c.table == "confirmed_links":
             _reseal_link(conn, keys, r)
@@ -149,17 +162,22 @@ def reseal_batch(conn: sqlite3.Connection, name: str, after, limit: int) -> tupl
         conn.execute(f"UPDATE {c.table} SET {c.column} = ? WHERE {c.key} = ?", (sealed, r[c.key]))
     if len(rows) < limit:
         return len(rows), None
-    return len(rows), rows[-1][c.key]
+    return len(rows), rows[-1][c.key] if c.key is not None else len(rows)
 
 
 def _reseal_link(conn: sqlite3.Connection, keys: KeyRing, r: sqlite3.Row) -> None:
-    mrn = keys.open_text(r["mrn"], link_context(r["mrn_hash"], r["mrn_authority"], r["aco_id"]))
+    authority, aco_id = r["mrn_authority"], r["aco_id"]
+    mrn = keys.open_text(r["mrn"], link_context(r["mrn_hash"], authority, aco_id))
     hashed = mrn_hash(keys, mrn)
-    sealed = keys.seal_text(mrn, link_context(hashed, r["mrn_authority"], r["aco_id"]))
-    # A hash under the disabled ring's key (written with encryption off) is made again; the same
-    # link confirmed since under this ring's hash gives way (OR REPLACE).
+    sealed = keys.seal_text(mrn, link_context(hashed, authority, aco_id))
+    where = "mrn_hash = ? AND mrn_authority = ? AND aco_id = ?"
+    if hashed != r["mrn_hash"]:
+        # A hash under the disabled ring's key (written with encryption off) is made again; the same
+        # link confirmed since under this ring's hash gives way (what SQLite's UPDATE OR REPLACE did).
+        conn.execute(f"DELETE FROM confirmed_links WHERE {where}", (hashed, authority, aco_id))
     conn.execute(
-        "UPDATE OR REPLACE confirmed_links SET mrn_hash = ?, mrn = ? WHERE rowid = ?", (hashed, sealed, r["rowid"])
+        f"UPDATE confirmed_links SET mrn_hash = ?, mrn = ? WHERE {where}",
+        (hashed, sealed, r["mrn_hash"], authority, aco_id),
     )
 
 
@@ -203,12 +221,15 @@ def digests_keyed(conn: sqlite3.Connection) -> bool:
     return row is not None and row[0] == keys_of(conn).fingerprint
 
 
-def empty_the_log(database: Path) -> bool:
+def empty_the_log(database: Path | PostgresDatabase) -> bool:
     """Checkpoint and truncate the write-ahead log, so no page written before a rotation stays in it.
 
     A running gateway's readers may hold the log: then it is left to the
-    writer's own checkpoints (False).
+    writer's own checkpoints (False). A PostgreSQL server keeps its own log
+    and recycles it itself: there is nothing of Herald's to empty (True).
     """
+    if isinstance(database, PostgresDatabase):
+        return True
     conn = sqlite3.connect(str(database), isolation_level=None)
     try:
         conn.execute("PRAGMA busy_timeout=2000")
