@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
 
@@ -378,17 +380,19 @@ def test_opt_out_file_marks_members(tmp_path):
 # -- import: versions, added / changed / ended / rejected -----------------------
 
 
-def import_text(tmp_path, text: str, name: str = "roster.csv", **kwargs):
-    path = write(tmp_path, name, text)
+def import_text(where, text: str, name: str = "roster.csv", **kwargs):
+    """Import ``text`` into ``where``: a test's folder (its herald.db), or a store (the ``database`` fixture)."""
+    database = where / "herald.db" if isinstance(where, Path) and where.is_dir() else where
+    path = write(Path(os.fspath(database)).parent, name, text)
     kwargs.setdefault("now", NOW)
-    return import_roster_file(tmp_path / "herald.db", path, kwargs.pop("options", TODAY), **kwargs)
+    return import_roster_file(database, path, kwargs.pop("options", TODAY), **kwargs)
 
 
-def test_first_import_adds_every_member_and_records_the_version(tmp_path):
+def test_first_import_adds_every_member_and_records_the_version(database):
     """A first import adds each member, records a version with its counts and file digest."""
-    report = import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME), by="alice")
+    report = import_text(database, csv_text(ROW_MBI, ROW_MRN, ROW_NAME), by="alice")
     assert (report.added, report.changed, report.ended, report.unchanged, report.rejected) == (3, 0, 0, 0, 0)
-    conn = open_roster_snapshot(tmp_path / "herald.db")
+    conn = open_roster_snapshot(database)
     (version,) = roster_imports(conn)
     assert (version["imported_by"], version["added"], version["format"], version["mode"]) == (
         "alice",
@@ -399,13 +403,13 @@ def test_first_import_adds_every_member_and_records_the_version(tmp_path):
     assert len(version["sha256"]) == 64
 
 
-def test_second_import_reports_changed_unchanged_and_ended(tmp_path):
+def test_second_import_reports_changed_unchanged_and_ended(database):
     """A new version updates changed members, leaves the same ones, end-dates the missing (never deletes)."""
-    import_text(tmp_path, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
+    import_text(database, csv_text(ROW_MBI, ROW_MRN, ROW_NAME))
     changed = ROW_MBI.replace("Dr. Test", "Dr. Other")
-    report = import_text(tmp_path, csv_text(changed, ROW_MRN), effective="2026-12-01")
+    report = import_text(database, csv_text(changed, ROW_MRN), effective="2026-12-01")
     assert (report.added, report.changed, report.ended, report.unchanged) == (0, 1, 1, 1)
-    conn = open_roster_snapshot(tmp_path / "herald.db")
+    conn = open_roster_snapshot(database)
     assert roster_member(conn, "ACO-TEST", "M-001")["pcp_name"] == "Dr. Other"
     gone = roster_member(conn, "ACO-TEST", "M-003")
     assert gone is not None and gone["effective_end"] == "2026-11-30"
@@ -413,13 +417,13 @@ def test_second_import_reports_changed_unchanged_and_ended(tmp_path):
     assert roster_count(conn, active_on="2026-12-01") == 1  # M-002's own end date passed in June
 
 
-def test_member_coming_back_starts_again(tmp_path):
+def test_member_coming_back_starts_again(database):
     """A member ended by one version and listed again by a later one is effective from the new version."""
-    import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME))
-    import_text(tmp_path, csv_text(ROW_MBI), effective="2026-12-01")
-    report = import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME), effective="2027-01-01")
+    import_text(database, csv_text(ROW_MBI, ROW_NAME))
+    import_text(database, csv_text(ROW_MBI), effective="2026-12-01")
+    report = import_text(database, csv_text(ROW_MBI, ROW_NAME), effective="2027-01-01")
     assert (report.added, report.changed, report.unchanged) == (0, 1, 1)
-    back = roster_member(open_roster_snapshot(tmp_path / "herald.db"), "ACO-TEST", "M-003")
+    back = roster_member(open_roster_snapshot(database), "ACO-TEST", "M-003")
     assert (back["effective_start"], back["effective_end"]) == ("2027-01-01", "")
 
 
@@ -439,13 +443,13 @@ def test_update_mode_ends_nobody(tmp_path):
     assert (report.added, report.ended) == (1, 0)
 
 
-def test_bad_file_changes_nothing(tmp_path):
+def test_bad_file_changes_nothing(database):
     """A file with a bad row is rejected whole: the roster and its versions stay as they were."""
-    import_text(tmp_path, csv_text(ROW_MBI, ROW_NAME))
+    import_text(database, csv_text(ROW_MBI, ROW_NAME))
     with pytest.raises(RosterError) as caught:
-        import_text(tmp_path, csv_text(ROW_MRN, ROW_MBI.replace(",F,", ",Z,")))
+        import_text(database, csv_text(ROW_MRN, ROW_MBI.replace(",F,", ",Z,")))
     assert [(line, col) for line, col, _ in caught.value.problems] == [(3, "sex")]
-    conn = open_roster_snapshot(tmp_path / "herald.db")
+    conn = open_roster_snapshot(database)
     assert len(roster_imports(conn)) == 1
     assert roster_count(conn, active_on="2026-11-20") == 2
 
@@ -474,12 +478,12 @@ def test_a_skipped_row_does_not_end_its_member(tmp_path):
     assert (report.ended, report.rejected, report.unchanged) == (0, 1, 1)
 
 
-def test_a_file_with_no_good_rows_changes_nothing(tmp_path):
+def test_a_file_with_no_good_rows_changes_nothing(database):
     """Even with skip_bad_rows a file with no good row is refused (it would end the whole roster)."""
-    import_text(tmp_path, csv_text(ROW_MBI))
+    import_text(database, csv_text(ROW_MBI))
     with pytest.raises(RosterError):
-        import_text(tmp_path, csv_text(ROW_MBI.replace("M-001", "M-009").replace(",F,", ",Z,")), skip_bad_rows=True)
-    assert roster_count(open_roster_snapshot(tmp_path / "herald.db"), active_on="2026-11-20") == 1
+        import_text(database, csv_text(ROW_MBI.replace("M-001", "M-009").replace(",F,", ",Z,")), skip_bad_rows=True)
+    assert roster_count(open_roster_snapshot(database), active_on="2026-11-20") == 1
 
 
 # -- lookups -------------------------------------------------------------------
@@ -560,9 +564,9 @@ def test_keys_are_stored_as_64_bit_hashes():
     assert -(2**63) <= key_id("d:19560122") < 2**63
 
 
-def test_import_members_adds_without_ending(tmp_path):
+def test_import_members_adds_without_ending(database):
     """The in-memory import (benchmarks, tests) adds members and ends nobody."""
-    db = tmp_path / "herald.db"
+    db = database
     members, _ = read_roster(csv_text(ROW_MBI, ROW_MRN), TODAY)
     assert import_members(db, members, "m.csv", now=NOW) == 2
     assert import_members(db, members[:1], "m.csv", now=NOW) == 1

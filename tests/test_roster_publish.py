@@ -9,6 +9,7 @@ picks up a new version without a restart.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import sqlite3
@@ -52,16 +53,18 @@ def roster_text(count: int, pcp_name: str, start: int = 0, extra: tuple[str, ...
     return "\n".join(rows) + "\n"
 
 
-def import_text(tmp_path: Path, text: str, name: str = "members.csv", **kwargs):
-    path = tmp_path / name
+def import_text(where, text: str, name: str = "members.csv", **kwargs):
+    """Import ``text`` into ``where``: a test's folder (its herald.db), or a store (the ``database`` fixture)."""
+    database = where / "herald.db" if isinstance(where, Path) and where.is_dir() else where
+    path = Path(os.fspath(database)).parent / name
     path.write_text(text, encoding="utf-8")
-    return import_roster_file(tmp_path / "herald.db", path, TODAY, now=NOW, **kwargs)
+    return import_roster_file(database, path, TODAY, now=NOW, **kwargs)
 
 
-def test_a_query_never_sees_half_an_import(tmp_path):
+def test_a_query_never_sees_half_an_import(database):
     """Readers querying throughout an import that changes every member see version 1 or 2 whole, never a mix."""
-    import_text(tmp_path, roster_text(1500, "Dr One"))
-    reader = RosterReader(tmp_path / "herald.db")
+    import_text(database, roster_text(1500, "Dr One"))
+    reader = RosterReader(database)
     seen: list[tuple[int, int, tuple[str, ...]]] = []
     problems: list[str] = []
     stop = threading.Event()
@@ -87,7 +90,7 @@ def test_a_query_never_sees_half_an_import(tmp_path):
     thread.start()
     assert reading.wait(60)  # the reader has seen version 1 before the import starts
     try:
-        report = import_text(tmp_path, roster_text(2000, "Dr Two"), name="v2.csv")
+        report = import_text(database, roster_text(2000, "Dr Two"), name="v2.csv")
     finally:
         stop.set()
         thread.join(timeout=150)
@@ -132,28 +135,28 @@ def test_an_import_holds_no_lock_intake_waits_on(tmp_path, monkeypatch):
     reader.close()
 
 
-def test_published_roster_leaves_no_journal_and_a_rejected_file_publishes_nothing(tmp_path):
+def test_published_roster_leaves_no_journal_and_a_rejected_file_publishes_nothing(database, tmp_path):
     """After an import only roster.db (and its lock file) is there; a rejected file leaves the version as it was."""
-    import_text(tmp_path, roster_text(20, "Dr One"))
-    before = roster_path(tmp_path / "herald.db").stat()
+    import_text(database, roster_text(20, "Dr One"))
+    before = roster_path(database).stat()
     assert sorted(p.name for p in tmp_path.glob("roster.*")) == ["roster.db", "roster.lock"]
     with pytest.raises(RosterError):
-        import_text(tmp_path, roster_text(5, "Dr Two").replace(",M,", ",Z,"), name="bad.csv")
-    after = roster_path(tmp_path / "herald.db").stat()
+        import_text(database, roster_text(5, "Dr Two").replace(",M,", ",Z,"), name="bad.csv")
+    after = roster_path(database).stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert sorted(p.name for p in tmp_path.glob("roster.*")) == ["roster.db", "roster.lock"]
-    assert open_roster_snapshot(tmp_path / "herald.db").version == 1
+    assert open_roster_snapshot(database).version == 1
 
 
-def test_imports_one_at_a_time(tmp_path):
+def test_imports_one_at_a_time(database, tmp_path):
     """Two imports started together both land, one after the other (the roster lock), as versions 2 and 3."""
-    import_text(tmp_path, roster_text(50, "Dr One"))
+    import_text(database, roster_text(50, "Dr One"))
     (tmp_path / "a.csv").write_text(roster_text(50, "Dr A"), encoding="utf-8")
     (tmp_path / "b.csv").write_text(roster_text(50, "Dr B", start=1000), encoding="utf-8")
     reports: list = []
 
     def run(name: str) -> None:
-        reports.append(import_roster_file(tmp_path / "herald.db", tmp_path / name, TODAY, now=NOW, replace=False))
+        reports.append(import_roster_file(database, tmp_path / name, TODAY, now=NOW, replace=False))
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("a.csv", "b.csv")]
     for t in threads:
@@ -161,7 +164,7 @@ def test_imports_one_at_a_time(tmp_path):
     for t in threads:
         t.join(timeout=120)
     assert sorted(r.import_id for r in reports) == [2, 3]
-    snapshot = open_roster_snapshot(tmp_path / "herald.db")
+    snapshot = open_roster_snapshot(database)
     assert roster_count(snapshot) == 100
     names = {r[0] for r in snapshot.conn.execute("SELECT pcp_name FROM roster_members WHERE member_id = 'M-0'")}
     assert names == {"Dr A"}

@@ -141,7 +141,7 @@ def rotate_keys(
                 done += n
                 tell("messages.sha256", done)
             report.digests = done
-    report.roster_members = reseal_roster(roster_path(config.database), keys, DERIVATION)
+    report.roster_members = reseal_roster(roster_path(config.database), keys, DERIVATION, database=config.database)
     if report.roster_members:
         tell("roster members", report.roster_members)
     report.checkpointed = empty_the_log(config.database)

@@ -142,6 +142,7 @@ def _import(
         effective=effective,
         skip_bad_rows=skip_bad_rows,
         keys=store.keys,
+        database=store.path,  # on PostgreSQL: published to every node
     )
     detail = {
         "import": version.import_id,
@@ -155,6 +156,7 @@ def _import(
         "ended": version.ended,
         "unchanged": version.unchanged,
         "rejected": version.rejected,
+        **({"published_version": version.published_version} if version.published_version else {}),
         # Header names only, never a value: what of the file was not imported.
         "unread_columns": [
             {"position": u.position, "header": u.header.strip(), "nearest": u.nearest} for u in unread_columns
@@ -256,6 +258,7 @@ def adopt_legacy_roster(store: Store) -> int:
         replace=False,
         skip_bad_rows=True,
         keys=store.keys,
+        database=store.path,
     )
     detail = {
         "import": version.import_id,

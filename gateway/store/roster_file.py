@@ -7,6 +7,8 @@ copies it, applies the new version to the copy and renames it over
 it when it has been replaced (between pipeline batches), so intake never
 waits on an import and a query never sees half of one. Confirmed MRN links
 and the review queue stay in the main database (the server writes them).
+With a PostgreSQL store each node has its own file, kept at the version
+published from any node (:mod:`gateway.store.roster_versions`).
 
 From schema version 3 a member's identifying values are sealed (one ``phi``
 value a member, and its normalised ``person``), and everything found by
@@ -28,7 +30,9 @@ from pathlib import Path
 
 from gateway.errors import StoreError
 from gateway.records import MEMBER_COLUMNS
+from gateway.store.files import private_folder
 from gateway.store.keys import KeyRing, KeyRingError
+from gateway.store.postgres import column_names
 from gateway.store.schema import run_sql
 from gateway.store.sealing import (
     ROSTER_PHI_COLUMNS,
@@ -53,6 +57,7 @@ __all__ = [
     "roster_count",
     "roster_imports",
     "roster_member",
+    "roster_lock",
     "roster_path",
 ]
 
@@ -62,6 +67,9 @@ ROSTER_FILE = "roster.db"
 ROSTER_SCHEMA_VERSION = 3
 #: The first schema version whose members are sealed and whose lookups are keyed hashes.
 SEALED_SINCE = 3
+#: The roster_meta row naming the version a file was published as to every node of a PostgreSQL
+#: store (:mod:`gateway.store.roster_versions`); a file of a SQLite store has none.
+PUBLISHED_VERSION = "published_version"
 
 #: What brings a roster file of the version before up to each version. An
 #: import applies them to its copy (so the next published file is current);
@@ -188,6 +196,49 @@ def lookup_ring(found: str | None, keys: KeyRing, path: Path | str) -> KeyRing:
     )
 
 
+class roster_lock:  # noqa: N801 - used as a context manager, named for what it holds
+    """The lock that serialises changes to one node's roster file (``roster.lock`` beside it; ``flock``).
+
+    Held by an import (or a rotation) from its copy to its rename, and by a
+    download of a version published from another node
+    (:mod:`gateway.store.roster_versions`). With ``wait=False`` it is not waited
+    for: :attr:`held` says whether it was taken.
+    """
+
+    def __init__(self, path: Path, *, wait: bool = True) -> None:
+        self.path = path.with_name(path.name.replace(".db", ".lock"))
+        self.wait = wait
+        self.held = False
+        self._fd: int | None = None
+
+    def __enter__(self) -> roster_lock:
+        import fcntl
+
+        if not self.path.parent.exists():
+            private_folder(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))  # another import finishes first
+        except BlockingIOError:
+            os.close(fd)
+            return self
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.held = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+            self.held = False
+
+
 def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path)
@@ -253,6 +304,8 @@ class RosterSnapshot:
         self.recipe = meta.get("blocking_recipe", "")
         #: How many current members the term counts were taken over (0: the file has none).
         self.terms_total = int(meta.get("terms_total", "0"))
+        #: The version every node of a PostgreSQL store knows this file by (0: not published there).
+        self.published_version = int(meta.get(PUBLISHED_VERSION, "0"))
         self.version = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM roster_imports").fetchone()[0]
         self._sizes: dict[str, int] = {}
         # Opened persons by row id: matching's prefilter reads the same big buckets' members again and
@@ -394,7 +447,7 @@ class StoredRoster:
         self._mbi_column = "mbi_hash" if roster.sealed else "mbi"
         self._mrn_column = "mrn_hash" if roster.sealed else "mrn"
         if links is not None:
-            hashed = any(c[1] == "mrn_hash" for c in links.execute("PRAGMA table_info(confirmed_links)"))
+            hashed = "mrn_hash" in column_names(links, "confirmed_links")
             self._links_hashed = hashed
             self._links_keys = keys_of(links)
             # Most databases hold no link: then no MRN is hashed for them, nor looked up (one read a batch).

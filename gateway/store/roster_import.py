@@ -10,6 +10,10 @@ and a file of an older schema version, or one whose keyed hashes are under
 another ring (written with encryption off), has every member sealed and hashed
 again before the new version is applied. :func:`reseal_roster` republishes
 the file with every member under the ring's newest key (``herald keys rotate``).
+
+With a PostgreSQL store (``database=``) each new file is built on the newest
+version published from any node and published to all of them in one
+transaction before it is renamed into place (:mod:`gateway.store.roster_versions`).
 """
 
 from __future__ import annotations
@@ -27,16 +31,19 @@ from pathlib import Path
 
 from gateway.errors import RosterError, StoreError
 from gateway.records import MEMBER_COLUMNS, RosterDerivation
-from gateway.store.files import create_private_file, private_folder
+from gateway.store.files import create_private_file
 from gateway.store.keys import SEALED_PREFIX, KeyRing
+from gateway.store.postgres import PostgresDatabase
 from gateway.store.roster_file import (
     ROSTER_MIGRATIONS,
     ROSTER_SCHEMA,
     ROSTER_SCHEMA_VERSION,
     SEALED_SINCE,
     lookup_ring,
+    roster_lock,
 )
-from gateway.store.schema import iso, run_sql
+from gateway.store.roster_versions import RosterPublication, publication
+from gateway.store.schema import iso, run_sql, utc_now
 from gateway.store.sealing import (
     ROSTER_PHI_COLUMNS,
     block_hash,
@@ -75,6 +82,8 @@ class RosterVersion:
     read_seconds: float  # reading, checking and staging the file
     apply_seconds: float  # applying the version to the copy
     publish_seconds: float  # making the copy durable and renaming it into place
+    #: On PostgreSQL, the number every node follows this version by (roster_versions; 0 on SQLite).
+    published_version: int = 0
 
 
 _MEMBER_ID_AT = MEMBER_COLUMNS.index("member_id")
@@ -86,36 +95,6 @@ MAX_PROBLEMS = 1000
 _STAGE_BATCH = 5000
 #: Page cache of an import's connection (KiB): big enough to build the key index without thrashing.
 _IMPORT_CACHE_KIB = 65536
-
-
-class roster_lock:  # noqa: N801 - used as a context manager, named for what it holds
-    """The lock that serialises roster imports (``roster.lock`` beside the roster file; ``flock``)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path.with_name(path.name.replace(".db", ".lock"))
-        self._fd: int | None = None
-
-    def __enter__(self) -> roster_lock:
-        import fcntl
-
-        if not self.path.parent.exists():
-            private_folder(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # another import finishes first
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import fcntl
-
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 def _open_work_copy(
@@ -270,8 +249,13 @@ def _sealed_head(keys: KeyRing) -> bytes | None:
     return SEALED_PREFIX + bytes([len(key_id)]) + key_id
 
 
-def _publish(conn: sqlite3.Connection, work: Path, published: Path) -> None:
-    """Make the finished copy durable and rename it over the published roster (atomic for readers)."""
+def _publish(conn: sqlite3.Connection, work: Path, published: Path, shared: RosterPublication | None = None) -> None:
+    """Make the finished copy durable and rename it over the published roster (atomic for readers).
+
+    With ``shared`` (PostgreSQL) the copy is first published to every node
+    (one transaction); only once that has committed is it renamed into place
+    here, so this node never reads a version the others cannot follow.
+    """
     conn.execute("PRAGMA journal_mode=DELETE")  # no -wal/-shm/-journal left beside the file
     conn.close()
     fd = os.open(work, os.O_RDONLY)
@@ -279,6 +263,8 @@ def _publish(conn: sqlite3.Connection, work: Path, published: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if shared is not None:
+        shared.publish(work)
     os.replace(work, published)
     dir_fd = os.open(published.parent, os.O_RDONLY)
     try:
@@ -510,6 +496,7 @@ def publish_roster_version(
     effective: str | None = None,
     skip_bad_rows: bool = False,
     keys: KeyRing | None = None,
+    database: Path | str | PostgresDatabase | None = None,
 ) -> RosterVersion:
     """Stage ``rows`` in a copy of the roster file, apply them as a new version and publish it.
 
@@ -524,9 +511,15 @@ def publish_roster_version(
     (``roster.lock``). Any problem rejects the whole file
     (:class:`RosterError`, nothing published) unless ``skip_bad_rows``.
     Members are sealed and hashed with ``keys`` (stored as given without).
+
+    ``database`` is the main database. On PostgreSQL the import is built on
+    the newest version published from any node (imports on every node run one
+    at a time), and the version is published to them all in one transaction
+    before it is renamed into place here (:mod:`gateway.store.roster_versions`);
+    if that fails nothing is published anywhere.
     """
     keys = keys or KeyRing.disabled()
-    with roster_lock(published):
+    with roster_lock(published), publication(database, published, by=by, at=iso(moment)) as shared:
         started = time.perf_counter()
         conn, work, _ = _open_work_copy(published, keys, derivation)
         try:
@@ -563,7 +556,11 @@ def publish_roster_version(
             )
             apply_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            _publish(conn, work, published)
+            if shared is None:
+                _publish(conn, work, published)
+            else:
+                shared.stamp(conn, import_id)
+                _publish(conn, work, published, shared)
             publish_seconds = time.perf_counter() - started
         except BaseException:
             conn.close()
@@ -582,10 +579,18 @@ def publish_roster_version(
         read_seconds,
         apply_seconds,
         publish_seconds,
+        shared.version if shared is not None else 0,
     )
 
 
-def reseal_roster(published: Path, keys: KeyRing, derivation: RosterDerivation) -> int:
+def reseal_roster(
+    published: Path,
+    keys: KeyRing,
+    derivation: RosterDerivation,
+    *,
+    database: Path | str | PostgresDatabase | None = None,
+    by: str = "herald",
+) -> int:
     """Republish the roster file with every member sealed under ``keys``' newest key (a rotation).
 
     An older file, or one hashed under another ring, is upgraded and hashed
@@ -593,17 +598,24 @@ def reseal_roster(published: Path, keys: KeyRing, derivation: RosterDerivation) 
     readers move to the new file between batches, as after an import. Returns
     how many members were sealed again (0 when there is no roster file, or
     every member was sealed under the newest key already: nothing is published).
+    On PostgreSQL (``database``) the newest published version is resealed and
+    published to every node as a new published version, as an import is.
     """
-    if not published.exists():
+    if not published.exists() and not isinstance(database, PostgresDatabase):
         return 0
-    with roster_lock(published):
+    with roster_lock(published), publication(database, published, by=by, at=iso(utc_now()), kind="rotation") as shared:
+        if not published.exists():  # on PostgreSQL, none published either
+            return 0
         conn, work, upgraded = _open_work_copy(published, keys, derivation)
         try:
             conn.execute("BEGIN")
             sealed = seal_members(conn, keys, derivation, rehash=False, only_stale=True)
             conn.execute("COMMIT")
             if upgraded or sealed:
-                _publish(conn, work, published)
+                if shared is not None:
+                    import_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM roster_imports").fetchone()[0]
+                    shared.stamp(conn, import_id)
+                _publish(conn, work, published, shared)
             else:
                 conn.close()
                 work.unlink(missing_ok=True)
