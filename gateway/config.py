@@ -107,6 +107,8 @@ class Config:
     #: Where the store is: "" (default) or sqlite:///<path> for a SQLite file (one node), or
     #: postgresql://user@host:port/db for a PostgreSQL database several nodes share (README, "One node or several").
     storage_store: str = ""
+    #: PostgreSQL: how long a node holds work it claimed; a dead node's work waits this long for another.
+    storage_claim_lease_seconds: float = 300.0
     storage_reserve_mb: float = 64.0  # below this much free space the pipeline and delivery pause
     storage_wal_limit_mb: float = 64.0  # the write-ahead log is truncated beyond this
     retention_days: int = 0  # 0: bodies are kept; else purged this many days after receipt, work done
@@ -259,6 +261,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     },
     "storage": {
         "store": ("storage_store", str),
+        "claim_lease_seconds": ("storage_claim_lease_seconds", (int, float)),
         "reserve_mb": ("storage_reserve_mb", (int, float)),
         "wal_limit_mb": ("storage_wal_limit_mb", (int, float)),
     },
@@ -618,6 +621,12 @@ def _check_storage(cfg: Config) -> None:
         raise ConfigError("storage.reserve_mb", "must be 0 (no reserve) or more")
     if not 1 <= cfg.storage_wal_limit_mb < math.inf:
         raise ConfigError("storage.wal_limit_mb", "must be at least 1")
+    if not 2 * cfg.delivery_timeout < cfg.storage_claim_lease_seconds < math.inf:
+        raise ConfigError(
+            "storage.claim_lease_seconds",
+            f"must be more than twice delivery.timeout ({cfg.delivery_timeout:g} s): "
+            "a send must end before another node may take it",
+        )
     if cfg.retention_days < 0:
         raise ConfigError("retention.days", "must be 0 (keep bodies) or a number of days")
 

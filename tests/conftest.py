@@ -120,6 +120,23 @@ def database(request, tmp_path):
 
 
 @pytest.fixture
+def data_dir(database, tmp_path, monkeypatch):
+    """A node's data folder (``tmp_path / "data"``) whose store is ``database``: ``herald.db`` in it, or the
+    PostgreSQL database, which ``HERALD_STORE`` then names to the CLI and ``load_config`` (as an operator sets it).
+
+    ``load_config(None, data_dir=folder).database`` is the store wherever it is.
+    """
+    from gateway.config import STORE_ENV
+    from gateway.store.postgres import PostgresDatabase
+
+    if isinstance(database, PostgresDatabase):
+        monkeypatch.setenv(STORE_ENV, database.url)
+    else:
+        monkeypatch.delenv(STORE_ENV, raising=False)
+    return tmp_path / "data"
+
+
+@pytest.fixture
 def herald_server(tmp_path):
     """A `herald serve` process (defaults: pipeline on) on a free loopback port, its data in
     ``tmp_path / "data"``. Yields ``(port, data, proc)``; stopped with SIGTERM afterwards."""
@@ -172,8 +189,8 @@ def reactor():
 
 
 @pytest.fixture
-def store(tmp_path, reactor):
-    """A running Store on a fresh SQLite file; stopped (and its threads joined) after the test.
+def store(database, reactor):
+    """A running Store on a fresh database (SQLite, then PostgreSQL); stopped (and its threads joined) after the test.
 
     test_store.py has its own ``store``: a Store that is never started.
     """
@@ -181,7 +198,7 @@ def store(tmp_path, reactor):
 
     from gateway.store import Store
 
-    s = Store(tmp_path / "herald.db", reactor=reactor, clock=lambda: STORED_AT)
+    s = Store(database, reactor=reactor, clock=lambda: STORED_AT)
     s.start()
     yield s
     success(drain(reactor, s.stop()))

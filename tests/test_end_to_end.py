@@ -6,6 +6,7 @@ whole service from ``make_service``; the only fakes are injected failures.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -13,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+from postgres_server import create_database, drop_database
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.resource import Resource
@@ -90,6 +93,13 @@ class FhirReceiver(Resource):
         return b'{"resourceType":"Bundle","type":"message"}'
 
 
+@pytest.fixture(autouse=True)
+def _postgres_for_postgresql_cases(request):
+    """A trial case on PostgreSQL (``backend``) learns the test server's admin URL (skipped without one)."""
+    if getattr(request.cls, "backend", "sqlite") == "postgresql":
+        request.cls.postgres_admin = request.getfixturevalue("postgres_server")
+
+
 class GatewayTestCase(unittest.TestCase):
     """Starts Herald on 127.0.0.1 with an HTTP FHIR receiver for the HIE.
 
@@ -99,6 +109,11 @@ class GatewayTestCase(unittest.TestCase):
     """
 
     hie_status = 200
+    #: Where the store is: "sqlite" (herald.db in the data folder) or "postgresql" (a new database on
+    #: the test server, ``postgres_admin``, which the autouse fixture below sets).
+    backend = "sqlite"
+    postgres_admin = ""
+    postgres_database = ""
     extra_config = ""
     server_extra = ""
     tls = False
@@ -140,6 +155,9 @@ directory = "drop/care-team"
 """
         )
         self.config = load_config(config_file, data_dir=self.data)
+        if self.backend == "postgresql":
+            url = self.postgres_database = create_database(self.postgres_admin)  # dropped in tearDown
+            self.config = dataclasses.replace(self.config, storage_store=url)
         import_roster_file(self.config.database, SAMPLES / "roster.csv", by="tests")
         yield self.start()
 
@@ -163,6 +181,8 @@ directory = "drop/care-team"
         # Let closed connections finish closing so the reactor is clean.
         yield task.deferLater(reactor, 0.05, lambda: None)
         shutil.rmtree(self.data, True)
+        if self.postgres_database:  # after the service stopped (trial runs cleanups before tearDown)
+            drop_database(self.postgres_admin, self.postgres_database)
 
     def tls_options(self, name: str | None = None):
         """Client TLS with the certificate of ``name`` (default: the first of ``tls_clients``); None on plain."""
@@ -491,3 +511,15 @@ class RestartTests(GatewayTestCase):
         self.assertEqual(conn.execute("SELECT state FROM messages").fetchone()[0], "routed")
         self.assertEqual(conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0], 3)
         conn.close()
+
+
+class EndToEndOnPostgres(EndToEndTests):
+    """The same, with the store on PostgreSQL."""
+
+    backend = "postgresql"
+
+
+class RestartOnPostgres(RestartTests):
+    """A message stored before a crash is processed after the restart, on PostgreSQL."""
+
+    backend = "postgresql"

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from gateway.config import ROSTER_FORMATS
-from gateway.errors import ConfigError, HeraldError, MessageError, RosterError
+from gateway.errors import ConfigError, HeraldError, MessageError, RosterError, StoreError
 from gateway.records import MESSAGE_STATES, NOTIFICATION_STATES
 
 EXIT_BAD_INPUT = 2
@@ -86,9 +86,18 @@ def _read_conn(cfg, keys=None):
 
 
 def _roster_snapshot(cfg, keys=None):
-    """The roster as published now (empty before the first import), its members opened with ``keys``."""
-    from gateway.store import StoreError, open_roster_snapshot
+    """The roster as published now (empty before the first import), its members opened with ``keys``.
 
+    On PostgreSQL this node's file is brought to the version published from
+    any node first (its server does so every few seconds; it may not run).
+    """
+    from gateway.store import StoreError, open_roster_snapshot
+    from gateway.store.roster_versions import follow_published_roster
+
+    try:
+        follow_published_roster(cfg.database)
+    except StoreError as e:  # the node's own file is still a whole version: read it, and say so
+        click.echo(f"herald: {e}; reading this node's roster file as it is", err=True)
     try:
         return open_roster_snapshot(cfg.database, keys)
     except StoreError as e:
@@ -175,6 +184,8 @@ def serve(config_path, listen, allow_plain, data_dir, log_format, log_level, log
             gw = make_service(cfg, reactor, keys=keys)
         except ConfigError as e:  # a setting only the service reads (a JWKS, a worklist): said, no traceback
             raise click.ClickException(str(e)) from None
+        except StoreError as e:  # e.g. the PostgreSQL server is unreachable, or refuses the role
+            raise click.ClickException(f"the store: {e}") from None
         gw.service.startService()
         done = defer.Deferred()
 
@@ -702,6 +713,8 @@ def roster_import(
         f"imported {file} as roster version {report.import_id} of {', '.join(report.acos)}"
         + (f", effective {effective}" if effective else ", effective today")
     )
+    if report.published_version:
+        click.echo(f"  published to every node sharing the database (published version {report.published_version})")
     click.echo(
         f"  added {report.added}, changed {report.changed}, ended {report.ended}, unchanged {report.unchanged}, "
         f"rejected {report.rejected} (of {report.rows} rows)"

@@ -24,6 +24,7 @@ from gateway.app.health import HealthListener, Readiness, health_site
 from gateway.app.logs import delivery_logged
 from gateway.app.metrics import GatewayMetrics
 from gateway.app.roster import adopt_legacy_roster
+from gateway.app.roster_follow import roster_following
 from gateway.app.transitions_service import TransitionsService, alert_targets, care_transitions
 from gateway.config import Config, Listen, parse_listen
 from gateway.conversion.vocabulary import load_vocabulary
@@ -150,6 +151,7 @@ def make_service(
         keys = load_ring(config.key_path, config.encrypt_at_rest)
     private_data_dir(config.data_dir)
     store = Store(config.database, reactor=reactor, keys=keys, **({"clock": clock} if clock else {}))
+    store.claim_lease = config.storage_claim_lease_seconds
     store.wal_limit = int(config.storage_wal_limit_mb * _MB)
     top = OrderedService()
 
@@ -165,6 +167,11 @@ def make_service(
 
     store_service = _StoreService()
     store_service.setServiceParent(top)
+    # PostgreSQL: the node's roster file follows the version published from any node (before the
+    # pipeline's workers open it; a node with no roster file downloads it at start).
+    following = roster_following(config.database, reactor)
+    if following is not None:
+        following.setServiceParent(top)
     metrics = GatewayMetrics()
     metrics.watch_outcomes(store)
     listeners: list[Listener] = []

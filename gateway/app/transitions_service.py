@@ -214,6 +214,8 @@ class TransitionsService(Service):
     @defer.inlineCallbacks
     def _run(self):
         written = {k: 0 for k in self.totals}
+        if not (yield self.store.lead("transitions")):
+            return written  # several nodes: another one folds the episodes (its e-alerts and tasks once)
         while True:
             change, taken = yield self._in_thread(self.decide_pending, self.BATCH)
             if not taken:

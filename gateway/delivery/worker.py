@@ -65,7 +65,6 @@ from gateway.records import DEAD, RETRYING, SENT, DeliveryAttempt, Notification
 from gateway.store import Store
 from gateway.store.files import FILE_MODE, private_folder
 from gateway.store.keys import KeyRing
-from gateway.store.outbox import due_for_recipient
 from gateway.store.sealing import OUTBOX_SUFFIX, file_drop_context
 
 
@@ -781,8 +780,8 @@ class DeliveryWorker(Service):
         digest's id is a hash of its notifications' ids, the same on a retry
         of the same digest.
         """
-        group = yield self.store.submit_read(
-            due_for_recipient, n.recipient_id, n.channel_index, self.reactor.seconds(), tuple(self._inflight - {n.id})
+        group = yield self.store.due_for_recipient(
+            n.recipient_id, n.channel_index, self.reactor.seconds(), tuple(self._inflight - {n.id})
         )
         others = [m for m in group if m.id != n.id and m.id not in self._inflight]
         for m in others:

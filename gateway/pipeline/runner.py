@@ -67,6 +67,8 @@ class PipelineWorker(Service):
 
     #: Batches converting or being written at once.
     DEPTH = 2
+    #: On PostgreSQL (several nodes), how often the pipeline looks for messages nobody woke it for.
+    SHARED_POLL_SECONDS = 1.0
 
     def __init__(
         self,
@@ -99,6 +101,7 @@ class PipelineWorker(Service):
         self._drained: defer.Deferred | None = None
         self._again = False
         self._last_id = 0
+        self._shared_poll: task.LoopingCall | None = None
         self.processed = 0
         self._retry = None
         #: Paused (:meth:`pause`): no new batch is taken until :meth:`resume`.
@@ -112,12 +115,20 @@ class PipelineWorker(Service):
         else:
             self._thread = ThreadPool(1, 1, name="herald-pipeline")
             self._thread.start()
+        if self.store.postgres:
+            # Several nodes: messages other nodes stored, and those a dead node held until its
+            # leases ran out, wake nobody here; they are looked for every SHARED_POLL_SECONDS.
+            self._shared_poll = task.LoopingCall(self.wake)
+            self._shared_poll.clock = self.reactor
+            self._shared_poll.start(self.SHARED_POLL_SECONDS, now=False)
         self.wake()
 
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
         self._unwatch_reload_requests()
+        if self._shared_poll is not None and self._shared_poll.running:
+            self._shared_poll.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._drained is not None:

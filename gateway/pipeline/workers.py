@@ -43,6 +43,7 @@ from gateway.pipeline.process import MatchPolicy, process_message
 from gateway.records import ROLES, MessageOutcome, PendingMessage
 from gateway.store import RosterReader, RosterSnapshot, StoredRoster, open_database, read_transaction
 from gateway.store.keys import KeyRing, load_ring
+from gateway.store.postgres import PostgresDatabase
 
 __all__ = ["BatchContext", "WorkerCrashed", "WorkerPool", "policy_for", "process_batch_here"]
 
@@ -125,13 +126,13 @@ class BatchContext:
 
     def __init__(
         self,
-        database: Path | str,
+        database: Path | str | PostgresDatabase,
         config: Config,
         vocab: Vocabulary | None = None,
         keys: KeyRing | None = None,
         profiles: ProfileRegistry | None = None,
     ) -> None:
-        self.database = Path(database)
+        self.database = database if isinstance(database, PostgresDatabase) else Path(database)
         self.config = config
         #: The ring that opens sealed values: given (the server's thread), else read from the config's source.
         self.keys = keys
@@ -214,7 +215,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)  # nothing of ours to flush: the batch queue's owner is gone
 
 
-def _serve(requests, replies, parent: int, database: str, config: Config) -> None:
+def _serve(requests, replies, parent: int, database: str | PostgresDatabase, config: Config) -> None:
     """A worker process: build the context once, then answer batches until told to stop (``None``)."""
     _die_with_parent(parent)
     # Conversion soaks up idle CPU; the server's intake (the ACK path) comes first.
@@ -263,9 +264,9 @@ class WorkerPool:
     RESTART_MIN_SECONDS = 1.0
     RESTART_MAX_SECONDS = 60.0
 
-    def __init__(self, database: Path | str, config: Config, workers: int) -> None:
+    def __init__(self, database: Path | str | PostgresDatabase, config: Config, workers: int) -> None:
         self._mp = multiprocessing.get_context("spawn")
-        self._args = (str(database), config)
+        self._args = (database if isinstance(database, PostgresDatabase) else str(database), config)
         self._workers = workers
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()

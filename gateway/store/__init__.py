@@ -41,7 +41,18 @@ from gateway.records import (
     Notification,
     PendingMessage,
 )
-from gateway.store import directory, events, integrity, messages, outbox, retention, reviews, schema, transitions
+from gateway.store import (
+    claims,
+    directory,
+    events,
+    integrity,
+    messages,
+    outbox,
+    retention,
+    reviews,
+    schema,
+    transitions,
+)
 from gateway.store.messages import count_by_state, list_messages, message_detail, outstanding_work
 from gateway.store.outbox import list_outbox, notifications_for, outbox_counts
 from gateway.store.reviews import list_reviews, review_detail, stored_match
@@ -108,6 +119,27 @@ class Store(Writer):
 
     #: Pipeline outcomes written per background job.
     OUTCOMES_PER_JOB = 16
+    #: How long this node holds work it claimed (PostgreSQL; ``[storage] claim_lease_seconds``).
+    claim_lease = claims.LEASE_SECONDS
+    #: Roles this node leads (:meth:`lead`).
+    _leading: frozenset[str] = frozenset()
+
+    def lead(self, role: str) -> defer.Deferred[bool]:
+        """Whether this node does ``role``'s work, which one node of several does (always, on SQLite).
+
+        On PostgreSQL the first node to ask leads until it stops or dies
+        (:func:`~gateway.store.claims.take_lead`); the others ask again on
+        their next turn, and one of them takes over.
+        """
+        if not self.postgres or role in self._leading:
+            return defer.succeed(True)
+
+        def taken(got: bool) -> bool:
+            if got:
+                self._leading = self._leading | {role}
+            return got
+
+        return self.submit(claims.take_lead, role).addCallback(taken)
 
     # -- intake ------------------------------------------------------------------
 
@@ -140,6 +172,13 @@ class Store(Writer):
         (:func:`~gateway.store.integrity.fail_altered`).
         """
         while True:
+            if self.postgres:  # several nodes: claimed, whatever after_id (gateway.store.claims)
+                altered, pending = yield self.submit_read(_claimed_pending, self.node, limit, self.claim_lease)
+                if altered:
+                    yield self.submit(integrity.fail_altered, altered, iso(self.clock()))
+                if pending or not altered:
+                    return pending
+                continue
             altered, pending = yield self.submit_read(_checked_pending, after_id, limit)
             if not altered:
                 return pending
@@ -171,12 +210,33 @@ class Store(Writer):
     # -- delivery ----------------------------------------------------------------
 
     def due_notifications(self, now_seconds: float, limit: int, exclude: Iterable[str] = ()) -> defer.Deferred:
-        """Notifications pending or retrying whose next attempt is due."""
+        """Notifications pending or retrying whose next attempt is due (on PostgreSQL, claimed by this node)."""
+        if self.postgres:
+            return self.submit_read(
+                claims.claim_notifications, self.node, now_seconds, limit, tuple(exclude), self.claim_lease
+            )
         return self.submit_read(outbox.due_notifications, now_seconds, limit, tuple(exclude))
 
+    def due_for_recipient(
+        self, recipient_id: str, channel_index: int, now_seconds: float, exclude: Iterable[str] = ()
+    ) -> defer.Deferred:
+        """Every due notification of one recipient's channel (a digest's; on PostgreSQL, those this node claimed)."""
+        if self.postgres:
+            return self.submit_read(
+                claims.claim_recipient_notifications,
+                self.node,
+                recipient_id,
+                channel_index,
+                now_seconds,
+                tuple(exclude),
+                self.claim_lease,
+            )
+        return self.submit_read(outbox.due_for_recipient, recipient_id, channel_index, now_seconds, tuple(exclude))
+
     def record_attempts(self, attempts: list[DeliveryAttempt]) -> defer.Deferred:
-        """Record delivery attempts and their notifications' new states, in one job."""
-        return self.submit_background(outbox.record_attempts, list(attempts), iso(self.clock()))
+        """Record delivery attempts and their notifications' new states, in one job (their claims given up)."""
+        record = claims.record_attempts if self.postgres else outbox.record_attempts
+        return self.submit_background(record, list(attempts), iso(self.clock()))
 
     # -- the outbox, by an operator (blocking) ------------------------------------------
 
@@ -320,6 +380,14 @@ def _checked_pending(conn, after_id: int, limit: int) -> tuple[dict[int, str], l
     One read: each body is opened once, for the check and for the pipeline."""
     altered, intact = integrity.checked_pending(conn, after_id, limit)
     return (altered, []) if altered else ({}, [PendingMessage(*fields) for fields in intact])
+
+
+def _claimed_pending(conn, node: str, limit: int, lease: float) -> tuple[dict[int, str], list[PendingMessage]]:
+    """:func:`_checked_pending` for a node of several: the messages it claimed (:mod:`~gateway.store.claims`).
+
+    The intact ones come back with the altered: they are this node's now, and no second claim would return them."""
+    altered, intact = claims.claim_messages(conn, node, limit, lease)
+    return altered, [PendingMessage(*fields) for fields in intact]
 
 
 def _drop_legacy_roster(conn, detail: dict | None, now: str) -> None:

@@ -405,6 +405,27 @@ def _migrate_v9(conn: sqlite3.Connection) -> None:
     create_console_tables(conn)
 
 
+# Version 10: claims (gateway.store.claims). On PostgreSQL several nodes share the tables, and a
+# node marks the messages it converts and the notifications it sends with its name and a lease
+# (seconds by the database server's clock), so no two nodes do the same work. SQLite (one node)
+# leaves them empty.
+_SCHEMA_V10 = """
+ALTER TABLE messages ADD COLUMN claimed_by TEXT;
+ALTER TABLE messages ADD COLUMN claim_expires REAL;
+ALTER TABLE notifications ADD COLUMN claimed_by TEXT;
+ALTER TABLE notifications ADD COLUMN claim_expires REAL
+"""
+
+
+# Version 11: the roster's published versions (gateway.store.roster_versions). With a PostgreSQL
+# store every import adds its whole roster file (PHI sealed, as in the file) for every node to
+# follow; on SQLite (one node, whose file is the roster) the tables stay empty.
+def _migrate_v11(conn: sqlite3.Connection) -> None:
+    from gateway.store.roster_versions import ROSTER_VERSIONS_SCHEMA
+
+    run_sql(conn, ROSTER_VERSIONS_SCHEMA)
+
+
 def _migrate_v3(conn: sqlite3.Connection) -> None:
     run_sql(conn, _SCHEMA_V3)
     if conn.execute("SELECT 1 FROM roster_members LIMIT 1").fetchone() is None:
@@ -519,6 +540,8 @@ MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [
     (7, _migrate_v7),
     (8, _SCHEMA_V8),
     (9, _migrate_v9),
+    (10, _SCHEMA_V10),
+    (11, _migrate_v11),
 ]
 
 #: The schema version this code writes.

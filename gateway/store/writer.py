@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import queue
+import socket
 import sqlite3
 import threading
 import time
@@ -103,7 +104,10 @@ class _ReadThread:
                 for job in jobs:
                     try:
                         if conn is None:
-                            conn = open_database(self._path, readonly=True, keys=self._keys)
+                            # On PostgreSQL this thread also makes the nodes' claims (gateway.store.claims):
+                            # small writes that must not wait for intake's commits.
+                            claims = isinstance(self._path, PostgresDatabase)
+                            conn = open_database(self._path, readonly=not claims, keys=self._keys)
                         conn.execute("BEGIN")
                         try:
                             results.append((job, True, job.fn(conn, *job.args)))
@@ -111,6 +115,9 @@ class _ReadThread:
                             conn.execute("COMMIT")
                     except Exception as e:
                         results.append((job, False, StoreError(f"store read failed: {e}")))
+                        if is_postgres(conn) and _lost(conn):
+                            conn.close()
+                            conn = None  # opened again for the next read (a restarted or failed-over server)
                 self._deliver(results)
                 if stop:
                     return
@@ -184,17 +191,25 @@ class Writer:
             self._conn.close()
             raise
         self._resume_chain()
+        #: PostgreSQL keeps its own log (the WAL bound below is SQLite's), and several nodes claim work.
+        self._postgres = is_postgres(self._conn)
+        #: This node's name on the claims it makes (PostgreSQL: gateway.store.claims): its host and
+        #: data folder, the same after a restart, so a node restarted after a crash takes back at once
+        #: what it held instead of waiting for the leases to run out. Each node has its own data folder.
+        self.node = f"{socket.gethostname()}:{self.path.folder.resolve()}" if self._postgres else ""
+        if self._postgres:
+            self._give_up_claims()  # what a previous run of this node died holding
         self._thread = threading.Thread(target=self._run, name="herald-store-writer", daemon=True)
         self._reader = _ReadThread(self.path, self._deliver, self.keys)
         self._started = False
         self.commits = 0
         self.jobs = 0
+        #: Connections opened again after the PostgreSQL server ended one.
+        self.reconnects = 0
         #: Commits that ran again job by job because one job failed.
         self.replays = 0
         self.wal_limit = self.WAL_LIMIT_BYTES
         self._wal = Path(self.path).with_name(self.path.name + "-wal")
-        #: PostgreSQL keeps its own log (the WAL bound below is SQLite's).
-        self._postgres = is_postgres(self._conn)
         self._next_wal_check = 0.0
         self._wal_dirty = True  # written to since the last checkpoint that emptied the log
         self._checkpoint_wait_ms = self.WAL_CHECKPOINT_WAIT_MS
@@ -253,6 +268,8 @@ class Writer:
         self._queue.put(_STOP)
         self._thread.join()
         self._reader.stop()
+        if self._postgres:
+            self._give_up_claims()
         self._conn.close()
         # Jobs that raced the stop are failed, not left hanging.
         leftovers = []
@@ -267,6 +284,31 @@ class Writer:
             leftovers.append((self._background.popleft(), False, StoreError("the store has stopped")))
         if leftovers:
             self._deliver(leftovers)
+
+    def _give_up_claims(self) -> None:
+        """A node stopping gives up the work it claimed and did not finish, so the others take it at once."""
+        from gateway.store.claims import release_messages, release_notifications
+
+        try:
+            self._conn.execute("BEGIN")
+            messages = release_messages(self._conn, self.node)
+            notifications = release_notifications(self._conn, self.node)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            _rollback(self._conn)
+            self._log.warn("could not give up this node's claims (their leases will run out): {error}", error=str(e))
+            return
+        if messages or notifications:
+            self._log.info(
+                "gave up {messages} message(s) and {notifications} notification(s) claimed and not finished",
+                messages=messages,
+                notifications=notifications,
+            )
+
+    @property
+    def postgres(self) -> bool:
+        """Whether the store is on PostgreSQL (work is claimed: gateway.store.claims)."""
+        return self._postgres
 
     # -- handing work over -------------------------------------------------------
 
@@ -368,6 +410,8 @@ class Writer:
             while riders:
                 batch.append(riders.popleft())
             if batch:
+                if self._postgres and _lost(conn):
+                    conn = self._reconnect(conn)
                 self._commit_group(conn, batch)
             self._bound_wal(conn, idle=not batch)
             if stopping and not background and not self._riders:
@@ -414,6 +458,27 @@ class Writer:
         self.checkpoints += 1
         self._wal_dirty = False
         self._checkpoint_wait_ms = self.WAL_CHECKPOINT_WAIT_MS
+
+    def _reconnect(self, lost):
+        """A new connection for one the PostgreSQL server ended (a restart, a failover); the old one if none can be had.
+
+        Until one can, every commit fails and intake answers AE/CE (a sender
+        sends again); the next commit tries again.
+        """
+        try:
+            conn = open_database(self.path, keys=self.keys)
+        except StoreError as e:
+            self._log.warn("the database is unreachable: {error}", error=str(e))
+            return lost
+        if hasattr(lost, "episode_flags"):
+            conn.episode_flags = lost.episode_flags
+        lost.close()
+        self._conn = conn
+        # Session locks went with the old connection: what this node led (Store.lead) it asks for again.
+        self._leading = frozenset()
+        self.reconnects += 1
+        self._log.info("reconnected to the database")
+        return conn
 
     def _commit_group(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         try:
@@ -504,6 +569,11 @@ class Writer:
                 job.waiter.callback(value)
             else:
                 job.waiter.errback(value)
+
+
+def _lost(conn) -> bool:
+    """Whether a PostgreSQL connection was ended (by the server, or the network): it must be opened again."""
+    return conn.raw.closed or conn.raw.broken
 
 
 def _begin(conn) -> None:
