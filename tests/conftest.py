@@ -136,6 +136,14 @@ def data_dir(database, tmp_path, monkeypatch):
     return tmp_path / "data"
 
 
+@pytest.fixture(autouse=True)
+def _postgres_for_postgresql_cases(request):
+    """A trial case whose class says ``backend = "postgresql"`` learns the test server's admin URL
+    (``postgres_admin``; the case is skipped without a server, as the ``database`` fixture's are)."""
+    if getattr(request.cls, "backend", "sqlite") == "postgresql":
+        request.cls.postgres_admin = request.getfixturevalue("postgres_server")
+
+
 @pytest.fixture
 def herald_server(tmp_path):
     """A `herald serve` process (defaults: pipeline on) on a free loopback port, its data in

@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 from postgres_server import create_database, drop_database
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -91,13 +90,6 @@ class FhirReceiver(Resource):
         request.setResponseCode(self.status)
         request.setHeader("content-type", "application/fhir+json")
         return b'{"resourceType":"Bundle","type":"message"}'
-
-
-@pytest.fixture(autouse=True)
-def _postgres_for_postgresql_cases(request):
-    """A trial case on PostgreSQL (``backend``) learns the test server's admin URL (skipped without one)."""
-    if getattr(request.cls, "backend", "sqlite") == "postgresql":
-        request.cls.postgres_admin = request.getfixturevalue("postgres_server")
 
 
 class GatewayTestCase(unittest.TestCase):

@@ -210,3 +210,9 @@ facility = "LSR"
         opened = {r[1]: json.loads(keys.open_text(r[2], attribution_context(r[0]))) for r in rows}
         self.assertEqual(opened["care_team"]["flags"], ["ed-3-in-60d"])
         self.assertNotIn("flags", opened["hie"], "the HIE is not told the ACO's flags")
+
+
+class EdAlertOnPostgres(EdAlertTests):
+    """The same, with the store on PostgreSQL (the service leads care transitions: gateway.store.claims)."""
+
+    backend = "postgresql"

@@ -147,3 +147,9 @@ class EpisodeTests(TransitionsTestCase):
         read = conn.execute("SELECT detail FROM events WHERE kind = 'phi-read' ORDER BY id DESC LIMIT 1").fetchone()
         conn.close()
         self.assertIn('"command": "patient timeline"', read[0])
+
+
+class EpisodeOnPostgres(EpisodeTests):
+    """The same, with the store on PostgreSQL (the service leads care transitions: gateway.store.claims)."""
+
+    backend = "postgresql"

@@ -195,3 +195,9 @@ class PollTests(TransitionsTestCase):
         yield task.deferLater(reactor, 0.05, lambda: None)
         yield svc._lock.acquire()
         svc._lock.release()
+
+
+class WorklistOnPostgres(WorklistTests):
+    """The same, with the store on PostgreSQL (the service leads care transitions: gateway.store.claims)."""
+
+    backend = "postgresql"

@@ -9,6 +9,8 @@ for its poll.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -16,13 +18,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from postgres_server import create_database, drop_database
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from gateway.app.replay import read_ack
 from gateway.app.roster import import_roster_file
 from gateway.app.service import make_service
-from gateway.config import load_config
+from gateway.config import STORE_ENV, load_config
 from gateway.store import open_database
 from mllp import connect
 from mllp.client import client_endpoint
@@ -84,6 +87,10 @@ class TransitionsTestCase(unittest.TestCase):
 
     extra_config = ""
     start_at = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+    #: "sqlite", or "postgresql": a new database on the test server (``postgres_admin``, set by conftest).
+    backend = "sqlite"
+    postgres_admin = ""
+    postgres_database = ""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -108,6 +115,12 @@ poll_seconds = 3600
 """
         )
         self.config = load_config(config_file, data_dir=self.data)
+        if self.backend == "postgresql":
+            self.postgres_database = create_database(self.postgres_admin)  # dropped in tearDown
+            self.config = dataclasses.replace(self.config, storage_store=self.postgres_database)
+            # The CLI a test runs (``--data``) finds the store as an operator's would: in the environment.
+            self._store_env = os.environ.get(STORE_ENV)
+            os.environ[STORE_ENV] = self.postgres_database
         import_roster_file(self.config.database, roster, by="tests")
         self.gw = make_service(self.config, reactor, clock=lambda: self.now)
         self.gw.transitions.sweep_seconds = 0
@@ -127,6 +140,12 @@ poll_seconds = 3600
         yield self.gw.service.stopService()
         yield task.deferLater(reactor, 0.05, lambda: None)
         shutil.rmtree(self.data, True)
+        if self.postgres_database:  # after the service stopped (trial runs cleanups before tearDown)
+            if self._store_env is None:
+                os.environ.pop(STORE_ENV, None)
+            else:
+                os.environ[STORE_ENV] = self._store_env
+            drop_database(self.postgres_admin, self.postgres_database)
 
     @defer.inlineCallbacks
     def send(self, *messages: bytes):
