@@ -106,7 +106,7 @@ class Config:
     # [storage] and [retention] (README, "Audit trail, retention and disk").
     #: Where the store is: "" (default) or sqlite:///<path> for a SQLite file (one node), or
     #: postgresql://user@host:port/db for a PostgreSQL database several nodes share (README, "One node or several").
-    storage_store: str = ""
+    storage_store: str = field(default="", repr=False)  # may hold a password
     #: PostgreSQL: how long a node holds work it claimed; a dead node's work waits this long for another.
     storage_claim_lease_seconds: float = 300.0
     storage_reserve_mb: float = 64.0  # below this much free space the pipeline and delivery pause
@@ -621,7 +621,7 @@ def _check_storage(cfg: Config) -> None:
         raise ConfigError("storage.reserve_mb", "must be 0 (no reserve) or more")
     if not 1 <= cfg.storage_wal_limit_mb < math.inf:
         raise ConfigError("storage.wal_limit_mb", "must be at least 1")
-    if not 2 * cfg.delivery_timeout < cfg.storage_claim_lease_seconds < math.inf:
+    if cfg.on_postgres and not 2 * cfg.delivery_timeout < cfg.storage_claim_lease_seconds < math.inf:
         raise ConfigError(
             "storage.claim_lease_seconds",
             f"must be more than twice delivery.timeout ({cfg.delivery_timeout:g} s): "

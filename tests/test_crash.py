@@ -12,6 +12,7 @@ kill is recognised as a retransmission, not stored twice.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import re
@@ -58,7 +59,9 @@ def start(data: Path, store: str = "", config: Path | None = None) -> tuple[subp
             break
         found = re.search(r"\(ports \[(\d+)\]\)", line)
         if found:
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+            # Kept (the last 200 lines) for a failing test to show; read on, so the pipe never fills.
+            proc.log_lines = collections.deque(maxlen=200)
+            threading.Thread(target=proc.log_lines.extend, args=(proc.stderr,), daemon=True).start()
             return proc, int(found.group(1))
     proc.kill()
     proc.wait()

@@ -55,11 +55,22 @@ def test_a_store_that_is_neither_says_which_setting_and_what_it_takes(tmp_path, 
     assert "storage.store" in str(e.value) and "postgresql://" in str(e.value)
 
 
-def test_a_claim_lease_shorter_than_a_send_is_refused(tmp_path, monkeypatch):
-    monkeypatch.delenv(STORE_ENV, raising=False)
+def test_a_claim_lease_shorter_than_a_send_is_refused_on_postgresql(tmp_path, monkeypatch):
+    monkeypatch.setenv(STORE_ENV, "postgresql://herald@127.0.0.1:5/herald")
     with pytest.raises(ConfigError) as e:
         config_with(tmp_path, "[storage]\nclaim_lease_seconds = 30\n[delivery]\ntimeout = 20\n")
     assert "storage.claim_lease_seconds" in str(e.value) and "twice delivery.timeout" in str(e.value)
+    monkeypatch.delenv(STORE_ENV)
+    config_with(tmp_path, "[storage]\nclaim_lease_seconds = 30\n[delivery]\ntimeout = 20\n")  # SQLite: no claims
+
+
+def test_a_password_in_the_query_string_is_hidden_too(tmp_path):
+    assert redacted("postgresql://u@h/d?sslmode=require&password=s3cret") == (
+        "postgresql://u@h/d?sslmode=require&password=***"
+    )
+    assert "s3cret" not in repr(
+        load_config(None, data_dir=tmp_path).__class__(storage_store="postgresql://u:s3cret@h/d")
+    )
 
 
 def test_redacted_hides_only_the_password():

@@ -152,6 +152,7 @@ def make_service(
     private_data_dir(config.data_dir)
     store = Store(config.database, reactor=reactor, keys=keys, **({"clock": clock} if clock else {}))
     store.claim_lease = config.storage_claim_lease_seconds
+    store.serve_as_node()  # PostgreSQL: this process claims work as this node (refused if another does)
     store.wal_limit = int(config.storage_wal_limit_mb * _MB)
     top = OrderedService()
 

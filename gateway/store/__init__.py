@@ -172,8 +172,9 @@ class Store(Writer):
         (:func:`~gateway.store.integrity.fail_altered`).
         """
         while True:
-            if self.postgres:  # several nodes: claimed, whatever after_id (gateway.store.claims)
-                altered, pending = yield self.submit_read(_claimed_pending, self.node, limit, self.claim_lease)
+            if self.postgres:  # several nodes: claimed (gateway.store.claims.claim_messages)
+                lease = self.claim_lease
+                altered, pending = yield self.submit_read(_claimed_pending, self.node, limit, lease, after_id)
                 if altered:
                     yield self.submit(integrity.fail_altered, altered, iso(self.clock()))
                 if pending or not altered:
@@ -235,8 +236,9 @@ class Store(Writer):
 
     def record_attempts(self, attempts: list[DeliveryAttempt]) -> defer.Deferred:
         """Record delivery attempts and their notifications' new states, in one job (their claims given up)."""
-        record = claims.record_attempts if self.postgres else outbox.record_attempts
-        return self.submit_background(record, list(attempts), iso(self.clock()))
+        if self.postgres:
+            return self.submit_background(claims.record_attempts, self.node, list(attempts), iso(self.clock()))
+        return self.submit_background(outbox.record_attempts, list(attempts), iso(self.clock()))
 
     # -- the outbox, by an operator (blocking) ------------------------------------------
 
@@ -382,11 +384,13 @@ def _checked_pending(conn, after_id: int, limit: int) -> tuple[dict[int, str], l
     return (altered, []) if altered else ({}, [PendingMessage(*fields) for fields in intact])
 
 
-def _claimed_pending(conn, node: str, limit: int, lease: float) -> tuple[dict[int, str], list[PendingMessage]]:
+def _claimed_pending(
+    conn, node: str, limit: int, lease: float, after_id: int = 0
+) -> tuple[dict[int, str], list[PendingMessage]]:
     """:func:`_checked_pending` for a node of several: the messages it claimed (:mod:`~gateway.store.claims`).
 
     The intact ones come back with the altered: they are this node's now, and no second claim would return them."""
-    altered, intact = claims.claim_messages(conn, node, limit, lease)
+    altered, intact = claims.claim_messages(conn, node, limit, lease, after_id)
     return altered, [PendingMessage(*fields) for fields in intact]
 
 

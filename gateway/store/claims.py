@@ -52,9 +52,13 @@ _NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
 
 
 def claim_messages(
-    conn: sqlite3.Connection, node: str, limit: int, lease: float = LEASE_SECONDS
+    conn: sqlite3.Connection, node: str, limit: int, lease: float = LEASE_SECONDS, after_id: int = 0
 ) -> tuple[dict[int, str], list[tuple]]:
     """Claim up to ``limit`` messages still ``received`` that no node holds, oldest first; check each.
+
+    This node's own claims with ids above ``after_id`` are taken again: the
+    pipeline has them in hand up to ``after_id``, and what it dropped after
+    (a batch that failed) it takes back at once rather than after the lease.
 
     Returns what :func:`~gateway.store.integrity.checked_pending` does:
     ``(altered id -> what is wrong, [(id, raw, received_at, charset) of the intact ones])``.
@@ -62,9 +66,10 @@ def claim_messages(
     rows = conn.execute(
         f"UPDATE messages SET claimed_by = ?, claim_expires = {_NOW} + ? WHERE id IN ("
         "SELECT id FROM messages WHERE state = ? "
-        f"AND (claim_expires IS NULL OR claim_expires < {_NOW}) ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED) "
+        f"AND (claim_expires IS NULL OR claim_expires < {_NOW} OR (claimed_by = ? AND id > ?)) "
+        "ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED) "
         f"RETURNING {integrity._CHECK_SELECT}",
-        (node, lease, RECEIVED, limit),
+        (node, lease, RECEIVED, node, after_id, limit),
     ).fetchall()
     altered: dict[int, str] = {}
     intact: list[tuple] = []
@@ -86,6 +91,11 @@ _CLAIMABLE = (
     "AND (n.patient_key = '' OR NOT EXISTS (SELECT 1 FROM notifications e WHERE e.patient_key = n.patient_key "
     "AND e.target = n.target AND e.state IN ('pending', 'retrying') AND e.patient_key != '' "
     "AND e.message_id < n.message_id)) "
+    # Nor behind an earlier message from the same sender that no node has converted yet: another node may
+    # hold it, and its notifications, once written, come first (one node writes outcomes in order).
+    "AND NOT EXISTS (SELECT 1 FROM messages nm JOIN messages m ON m.state = 'received' AND m.id < nm.id "
+    "AND m.sending_facility = nm.sending_facility AND m.sending_application = nm.sending_application "
+    "WHERE nm.id = n.message_id) "
     "ORDER BY n.next_attempt_at, n.message_id LIMIT ? FOR UPDATE OF n SKIP LOCKED"
 )
 
@@ -147,18 +157,26 @@ def claim_recipient_notifications(
     exclude: tuple = (),
     lease: float = LEASE_SECONDS,
 ) -> list[Notification]:
-    """A digest's notifications (:func:`~gateway.store.outbox.due_for_recipient`), those this node could claim."""
-    group = outbox.due_for_recipient(conn, recipient_id, channel_index, now_seconds, exclude)
-    got = _claim(conn, node, [n.id for n in group], lease)
-    return [n for n in group if n.id in got]
+    """A digest's notifications (:func:`~gateway.store.outbox.due_for_recipient`): those of one recipient's
+    channel this node could claim, under the same rules as :func:`claim_notifications`."""
+    rows = conn.execute(
+        _CLAIMABLE.replace(
+            "WHERE n.state IN (?, ?)", "WHERE n.recipient_id = ? AND n.channel_index = ? AND n.state IN (?, ?)"
+        ).replace("ORDER BY n.next_attempt_at, n.message_id LIMIT ?", "ORDER BY n.message_id LIMIT ?"),
+        (recipient_id, channel_index, PENDING, RETRYING, now_seconds, node, list(exclude), 10_000),
+    ).fetchall()
+    ids = [r[0] for r in rows]
+    got = _claim(conn, node, ids, lease)
+    return _due_rows(conn, [i for i in ids if i in got])
 
 
-def record_attempts(conn: sqlite3.Connection, attempts: list[DeliveryAttempt], now: str) -> int:
-    """:func:`~gateway.store.outbox.record_attempts`, and the notifications' claims given up."""
+def record_attempts(conn: sqlite3.Connection, node: str, attempts: list[DeliveryAttempt], now: str) -> int:
+    """:func:`~gateway.store.outbox.record_attempts`, and this node's claims on the notifications given up
+    (not another node's: one that took a notification whose lease ran out holds it now)."""
     done = outbox.record_attempts(conn, attempts, now)
     conn.executemany(
-        "UPDATE notifications SET claimed_by = NULL, claim_expires = NULL WHERE id = ?",
-        [(a.notification_id,) for a in attempts],
+        "UPDATE notifications SET claimed_by = NULL, claim_expires = NULL WHERE id = ? AND claimed_by = ?",
+        [(a.notification_id, node) for a in attempts],
     )
     return done
 

@@ -65,6 +65,12 @@ __all__ = [
 #: across nodes: one chain head). Any 64-bit number no other application on the server uses.
 WRITE_LOCK = 0x4845524C44  # "HERLD"
 
+#: How long a session may sit idle inside a transaction before the server ends it.
+IDLE_IN_TRANSACTION_SECONDS = 60
+#: How long a node's writer waits for the nodes' writer lock (or a row) before its commit fails:
+#: intake answers AE/CE and the sender sends again, rather than every ACK waiting without end.
+LOCK_WAIT_SECONDS = 10
+
 #: The conflict target of ``INSERT OR REPLACE`` per table (its primary key).
 UPSERT_KEYS: dict[str, tuple[str, ...]] = {
     "matches": ("message_id",),
@@ -127,13 +133,14 @@ class PostgresDatabase(os.PathLike):
 
 
 def redacted(url: str) -> str:
-    """The URL without its password (for logs and messages)."""
+    """The URL without its password, in the address or the query string (for logs and messages)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc[-1]}")
+    if "password" in parts.query.lower():
+        parts = parts._replace(query=re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query))
+    return urlunsplit(parts)
 
 
 def parse_store(value: str, data_dir: Path) -> Path | PostgresDatabase:
@@ -263,10 +270,34 @@ def _row_factory(cursor):
 # -- errors --------------------------------------------------------------------------------
 
 
-def _as_sqlite_error(e: Exception) -> sqlite3.Error:
+def _as_sqlite_error(e: Exception) -> Exception:
+    """psycopg's error as :mod:`sqlite3`'s class, its text without the server's DETAIL.
+
+    The DETAIL of a broken constraint quotes the failing row ("Failing row
+    contains (...)"): patient data, which must not reach a log, a message's
+    ``reason`` or the audit trail. Kept: the class, the primary message and
+    the table, column and constraint named. An error that is not psycopg's
+    (a bug in a job) is raised as it is.
+    """
     import psycopg
 
-    text = f"{type(e).__name__}: {e}".strip()
+    if not isinstance(e, psycopg.Error):
+        return e
+    diag = getattr(e, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    first_line = (str(e).splitlines() or [""])[0]
+    text = f"{type(e).__name__}: {primary or first_line}".strip()
+    where = [
+        f"{name} {value}"
+        for name, value in (
+            ("table", getattr(diag, "table_name", None)),
+            ("column", getattr(diag, "column_name", None)),
+            ("constraint", getattr(diag, "constraint_name", None)),
+        )
+        if value
+    ]
+    if where:
+        text += f" ({', '.join(where)})"
     if isinstance(e, psycopg.errors.IntegrityError):
         return sqlite3.IntegrityError(text)
     if isinstance(e, psycopg.OperationalError | psycopg.errors.OperationalError):
@@ -274,6 +305,21 @@ def _as_sqlite_error(e: Exception) -> sqlite3.Error:
     if isinstance(e, psycopg.errors.ProgrammingError):
         return sqlite3.ProgrammingError(text)
     return sqlite3.DatabaseError(text)
+
+
+def _nul_error() -> type[Exception]:
+    import psycopg
+
+    return psycopg.DataError
+
+
+def _without_nul(params: tuple) -> tuple:
+    """Text parameters with NUL replaced by U+FFFD: PostgreSQL's text cannot hold NUL, SQLite's can.
+
+    Only header fields can carry one (a frame's body is stored sealed, as bytes, whole); the message
+    is stored, its header columns readable, rather than refused for ever.
+    """
+    return tuple(p.replace("\x00", "\ufffd") if isinstance(p, str) else p for p in params)
 
 
 # -- the connection ------------------------------------------------------------------------
@@ -305,8 +351,15 @@ class PgConnection:
         has = bool(params)
         if sql[:3] in ("SAV", "REL"):
             return self._savepoint(sql)
+        text = translate(sql, has)
+        args = tuple(params) if has else None
         try:
-            return self.raw.execute(translate(sql, has), tuple(params) if has else None)
+            try:
+                return self.raw.execute(text, args)
+            except _nul_error() as e:  # raised before sending: the transaction is not aborted
+                if "NUL" not in str(e) or args is None:
+                    raise
+                return self.raw.execute(text, _without_nul(args))
         except Exception as e:
             raise _as_sqlite_error(e) from e
 
@@ -314,9 +367,15 @@ class PgConnection:
         rows = [tuple(p) for p in seq]
         if not rows:
             return None
+        text = translate(sql, True)
         try:
             with self.raw.cursor() as cur:
-                cur.executemany(translate(sql, True), rows)
+                try:
+                    cur.executemany(text, rows)
+                except _nul_error() as e:
+                    if "NUL" not in str(e):
+                        raise
+                    cur.executemany(text, [_without_nul(r) for r in rows])
         except Exception as e:
             raise _as_sqlite_error(e) from e
         return None
@@ -391,6 +450,9 @@ def connect(location: PostgresDatabase, *, keys: KeyRing | None = None, readonly
         raise StoreError(f"cannot connect to {location}: {str(e).strip()}") from None
     _bool_as_int(raw)
     raw.execute("SET synchronous_commit = on")
+    # A node frozen inside a transaction (a paused VM, a partition) must not hold the nodes' one writer
+    # lock, or rows, until the server notices the dead peer: its session ends after this long idle in one.
+    raw.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_SECONDS}s'")
     if readonly:
         raw.execute("SET default_transaction_read_only = on")
     return PgConnection(raw, location, keys)
@@ -398,6 +460,15 @@ def connect(location: PostgresDatabase, *, keys: KeyRing | None = None, readonly
 
 def prepare_database(conn: PgConnection) -> None:
     """What the schema needs that SQLite has built in: a case-insensitive collation (``COLLATE NOCASE``)."""
+    import psycopg
+
+    try:
+        _make_collation(conn)
+    except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
+        pass  # another node starting at the same moment made it
+
+
+def _make_collation(conn: PgConnection) -> None:
     conn.raw.execute(
         "DO $$ BEGIN "
         "IF NOT EXISTS (SELECT 1 FROM pg_collation WHERE collname = 'herald_nocase') THEN "

@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime
@@ -31,9 +32,10 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from gateway.errors import StoreError
+from gateway.store.files import create_private_file, private_folder
 from gateway.store.integrity import resume_chain
 from gateway.store.keys import KeyRing
-from gateway.store.postgres import PostgresDatabase, is_postgres
+from gateway.store.postgres import LOCK_WAIT_SECONDS, PostgresDatabase, is_postgres
 from gateway.store.schema import check_keys, iso, migrate, open_database, utc_now
 
 __all__ = ["Writer"]
@@ -110,9 +112,12 @@ class _ReadThread:
                             conn = open_database(self._path, readonly=not claims, keys=self._keys)
                         conn.execute("BEGIN")
                         try:
-                            results.append((job, True, job.fn(conn, *job.args)))
-                        finally:
-                            conn.execute("COMMIT")
+                            value = job.fn(conn, *job.args)
+                        except BaseException:
+                            _rollback(conn)  # a claim made before the failure is not kept
+                            raise
+                        conn.execute("COMMIT")  # a claim is the caller's only once this returns
+                        results.append((job, True, value))
                     except Exception as e:
                         results.append((job, False, StoreError(f"store read failed: {e}")))
                         if is_postgres(conn) and _lost(conn):
@@ -193,12 +198,14 @@ class Writer:
         self._resume_chain()
         #: PostgreSQL keeps its own log (the WAL bound below is SQLite's), and several nodes claim work.
         self._postgres = is_postgres(self._conn)
-        #: This node's name on the claims it makes (PostgreSQL: gateway.store.claims): its host and
-        #: data folder, the same after a restart, so a node restarted after a crash takes back at once
-        #: what it held instead of waiting for the leases to run out. Each node has its own data folder.
-        self.node = f"{socket.gethostname()}:{self.path.folder.resolve()}" if self._postgres else ""
+        #: This node's name on the claims it makes (PostgreSQL: gateway.store.claims): its host and the
+        #: id kept in its data folder (``node-id``), the same after a restart, so a node restarted after
+        #: a crash takes back at once what it held (:meth:`serve_as_node`).
+        self.node = f"{socket.gethostname()}:{node_id(self.path.folder)}" if self._postgres else ""
+        #: Whether this is the node's server (:meth:`serve_as_node`), which gives up its claims when it stops.
+        self._serving = False
         if self._postgres:
-            self._give_up_claims()  # what a previous run of this node died holding
+            self._conn.execute(f"SET lock_timeout = '{LOCK_WAIT_SECONDS}s'")
         self._thread = threading.Thread(target=self._run, name="herald-store-writer", daemon=True)
         self._reader = _ReadThread(self.path, self._deliver, self.keys)
         self._started = False
@@ -268,7 +275,7 @@ class Writer:
         self._queue.put(_STOP)
         self._thread.join()
         self._reader.stop()
-        if self._postgres:
+        if self._serving:
             self._give_up_claims()
         self._conn.close()
         # Jobs that raced the stop are failed, not left hanging.
@@ -284,6 +291,34 @@ class Writer:
             leftovers.append((self._background.popleft(), False, StoreError("the store has stopped")))
         if leftovers:
             self._deliver(leftovers)
+
+    def serve_as_node(self) -> None:
+        """Be this node's server (PostgreSQL): the only process that claims work under its name.
+
+        Refuses (:class:`StoreError`) when another live process serves under
+        the same name (a second server on this data folder, or a copy of the
+        folder on another machine with the same host name): a session advisory
+        lock, held until this connection ends. Then it takes back at once what
+        a previous run of this node died holding. A store opened by a command
+        (``herald review``, ``roster``, ...) is not the server: it claims
+        nothing and gives up nothing.
+        """
+        if not self._postgres or self._serving:
+            return
+        from gateway.store.claims import take_lead
+
+        self._conn.execute("BEGIN")
+        try:
+            mine = take_lead(self._conn, "node:" + self.node)
+        finally:
+            self._conn.execute("COMMIT")
+        if not mine:
+            raise StoreError(
+                f"another Herald server runs as node {self.node} on this database "
+                f"(a second server on {self.path.folder}, or a copy of it): each node needs its own data folder"
+            )
+        self._serving = True
+        self._give_up_claims()
 
     def _give_up_claims(self) -> None:
         """A node stopping gives up the work it claimed and did not finish, so the others take it at once."""
@@ -472,6 +507,15 @@ class Writer:
             return lost
         if hasattr(lost, "episode_flags"):
             conn.episode_flags = lost.episode_flags
+        conn.execute(f"SET lock_timeout = '{LOCK_WAIT_SECONDS}s'")
+        if self._serving:  # the node's own lock went with the old connection
+            from gateway.store.claims import take_lead
+
+            conn.execute("BEGIN")
+            try:
+                take_lead(conn, "node:" + self.node)
+            finally:
+                conn.execute("COMMIT")
         lost.close()
         self._conn = conn
         # Session locks went with the old connection: what this node led (Store.lead) it asks for again.
@@ -569,6 +613,27 @@ class Writer:
                 job.waiter.callback(value)
             else:
                 job.waiter.errback(value)
+
+
+def node_id(folder: Path) -> str:
+    """This node's id, kept in its data folder (``node-id``, made at its first start on PostgreSQL)."""
+    path = Path(folder) / "node-id"
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    private_folder(path.parent)
+    made = uuid.uuid4().hex[:16]
+    temp = path.with_name(f".node-id.{os.getpid()}")
+    create_private_file(temp)
+    temp.write_text(made + "\n", encoding="ascii")
+    try:
+        os.link(temp, path)  # first writer wins: a second process starting at once reads the same id
+    except FileExistsError:
+        pass
+    finally:
+        temp.unlink()
+    return path.read_text(encoding="ascii").strip()
 
 
 def _lost(conn) -> bool:
