@@ -82,22 +82,32 @@ def claim_messages(
     return altered, intact
 
 
-#: Due notifications nobody holds, none waiting behind an earlier unsent one about the same patient to
-#: the same destination (the rule :func:`~gateway.store.outbox.due_notifications` applies row by row,
-#: here in one statement: each query a node makes is a round trip), locked as they are read.
-_CLAIMABLE = (
-    "SELECT n.id FROM notifications n WHERE n.state IN (?, ?) AND n.next_attempt_at <= ? "
-    f"AND (n.claim_expires IS NULL OR n.claim_expires < {_NOW} OR n.claimed_by = ?) AND NOT (n.id = ANY(?)) "
-    "AND (n.patient_key = '' OR NOT EXISTS (SELECT 1 FROM notifications e WHERE e.patient_key = n.patient_key "
-    "AND e.target = n.target AND e.state IN ('pending', 'retrying') AND e.patient_key != '' "
-    "AND e.message_id < n.message_id)) "
-    # Nor behind an earlier message from the same sender that no node has converted yet: another node may
-    # hold it, and its notifications, once written, come first (one node writes outcomes in order).
-    "AND NOT EXISTS (SELECT 1 FROM messages nm JOIN messages m ON m.state = 'received' AND m.id < nm.id "
-    "AND m.sending_facility = nm.sending_facility AND m.sending_application = nm.sending_application "
-    "WHERE nm.id = n.message_id) "
-    "ORDER BY n.next_attempt_at, n.message_id LIMIT ? FOR UPDATE OF n SKIP LOCKED"
-)
+def _claimable(where: str, order: str) -> str:
+    """Due notifications (those ``where`` also picks) nobody holds, none waiting behind an earlier unsent one
+    about the same patient to the same destination (the rule :func:`~gateway.store.outbox.due_notifications`
+    applies row by row, here in one statement: each query a node makes is a round trip), locked as read.
+
+    Parameters: ``where``'s, then pending, retrying, now, this node, the ids to leave out, the limit.
+    """
+    return (
+        f"SELECT n.id FROM notifications n WHERE {where}n.state IN (?, ?) AND n.next_attempt_at <= ? "
+        f"AND (n.claim_expires IS NULL OR n.claim_expires < {_NOW} OR n.claimed_by = ?) AND NOT (n.id = ANY(?)) "
+        "AND (n.patient_key = '' OR NOT EXISTS (SELECT 1 FROM notifications e WHERE e.patient_key = n.patient_key "
+        "AND e.target = n.target AND e.state IN ('pending', 'retrying') AND e.patient_key != '' "
+        "AND e.message_id < n.message_id)) "
+        # Nor behind an earlier message from the same sender that no node has converted yet: another node may
+        # hold it, and its notifications, once written, come first (one node writes outcomes in order).
+        "AND NOT EXISTS (SELECT 1 FROM messages nm JOIN messages m ON m.state = 'received' AND m.id < nm.id "
+        "AND m.sending_facility = nm.sending_facility AND m.sending_application = nm.sending_application "
+        "WHERE nm.id = n.message_id) "
+        f"ORDER BY {order} LIMIT ? FOR UPDATE OF n SKIP LOCKED"
+    )
+
+
+#: What :func:`claim_notifications` reads: in due order.
+_CLAIMABLE = _claimable("", "n.next_attempt_at, n.message_id")
+#: What :func:`claim_recipient_notifications` reads: one recipient's channel, in message order.
+_CLAIMABLE_FOR_RECIPIENT = _claimable("n.recipient_id = ? AND n.channel_index = ? AND ", "n.message_id")
 
 
 def _claim(conn: sqlite3.Connection, node: str, ids: list[str], lease: float) -> set[str]:
@@ -160,9 +170,7 @@ def claim_recipient_notifications(
     """A digest's notifications (:func:`~gateway.store.outbox.due_for_recipient`): those of one recipient's
     channel this node could claim, under the same rules as :func:`claim_notifications`."""
     rows = conn.execute(
-        _CLAIMABLE.replace(
-            "WHERE n.state IN (?, ?)", "WHERE n.recipient_id = ? AND n.channel_index = ? AND n.state IN (?, ?)"
-        ).replace("ORDER BY n.next_attempt_at, n.message_id LIMIT ?", "ORDER BY n.message_id LIMIT ?"),
+        _CLAIMABLE_FOR_RECIPIENT,
         (recipient_id, channel_index, PENDING, RETRYING, now_seconds, node, list(exclude), 10_000),
     ).fetchall()
     ids = [r[0] for r in rows]

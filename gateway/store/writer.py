@@ -305,20 +305,23 @@ class Writer:
         """
         if not self._postgres or self._serving:
             return
-        from gateway.store.claims import take_lead
-
-        self._conn.execute("BEGIN")
-        try:
-            mine = take_lead(self._conn, "node:" + self.node)
-        finally:
-            self._conn.execute("COMMIT")
-        if not mine:
+        if not self._hold_node_lock(self._conn):
             raise StoreError(
                 f"another Herald server runs as node {self.node} on this database "
                 f"(a second server on {self.path.folder}, or a copy of it): each node needs its own data folder"
             )
         self._serving = True
         self._give_up_claims()
+
+    def _hold_node_lock(self, conn) -> bool:
+        """Take this node's session lock on ``conn`` (held until it closes); False when another process holds it."""
+        from gateway.store.claims import take_lead
+
+        conn.execute("BEGIN")
+        try:
+            return take_lead(conn, "node:" + self.node)
+        finally:
+            conn.execute("COMMIT")
 
     def _give_up_claims(self) -> None:
         """A node stopping gives up the work it claimed and did not finish, so the others take it at once."""
@@ -509,13 +512,7 @@ class Writer:
             conn.episode_flags = lost.episode_flags
         conn.execute(f"SET lock_timeout = '{LOCK_WAIT_SECONDS}s'")
         if self._serving:  # the node's own lock went with the old connection
-            from gateway.store.claims import take_lead
-
-            conn.execute("BEGIN")
-            try:
-                take_lead(conn, "node:" + self.node)
-            finally:
-                conn.execute("COMMIT")
+            self._hold_node_lock(conn)
         lost.close()
         self._conn = conn
         # Session locks went with the old connection: what this node led (Store.lead) it asks for again.
