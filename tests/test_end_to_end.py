@@ -354,20 +354,18 @@ class EndToEndTests(GatewayTestCase):
     def test_commit_failure_after_insert_gives_error_ack(self):
         """A failure of the COMMIT itself (not just the insert) still gives AE and stores nothing."""
         store = self.gw.store
-        real = store._run_batch
+        real = store._commit
 
-        def failing_commit(conn, batch):
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                job.fn(conn, *job.args)
+        def failing_commit(conn, results):
+            # Every job ran; the COMMIT fails (on the reactor's thread or the writer's, whichever commits).
             conn.execute("ROLLBACK")
-            return [(job, False, StoreError("commit failed: disk full")) for job in batch]
+            return [(job, False, StoreError("commit failed: disk full")) for job, _, _ in results]
 
-        self.patch(store, "_run_batch", failing_commit)
+        self.patch(store, "_commit", failing_commit)
         c = yield self.client()
         ack = yield c.send(sample(UNMATCHED), timeout=10)
         self.assertEqual(read_ack(ack)[0], "AE")
-        self.patch(store, "_run_batch", real)
+        self.patch(store, "_commit", real)
         ack = yield c.send(sample(UNMATCHED), timeout=10)
         self.assertEqual(read_ack(ack)[0], "AA")
         conn = self.db()

@@ -151,6 +151,7 @@ def make_service(
         keys = load_ring(config.key_path, config.encrypt_at_rest)
     private_data_dir(config.data_dir)
     store = Store(config.database, reactor=reactor, keys=keys, **({"clock": clock} if clock else {}))
+    store.inline = True
     store.claim_lease = config.storage_claim_lease_seconds
     store.serve_as_node()  # PostgreSQL: this process claims work as this node (refused if another does)
     store.wal_limit = int(config.storage_wal_limit_mb * _MB)
@@ -226,6 +227,7 @@ def make_service(
         rejected_bytes_kept=config.rejected_bytes_kept,
         senders=SenderPolicy.from_config(config),
         watch=metrics,
+        reactor=reactor,
     )
     disk = None
     if config.storage_reserve_mb > 0:

@@ -49,6 +49,12 @@ class Intake:
 
     Every accepted message is logged (id, control id, sender, type, state, ACK
     code): header fields and codes, never the message's content.
+
+    With a ``reactor``, what follows a stored message's ACK (the log line, the
+    metrics, the ``ack-sent`` event, waking the pipeline) is done in the
+    reactor's next turn, after the ACK has gone out: at one connection the
+    sender's next message is then already on its way while it is done.
+    Without one (a test, a tool), it is done before the ACK is returned.
     """
 
     _log = Logger()
@@ -64,6 +70,7 @@ class Intake:
         rejected_bytes_kept: int = Config.rejected_bytes_kept,
         senders: SenderPolicy | None = None,
         watch: IntakeWatch | None = None,
+        reactor=None,
     ) -> None:
         self.store = store
         self.acks = acks or AckBuilder()
@@ -77,6 +84,10 @@ class Intake:
         self.senders = senders
         #: Told of every message, ACK and refusal (the gateway's metrics); None: nobody.
         self.watch = watch
+        self._reactor = reactor
+        #: Stored messages answered in this turn whose bookkeeping waits for the next (see the class).
+        self._answered: list[tuple[IntakeResult, MessageHeader]] = []
+        self._bookkeeping = None
 
     def frameReceived(self, message: bytes, peer: str) -> defer.Deferred[bytes | None]:
         """Store ``message``; fire with the ACK (or ``None`` when MSH-15 asks for none)."""
@@ -108,6 +119,26 @@ class Intake:
         return d
 
     def _stored(self, result: IntakeResult, header: MessageHeader) -> bytes | None:
+        ack = self.acks.build(header, ACCEPTED) if should_acknowledge(header, ACCEPTED) else None
+        if self._reactor is None:
+            self._after_ack(result, header)
+        else:
+            self._answered.append((result, header))
+            if self._bookkeeping is None:
+                self._bookkeeping = self._reactor.callLater(0, self._after_acks)
+        return ack
+
+    def _after_acks(self) -> None:
+        self._bookkeeping = None
+        answered, self._answered = self._answered, []
+        for result, header in answered:
+            try:
+                self._after_ack(result, header)
+            except Exception:  # one message's bookkeeping does not cost the others theirs
+                self._log.failure("intake's bookkeeping failed for message {id}", id=result.message_id)
+
+    def _after_ack(self, result: IntakeResult, header: MessageHeader) -> None:
+        """A stored message's log line, metrics and ``ack-sent`` event, and the pipeline woken."""
         duplicate = result.duplicate_of is not None
         if not duplicate:
             try:
@@ -128,11 +159,9 @@ class Intake:
             code=f"ACK {code}" if answered else "no ACK asked (MSH-15)",
         )
         self._tell("message_received", header, duplicate)
-        if not answered:
-            return None
-        self.store.record_ack_sent(result.message_id, code)
-        self._tell("ack_sent", header, code)
-        return self.acks.build(header, ACCEPTED)
+        if answered:
+            self.store.record_ack_sent(result.message_id, code)
+            self._tell("ack_sent", header, code)
 
     def _tell(self, what: str, *args) -> None:
         """Tell :attr:`watch` (the metrics); a failing watcher never costs a message its answer."""

@@ -1,0 +1,189 @@
+"""Commits on the reactor's thread (``Writer.inline``): a server's intake jobs, when the writer thread is idle.
+
+A running Store on a real SQLite file. The reactor is test_intake's QueueReactor
+(calls from the store's threads queued for the test thread) with a
+``callLater(0)``: :meth:`TurningReactor.turn` ends the reactor's turn, which
+is when the jobs submitted in it are committed; calls made during a turn wait
+for the next one, as in Twisted's reactor. Nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from test_intake import ADT, PEER, STORED_AT, QueueReactor, drain, failure, success
+from test_store_threads import record
+from twisted.internet.base import DelayedCall
+
+from gateway.intake.receiver import Intake
+from gateway.store import Store
+from gateway.store.events import append_event
+
+
+class TurningReactor(QueueReactor):
+    """QueueReactor plus ``callLater(0)``: the calls run when the test ends a turn (:meth:`turn`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.later: list[DelayedCall] = []
+
+    def callLater(self, delay, f, *args, **kwargs) -> DelayedCall:
+        assert delay == 0
+        call = DelayedCall(0, f, args, kwargs, self.later.remove, lambda c: None, seconds=lambda: 0)
+        self.later.append(call)
+        return call
+
+    def turn(self) -> None:
+        """Run the calls made before this turn (those made during it wait for the next, as in the reactor)."""
+        calls, self.later = self.later, []
+        for call in calls:
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+@pytest.fixture
+def turning():
+    return TurningReactor()
+
+
+@pytest.fixture
+def sqlite_database(tmp_path):
+    return tmp_path / "herald.db"
+
+
+@pytest.fixture
+def inline_store(sqlite_database, turning):
+    """A running Store committing intake's jobs on the reactor's thread, as ``make_service`` makes it."""
+    s = Store(sqlite_database, reactor=turning, clock=lambda: STORED_AT)
+    s.inline = True
+    s.start()
+    yield s
+    success(drain(turning, s.stop()))
+
+
+def thread_of(conn) -> str:
+    return threading.current_thread().name
+
+
+def test_the_jobs_of_one_turn_share_one_commit_on_the_reactors_thread(inline_store, turning):
+    stored = [inline_store.record_frame(record(f"C{i}")) for i in range(3)]
+    where = inline_store.submit(thread_of)
+    assert not where.called  # committed at the turn's end, not at once
+    turning.turn()
+    ids = [success(d).message_id for d in stored]  # fired already: no hand-back through callFromThread
+    assert len(set(ids)) == 3
+    assert success(where) == threading.current_thread().name
+    assert inline_store.inline_commits == 1
+    assert inline_store.jobs == 4
+
+
+def test_a_busy_writer_thread_is_handed_the_jobs(inline_store, turning):
+    """While the writer thread commits (pipeline outcomes, a checkpoint), the reactor's thread does not wait for it."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(conn):
+        entered.set()
+        release.wait(10)
+
+    inline_store.submit_background(hold)
+    assert entered.wait(10)
+    where = inline_store.submit(thread_of)
+    turning.turn()
+    assert not where.called
+    release.set()
+    assert success(drain(turning, where)) == "herald-store-writer"
+    assert inline_store.inline_commits == 0
+
+
+def test_another_process_holding_the_write_lock_does_not_stop_the_reactor(sqlite_database, inline_store, turning):
+    """The reactor's thread tries the lock without waiting; the writer thread waits for it (busy_timeout) instead."""
+    other = sqlite3.connect(sqlite_database, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # as `herald review` or a purge would, for a moment
+    try:
+        stored = inline_store.record_frame(record("LOCKED"))
+        started = time.monotonic()
+        turning.turn()
+        assert time.monotonic() - started < 5  # not the 10 s busy_timeout
+        assert not stored.called
+        assert inline_store.inline_commits == 0
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert success(drain(turning, stored)).message_id == 1
+    # The connection's own busy_timeout is as before for the writer thread's next commits.
+    assert inline_store.call(lambda conn: conn.execute("PRAGMA busy_timeout").fetchone()[0]) == 10000
+
+
+def test_stopping_commits_the_jobs_waiting_for_the_turns_end(sqlite_database, turning):
+    s = Store(sqlite_database, reactor=turning, clock=lambda: STORED_AT)
+    s.inline = True
+    s.start()
+    stored = s.record_frame(record("LAST"))
+    success(drain(turning, s.stop()))
+    turning.turn()  # the cancelled end-of-turn call does nothing
+    assert success(drain(turning, stored)).message_id == 1
+    conn = sqlite3.connect(sqlite_database)
+    assert conn.execute("SELECT control_id FROM messages").fetchall() == [("LAST",)]
+    conn.close()
+
+
+def test_a_failing_job_fails_alone_on_the_reactors_thread(inline_store, turning):
+    good = [inline_store.record_frame(record(f"G{i}")) for i in range(2)]
+
+    def bad(conn):
+        append_event(conn, "t", None, None, "test", "half", None)
+        raise RuntimeError("boom")
+
+    failing = inline_store.submit(bad)
+    more = inline_store.record_frame(record("G9"))
+    turning.turn()
+    assert len({success(d).message_id for d in [*good, more]}) == 3
+    assert isinstance(failure(failing).value, RuntimeError)
+    assert inline_store.replays == 1
+    kinds = inline_store.read(lambda conn: [r[0] for r in conn.execute("SELECT kind FROM events")])
+    assert "half" not in kinds
+
+
+def test_riders_go_with_the_next_commit_on_the_reactors_thread(inline_store, turning):
+    first = inline_store.record_frame(record("R1"))
+    turning.turn()
+    inline_store.record_ack_sent(success(first).message_id, "AA")  # nobody waits on it: no commit of its own
+    assert inline_store.inline_commits == 1
+    inline_store.record_frame(record("R2"))
+    turning.turn()
+    assert inline_store.inline_commits == 2
+    kinds = inline_store.read(lambda conn: [r[0] for r in conn.execute("SELECT kind FROM events ORDER BY id")])
+    assert sorted(kinds) == ["ack-sent", "received", "received"]
+
+
+def test_postgresql_stores_commit_on_the_writer_thread(pg_database, turning):
+    """On PostgreSQL (a round trip a statement, the nodes' writer lock) the writer thread commits, ``inline`` or not."""
+    s = Store(pg_database, reactor=turning, clock=lambda: STORED_AT)
+    s.inline = True
+    s.start()
+    try:
+        where = s.submit(thread_of)
+        turning.turn()
+        assert success(drain(turning, where)) == "herald-store-writer"
+        assert s.inline_commits == 0
+    finally:
+        success(drain(turning, s.stop()))
+
+
+def test_intakes_bookkeeping_follows_the_ack(inline_store, turning, pinned_acks):
+    """With a reactor, the log line, metrics, ack-sent event and pipeline wake-up come in the turn after the ACK."""
+    woken = []
+    intake = Intake(inline_store, pinned_acks, on_stored=lambda: woken.append(True), reactor=turning)
+    answer = intake.frameReceived(ADT, PEER)
+    turning.turn()  # the commit
+    assert b"MSA|AA|MSG00001" in success(answer)
+    assert woken == []
+    turning.turn()  # the bookkeeping
+    assert woken == [True]
+    inline_store.record_frame(record("NEXT"))
+    turning.turn()  # the ack-sent event rides this commit
+    kinds = inline_store.read(lambda conn: [r[0] for r in conn.execute("SELECT kind FROM events ORDER BY id")])
+    assert sorted(kinds) == ["ack-sent", "received", "received"]
