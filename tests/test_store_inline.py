@@ -187,3 +187,37 @@ def test_intakes_bookkeeping_follows_the_ack(inline_store, turning, pinned_acks)
     turning.turn()  # the ack-sent event rides this commit
     kinds = inline_store.read(lambda conn: [r[0] for r in conn.execute("SELECT kind FROM events ORDER BY id")])
     assert sorted(kinds) == ["ack-sent", "received", "received"]
+
+
+def test_intakes_commit_reads_the_chains_head_once(inline_store, turning, monkeypatch):
+    """A commit made only of intake's jobs (frames, ack-sent events) chains its events in one insert, intact."""
+    from gateway.store import events
+    from gateway.store.integrity import verify
+
+    heads = []
+    real = events._head
+    monkeypatch.setattr(events, "_head", lambda conn: heads.append(1) or real(conn))
+    first = inline_store.record_frame(record("H0"))
+    turning.turn()
+    inline_store.record_ack_sent(success(first).message_id, "AA")
+    stored = [inline_store.record_frame(record(f"H{i}")) for i in range(1, 4)]
+    heads.clear()
+    turning.turn()
+    assert [success(d).message_id for d in stored] == [2, 3, 4]
+    assert heads == [1]
+    report = inline_store.read(verify)
+    assert report.intact and report.events == 5
+
+
+def test_a_commit_with_other_jobs_writes_each_event_at_once(inline_store, turning):
+    """A job not marked appends-only may read the events its commit wrote before it: nothing is gathered then."""
+    stored = inline_store.record_frame(record("SEEN"))
+
+    def count_events(conn):
+        append_event(conn, "t", None, None, "test", "mine", None)
+        return conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    counted = inline_store.submit(count_events)
+    turning.turn()
+    assert success(stored).message_id == 1
+    assert success(counted) == 2  # the frame's `received` event and its own

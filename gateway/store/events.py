@@ -26,6 +26,7 @@ from gateway.store.sealing import keys_of
 __all__ = [
     "ANCHOR_KINDS",
     "append_event",
+    "appends_only",
     "append_events",
     "chain_existing",
     "chain_keys",
@@ -82,6 +83,18 @@ _INSERT = (
 )
 
 
+def appends_only(fn):
+    """Mark a store job that reads nothing from ``events`` (it may append): such jobs' appends may be gathered.
+
+    The writer runs a commit made only of such jobs (intake's frames and its
+    ``ack-sent`` events) in one :func:`gathered` block: one read of the
+    chain's head and one insert for the commit's events.
+    """
+    fn.appends_only = True
+    return fn
+
+
+@appends_only
 def append_event(
     conn: sqlite3.Connection,
     now: str,

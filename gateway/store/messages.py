@@ -24,7 +24,7 @@ from gateway.records import (
     PendingMessage,
 )
 from gateway.store.console import index_message
-from gateway.store.events import append_event, events_of, gathered
+from gateway.store.events import append_event, appends_only, events_of, gathered
 from gateway.store.integrity import intake_digest, message_problem
 from gateway.store.keys import KeyRingError
 from gateway.store.outbox import attempts_of, insert_notification, notifications_of
@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 
+@appends_only
 def record_frame(conn: sqlite3.Connection, r: IntakeRecord, now: str) -> IntakeResult:
     """Store a frame and its ``received`` event, or recognise it as a retransmission.
 

@@ -41,6 +41,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from gateway.errors import StoreError
+from gateway.store.events import gathered
 from gateway.store.files import create_private_file, private_folder
 from gateway.store.integrity import resume_chain
 from gateway.store.keys import KeyRing
@@ -633,7 +634,11 @@ class Writer:
         # the whole group is rolled back and run again, one savepoint a job,
         # so that job fails alone.
         try:
-            results = [(job, True, job.fn(conn, *job.args)) for job in batch]
+            if all(getattr(job.fn, "appends_only", False) for job in batch):
+                with gathered(conn):  # intake's frames and events: their audit events chained in one insert
+                    results = [(job, True, job.fn(conn, *job.args)) for job in batch]
+            else:
+                results = [(job, True, job.fn(conn, *job.args)) for job in batch]
         except Exception as e:
             _rollback(conn)
             if len(batch) == 1:
