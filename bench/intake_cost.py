@@ -11,7 +11,10 @@ Two figures, each from the kernel's accounting (no profiler in the way):
   (the MSH fields, the sealed body, its digest, the ``received`` event)
   plus the previous message's ``ack-sent`` event and the commit
   (``synchronous=FULL``), on a fresh database with a throwaway key ring,
-  ``-n`` times; user and system CPU a message from ``getrusage``.
+  ``-n`` times; user and system CPU a message from ``getrusage``, and the
+  bytes each commit appends to the write-ahead log (pages a commit). Beside
+  it, in the same run, the durable floor's commit (``peers.py``'s: one row
+  of control id and body in a table with no index) on another fresh file.
 
 What the first has beyond the second is the reactor's side (framing, the
 MSH read and limit scan, the sender check, the Deferred chain, the log
@@ -30,6 +33,7 @@ import argparse
 import os
 import resource
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -82,6 +86,9 @@ def store_figures(n: int) -> dict:
     try:
         conn = open_database(folder / "herald.db", keys=KeyRing([("bench", os.urandom(32))]))
         migrate(conn)
+        wal = folder / "herald.db-wal"
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # the log only grows: its size is what the commits wrote
         now = "2026-12-03T00:00:00.000+00:00"
         before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         for i in range(n):
@@ -102,6 +109,7 @@ def store_figures(n: int) -> dict:
                 append_event(conn, now, stored.message_id - 1, None, "intake", "ack-sent", {"code": "AA"})
             conn.execute("COMMIT")
         after, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        wal_bytes = wal.stat().st_size
         conn.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -111,6 +119,41 @@ def store_figures(n: int) -> dict:
         "user_us": 1e6 * (after.ru_utime - before.ru_utime) / n,
         "sys_us": 1e6 * (after.ru_stime - before.ru_stime) / n,
         "wall_us": 1e6 * (t1 - t0) / n,
+        "wal_kib": wal_bytes / n / 1024,
+    }
+
+
+def floor_figures(n: int) -> dict:
+    """The durable floor's commit (peers.py's durable-floor: one unindexed row a commit), as store_figures."""
+    raw = (ROOT / "sample_messages" / SAMPLE).read_bytes().replace(b"\n", b"\r")
+    folder = Path(tempfile.mkdtemp(prefix="herald-bench-intake-cost-"))
+    try:
+        db = sqlite3.connect(folder / "floor.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, control_id TEXT, raw BLOB)")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for i in range(n):
+            db.execute("BEGIN")
+            db.execute(
+                "INSERT INTO messages (control_id, raw) VALUES (?, ?)",
+                (f"C{i}", raw.replace(CONTROL_ID, b"C%d" % i, 1)),
+            )
+            db.execute("COMMIT")
+        after, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        wal_bytes = (folder / "floor.db-wal").stat().st_size
+        db.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "what": "durable floor's commit alone (one unindexed row)",
+        "messages": n,
+        "user_us": 1e6 * (after.ru_utime - before.ru_utime) / n,
+        "sys_us": 1e6 * (after.ru_stime - before.ru_stime) / n,
+        "wall_us": 1e6 * (t1 - t0) / n,
+        "wal_kib": wal_bytes / n / 1024,
     }
 
 
@@ -135,11 +178,12 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print(f"{row['what']:<58} user {row['user_s']:.2f} s  system {row['sys_s']:.2f} s")
     if args.only in (None, "store"):
-        row = store_figures(args.n)
-        print(
-            f"{row['what']:<58} user {row['user_us']:>6.0f} us  system {row['sys_us']:>5.0f} us  "
-            f"wall {row['wall_us']:>5.0f} us a message ({row['messages']})"
-        )
+        for row in (store_figures(args.n), floor_figures(args.n)):
+            print(
+                f"{row['what']:<58} user {row['user_us']:>6.0f} us  system {row['sys_us']:>5.0f} us  "
+                f"wall {row['wall_us']:>5.0f} us a message ({row['messages']}); "
+                f"{row['wal_kib']:.1f} KiB of write-ahead log a commit ({row['wal_kib'] * 1024 / 4120:.1f} pages)"
+            )
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
