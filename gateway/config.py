@@ -111,6 +111,8 @@ class Config:
     storage_claim_lease_seconds: float = 300.0
     storage_reserve_mb: float = 64.0  # below this much free space the pipeline and delivery pause
     storage_wal_limit_mb: float = 64.0  # the write-ahead log is truncated beyond this
+    #: SQLite: intake's commits made on the reactor's thread when the writer thread is idle (Writer.inline).
+    storage_commit_on_reactor: bool = True
     retention_days: int = 0  # 0: bodies are kept; else purged this many days after receipt, work done
     # [limits] (README, "Bounded input"): the message limits, then the connection's and the peer's.
     limits: Limits = Limits()
@@ -264,6 +266,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "claim_lease_seconds": ("storage_claim_lease_seconds", (int, float)),
         "reserve_mb": ("storage_reserve_mb", (int, float)),
         "wal_limit_mb": ("storage_wal_limit_mb", (int, float)),
+        "commit_on_reactor": ("storage_commit_on_reactor", bool),
     },
     "retention": {"days": ("retention_days", int)},
     "transitions": {

@@ -221,3 +221,57 @@ def test_a_commit_with_other_jobs_writes_each_event_at_once(inline_store, turnin
     turning.turn()
     assert success(stored).message_id == 1
     assert success(counted) == 2  # the frame's `received` event and its own
+
+
+def test_a_slow_commit_sends_intakes_commits_to_the_writer_thread_for_a_while(inline_store, turning):
+    """A disk that stalls a commit on the reactor's thread holds the reactor up once, not at every ACK."""
+    now = [100.0]
+    inline_store._monotonic = lambda: now[0]
+    real = inline_store._commit
+
+    def slow_commit(conn, results):
+        now[0] += 0.5  # the fsync took half a second
+        return real(conn, results)
+
+    inline_store._commit = slow_commit
+    first = inline_store.submit(thread_of)
+    turning.turn()
+    assert success(first) == threading.current_thread().name
+    assert inline_store.slow_inline_commits == 1
+    inline_store._commit = real
+    paused = inline_store.submit(thread_of)
+    turning.turn()
+    assert success(drain(turning, paused)) == "herald-store-writer"
+    with inline_store._conn_lock:  # the writer thread has left its commit (it answers from inside it)
+        pass
+    now[0] += Store.INLINE_PAUSE_SECONDS
+    again = inline_store.submit(thread_of)
+    turning.turn()
+    assert success(again) == threading.current_thread().name
+    assert inline_store.inline_commits == 2
+
+
+def test_the_server_commits_on_the_reactor_unless_configured_not_to(tmp_path):
+    from twisted.internet import reactor as real_reactor
+
+    from gateway.app.service import make_service
+    from gateway.config import load_config
+    from gateway.store.keys import KeyRing
+
+    for setting, expected in (("", True), ("commit_on_reactor = false", False)):
+        folder = tmp_path / f"data{expected}"
+        config_file = tmp_path / f"herald{expected}.toml"
+        config_file.write_text(f"[storage]\n{setting}\n")
+        config = load_config(config_file, data_dir=folder, listen=["tcp:0:interface=127.0.0.1"], allow_plain=True)
+        gw = make_service(config, real_reactor, keys=KeyRing.disabled())
+        assert gw.store.inline is expected
+        gw.store.close()
+
+
+def test_commit_on_reactor_must_be_true_or_false(tmp_path):
+    from gateway.config import ConfigError, load_config
+
+    config_file = tmp_path / "herald.toml"
+    config_file.write_text('[storage]\ncommit_on_reactor = "yes"\n')
+    with pytest.raises(ConfigError, match="storage.commit_on_reactor"):
+        load_config(config_file, data_dir=tmp_path / "data")

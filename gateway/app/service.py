@@ -151,7 +151,7 @@ def make_service(
         keys = load_ring(config.key_path, config.encrypt_at_rest)
     private_data_dir(config.data_dir)
     store = Store(config.database, reactor=reactor, keys=keys, **({"clock": clock} if clock else {}))
-    store.inline = True
+    store.inline = config.storage_commit_on_reactor  # SQLite only (a PostgreSQL store ignores it)
     store.claim_lease = config.storage_claim_lease_seconds
     store.serve_as_node()  # PostgreSQL: this process claims work as this node (refused if another does)
     store.wal_limit = int(config.storage_wal_limit_mb * _MB)

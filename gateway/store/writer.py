@@ -161,9 +161,15 @@ class Writer:
     _log = Logger()
 
     #: Whether :meth:`submit`'s jobs are committed on the reactor's thread when the writer thread is
-    #: idle (see the module's docstring). ``make_service`` turns it on for a server on SQLite; a
-    #: store on PostgreSQL (one round trip a statement) always uses the writer thread.
+    #: idle (see the module's docstring). ``make_service`` turns it on for a server on SQLite
+    #: (``[storage] commit_on_reactor``); a store on PostgreSQL (one round trip a statement) always
+    #: uses the writer thread.
     inline = False
+    #: A commit on the reactor's thread that took longer than this (seconds: a slow or stalling disk)
+    #: sends intake's commits to the writer thread for :attr:`INLINE_PAUSE_SECONDS`, so a disk in
+    #: trouble holds up the reactor (other connections, health checks, the console) once, not at every ACK.
+    SLOW_INLINE_COMMIT_SECONDS = 0.02
+    INLINE_PAUSE_SECONDS = 60.0
     #: Largest number of queued jobs committed together.
     MAX_GROUP = 512
     #: Background jobs added to one commit.
@@ -228,8 +234,12 @@ class Writer:
         #: Jobs :meth:`submit` took in this turn of the reactor, committed together at its end (:attr:`inline`).
         self._pending: list[_Job] = []
         self._flush_call = None
-        #: Commits made on the reactor's thread (:attr:`inline`).
+        #: Commits made on the reactor's thread (:attr:`inline`), and those that were slow.
         self.inline_commits = 0
+        self.slow_inline_commits = 0
+        #: The monotonic time until which intake's commits stay on the writer thread (after a slow one).
+        self._inline_paused_until = 0.0
+        self._monotonic = time.monotonic
         self._started = False
         self.commits = 0
         self.jobs = 0
@@ -404,7 +414,12 @@ class Writer:
         if not batch:
             return
         results = None
-        if not self._background and self._queue.empty() and self._conn_lock.acquire(blocking=False):
+        if (
+            not self._background
+            and self._queue.empty()
+            and self._monotonic() >= self._inline_paused_until
+            and self._conn_lock.acquire(blocking=False)
+        ):
             try:
                 results = self._commit_here(batch)
             finally:
@@ -418,6 +433,7 @@ class Writer:
     def _commit_here(self, batch: list[_Job]) -> list | None:
         """Run ``batch`` and the riders in one transaction on this thread; None if the write lock is taken."""
         conn = self._conn
+        started = self._monotonic()
         conn.execute("PRAGMA busy_timeout=0")  # the reactor's thread never waits for another process's lock
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -438,6 +454,16 @@ class Writer:
         self.inline_commits += 1
         self.jobs += len(batch)
         self._wal_dirty = True
+        took = self._monotonic() - started
+        if took > self.SLOW_INLINE_COMMIT_SECONDS:
+            self.slow_inline_commits += 1
+            self._inline_paused_until = started + took + self.INLINE_PAUSE_SECONDS
+            self._log.warn(
+                "a commit on the listener's thread took {delay} ms (a slow disk?): intake's commits go to the "
+                "store's writer thread for the next {seconds} s",
+                delay=round(took * 1000),
+                seconds=round(self.INLINE_PAUSE_SECONDS),
+            )
         return results
 
     def _queue_pending(self) -> None:
