@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import inspect
 import json
 import os
@@ -681,6 +682,8 @@ def serve_instrumented(argv: list[str]) -> None:
 
         signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump))
         gw.service.startService()
+        if hasattr(gc, "freeze"):
+            gc.freeze()  # as `herald serve` does once its service has started
         reactor.addSystemEventTrigger("before", "shutdown", gw.service.stopService)
         return defer.Deferred()  # until SIGTERM
 

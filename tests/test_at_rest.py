@@ -715,3 +715,16 @@ def test_roster_counts_per_key_and_a_roster_without_its_key_still_counts(tmp_pat
 def test_a_ring_from_the_environment_reads_no_file():
     """A ring from $HERALD_KEYS never reads a file again (refresh is a no-op)."""
     assert KeyRing.load(None).refresh() is False
+
+
+def test_sqlite_keeps_its_temporary_pages_in_memory(tmp_path):
+    """A savepoint's statement journal holds page images (sealed values, header fields): none go to a temporary file."""
+    from gateway.store.schema import migrate
+
+    conn = open_database(tmp_path / "herald.db")
+    migrate(conn)
+    assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+    reader = open_database(tmp_path / "herald.db", readonly=True)
+    assert reader.execute("PRAGMA temp_store").fetchone()[0] == 2
+    conn.close()
+    reader.close()

@@ -107,3 +107,37 @@ def test_no_process_starts_before_the_first_batch(setup):
     pool.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(batch()).result(timeout=1)
+
+
+def test_records_cross_to_and_from_workers_whole():
+    """The records a worker sends back pickle as their field values and come back equal, every field kept."""
+    import pickle
+
+    from gateway.records import DeliveryAttempt, MatchRecord, MessageOutcome, Notification, PatientFacts, PendingMessage
+
+    notification = Notification(
+        "n1",
+        7,
+        "pcp",
+        "Dr A",
+        "fhir",
+        "https://example.org",
+        "A03",
+        None,
+        "pending",
+        2,
+        None,
+        "2026-01-01",
+        "d1",
+        1,
+        "key",
+        {"aco": "ACO1"},
+        12.5,
+        b"MSH|",
+    )
+    match = MatchRecord("probable", "probabilistic", 9.5, "ACO1", "M1", {"candidates": [1, 2]})
+    facts = PatientFacts(mbi="1EG4TE5MK73", mrns=(("123", "HOSP"),), given="Alex", zip="02139", suffix="JR")
+    attempt = DeliveryAttempt("n1", 7, 1, "ok", "200", "sent", 0.0, 200, 12)
+    outcome = MessageOutcome(7, "routed", match=match, notifications=[notification], patient={"id": "p"})
+    for record in (notification, match, facts, attempt, PendingMessage(7, b"MSH|", "t", "UNICODE UTF-8"), outcome):
+        assert pickle.loads(pickle.dumps(record)) == record

@@ -3,6 +3,7 @@ known errors into a clean message and exit code."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -187,6 +188,9 @@ def serve(config_path, listen, allow_plain, data_dir, log_format, log_level, log
         except StoreError as e:  # e.g. the PostgreSQL server is unreachable, or refuses the role
             raise click.ClickException(f"the store: {e}") from None
         gw.service.startService()
+        # What exists now (modules, mappings, the service tree) lives as long as the process: the
+        # collector need not walk it again at each full collection (tens of ms each, on the reactor).
+        gc.freeze()
         done = defer.Deferred()
 
         def hangup() -> None:

@@ -139,11 +139,14 @@ def write_files_atomically(
                     directory.mkdir(parents=True, exist_ok=True)
                 ready[directory] = private
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE if private else 0o666)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                view = memoryview(data)
+                while view:  # os.write, not a file object: no buffer, no fstat or ioctl a file
+                    view = view[os.write(fd, view) :]
                 if _syncfs is None:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             written.append((i, tmp, directory / name))
         except OSError as e:
             results[i] = e

@@ -521,6 +521,9 @@ def _open(path: Path, readonly: bool) -> sqlite3.Connection:
     # Deleted rows are overwritten, not left in free pages: a migration that drops PHI
     # (version 4) must not leave it readable in the file. Many builds default to this.
     conn.execute("PRAGMA secure_delete=ON")
+    # Statement journals (each pipeline outcome's savepoint) and temporary tables stay in memory:
+    # no page images of the database in temporary files, and none of their writes.
+    conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.row_factory = sqlite3.Row
     return conn
