@@ -20,7 +20,7 @@ from twisted.internet.base import DelayedCall
 
 from gateway.intake.receiver import Intake
 from gateway.store import Store
-from gateway.store.events import append_event
+from gateway.store.events import append_event, appends_only
 
 
 class TurningReactor(QueueReactor):
@@ -59,6 +59,8 @@ def inline_store(sqlite_database, turning):
     """A running Store committing intake's jobs on the reactor's thread, as ``make_service`` makes it."""
     s = Store(sqlite_database, reactor=turning, clock=lambda: STORED_AT)
     s.inline = True
+    # No idle tick of the writer thread (it takes the connection's lock for a moment) in the middle of a test.
+    s.IDLE_FLUSH_SECONDS = 60
     s.start()
     yield s
     success(drain(turning, s.stop()))
@@ -130,21 +132,57 @@ def test_stopping_commits_the_jobs_waiting_for_the_turns_end(sqlite_database, tu
     conn.close()
 
 
-def test_a_failing_job_fails_alone_on_the_reactors_thread(inline_store, turning):
+@pytest.mark.parametrize("marked", [False, True], ids=["other-job", "appends-only-job"])
+def test_a_failing_job_sends_its_commit_to_the_writer_thread_where_it_fails_alone(inline_store, turning, marked):
+    """The reactor's thread rolls back and hands the batch over (no savepoints, no lock wait there)."""
     good = [inline_store.record_frame(record(f"G{i}")) for i in range(2)]
 
     def bad(conn):
         append_event(conn, "t", None, None, "test", "half", None)
         raise RuntimeError("boom")
 
+    if marked:
+        bad = appends_only(bad)  # in a gathered batch: its event must not be written either
     failing = inline_store.submit(bad)
     more = inline_store.record_frame(record("G9"))
     turning.turn()
-    assert len({success(d).message_id for d in [*good, more]}) == 3
-    assert isinstance(failure(failing).value, RuntimeError)
+    assert not failing.called
+    assert len({success(drain(turning, d)).message_id for d in [*good, more]}) == 3
+    assert isinstance(failure(drain(turning, failing)).value, RuntimeError)
     assert inline_store.replays == 1
-    kinds = inline_store.read(lambda conn: [r[0] for r in conn.execute("SELECT kind FROM events")])
-    assert "half" not in kinds
+    assert inline_store.inline_commits == 0
+    kinds = inline_store.read(lambda conn: [r[0] for r in conn.execute("SELECT kind FROM events ORDER BY id")])
+    assert kinds == ["received", "received", "received"]
+
+
+def test_a_database_error_at_begin_sends_the_jobs_to_the_writer_thread(inline_store, turning):
+    """Not only a busy lock: any failure to begin on the reactor's thread leaves the jobs to the writer thread."""
+    real = inline_store._conn
+
+    class Failing:
+        def execute(self, sql, *args):
+            if sql == "BEGIN IMMEDIATE":
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            return real.execute(sql, *args)
+
+    inline_store._conn = Failing()
+    try:
+        stored = inline_store.record_frame(record("B1"))
+        turning.turn()
+    finally:
+        inline_store._conn = real
+    assert success(drain(turning, stored)).message_id == 1
+    assert inline_store.inline_commits == 0
+
+
+def test_no_lock_wait_and_no_checkpoint_on_the_reactors_thread(inline_store, turning):
+    def settings(conn):
+        return [conn.execute(f"PRAGMA {name}").fetchone()[0] for name in ("busy_timeout", "wal_autocheckpoint")]
+
+    here = inline_store.submit(settings)
+    turning.turn()
+    assert success(here) == [0, 0]
+    assert inline_store.call(settings) == [10000, 1000]  # the writer thread's own commits, as before
 
 
 def test_riders_go_with_the_next_commit_on_the_reactors_thread(inline_store, turning):
@@ -156,7 +194,7 @@ def test_riders_go_with_the_next_commit_on_the_reactors_thread(inline_store, tur
     turning.turn()
     assert inline_store.inline_commits == 2
     kinds = inline_store.read(lambda conn: [r[0] for r in conn.execute("SELECT kind FROM events ORDER BY id")])
-    assert sorted(kinds) == ["ack-sent", "received", "received"]
+    assert kinds == ["received", "ack-sent", "received"]  # the rider first: it was written down first
 
 
 def test_postgresql_stores_commit_on_the_writer_thread(pg_database, turning):
@@ -181,12 +219,27 @@ def test_intakes_bookkeeping_follows_the_ack(inline_store, turning, pinned_acks)
     turning.turn()  # the commit
     assert b"MSA|AA|MSG00001" in success(answer)
     assert woken == []
+    assert len(inline_store._riders) == 1  # the ack-sent event waits for the next commit already
     turning.turn()  # the bookkeeping
     assert woken == [True]
     inline_store.record_frame(record("NEXT"))
     turning.turn()  # the ack-sent event rides this commit
     kinds = inline_store.read(lambda conn: [r[0] for r in conn.execute("SELECT kind FROM events ORDER BY id")])
-    assert sorted(kinds) == ["ack-sent", "received", "received"]
+    assert kinds == ["received", "ack-sent", "received"]
+
+
+def test_a_stop_between_the_ack_and_its_bookkeeping_keeps_the_ack_sent_event(sqlite_database, turning, pinned_acks):
+    s = Store(sqlite_database, reactor=turning, clock=lambda: STORED_AT)
+    s.inline = True
+    s.start()
+    intake = Intake(s, pinned_acks, reactor=turning)
+    answer = intake.frameReceived(ADT, PEER)
+    turning.turn()  # the commit and the ACK
+    assert b"MSA|AA" in success(answer)
+    success(drain(turning, s.stop()))  # before the bookkeeping's turn
+    conn = sqlite3.connect(sqlite_database)
+    assert [r[0] for r in conn.execute("SELECT kind FROM events ORDER BY id")] == ["received", "ack-sent"]
+    conn.close()
 
 
 def test_intakes_commit_reads_the_chains_head_once(inline_store, turning, monkeypatch):
@@ -223,32 +276,53 @@ def test_a_commit_with_other_jobs_writes_each_event_at_once(inline_store, turnin
     assert success(counted) == 2  # the frame's `received` event and its own
 
 
-def test_a_slow_commit_sends_intakes_commits_to_the_writer_thread_for_a_while(inline_store, turning):
-    """A disk that stalls a commit on the reactor's thread holds the reactor up once, not at every ACK."""
-    now = [100.0]
-    inline_store._monotonic = lambda: now[0]
-    real = inline_store._commit
+def slow_commits(store, now: list[float], seconds: float) -> None:
+    """Make each COMMIT on ``store`` take ``seconds`` of its (fake) monotonic clock ``now``."""
+    real = Store._commit
 
-    def slow_commit(conn, results):
-        now[0] += 0.5  # the fsync took half a second
+    def slow(conn, results):
+        now[0] += seconds
         return real(conn, results)
 
-    inline_store._commit = slow_commit
-    first = inline_store.submit(thread_of)
+    store._commit = slow
+
+
+def committed_where(store, turning) -> str:
+    where = store.submit(thread_of)
     turning.turn()
-    assert success(first) == threading.current_thread().name
-    assert inline_store.slow_inline_commits == 1
-    inline_store._commit = real
-    paused = inline_store.submit(thread_of)
-    turning.turn()
-    assert success(drain(turning, paused)) == "herald-store-writer"
-    with inline_store._conn_lock:  # the writer thread has left its commit (it answers from inside it)
+    name = success(drain(turning, where)) if not where.called else success(where)
+    with store._conn_lock:  # the writer thread has left its commit (it answers from inside it)
         pass
+    return "reactor" if name == threading.current_thread().name else "writer"
+
+
+def test_repeated_slow_commits_send_intakes_commits_to_the_writer_thread_for_a_while(inline_store, turning):
+    """A disk in trouble holds the reactor up a few times, not at every ACK; an ordinary hiccup changes nothing."""
+    now = [100.0]
+    inline_store._monotonic = lambda: now[0]
+    slow_commits(inline_store, now, 0.2)
+    assert [committed_where(inline_store, turning) for _ in range(3)] == ["reactor"] * 3
+    assert inline_store.slow_inline_commits == 3
+    del inline_store._commit  # commits are quick again
+    assert committed_where(inline_store, turning) == "writer"
     now[0] += Store.INLINE_PAUSE_SECONDS
-    again = inline_store.submit(thread_of)
-    turning.turn()
-    assert success(again) == threading.current_thread().name
-    assert inline_store.inline_commits == 2
+    assert committed_where(inline_store, turning) == "reactor"
+    # Two slow commits, then a third long after: no pause.
+    slow_commits(inline_store, now, 0.2)
+    assert [committed_where(inline_store, turning) for _ in range(2)] == ["reactor"] * 2
+    now[0] += Store.SLOW_INLINE_WINDOW_SECONDS + 1
+    assert committed_where(inline_store, turning) == "reactor"
+    del inline_store._commit
+    assert committed_where(inline_store, turning) == "reactor"
+
+
+def test_one_stalled_commit_sends_intakes_commits_to_the_writer_thread_at_once(inline_store, turning):
+    now = [100.0]
+    inline_store._monotonic = lambda: now[0]
+    slow_commits(inline_store, now, Store.STALLED_INLINE_COMMIT_SECONDS)
+    assert committed_where(inline_store, turning) == "reactor"
+    del inline_store._commit
+    assert committed_where(inline_store, turning) == "writer"
 
 
 def test_the_server_commits_on_the_reactor_unless_configured_not_to(tmp_path):

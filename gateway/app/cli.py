@@ -190,6 +190,7 @@ def serve(config_path, listen, allow_plain, data_dir, log_format, log_level, log
         gw.service.startService()
         # What exists now (modules, mappings, the service tree) lives as long as the process: the
         # collector need not walk it again at each full collection (tens of ms each, on the reactor).
+        gc.collect()  # start-up's garbage first, or it would be kept for good
         gc.freeze()
         done = defer.Deferred()
 

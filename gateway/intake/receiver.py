@@ -51,10 +51,12 @@ class Intake:
     code): header fields and codes, never the message's content.
 
     With a ``reactor``, what follows a stored message's ACK (the log line, the
-    metrics, the ``ack-sent`` event, waking the pipeline) is done in the
-    reactor's next turn, after the ACK has gone out: at one connection the
-    sender's next message is then already on its way while it is done.
-    Without one (a test, a tool), it is done before the ACK is returned.
+    metrics, waking the pipeline) is done in the reactor's next turn, after
+    the ACK has gone out: at one connection the sender's next message is then
+    already on its way while it is done. Without one (a test, a tool), it is
+    done before the ACK is returned. The ``ack-sent`` audit event is queued
+    at once either way (it rides the store's next commit): it must not be
+    lost to a stop between the two turns.
     """
 
     _log = Logger()
@@ -119,7 +121,10 @@ class Intake:
         return d
 
     def _stored(self, result: IntakeResult, header: MessageHeader) -> bytes | None:
-        ack = self.acks.build(header, ACCEPTED) if should_acknowledge(header, ACCEPTED) else None
+        answered = should_acknowledge(header, ACCEPTED)
+        ack = self.acks.build(header, ACCEPTED) if answered else None
+        if answered:
+            self.store.record_ack_sent(result.message_id, ack_code(ACCEPTED, header.enhanced_mode))
         if self._reactor is None:
             self._after_ack(result, header)
         else:
@@ -138,7 +143,7 @@ class Intake:
                 self._log.failure("intake's bookkeeping failed for message {id}", id=result.message_id)
 
     def _after_ack(self, result: IntakeResult, header: MessageHeader) -> None:
-        """A stored message's log line, metrics and ``ack-sent`` event, and the pipeline woken."""
+        """A stored message's log line and metrics, and the pipeline woken."""
         duplicate = result.duplicate_of is not None
         if not duplicate:
             try:
@@ -160,7 +165,6 @@ class Intake:
         )
         self._tell("message_received", header, duplicate)
         if answered:
-            self.store.record_ack_sent(result.message_id, code)
             self._tell("ack_sent", header, code)
 
     def _tell(self, what: str, *args) -> None:

@@ -165,10 +165,15 @@ class Writer:
     #: (``[storage] commit_on_reactor``); a store on PostgreSQL (one round trip a statement) always
     #: uses the writer thread.
     inline = False
-    #: A commit on the reactor's thread that took longer than this (seconds: a slow or stalling disk)
-    #: sends intake's commits to the writer thread for :attr:`INLINE_PAUSE_SECONDS`, so a disk in
-    #: trouble holds up the reactor (other connections, health checks, the console) once, not at every ACK.
-    SLOW_INLINE_COMMIT_SECONDS = 0.02
+    #: A commit on the reactor's thread slower than this (seconds) is slow. :attr:`SLOW_INLINE_COMMITS` of
+    #: them within :attr:`SLOW_INLINE_WINDOW_SECONDS`, or one of a second or more (a disk stalling, not
+    #: a flush's ordinary hiccup), send intake's commits to the writer thread for
+    #: :attr:`INLINE_PAUSE_SECONDS`: a disk in trouble holds the reactor up (other connections, health
+    #: checks, the console) a few times, not at every ACK.
+    SLOW_INLINE_COMMIT_SECONDS = 0.05
+    SLOW_INLINE_COMMITS = 3
+    SLOW_INLINE_WINDOW_SECONDS = 30.0
+    STALLED_INLINE_COMMIT_SECONDS = 1.0
     INLINE_PAUSE_SECONDS = 60.0
     #: Largest number of queued jobs committed together.
     MAX_GROUP = 512
@@ -237,8 +242,10 @@ class Writer:
         #: Commits made on the reactor's thread (:attr:`inline`), and those that were slow.
         self.inline_commits = 0
         self.slow_inline_commits = 0
-        #: The monotonic time until which intake's commits stay on the writer thread (after a slow one).
+        #: The monotonic time until which intake's commits stay on the writer thread (after slow ones),
+        #: and when the last slow ones began.
         self._inline_paused_until = 0.0
+        self._slow_starts: collections.deque = collections.deque(maxlen=self.SLOW_INLINE_COMMITS)
         self._monotonic = time.monotonic
         self._started = False
         self.commits = 0
@@ -431,40 +438,75 @@ class Writer:
         self._fire(results)
 
     def _commit_here(self, batch: list[_Job]) -> list | None:
-        """Run ``batch`` and the riders in one transaction on this thread; None if the write lock is taken."""
+        """Run ``batch`` and the riders in one transaction on this thread, or return None: the writer thread's then.
+
+        None when another process holds the write lock, and when anything
+        fails before the commit (a job, the database): the writer thread runs
+        the batch again, and answers each job, as it would have (a failing
+        job alone, by its savepoints). Here nothing waits: no lock
+        (``busy_timeout=0``) and no checkpoint (``wal_autocheckpoint=0``: the
+        writer thread keeps the log short, :meth:`_bound_wal`). A failed
+        COMMIT is answered here (AE).
+        """
         conn = self._conn
         started = self._monotonic()
-        conn.execute("PRAGMA busy_timeout=0")  # the reactor's thread never waits for another process's lock
+        conn.execute("PRAGMA busy_timeout=0")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
-            return None
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error:
+                return None
+            self._take_riders(batch)
+            try:
+                results = self._run_begun(conn, batch, replay=False)
+            except Exception:
+                results = None
+            if results is None:
+                _rollback(conn)
+                return None
         finally:
+            conn.execute("PRAGMA wal_autocheckpoint=1000")
             conn.execute("PRAGMA busy_timeout=10000")
-        riders = self._riders
-        while riders:
-            batch.append(riders.popleft())
-        try:
-            results = self._run_begun(conn, batch)
-        except Exception as e:  # as in _commit_group: every job gets an answer
-            self._log.failure("store writer batch failed")
-            _rollback(conn)
-            results = [(job, False, StoreError(f"store failure: {e}")) for job in batch]
         self.commits += 1
         self.inline_commits += 1
         self.jobs += len(batch)
         self._wal_dirty = True
         took = self._monotonic() - started
         if took > self.SLOW_INLINE_COMMIT_SECONDS:
-            self.slow_inline_commits += 1
-            self._inline_paused_until = started + took + self.INLINE_PAUSE_SECONDS
-            self._log.warn(
-                "a commit on the listener's thread took {delay} ms (a slow disk?): intake's commits go to the "
-                "store's writer thread for the next {seconds} s",
-                delay=round(took * 1000),
-                seconds=round(self.INLINE_PAUSE_SECONDS),
-            )
+            self._slow_commit(started, took)
         return results
+
+    def _slow_commit(self, started: float, took: float) -> None:
+        self.slow_inline_commits += 1
+        slow = self._slow_starts
+        slow.append(started)
+        repeated = len(slow) == slow.maxlen and started - slow[0] <= self.SLOW_INLINE_WINDOW_SECONDS
+        if not repeated and took < self.STALLED_INLINE_COMMIT_SECONDS:
+            return
+        slow.clear()
+        self._inline_paused_until = started + took + self.INLINE_PAUSE_SECONDS
+        self._log.warn(
+            "commits on the listener's thread are slow ({count} over {limit} ms, the last {delay} ms: the disk?): "
+            "intake's commits go to the store's writer thread for the next {seconds} s",
+            count=1 if not repeated else self.SLOW_INLINE_COMMITS,
+            limit=round(self.SLOW_INLINE_COMMIT_SECONDS * 1000),
+            delay=round(took * 1000),
+            seconds=round(self.INLINE_PAUSE_SECONDS),
+        )
+
+    def _take_riders(self, batch: list[_Job]) -> None:
+        """Put the riders waiting at the head of ``batch``: they were written down first (an ACK's ``ack-sent``
+        before the next frame's ``received``). Both threads take them: popleft until empty, never check then pop.
+        """
+        riders = self._riders
+        taken = []
+        while True:
+            try:
+                taken.append(riders.popleft())
+            except IndexError:
+                break
+        batch[:0] = taken
 
     def _queue_pending(self) -> None:
         """Hand the jobs waiting for this turn's end to the writer thread (the store is stopping)."""
@@ -556,9 +598,7 @@ class Writer:
                 if not background:
                     break
                 batch.append(background.popleft())
-            riders = self._riders
-            while riders:
-                batch.append(riders.popleft())
+            self._take_riders(batch)
             with self._conn_lock:  # the reactor's thread may be committing (inline)
                 if batch:
                     if self._postgres and _lost(conn):
@@ -653,8 +693,12 @@ class Writer:
             return [(job, False, err) for job in batch]
         return self._run_begun(conn, batch)
 
-    def _run_begun(self, conn: sqlite3.Connection, batch: list[_Job]) -> list:
-        """Run ``batch`` in the transaction just begun and commit it; each job's (job, ok, value)."""
+    def _run_begun(self, conn: sqlite3.Connection, batch: list[_Job], replay: bool = True) -> list | None:
+        """Run ``batch`` in the transaction just begun and commit it; each job's (job, ok, value).
+
+        When a job of several fails: with ``replay``, each runs again in its
+        savepoint; without, the transaction is rolled back and None returned.
+        """
         # Optimistic: every job straight into the transaction, no savepoints
         # (two statements a job saved). Jobs almost never fail; when one does,
         # the whole group is rolled back and run again, one savepoint a job,
@@ -669,6 +713,8 @@ class Writer:
             _rollback(conn)
             if len(batch) == 1:
                 return [(batch[0], False, e)]
+            if not replay:
+                return None
             self.replays += 1
             return self._run_isolated(conn, batch)
         return self._commit(conn, results)
