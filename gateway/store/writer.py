@@ -443,15 +443,16 @@ class Writer:
         None when another process holds the write lock, and when anything
         fails before the commit (a job, the database): the writer thread runs
         the batch again, and answers each job, as it would have (a failing
-        job alone, by its savepoints). Here nothing waits: no lock
-        (``busy_timeout=0``) and no checkpoint (``wal_autocheckpoint=0``: the
-        writer thread keeps the log short, :meth:`_bound_wal`). A failed
+        job alone, by its savepoints). Here no lock is waited for
+        (``busy_timeout=0``). SQLite's automatic checkpoint may run in the
+        COMMIT (a few milliseconds each ~4 MB of log): keeping it off this
+        thread let the log grow to ~20 MB between the writer thread's
+        truncations and cost more than it saved (bench/README.md). A failed
         COMMIT is answered here (AE).
         """
         conn = self._conn
         started = self._monotonic()
         conn.execute("PRAGMA busy_timeout=0")
-        conn.execute("PRAGMA wal_autocheckpoint=0")
         try:
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -466,7 +467,6 @@ class Writer:
                 _rollback(conn)
                 return None
         finally:
-            conn.execute("PRAGMA wal_autocheckpoint=1000")
             conn.execute("PRAGMA busy_timeout=10000")
         self.commits += 1
         self.inline_commits += 1
