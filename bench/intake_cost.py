@@ -80,18 +80,33 @@ def server_figures(n1: int, n8: int, idle: float, max_seconds: float) -> list[di
     return rows
 
 
+def _commit_loop(what: str, db, wal: Path, n: int, commit_one) -> dict:
+    """Time ``commit_one(i)`` for i < ``n`` on ``db``; CPU and wall a message, and what each commit wrote to ``wal``."""
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.execute("PRAGMA wal_autocheckpoint=0")  # the log only grows: its size is what the commits wrote
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for i in range(n):
+        commit_one(i)
+    after, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    return {
+        "what": what,
+        "messages": n,
+        "user_us": 1e6 * (after.ru_utime - before.ru_utime) / n,
+        "sys_us": 1e6 * (after.ru_stime - before.ru_stime) / n,
+        "wall_us": 1e6 * (t1 - t0) / n,
+        "wal_kib": wal.stat().st_size / n / 1024,
+    }
+
+
 def store_figures(n: int) -> dict:
     raw = (ROOT / "sample_messages" / SAMPLE).read_bytes().replace(b"\n", b"\r")
     folder = Path(tempfile.mkdtemp(prefix="herald-bench-intake-cost-"))
     try:
         conn = open_database(folder / "herald.db", keys=KeyRing([("bench", os.urandom(32))]))
         migrate(conn)
-        wal = folder / "herald.db-wal"
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # the log only grows: its size is what the commits wrote
         now = "2026-12-03T00:00:00.000+00:00"
-        before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        for i in range(n):
+
+        def commit_one(i: int) -> None:
             record = IntakeRecord(
                 raw=raw.replace(CONTROL_ID, b"C%d" % i, 1),
                 peer="127.0.0.1:5000",
@@ -108,19 +123,13 @@ def store_figures(n: int) -> dict:
             if i:  # the ACK of the message before rides this commit, as in the writer
                 append_event(conn, now, stored.message_id - 1, None, "intake", "ack-sent", {"code": "AA"})
             conn.execute("COMMIT")
-        after, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        wal_bytes = wal.stat().st_size
+
+        what = "store job alone (record_frame + ack-sent event + commit)"
+        row = _commit_loop(what, conn, folder / "herald.db-wal", n, commit_one)
         conn.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {
-        "what": "store job alone (record_frame + ack-sent event + commit)",
-        "messages": n,
-        "user_us": 1e6 * (after.ru_utime - before.ru_utime) / n,
-        "sys_us": 1e6 * (after.ru_stime - before.ru_stime) / n,
-        "wall_us": 1e6 * (t1 - t0) / n,
-        "wal_kib": wal_bytes / n / 1024,
-    }
+    return row
 
 
 def floor_figures(n: int) -> dict:
@@ -132,29 +141,21 @@ def floor_figures(n: int) -> dict:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, control_id TEXT, raw BLOB)")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.execute("PRAGMA wal_autocheckpoint=0")
-        before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        for i in range(n):
+
+        def commit_one(i: int) -> None:
             db.execute("BEGIN")
             db.execute(
                 "INSERT INTO messages (control_id, raw) VALUES (?, ?)",
                 (f"C{i}", raw.replace(CONTROL_ID, b"C%d" % i, 1)),
             )
             db.execute("COMMIT")
-        after, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        wal_bytes = (folder / "floor.db-wal").stat().st_size
+
+        what = "durable floor's commit alone (one unindexed row)"
+        row = _commit_loop(what, db, folder / "floor.db-wal", n, commit_one)
         db.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {
-        "what": "durable floor's commit alone (one unindexed row)",
-        "messages": n,
-        "user_us": 1e6 * (after.ru_utime - before.ru_utime) / n,
-        "sys_us": 1e6 * (after.ru_stime - before.ru_stime) / n,
-        "wall_us": 1e6 * (t1 - t0) / n,
-        "wal_kib": wal_bytes / n / 1024,
-    }
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -88,7 +88,7 @@ class Intake:
         self.watch = watch
         self._reactor = reactor
         #: Stored messages answered in this turn whose bookkeeping waits for the next (see the class).
-        self._answered: list[tuple[IntakeResult, MessageHeader]] = []
+        self._answered: list[tuple[IntakeResult, MessageHeader, str | None]] = []
         self._bookkeeping = None
 
     def frameReceived(self, message: bytes, peer: str) -> defer.Deferred[bytes | None]:
@@ -121,14 +121,16 @@ class Intake:
         return d
 
     def _stored(self, result: IntakeResult, header: MessageHeader) -> bytes | None:
-        answered = should_acknowledge(header, ACCEPTED)
-        ack = self.acks.build(header, ACCEPTED) if answered else None
-        if answered:
-            self.store.record_ack_sent(result.message_id, ack_code(ACCEPTED, header.enhanced_mode))
+        # The ACK's code, None when MSH-15 asks for no ACK.
+        code = ack_code(ACCEPTED, header.enhanced_mode) if should_acknowledge(header, ACCEPTED) else None
+        ack = None
+        if code is not None:
+            ack = self.acks.build(header, ACCEPTED)
+            self.store.record_ack_sent(result.message_id, code)
         if self._reactor is None:
-            self._after_ack(result, header)
+            self._after_ack(result, header, code)
         else:
-            self._answered.append((result, header))
+            self._answered.append((result, header, code))
             if self._bookkeeping is None:
                 self._bookkeeping = self._reactor.callLater(0, self._after_acks)
         return ack
@@ -136,14 +138,14 @@ class Intake:
     def _after_acks(self) -> None:
         self._bookkeeping = None
         answered, self._answered = self._answered, []
-        for result, header in answered:
+        for result, header, code in answered:
             try:
-                self._after_ack(result, header)
+                self._after_ack(result, header, code)
             except Exception:  # one message's bookkeeping does not cost the others theirs
                 self._log.failure("intake's bookkeeping failed for message {id}", id=result.message_id)
 
-    def _after_ack(self, result: IntakeResult, header: MessageHeader) -> None:
-        """A stored message's log line and metrics, and the pipeline woken."""
+    def _after_ack(self, result: IntakeResult, header: MessageHeader, code: str | None) -> None:
+        """A stored message's log line and metrics (``code``: its ACK's, None for none), and the pipeline woken."""
         duplicate = result.duplicate_of is not None
         if not duplicate:
             try:
@@ -151,8 +153,6 @@ class Intake:
             except Exception:
                 # The message is committed: it must still be acknowledged.
                 self._log.failure("on_stored hook failed after message {id} was stored", id=result.message_id)
-        answered = should_acknowledge(header, ACCEPTED)
-        code = ack_code(ACCEPTED, header.enhanced_mode)
         self._log.info(
             "{kind} message {message_id}: control id {control_id} from {sender} ({message_type}), {state}; {code}",
             kind="retransmitted" if duplicate else "accepted",
@@ -161,10 +161,10 @@ class Intake:
             sender=header.sender,
             message_type=_message_type(header),
             state=RECEIVED,
-            code=f"ACK {code}" if answered else "no ACK asked (MSH-15)",
+            code=f"ACK {code}" if code is not None else "no ACK asked (MSH-15)",
         )
         self._tell("message_received", header, duplicate)
-        if answered:
+        if code is not None:
             self._tell("ack_sent", header, code)
 
     def _tell(self, what: str, *args) -> None:
