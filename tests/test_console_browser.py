@@ -76,10 +76,33 @@ def sign_in(driver, base: str, name: str, password: str) -> None:
     driver.find_element(By.ID, "sign-in").click()
 
 
+def gone(element):
+    """A wait condition: ``element``'s page has been replaced.
+
+    Selenium's ``staleness_of``, except that chromedriver, asked about a node
+    in the middle of a navigation, may answer "does not belong to the
+    document" as an unknown error rather than a stale reference: that too
+    means the element is gone.
+    """
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    def check(driver) -> bool:
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as e:
+            if "does not belong to the document" in str(e):
+                return True
+            raise
+        return False
+
+    return check
+
+
 def test_an_analyst_s_walk_through_the_console(gateway, browser, tmp_path):
     """Refused with a wrong password; then search by MRN, the message page, a retry, a review accepted."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     base = f"http://127.0.0.1:{gateway.port}"
@@ -100,14 +123,14 @@ def test_an_analyst_s_walk_through_the_console(gateway, browser, tmp_path):
     driver.find_element(By.CSS_SELECTOR, "form.search button[type=submit]").click()
     # The click only starts the navigation (the address may change before the new page is there): read the
     # rows once the list page's table is gone, not the list page's own three.
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(listed))
+    WebDriverWait(driver, 10).until(gone(listed))
     WebDriverWait(driver, 10).until(lambda d: "mrn=E100" in d.current_url)
     routed = gateway.ids["C-ROUTED"]
     rows = driver.find_elements(By.CSS_SELECTOR, "main table tbody tr")
     assert len(rows) == 1 and "C-ROUTED" in rows[0].text
     results = driver.find_element(By.CSS_SELECTOR, "main table")
     rows[0].find_element(By.LINK_TEXT, str(routed)).click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(results))
+    WebDriverWait(driver, 10).until(gone(results))
     WebDriverWait(driver, 10).until(lambda d: d.current_url == f"{base}/messages/{routed}")
 
     # The raw v2 with its fields named (hl7apy's names), and the FHIR Bundle.
